@@ -1,0 +1,563 @@
+//! The namespaced view over every upstream's tools, prompts and resources. Pure: no I/O.
+//!
+//! Exposed tool and prompt names are `<prefix><separator><name>`, always within
+//! `^[A-Za-z0-9_-]{1,64}$` (Claude rejects a whole connector when one name fails). Resource URIs
+//! become `<scheme-prefix>+<original-uri>`. Routing goes through lookup tables built here, never by
+//! splitting a string.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use rmcp::model::{Prompt, Resource, ResourceTemplate, Tool};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, NameFilter};
+
+/// The longest exposed name Claude accepts.
+pub const MAX_NAME: usize = 64;
+
+/// What one upstream currently offers, as it listed it.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    pub tools: Vec<Tool>,
+    pub prompts: Vec<Prompt>,
+    pub resources: Vec<Resource>,
+    pub templates: Vec<ResourceTemplate>,
+}
+
+/// The naming rules for one server, taken from its config.
+#[derive(Debug, Clone)]
+pub struct Namespace {
+    pub server: Arc<str>,
+    pub prefix: String,
+    /// Lower-case, URI-scheme-safe form of the prefix used for resource URIs; empty when `prefix` is.
+    pub uri_prefix: String,
+    pub tools: NameFilter,
+}
+
+impl Namespace {
+    pub fn from_config(config: &Config) -> Vec<Namespace> {
+        config
+            .servers
+            .iter()
+            .map(|s| Namespace {
+                server: Arc::from(s.name.as_str()),
+                prefix: s.prefix.clone(),
+                uri_prefix: uri_prefix(&s.prefix),
+                tools: s.tools.clone(),
+            })
+            .collect()
+    }
+}
+
+/// An exposed item and where it routes.
+#[derive(Debug, Clone)]
+pub struct Entry<T> {
+    pub server: Arc<str>,
+    /// The name (or URI) the upstream knows it by.
+    pub original: String,
+    /// The item as exposed (name or URI rewritten, everything else unchanged).
+    pub item: T,
+}
+
+/// Two servers wanted the same exposed name; `kept` has it, `dropped` does not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Collision {
+    pub kind: &'static str,
+    pub name: String,
+    pub kept: Arc<str>,
+    pub dropped: Arc<str>,
+}
+
+impl std::fmt::Display for Collision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} `{}` is exposed by both `{}` and `{}`; `{}` keeps it (set a distinct `prefix` or a `tools` filter)",
+            self.kind, self.name, self.kept, self.dropped, self.kept
+        )
+    }
+}
+
+/// Items of one kind, in exposure order, with a name index.
+#[derive(Debug, Clone)]
+pub struct Section<T> {
+    pub entries: Vec<Entry<T>>,
+    index: HashMap<String, usize>,
+}
+
+impl<T> Default for Section<T> {
+    fn default() -> Self {
+        Self {
+            entries: Vec::new(),
+            index: HashMap::new(),
+        }
+    }
+}
+
+impl<T> Section<T> {
+    pub fn get(&self, exposed: &str) -> Option<&Entry<T>> {
+        self.index.get(exposed).map(|&i| &self.entries[i])
+    }
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    fn owner(&self, exposed: &str) -> Option<&Arc<str>> {
+        self.get(exposed).map(|e| &e.server)
+    }
+}
+
+/// The merged view. Immutable; a change builds a new one.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    pub tools: Section<Tool>,
+    pub prompts: Section<Prompt>,
+    pub resources: Section<Resource>,
+    pub templates: Section<ResourceTemplate>,
+    /// `uri_prefix` → server, for routing rewritten URIs.
+    uri_routes: HashMap<String, Arc<str>>,
+    /// Servers whose URIs are not rewritten, in config order.
+    unprefixed: Vec<Arc<str>>,
+}
+
+/// Where an exposed resource URI goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UriRoute {
+    pub server: Arc<str>,
+    pub original: String,
+}
+
+impl Catalog {
+    /// Build the view. Servers are taken in `namespaces` order; on a collision the server that owned
+    /// the name in `previous` keeps it (so a late or changed upstream never takes a name away), else
+    /// the earlier server does.
+    pub fn build(
+        namespaces: &[Namespace],
+        listings: &HashMap<Arc<str>, Listing>,
+        separator: &str,
+        previous: Option<&Catalog>,
+    ) -> (Catalog, Vec<Collision>) {
+        let mut collisions = Vec::new();
+        let mut cat = Catalog::default();
+        for ns in namespaces {
+            if ns.uri_prefix.is_empty() {
+                cat.unprefixed.push(ns.server.clone());
+            } else {
+                cat.uri_routes.insert(ns.uri_prefix.clone(), ns.server.clone());
+            }
+        }
+        // Tools.
+        let mut candidates = Vec::new();
+        for ns in namespaces {
+            let Some(l) = listings.get(&ns.server) else { continue };
+            for t in &l.tools {
+                if !ns.tools.admits(&t.name) {
+                    continue;
+                }
+                let exposed = expose_name(&ns.prefix, separator, &t.name);
+                let mut item = t.clone();
+                item.name = exposed.clone().into();
+                candidates.push(Entry {
+                    server: ns.server.clone(),
+                    original: t.name.to_string(),
+                    item,
+                });
+            }
+        }
+        cat.tools = merge(
+            "tool",
+            candidates,
+            |e| e.item.name.to_string(),
+            previous.map(|p| &p.tools),
+            &mut collisions,
+        );
+
+        // Prompts.
+        let mut candidates = Vec::new();
+        for ns in namespaces {
+            let Some(l) = listings.get(&ns.server) else { continue };
+            for p in &l.prompts {
+                let exposed = expose_name(&ns.prefix, separator, &p.name);
+                let mut item = p.clone();
+                item.name = exposed;
+                candidates.push(Entry {
+                    server: ns.server.clone(),
+                    original: p.name.clone(),
+                    item,
+                });
+            }
+        }
+        cat.prompts = merge(
+            "prompt",
+            candidates,
+            |e| e.item.name.clone(),
+            previous.map(|p| &p.prompts),
+            &mut collisions,
+        );
+
+        // Resources and templates.
+        let mut candidates = Vec::new();
+        let mut tcandidates = Vec::new();
+        for ns in namespaces {
+            let Some(l) = listings.get(&ns.server) else { continue };
+            for r in &l.resources {
+                let mut item = r.clone();
+                item.uri = expose_uri(&ns.uri_prefix, &r.uri);
+                candidates.push(Entry {
+                    server: ns.server.clone(),
+                    original: r.uri.clone(),
+                    item,
+                });
+            }
+            for t in &l.templates {
+                let mut item = t.clone();
+                item.uri_template = expose_uri(&ns.uri_prefix, &t.uri_template);
+                tcandidates.push(Entry {
+                    server: ns.server.clone(),
+                    original: t.uri_template.clone(),
+                    item,
+                });
+            }
+        }
+        cat.resources = merge(
+            "resource",
+            candidates,
+            |e| e.item.uri.clone(),
+            previous.map(|p| &p.resources),
+            &mut collisions,
+        );
+        cat.templates = merge(
+            "resource template",
+            tcandidates,
+            |e| e.item.uri_template.clone(),
+            previous.map(|p| &p.templates),
+            &mut collisions,
+        );
+        (cat, collisions)
+    }
+
+    /// Route an exposed resource URI to its server and the upstream's own URI.
+    pub fn route_uri(&self, exposed: &str) -> Option<UriRoute> {
+        if let Some(e) = self.resources.get(exposed) {
+            return Some(UriRoute {
+                server: e.server.clone(),
+                original: e.original.clone(),
+            });
+        }
+        if let Some((scheme, rest)) = exposed.split_once('+') {
+            if let Some(server) = self.uri_routes.get(scheme) {
+                return Some(UriRoute {
+                    server: server.clone(),
+                    original: rest.to_string(),
+                });
+            }
+        }
+        // An unlisted URI on an unprefixed server: a template match decides, else the only such server.
+        for t in &self.templates.entries {
+            if self.unprefixed.contains(&t.server) && template_matches(&t.original, exposed) {
+                return Some(UriRoute {
+                    server: t.server.clone(),
+                    original: exposed.to_string(),
+                });
+            }
+        }
+        match self.unprefixed.as_slice() {
+            [only] => Some(UriRoute {
+                server: only.clone(),
+                original: exposed.to_string(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The exposed form of an upstream URI from `server` (for rewriting read results and updates).
+    pub fn expose_uri_of(&self, server: &str, original: &str) -> String {
+        let prefix = self
+            .uri_routes
+            .iter()
+            .find(|(_, s)| s.as_ref() == server)
+            .map(|(p, _)| p.as_str())
+            .unwrap_or("");
+        expose_uri(prefix, original)
+    }
+
+    /// A fingerprint per kind, so a rebuild notifies sessions only when their view really changed.
+    pub fn fingerprint(&self) -> [u64; 3] {
+        use std::hash::{Hash, Hasher};
+        let h = |f: &dyn Fn(&mut std::collections::hash_map::DefaultHasher)| {
+            let mut s = std::collections::hash_map::DefaultHasher::new();
+            f(&mut s);
+            s.finish()
+        };
+        [
+            h(&|s| {
+                for e in &self.tools.entries {
+                    serde_json::to_string(&e.item).unwrap_or_default().hash(s);
+                }
+            }),
+            h(&|s| {
+                for e in &self.prompts.entries {
+                    serde_json::to_string(&e.item).unwrap_or_default().hash(s);
+                }
+            }),
+            h(&|s| {
+                for e in &self.resources.entries {
+                    serde_json::to_string(&e.item).unwrap_or_default().hash(s);
+                }
+                for e in &self.templates.entries {
+                    serde_json::to_string(&e.item).unwrap_or_default().hash(s);
+                }
+            }),
+        ]
+    }
+}
+
+fn merge<T>(
+    kind: &'static str,
+    candidates: Vec<Entry<T>>,
+    key: impl Fn(&Entry<T>) -> String,
+    previous: Option<&Section<T>>,
+    collisions: &mut Vec<Collision>,
+) -> Section<T> {
+    // Which server gets each contested name: the previous owner if it still offers it, else the first.
+    let mut winner: HashMap<String, Arc<str>> = HashMap::new();
+    for c in &candidates {
+        let k = key(c);
+        match winner.get(&k) {
+            None => {
+                winner.insert(k, c.server.clone());
+            }
+            Some(w) if *w == c.server => {}
+            Some(_) => {
+                if previous.and_then(|p| p.owner(&k)) == Some(&c.server) {
+                    winner.insert(k, c.server.clone());
+                }
+            }
+        }
+    }
+    let mut section = Section::default();
+    let mut reported = HashSet::new();
+    for c in candidates {
+        let k = key(&c);
+        let w = &winner[&k];
+        if *w != c.server || section.index.contains_key(&k) {
+            if reported.insert((k.clone(), c.server.clone())) {
+                collisions.push(Collision {
+                    kind,
+                    name: k,
+                    kept: w.clone(),
+                    dropped: c.server.clone(),
+                });
+            }
+            continue;
+        }
+        section.index.insert(k, section.entries.len());
+        section.entries.push(c);
+    }
+    section
+}
+
+/// `<prefix><sep><name>` made valid for Claude: other characters become `_`; a name longer than 64
+/// keeps its first 55 characters and gets `_` plus 8 hex digits of a hash of the full name, so the
+/// shortening is stable across restarts and distinct for distinct names.
+pub fn expose_name(prefix: &str, separator: &str, name: &str) -> String {
+    let full = if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}{separator}{name}")
+    };
+    let mut clean: String = full
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean.is_empty() {
+        clean.push('_');
+    }
+    if clean.len() > MAX_NAME {
+        let digest = Sha256::digest(full.as_bytes());
+        let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+        clean.truncate(MAX_NAME - 9);
+        clean.push('_');
+        clean.push_str(&hex);
+    }
+    clean
+}
+
+/// A URI-scheme-safe, lower-case form of a prefix (`_` → `-`; must start with a letter).
+pub fn uri_prefix(prefix: &str) -> String {
+    if prefix.is_empty() {
+        return String::new();
+    }
+    let mut s: String = prefix
+        .chars()
+        .map(|c| match c {
+            'A'..='Z' => c.to_ascii_lowercase(),
+            'a'..='z' | '0'..='9' | '-' | '.' => c,
+            _ => '-',
+        })
+        .collect();
+    if !s.starts_with(|c: char| c.is_ascii_lowercase()) {
+        s.insert(0, 's');
+    }
+    s
+}
+
+pub fn expose_uri(uri_prefix: &str, uri: &str) -> String {
+    if uri_prefix.is_empty() {
+        uri.to_string()
+    } else {
+        format!("{uri_prefix}+{uri}")
+    }
+}
+
+/// Does an RFC 6570 level-1 template (`file:///{path}`) match `uri`? Each `{var}` matches any run of
+/// characters; literal parts must match exactly.
+fn template_matches(template: &str, uri: &str) -> bool {
+    let mut parts = Vec::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        parts.push(&rest[..open]);
+        match rest[open..].find('}') {
+            Some(close) => rest = &rest[open + close + 1..],
+            None => return template == uri,
+        }
+    }
+    parts.push(rest);
+    if parts.len() == 1 {
+        return template == uri;
+    }
+    let mut pos = 0;
+    for (i, lit) in parts.iter().enumerate() {
+        if i == 0 {
+            if !uri.starts_with(lit) {
+                return false;
+            }
+            pos = lit.len();
+        } else if i == parts.len() - 1 {
+            return uri.len() >= pos + lit.len() && uri[pos..].ends_with(lit);
+        } else {
+            match uri[pos..].find(lit) {
+                Some(j) if !lit.is_empty() => pos += j + lit.len(),
+                Some(_) => {}
+                None => return false,
+            }
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rmcp::model::JsonObject;
+
+    fn tool(name: &str) -> Tool {
+        Tool::new(name.to_string(), "d", Arc::new(JsonObject::new()))
+    }
+
+    fn ns(server: &str, prefix: &str) -> Namespace {
+        Namespace {
+            server: server.into(),
+            prefix: prefix.into(),
+            uri_prefix: uri_prefix(prefix),
+            tools: NameFilter::default(),
+        }
+    }
+
+    fn listings(items: &[(&str, &[&str])]) -> HashMap<Arc<str>, Listing> {
+        items
+            .iter()
+            .map(|(s, tools)| {
+                (
+                    Arc::from(*s),
+                    Listing {
+                        tools: tools.iter().map(|t| tool(t)).collect(),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn names_are_prefixed_and_valid() {
+        assert_eq!(expose_name("ledger", "__", "list_accounts"), "ledger__list_accounts");
+        assert_eq!(expose_name("", "__", "list.accounts/v2"), "list_accounts_v2");
+        let long = "x".repeat(100);
+        let a = expose_name("srv", "__", &long);
+        let b = expose_name("srv", "__", &format!("{long}y"));
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, b, "distinct long names must stay distinct");
+        assert_eq!(a, expose_name("srv", "__", &long), "shortening is stable");
+        let re = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        };
+        assert!(re(&a) && re(&b));
+    }
+
+    #[test]
+    fn collisions_keep_first_and_previous_owner() {
+        let nss = [ns("a", ""), ns("b", "")];
+        let (cat, col) = Catalog::build(&nss, &listings(&[("a", &["x", "y"]), ("b", &["x", "z"])]), "__", None);
+        assert_eq!(cat.tools.get("x").unwrap().server.as_ref(), "a");
+        assert_eq!(cat.tools.len(), 3);
+        assert_eq!(col.len(), 1);
+        assert_eq!((col[0].kept.as_ref(), col[0].dropped.as_ref()), ("a", "b"));
+        assert!(col[0].to_string().contains("`a` and `b`"));
+
+        // b owned `x` first (a was down); when a comes back, b keeps it.
+        let (prev, _) = Catalog::build(&nss, &listings(&[("b", &["x"])]), "__", None);
+        let (cat, col) = Catalog::build(&nss, &listings(&[("a", &["x"]), ("b", &["x"])]), "__", Some(&prev));
+        assert_eq!(cat.tools.get("x").unwrap().server.as_ref(), "b");
+        assert_eq!(col[0].dropped.as_ref(), "a");
+    }
+
+    #[test]
+    fn filters_and_routing() {
+        let cfg = crate::config::Config::parse(
+            std::path::Path::new("s.toml"),
+            "[servers.ev]\ntransport=\"stdio\"\ncommand=\"x\"\ntools={exclude=[\"get-env\"]}\n",
+            &|_| None,
+        )
+        .unwrap();
+        let nss = Namespace::from_config(&cfg);
+        let (cat, _) = Catalog::build(&nss, &listings(&[("ev", &["echo", "get-env"])]), "__", None);
+        let e = cat.tools.get("ev__echo").unwrap();
+        assert_eq!(e.original, "echo");
+        assert!(cat.tools.get("ev__get-env").is_none());
+    }
+
+    #[test]
+    fn uris_route_back() {
+        let nss = [ns("My_Srv", "My_Srv"), ns("plain", "")];
+        let mut l = HashMap::new();
+        let mut a = Listing::default();
+        a.resources.push(Resource::new("demo://doc/1", "doc"));
+        l.insert(Arc::from("My_Srv"), a);
+        let mut b = Listing::default();
+        b.templates.push(ResourceTemplate::new("file:///{path}", "files"));
+        l.insert(Arc::from("plain"), b);
+        let (cat, _) = Catalog::build(&nss, &l, "__", None);
+        assert_eq!(cat.resources.entries[0].item.uri, "my-srv+demo://doc/1");
+        let r = cat.route_uri("my-srv+demo://doc/1").unwrap();
+        assert_eq!((r.server.as_ref(), r.original.as_str()), ("My_Srv", "demo://doc/1"));
+        let r = cat.route_uri("my-srv+demo://doc/2").unwrap();
+        assert_eq!(r.original, "demo://doc/2");
+        let r = cat.route_uri("file:///etc/motd").unwrap();
+        assert_eq!(r.server.as_ref(), "plain");
+        assert_eq!(cat.expose_uri_of("My_Srv", "demo://x"), "my-srv+demo://x");
+        assert!(template_matches("a://{x}/b/{y}", "a://1/b/2"));
+        assert!(!template_matches("a://{x}/b", "a://1/c"));
+    }
+}

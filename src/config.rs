@@ -1,0 +1,713 @@
+//! `servers.toml` → a validated [`Config`].
+//!
+//! Two stages, as in agentgateway: raw serde types (`Raw*`, `deny_unknown_fields` everywhere) are the
+//! user's surface; [`Config::parse`] normalises them into the internal types the rest of the broker uses.
+//! Every error names the file, the line and the key, so `mcp-broker check` output can be acted on.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use indexmap::IndexMap;
+use serde::Deserialize;
+
+/// Environment variables a stdio child gets from the broker when `inherit_env` is not set.
+pub const DEFAULT_INHERIT_ENV: &[&str] = &["PATH", "HOME", "LANG", "TMPDIR"];
+
+/// A configuration error: where it is and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Syntax errors, unknown keys and wrong types, as reported by the TOML parser.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// A value that parses but is not acceptable; `key` is the dotted path (`servers.ledger.url`).
+    #[error("{path}:{line}: `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+/// A string that must never be logged: header values, env values. `Debug` prints `"[redacted]"`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The only way to the value; call it where the value is sent, nowhere else.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"[redacted]\"")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from; relative paths in it (a stdio `cwd`) resolve against its folder.
+    pub path: PathBuf,
+    pub broker: BrokerConfig,
+    /// In file order: that order breaks ties when two servers expose the same name.
+    pub servers: Vec<ServerConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub listen: SocketAddr,
+    /// The broker's own MCP URL: the resource identifier, and the one non-loopback Host/Origin accepted.
+    pub public_url: url::Url,
+    pub separator: String,
+    pub session_idle_timeout: Duration,
+    pub max_request_body: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub name: String,
+    /// `""` exposes the upstream's names unchanged.
+    pub prefix: String,
+    pub transport: TransportConfig,
+    pub tools: NameFilter,
+    /// Per-request timeout; progress notifications from the upstream restart it.
+    pub timeout: Duration,
+    /// How long connecting plus `initialize` may take before the attempt counts as failed.
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum TransportConfig {
+    Stdio {
+        command: String,
+        args: Vec<String>,
+        env: Vec<(String, Secret)>,
+        cwd: PathBuf,
+        inherit_env: Vec<String>,
+    },
+    Sse {
+        url: url::Url,
+        headers: Vec<(String, Secret)>,
+    },
+    Http {
+        url: url::Url,
+        headers: Vec<(String, Secret)>,
+    },
+}
+
+impl TransportConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Stdio { .. } => "stdio",
+            Self::Sse { .. } => "sse",
+            Self::Http { .. } => "http",
+        }
+    }
+}
+
+/// Include/exclude globs over an upstream's own names. Empty include = everything.
+#[derive(Clone, Default)]
+pub struct NameFilter {
+    include: Option<GlobSet>,
+    exclude: Option<GlobSet>,
+    /// The patterns as written, for `Debug` and error messages.
+    source: (Vec<String>, Vec<String>),
+}
+
+impl fmt::Debug for NameFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NameFilter")
+            .field("include", &self.source.0)
+            .field("exclude", &self.source.1)
+            .finish()
+    }
+}
+
+impl NameFilter {
+    pub fn admits(&self, name: &str) -> bool {
+        self.include.as_ref().is_none_or(|s| s.is_match(name))
+            && !self.exclude.as_ref().is_some_and(|s| s.is_match(name))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw, user-facing types.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    broker: RawBroker,
+    #[serde(default)]
+    servers: IndexMap<String, RawServer>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBroker {
+    listen: Option<String>,
+    public_url: Option<String>,
+    separator: Option<String>,
+    session_idle_timeout: Option<String>,
+    max_request_body: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    transport: String,
+    command: Option<String>,
+    args: Option<Vec<String>>,
+    env: Option<BTreeMap<String, String>>,
+    cwd: Option<String>,
+    inherit_env: Option<Vec<String>>,
+    url: Option<String>,
+    headers: Option<BTreeMap<String, String>>,
+    prefix: Option<String>,
+    tools: Option<RawFilter>,
+    timeout: Option<String>,
+    connect_timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFilter {
+    #[serde(default)]
+    include: Vec<String>,
+    #[serde(default)]
+    exclude: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+
+impl Config {
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text, &|k| std::env::var(k).ok())
+    }
+
+    /// Validate `text` as if read from `path`; `env` resolves `${VAR}` references.
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|s| line_col(text, s.start))
+                .unwrap_or((1, 1));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        let ctx = Ctx { path, text, env };
+        let broker = ctx.broker(raw.broker)?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let mut servers = Vec::with_capacity(raw.servers.len());
+        for (name, s) in raw.servers {
+            servers.push(ctx.server(&name, s, &base)?);
+        }
+        // Two servers with one non-empty prefix would shadow each other's names wholesale.
+        for (i, a) in servers.iter().enumerate() {
+            if let Some(b) = servers[..i]
+                .iter()
+                .find(|b| !a.prefix.is_empty() && b.prefix == a.prefix)
+            {
+                return Err(ctx.invalid(
+                    &["servers", &a.name],
+                    "prefix",
+                    format!(
+                        "prefix \"{}\" is also used by server `{}`: their names would collide",
+                        a.prefix, b.name
+                    ),
+                ));
+            }
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            broker,
+            servers,
+        })
+    }
+
+    pub fn server(&self, name: &str) -> Option<&ServerConfig> {
+        self.servers.iter().find(|s| s.name == name)
+    }
+}
+
+struct Ctx<'a> {
+    path: &'a Path,
+    text: &'a str,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Ctx<'_> {
+    fn invalid(&self, table: &[&str], key: &str, message: String) -> ConfigError {
+        let mut dotted = table.join(".");
+        if !key.is_empty() {
+            dotted = format!("{dotted}.{key}");
+        }
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            line: find_line(self.text, table, key),
+            key: dotted,
+            message,
+        }
+    }
+
+    /// Expand `${VAR}` (and `$$` → `$`); an unset variable is an error naming the key.
+    fn expand(&self, table: &[&str], key: &str, value: &str) -> Result<String, ConfigError> {
+        let mut out = String::with_capacity(value.len());
+        let mut rest = value;
+        while let Some(i) = rest.find('$') {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 1..];
+            if let Some(tail) = after.strip_prefix('$') {
+                out.push('$');
+                rest = tail;
+            } else if let Some(body) = after.strip_prefix('{') {
+                let Some(end) = body.find('}') else {
+                    return Err(self.invalid(table, key, "unterminated `${` in value".into()));
+                };
+                let var = &body[..end];
+                match (self.env)(var) {
+                    Some(v) => out.push_str(&v),
+                    None => {
+                        return Err(self.invalid(
+                            table,
+                            key,
+                            format!("environment variable `{var}` is not set"),
+                        ));
+                    }
+                }
+                rest = &body[end + 1..];
+            } else {
+                out.push('$');
+                rest = after;
+            }
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+
+    fn duration(
+        &self,
+        table: &[&str],
+        key: &str,
+        value: Option<String>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) => parse_duration(&v).ok_or_else(|| {
+                self.invalid(
+                    table,
+                    key,
+                    format!("\"{v}\" is not a duration (use e.g. \"500ms\", \"30s\", \"5m\", \"1h\")"),
+                )
+            }),
+        }
+    }
+
+    fn broker(&self, raw: RawBroker) -> Result<BrokerConfig, ConfigError> {
+        let t = &["broker"];
+        let listen_s = raw.listen.unwrap_or_else(|| "127.0.0.1:8080".into());
+        let listen: SocketAddr = listen_s.parse().map_err(|_| {
+            self.invalid(
+                t,
+                "listen",
+                format!("\"{listen_s}\" is not an address (use e.g. \"127.0.0.1:8080\")"),
+            )
+        })?;
+        let public_url = match raw.public_url {
+            Some(u) => {
+                let url = url::Url::parse(&u)
+                    .map_err(|e| self.invalid(t, "public_url", format!("\"{u}\": {e}")))?;
+                if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                    return Err(self.invalid(
+                        t,
+                        "public_url",
+                        "must be an http or https URL with a host".into(),
+                    ));
+                }
+                url
+            }
+            None => url::Url::parse(&format!("http://{listen}/mcp")).map_err(|e| {
+                self.invalid(t, "listen", format!("cannot form a URL from it: {e}"))
+            })?,
+        };
+        let separator = raw.separator.unwrap_or_else(|| "__".into());
+        if separator.is_empty() || !separator.chars().all(is_name_char) {
+            return Err(self.invalid(
+                t,
+                "separator",
+                "must be one or more of A-Z a-z 0-9 _ - (Claude rejects other characters in tool names)".into(),
+            ));
+        }
+        let session_idle_timeout = self.duration(
+            t,
+            "session_idle_timeout",
+            raw.session_idle_timeout,
+            Duration::from_secs(3600),
+        )?;
+        let max_request_body = raw.max_request_body.unwrap_or(4 * 1024 * 1024);
+        if max_request_body < 1024 {
+            return Err(self.invalid(t, "max_request_body", "must be at least 1024 bytes".into()));
+        }
+        Ok(BrokerConfig {
+            listen,
+            public_url,
+            separator,
+            session_idle_timeout,
+            max_request_body,
+        })
+    }
+
+    fn server(&self, name: &str, raw: RawServer, base: &Path) -> Result<ServerConfig, ConfigError> {
+        let t = &["servers", name];
+        if name.is_empty() || name.len() > 32 || !name.chars().all(is_name_char) {
+            return Err(self.invalid(
+                t,
+                "",
+                "server names are 1-32 characters of A-Z a-z 0-9 _ -".into(),
+            ));
+        }
+        let only = |key: &str, present: bool, transport: &str| -> Result<(), ConfigError> {
+            if present {
+                Err(self.invalid(
+                    t,
+                    key,
+                    format!("`{key}` does not apply to transport \"{transport}\""),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let transport = match raw.transport.as_str() {
+            "stdio" => {
+                only("url", raw.url.is_some(), "stdio")?;
+                only("headers", raw.headers.is_some(), "stdio")?;
+                let command = raw.command.ok_or_else(|| {
+                    self.invalid(t, "command", "stdio servers need a `command`".into())
+                })?;
+                let command = self.expand(t, "command", &command)?;
+                let args = raw
+                    .args
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|a| self.expand(t, "args", a))
+                    .collect::<Result<_, _>>()?;
+                let env = raw
+                    .env
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| Ok((k, Secret::new(self.expand(t, "env", &v)?))))
+                    .collect::<Result<_, _>>()?;
+                let cwd = match raw.cwd {
+                    Some(c) => base.join(self.expand(t, "cwd", &c)?),
+                    None => base.to_path_buf(),
+                };
+                let inherit_env = raw.inherit_env.unwrap_or_else(|| {
+                    DEFAULT_INHERIT_ENV.iter().map(|s| s.to_string()).collect()
+                });
+                TransportConfig::Stdio {
+                    command,
+                    args,
+                    env,
+                    cwd,
+                    inherit_env,
+                }
+            }
+            kind @ ("sse" | "http") => {
+                for (key, present) in [
+                    ("command", raw.command.is_some()),
+                    ("args", raw.args.is_some()),
+                    ("env", raw.env.is_some()),
+                    ("cwd", raw.cwd.is_some()),
+                    ("inherit_env", raw.inherit_env.is_some()),
+                ] {
+                    only(key, present, kind)?;
+                }
+                let url_s = raw.url.ok_or_else(|| {
+                    self.invalid(t, "url", format!("{kind} servers need a `url`"))
+                })?;
+                let url_s = self.expand(t, "url", &url_s)?;
+                let url = url::Url::parse(&url_s)
+                    .map_err(|e| self.invalid(t, "url", format!("\"{url_s}\": {e}")))?;
+                if !matches!(url.scheme(), "http" | "https") {
+                    return Err(self.invalid(t, "url", "must be an http or https URL".into()));
+                }
+                let mut headers = Vec::new();
+                for (k, v) in raw.headers.unwrap_or_default() {
+                    if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
+                        return Err(self.invalid(t, "headers", format!("`{k}` is not a header name")));
+                    }
+                    let v = self.expand(t, "headers", &v)?;
+                    if http::HeaderValue::from_str(&v).is_err() {
+                        return Err(self.invalid(
+                            t,
+                            "headers",
+                            format!("the value of `{k}` is not a valid header value"),
+                        ));
+                    }
+                    headers.push((k, Secret::new(v)));
+                }
+                if kind == "sse" {
+                    TransportConfig::Sse { url, headers }
+                } else {
+                    TransportConfig::Http { url, headers }
+                }
+            }
+            other => {
+                return Err(self.invalid(
+                    t,
+                    "transport",
+                    format!("\"{other}\" is not a transport; use \"stdio\", \"sse\" or \"http\""),
+                ));
+            }
+        };
+        let prefix = raw.prefix.unwrap_or_else(|| name.to_string());
+        if prefix.len() > 32 || !prefix.chars().all(is_name_char) {
+            return Err(self.invalid(
+                t,
+                "prefix",
+                "must be 0-32 characters of A-Z a-z 0-9 _ -".into(),
+            ));
+        }
+        let tools = match raw.tools {
+            None => NameFilter::default(),
+            Some(f) => NameFilter {
+                include: self.globs(t, &f.include)?,
+                exclude: self.globs(t, &f.exclude)?,
+                source: (f.include, f.exclude),
+            },
+        };
+        let timeout = self.duration(t, "timeout", raw.timeout, Duration::from_secs(60))?;
+        let connect_timeout = self.duration(
+            t,
+            "connect_timeout",
+            raw.connect_timeout,
+            Duration::from_secs(30),
+        )?;
+        Ok(ServerConfig {
+            name: name.to_string(),
+            prefix,
+            transport,
+            tools,
+            timeout,
+            connect_timeout,
+        })
+    }
+
+    fn globs(&self, table: &[&str], patterns: &[String]) -> Result<Option<GlobSet>, ConfigError> {
+        if patterns.is_empty() {
+            return Ok(None);
+        }
+        let mut b = GlobSetBuilder::new();
+        for p in patterns {
+            let g = Glob::new(p)
+                .map_err(|e| self.invalid(table, "tools", format!("bad glob \"{p}\": {e}")))?;
+            b.add(g);
+        }
+        b.build()
+            .map(Some)
+            .map_err(|e| self.invalid(table, "tools", e.to_string()))
+    }
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_' || c == '-'
+}
+
+/// `"250ms"`, `"30s"`, `"5m"`, `"1h"`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let d = match unit.trim() {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.checked_mul(60)?),
+        "h" => Duration::from_secs(n.checked_mul(3600)?),
+        _ => return None,
+    };
+    Some(d)
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Best-effort line of `key` inside table `[a.b]` (or of the table header, or line 1): good enough
+/// to point a user at the right place for semantic errors, which the TOML parser cannot locate.
+fn find_line(text: &str, table: &[&str], key: &str) -> usize {
+    let header = format!("[{}]", table.join("."));
+    let mut in_table = false;
+    let mut header_line = None;
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            in_table = l.replace(' ', "") == header;
+            if in_table {
+                header_line = Some(i + 1);
+                if key.is_empty() {
+                    return i + 1;
+                }
+            }
+            continue;
+        }
+        if in_table && !key.is_empty() {
+            if let Some(rest) = l.strip_prefix(key) {
+                if rest.trim_start().starts_with('=') {
+                    return i + 1;
+                }
+            }
+        }
+    }
+    // Dotted or inline forms: `ledger = { ... }` under `[servers]`.
+    if header_line.is_none() && table.len() >= 2 {
+        let last = table[table.len() - 1];
+        for (i, line) in text.lines().enumerate() {
+            let l = line.trim();
+            if (l.starts_with(last) || l.contains(&format!("{}.{}", table[0], last))) && l.contains('=') {
+                return i + 1;
+            }
+        }
+    }
+    header_line.unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("conf/servers.toml"), text, &|k| {
+            (k == "TOKEN").then(|| "s3cret".to_string())
+        })
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("[servers.a]\ntransport = \"stdio\"\ncommand = \"x\"\n").unwrap();
+        assert_eq!(c.broker.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.broker.public_url.as_str(), "http://127.0.0.1:8080/mcp");
+        assert_eq!(c.broker.separator, "__");
+        assert_eq!(c.broker.session_idle_timeout, Duration::from_secs(3600));
+        let s = &c.servers[0];
+        assert_eq!(s.prefix, "a");
+        match &s.transport {
+            TransportConfig::Stdio { cwd, inherit_env, .. } => {
+                assert_eq!(cwd, Path::new("conf"));
+                assert_eq!(inherit_env, &["PATH", "HOME", "LANG", "TMPDIR"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = parse("[servers.a]\ntransport = \"stdio\"\ncomand = \"x\"\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("conf/servers.toml:3:"), "{msg}");
+        assert!(msg.contains("comand"), "{msg}");
+    }
+
+    #[test]
+    fn semantic_error_names_key_and_line() {
+        let e = parse("[broker]\n\n[servers.web]\ntransport = \"http\"\nurl = \"ftp://x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "conf/servers.toml:5: `servers.web.url`: must be an http or https URL");
+        let e = parse("[servers.web]\ntransport = \"carrier-pigeon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":2: `servers.web.transport`"), "{e}");
+        let e = parse("[servers.web]\ntransport = \"http\"\nurl = \"http://x\"\ncommand = \"y\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":4: `servers.web.command`: `command` does not apply"), "{e}");
+    }
+
+    #[test]
+    fn env_expansion_and_secret_redaction() {
+        let c = parse(
+            "[servers.w]\ntransport = \"http\"\nurl = \"http://h/mcp\"\nheaders = { Authorization = \"Bearer ${TOKEN}\" }\n",
+        )
+        .unwrap();
+        let TransportConfig::Http { headers, .. } = &c.servers[0].transport else {
+            panic!()
+        };
+        assert_eq!(headers[0].1.expose(), "Bearer s3cret");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let e = parse("[servers.w]\ntransport = \"stdio\"\ncommand = \"${NOPE}\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`servers.w.command`: environment variable `NOPE` is not set"), "{e}");
+    }
+
+    #[test]
+    fn servers_keep_file_order_and_prefixes_must_differ() {
+        let c = parse(
+            "[servers.zeta]\ntransport = \"stdio\"\ncommand = \"x\"\n[servers.alpha]\ntransport = \"stdio\"\ncommand = \"x\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.servers[0].name, "zeta");
+        let e = parse(
+            "[servers.a]\ntransport = \"stdio\"\ncommand = \"x\"\nprefix = \"p\"\n[servers.b]\ntransport = \"stdio\"\ncommand = \"x\"\nprefix = \"p\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`servers.b.prefix`") && e.contains("server `a`"), "{e}");
+    }
+
+    #[test]
+    fn filters_and_durations() {
+        let c = parse(
+            "[servers.a]\ntransport = \"stdio\"\ncommand = \"x\"\ntimeout = \"250ms\"\ntools = { include = [\"get_*\", \"list_*\"], exclude = [\"get_secret\"] }\n",
+        )
+        .unwrap();
+        let s = &c.servers[0];
+        assert_eq!(s.timeout, Duration::from_millis(250));
+        assert!(s.tools.admits("get_account"));
+        assert!(!s.tools.admits("get_secret"));
+        assert!(!s.tools.admits("delete_account"));
+        assert!(parse_duration("1h") == Some(Duration::from_secs(3600)));
+        assert!(parse_duration("abc").is_none());
+    }
+}

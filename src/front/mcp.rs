@@ -1,0 +1,258 @@
+//! The rmcp `ServerHandler` adapter: turns MCP requests from a downstream client into broker calls.
+//!
+//! One [`Front`] per session (stateful Streamable HTTP, stdio) or per request (2026-07-28 stateless);
+//! it is a cheap handle on the shared [`Broker`].
+
+// Sampling, elicitation, roots, logging and resources/subscribe are deprecated by SEP-2577 in the
+// 2026-07-28 revision, but Claude and most clients speak 2025-11-25, where they are live.
+#![allow(deprecated)]
+
+use std::sync::{Arc, OnceLock};
+
+use rmcp::{
+    ErrorData, RoleServer, ServerHandler,
+    model::{
+        CallToolRequestParams, CallToolResponse, CompleteRequestParams, CompleteResult,
+        GetPromptRequestParams, GetPromptResponse, Implementation, ListPromptsResult,
+        ListResourceTemplatesResult, ListResourcesResult, ListToolsResult, PaginatedRequestParams,
+        ProtocolVersion, ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities,
+        ServerConfig, SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter,
+        UnsubscribeRequestParams,
+    },
+    service::{NotificationContext, RequestContext, SubscriptionContext},
+};
+
+use crate::auth::Caller;
+use crate::broker::{Broker, Downstream};
+use crate::upstream::ListKind;
+
+#[derive(Clone)]
+pub struct Front {
+    broker: Arc<Broker>,
+    /// The broker's id for this session, set on `notifications/initialized` (legacy sessions only).
+    session: Arc<OnceLock<u64>>,
+}
+
+impl Front {
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Self {
+            broker,
+            session: Arc::new(OnceLock::new()),
+        }
+    }
+
+    fn session_id(&self, ctx: &RequestContext<RoleServer>) -> u64 {
+        *self
+            .session
+            .get_or_init(|| self.broker.register_session(ctx.peer.clone()))
+    }
+}
+
+/// The caller behind a request: set by the HTTP front's middleware in the request's extensions; a
+/// request without HTTP parts came over stdio from the local user.
+pub fn caller_of(ctx: &RequestContext<RoleServer>) -> Caller {
+    match ctx.extensions.get::<http::request::Parts>() {
+        Some(parts) => parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_else(Caller::anonymous),
+        None => Caller::local(),
+    }
+}
+
+fn downstream(ctx: &RequestContext<RoleServer>) -> Downstream {
+    Downstream {
+        peer: ctx.peer.clone(),
+        request_id: ctx.id.clone(),
+        progress_token: ctx.meta.get_progress_token(),
+        capabilities: ctx.client_capabilities(),
+        // 2026-07-28 requests carry their protocol version in `_meta`.
+        stateless: ctx.meta.protocol_version() == Some(ProtocolVersion::V_2026_07_28),
+    }
+}
+
+fn no_cursor(p: &Option<PaginatedRequestParams>) -> Result<(), ErrorData> {
+    // Every list fits one page; a cursor can only be one the broker never issued.
+    match p.as_ref().and_then(|p| p.cursor.as_deref()) {
+        Some(c) if !c.is_empty() => Err(ErrorData::invalid_params(
+            format!("invalid cursor `{c}`"),
+            None,
+        )),
+        _ => Ok(()),
+    }
+}
+
+impl ServerHandler for Front {
+    fn get_info(&self) -> ServerConfig {
+        let caps = ServerCapabilities::builder()
+            .enable_logging()
+            .enable_completions()
+            .enable_prompts()
+            .enable_resources()
+            .enable_tools()
+            .enable_tool_list_changed()
+            .enable_prompts_list_changed()
+            .enable_resources_list_changed()
+            .enable_resources_subscribe()
+            .build();
+        ServerConfig::new(caps)
+            .with_server_info(Implementation::new("mcp-broker", env!("CARGO_PKG_VERSION")))
+            .with_instructions(format!(
+                "mcp-broker: one endpoint for several MCP servers. Tool and prompt names are `<server>{}<name>`.",
+                self.broker.config().broker.separator
+            ))
+    }
+
+    async fn on_initialized(&self, ctx: NotificationContext<RoleServer>) {
+        let _ = self
+            .session
+            .get_or_init(|| self.broker.register_session(ctx.peer.clone()));
+    }
+
+    async fn list_tools(
+        &self,
+        p: Option<PaginatedRequestParams>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        no_cursor(&p)?;
+        Ok(ListToolsResult::with_all_items(
+            self.broker.list_tools(&caller_of(&ctx)),
+        ))
+    }
+
+    async fn call_tool(
+        &self,
+        p: CallToolRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let caller = caller_of(&ctx);
+        self.broker
+            .call_tool(&caller, p, downstream(&ctx), ctx.ct.clone())
+            .await
+    }
+
+    async fn list_prompts(
+        &self,
+        p: Option<PaginatedRequestParams>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, ErrorData> {
+        no_cursor(&p)?;
+        Ok(ListPromptsResult::with_all_items(
+            self.broker.list_prompts(&caller_of(&ctx)),
+        ))
+    }
+
+    async fn get_prompt(
+        &self,
+        p: GetPromptRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<GetPromptResponse, ErrorData> {
+        let caller = caller_of(&ctx);
+        self.broker
+            .get_prompt(&caller, p, downstream(&ctx), ctx.ct.clone())
+            .await
+    }
+
+    async fn list_resources(
+        &self,
+        p: Option<PaginatedRequestParams>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, ErrorData> {
+        no_cursor(&p)?;
+        Ok(ListResourcesResult::with_all_items(
+            self.broker.list_resources(&caller_of(&ctx)),
+        ))
+    }
+
+    async fn list_resource_templates(
+        &self,
+        p: Option<PaginatedRequestParams>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, ErrorData> {
+        no_cursor(&p)?;
+        Ok(ListResourceTemplatesResult::with_all_items(
+            self.broker.list_resource_templates(&caller_of(&ctx)),
+        ))
+    }
+
+    async fn read_resource(
+        &self,
+        p: ReadResourceRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, ErrorData> {
+        let caller = caller_of(&ctx);
+        self.broker
+            .read_resource(&caller, p, downstream(&ctx), ctx.ct.clone())
+            .await
+    }
+
+    async fn complete(
+        &self,
+        p: CompleteRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CompleteResult, ErrorData> {
+        let caller = caller_of(&ctx);
+        self.broker
+            .complete(&caller, p, downstream(&ctx), ctx.ct.clone())
+            .await
+    }
+
+    async fn subscribe(
+        &self,
+        p: SubscribeRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let id = self.session_id(&ctx);
+        self.broker.subscribe(id, &p.uri).await
+    }
+
+    async fn unsubscribe(
+        &self,
+        p: UnsubscribeRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let id = self.session_id(&ctx);
+        self.broker.unsubscribe(id, &p.uri).await
+    }
+
+    async fn set_level(
+        &self,
+        p: SetLevelRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let id = self.session_id(&ctx);
+        self.broker.set_level(id, p.level).await
+    }
+
+    fn accepted_subscription_filter(
+        &self,
+        requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
+        Some(requested.clone())
+    }
+
+    async fn listen(&self, ctx: SubscriptionContext) -> Result<(), ErrorData> {
+        let mut changes = self.broker.subscribe_changes();
+        loop {
+            tokio::select! {
+                _ = ctx.cancelled() => return Ok(()),
+                ev = changes.recv() => {
+                    let sent = match ev {
+                        Ok(ListKind::Tools) => ctx.sink().notify_tool_list_changed().await,
+                        Ok(ListKind::Prompts) => ctx.sink().notify_prompt_list_changed().await,
+                        Ok(ListKind::Resources) => ctx.sink().notify_resource_list_changed().await,
+                        // Missed some: say everything changed, the client re-lists.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            ctx.sink().notify_tool_list_changed().await
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+                    };
+                    if sent.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! What downstream MCP clients talk to: the Streamable HTTP endpoint and the stdio server, both
+//! adapting MCP requests onto the [`crate::broker::Broker`] through [`mcp::Front`].
+
+pub mod http;
+pub mod mcp;

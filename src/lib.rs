@@ -1,0 +1,25 @@
+//! mcp-broker: one MCP endpoint in front of many MCP servers.
+//!
+//! # Layout
+//! Requests flow down, results and events flow back up; a module uses only modules below it.
+//!
+//! | layer | module | what it does |
+//! |---|---|---|
+//! | 0 | [`config`] | `servers.toml` → validated [`config::Config`]; errors name file, line and key |
+//! | 1 | [`upstream`] | supervised MCP client connections over stdio, legacy SSE and Streamable HTTP |
+//! | 1 | [`catalog`] | pure: the namespaced, collision-checked view of every upstream's lists |
+//! | 1 | [`auth`] | the [`auth::Caller`] behind a request |
+//! | 2 | [`policy`] | pure: one decision for what is listed and what is called |
+//! | 3 | [`broker`] | transport-free core: list, call, route progress/cancel/server requests, fan out changes |
+//! | 4 | [`front`] | the rmcp `ServerHandler` adapter, the axum HTTP front |
+//! | 5 | [`app`], [`cli`] | wiring, subcommands, shutdown order |
+
+pub mod app;
+pub mod auth;
+pub mod broker;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod front;
+pub mod policy;
+pub mod upstream;

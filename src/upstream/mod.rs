@@ -1,0 +1,553 @@
+//! MCP client connections to upstream servers, one supervised connection per configured server.
+//!
+//! Each [`Upstream`] runs a supervisor task: connect (stdio child, legacy SSE or Streamable HTTP),
+//! `initialize`, list everything, publish the connection, then watch it (transport end, failed health
+//! pings) and reconnect with capped exponential backoff. Connecting one server never waits on another.
+//! Everything an upstream says on its own (progress, logs, list changes, sampling/elicitation/roots
+//! requests) goes up to the broker as an [`UpstreamEvent`]; this layer knows nothing of downstream.
+
+// Sampling, elicitation, roots, logging and resources/subscribe are deprecated by SEP-2577 in the
+// 2026-07-28 revision, but Claude and most clients speak 2025-11-25, where they are live.
+#![allow(deprecated)]
+
+mod sse;
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use rmcp::{
+    ClientHandler, ErrorData, RoleClient, ServiceExt,
+    model::{
+        ClientCapabilities, ClientConfig, ClientResult, CreateMessageRequest,
+        CreateMessageRequestParams, CreateMessageResult, ElicitRequest, ElicitRequestParams, ElicitResult,
+        Implementation, ListRootsRequest, ListRootsResult,
+        LoggingMessageNotificationParam, ProgressNotificationParam, RequestId,
+        ResourceUpdatedNotificationParam, ServerPeerInfo, ServerRequest,
+    },
+    service::{InboundStreamOrigin, NotificationContext, Peer, RequestContext, RunningService},
+    transport::{
+        ConfigureCommandExt, StreamableHttpClientTransport, TokioChildProcess,
+        streamable_http_client::StreamableHttpClientTransportConfig,
+    },
+};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::Listing;
+use crate::config::{ServerConfig, TransportConfig};
+
+pub use sse::SseError;
+
+/// How often a connected upstream is pinged; a ping that fails or times out triggers a reconnect.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(15);
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_START: Duration = Duration::from_millis(500);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// A connection that stayed up this long resets the backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot start `{command}`: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Sse(#[from] SseError),
+    #[error("HTTP client: {0}")]
+    HttpClient(reqwest::Error),
+    #[error("initialize failed: {0}")]
+    Initialize(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// The kinds of list an upstream can announce a change to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListKind {
+    Tools,
+    Prompts,
+    Resources,
+}
+
+/// Something an upstream did on its own initiative, for the broker to route.
+#[derive(Debug)]
+pub enum UpstreamEvent {
+    /// The server connected (with a fresh listing) or went away.
+    StateChanged { server: Arc<str> },
+    ListChanged { server: Arc<str>, kind: ListKind },
+    Progress {
+        server: Arc<str>,
+        params: ProgressNotificationParam,
+    },
+    Log {
+        server: Arc<str>,
+        params: LoggingMessageNotificationParam,
+    },
+    ResourceUpdated {
+        server: Arc<str>,
+        params: ResourceUpdatedNotificationParam,
+    },
+    /// A server-to-client request (sampling, elicitation, roots). `origin` is the upstream request id
+    /// of the call whose response stream carried it, where the transport knows (Streamable HTTP).
+    Request {
+        server: Arc<str>,
+        request: ServerRequest,
+        origin: Option<RequestId>,
+        reply: oneshot::Sender<Result<ClientResult, ErrorData>>,
+    },
+}
+
+pub type EventSender = mpsc::UnboundedSender<UpstreamEvent>;
+
+/// A live, initialized connection.
+pub struct Connection {
+    pub peer: Peer<RoleClient>,
+    pub info: Option<Arc<ServerPeerInfo>>,
+    /// What the server lists; replaced on `list_changed`.
+    pub listing: Mutex<Listing>,
+}
+
+/// One configured upstream server and its supervised connection.
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub config: ServerConfig,
+    state: RwLock<Option<Arc<Connection>>>,
+    /// Poked when a call saw the transport fail, so the supervisor checks at once.
+    suspect: Notify,
+    /// Connections made after the first; a metric and a test hook.
+    pub reconnects: AtomicU64,
+    http: reqwest::Client,
+}
+
+impl Upstream {
+    pub fn new(config: ServerConfig) -> Result<Arc<Self>, UpstreamError> {
+        let http = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .connect_timeout(config.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .map_err(UpstreamError::HttpClient)?;
+        Ok(Arc::new(Self {
+            name: Arc::from(config.name.as_str()),
+            config,
+            state: RwLock::new(None),
+            suspect: Notify::new(),
+            reconnects: AtomicU64::new(0),
+            http,
+        }))
+    }
+
+    /// The live connection, if the server is up.
+    pub fn connection(&self) -> Option<Arc<Connection>> {
+        self.state.read().ok().and_then(|s| s.clone())
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.connection().is_some()
+    }
+
+    /// A call saw the transport fail: have the supervisor check the connection now.
+    pub fn report_failure(&self) {
+        self.suspect.notify_one();
+    }
+
+    fn set(&self, conn: Option<Arc<Connection>>) {
+        if let Ok(mut s) = self.state.write() {
+            *s = conn;
+        }
+    }
+
+    /// Connect, serve and reconnect until `shutdown`. On return no child process of this server remains.
+    pub async fn supervise(self: Arc<Self>, events: EventSender, shutdown: CancellationToken) {
+        let mut backoff = BACKOFF_START;
+        let mut connected_before = false;
+        loop {
+            let handler = UpstreamHandler {
+                server: self.name.clone(),
+                events: events.clone(),
+            };
+            let attempt = tokio::select! {
+                r = tokio::time::timeout(self.config.connect_timeout, self.connect(handler)) => {
+                    r.unwrap_or(Err(UpstreamError::Timeout(self.config.connect_timeout)))
+                }
+                _ = shutdown.cancelled() => return,
+            };
+            match attempt {
+                Ok(running) => {
+                    let peer = running.peer().clone();
+                    let info = peer.peer_info();
+                    let listing = fetch_listing(&self.name, &peer, info.as_deref()).await;
+                    if connected_before {
+                        self.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    connected_before = true;
+                    tracing::info!(
+                        server = %self.name,
+                        transport = self.config.transport.kind(),
+                        tools = listing.tools.len(),
+                        prompts = listing.prompts.len(),
+                        resources = listing.resources.len(),
+                        "upstream connected"
+                    );
+                    self.set(Some(Arc::new(Connection {
+                        peer: peer.clone(),
+                        info,
+                        listing: Mutex::new(listing),
+                    })));
+                    let _ = events.send(UpstreamEvent::StateChanged {
+                        server: self.name.clone(),
+                    });
+                    let since = Instant::now();
+                    let stop = self.watch(running, &peer, &shutdown).await;
+                    self.set(None);
+                    let _ = events.send(UpstreamEvent::StateChanged {
+                        server: self.name.clone(),
+                    });
+                    if stop {
+                        return;
+                    }
+                    tracing::warn!(server = %self.name, "upstream disconnected; reconnecting");
+                    if since.elapsed() > STABLE_AFTER {
+                        backoff = BACKOFF_START;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(server = %self.name, error = %e, retry_in = ?backoff, "upstream unavailable");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_CAP);
+        }
+    }
+
+    /// Serve until the connection ends (false) or shutdown (true); either way it is closed on return.
+    async fn watch(
+        &self,
+        running: RunningService<RoleClient, UpstreamHandler>,
+        peer: &Peer<RoleClient>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let ct = running.cancellation_token();
+        let mut done = std::pin::pin!(running.waiting());
+        let unhealthy = async {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+                    _ = self.suspect.notified() => {}
+                }
+                let ping = tokio::time::timeout(
+                    HEALTH_TIMEOUT,
+                    peer.send_request(rmcp::model::ClientRequest::PingRequest(Default::default())),
+                )
+                .await;
+                match ping {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(server = %self.name, error = %e, "upstream failed a health ping");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(server = %self.name, "upstream did not answer a health ping");
+                        return;
+                    }
+                }
+            }
+        };
+        let stop = tokio::select! {
+            _ = &mut done => return false,
+            _ = unhealthy => false,
+            _ = shutdown.cancelled() => true,
+        };
+        ct.cancel();
+        // Closing a stdio transport closes stdin, waits, then SIGTERMs and kills the process group.
+        if tokio::time::timeout(Duration::from_secs(8), &mut done)
+            .await
+            .is_err()
+        {
+            tracing::warn!(server = %self.name, "upstream did not close in time");
+        }
+        stop
+    }
+
+    async fn connect(
+        &self,
+        handler: UpstreamHandler,
+    ) -> Result<RunningService<RoleClient, UpstreamHandler>, UpstreamError> {
+        let init = |e: rmcp::service::ClientInitializeError| UpstreamError::Initialize(e.to_string());
+        match &self.config.transport {
+            TransportConfig::Stdio {
+                command,
+                args,
+                env,
+                cwd,
+                inherit_env,
+            } => {
+                let cmd = tokio::process::Command::new(command).configure(|c| {
+                    c.args(args).current_dir(cwd).env_clear().kill_on_drop(true);
+                    // Only allow-listed variables reach the child: the broker's secrets stay here.
+                    for k in inherit_env {
+                        if let Some(v) = std::env::var_os(k) {
+                            c.env(k, v);
+                        }
+                    }
+                    for (k, v) in env {
+                        c.env(k, v.expose());
+                    }
+                });
+                let mut wrap = process_wrap::tokio::CommandWrap::from(cmd);
+                // Own process group, so stopping it reaches grandchildren (npx → sh → node).
+                wrap.wrap(process_wrap::tokio::ProcessGroup::leader());
+                wrap.wrap(process_wrap::tokio::KillOnDrop);
+                let (transport, stderr) = TokioChildProcess::builder(wrap)
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .map_err(|source| UpstreamError::Spawn {
+                        command: command.clone(),
+                        source,
+                    })?;
+                if let Some(stderr) = stderr {
+                    let server = self.name.clone();
+                    tokio::spawn(async move {
+                        let mut lines = tokio::io::BufReader::new(stderr).lines();
+                        while let Ok(Some(line)) = lines.next_line().await {
+                            tracing::info!(target: "mcp_broker::upstream::stderr", server = %server, "{line}");
+                        }
+                    });
+                }
+                handler.serve(transport).await.map_err(init)
+            }
+            TransportConfig::Http { url, headers } => {
+                let mut custom = std::collections::HashMap::new();
+                for (k, v) in headers {
+                    if let (Ok(k), Ok(v)) = (
+                        http::HeaderName::from_bytes(k.as_bytes()),
+                        http::HeaderValue::from_str(v.expose()),
+                    ) {
+                        custom.insert(k, v);
+                    }
+                }
+                let cfg = StreamableHttpClientTransportConfig::with_uri(url.as_str())
+                    .custom_headers(custom);
+                let transport = StreamableHttpClientTransport::with_client(self.http.clone(), cfg);
+                handler.serve(transport).await.map_err(init)
+            }
+            TransportConfig::Sse { url, headers } => {
+                let mut map = reqwest::header::HeaderMap::new();
+                for (k, v) in headers {
+                    if let (Ok(k), Ok(mut v)) = (
+                        reqwest::header::HeaderName::from_bytes(k.as_bytes()),
+                        reqwest::header::HeaderValue::from_str(v.expose()),
+                    ) {
+                        v.set_sensitive(true);
+                        map.insert(k, v);
+                    }
+                }
+                let transport =
+                    sse::SseTransport::connect(self.name.clone(), self.http.clone(), url, map)
+                        .await?;
+                handler.serve(transport).await.map_err(init)
+            }
+        }
+    }
+
+    /// Re-list one kind after the upstream said it changed. Returns whether anything was fetched.
+    pub async fn refresh(&self, kind: ListKind) -> bool {
+        let Some(conn) = self.connection() else {
+            return false;
+        };
+        let fresh = fetch_listing(&self.name, &conn.peer, conn.info.as_deref()).await;
+        let Ok(mut l) = conn.listing.lock() else {
+            return false;
+        };
+        match kind {
+            ListKind::Tools => l.tools = fresh.tools,
+            ListKind::Prompts => l.prompts = fresh.prompts,
+            ListKind::Resources => {
+                l.resources = fresh.resources;
+                l.templates = fresh.templates;
+            }
+        }
+        true
+    }
+}
+
+/// Everything the server lists, following pagination cursors. A kind the server does not declare,
+/// or fails to list, counts as empty (logged): one broken list must not hide the others.
+async fn fetch_listing(
+    server: &str,
+    peer: &Peer<RoleClient>,
+    info: Option<&ServerPeerInfo>,
+) -> Listing {
+    let caps = info.map(|i| &i.capabilities);
+    let has = |f: fn(&rmcp::model::ServerCapabilities) -> bool| caps.is_none_or(f);
+    let mut l = Listing::default();
+    if has(|c| c.tools.is_some()) {
+        match peer.list_all_tools().await {
+            Ok(t) => l.tools = t,
+            Err(e) => tracing::warn!(server, error = %e, "tools/list failed"),
+        }
+    }
+    if has(|c| c.prompts.is_some()) {
+        match peer.list_all_prompts().await {
+            Ok(p) => l.prompts = p,
+            Err(e) => tracing::warn!(server, error = %e, "prompts/list failed"),
+        }
+    }
+    if has(|c| c.resources.is_some()) {
+        match peer.list_all_resources().await {
+            Ok(r) => l.resources = r,
+            Err(e) => tracing::warn!(server, error = %e, "resources/list failed"),
+        }
+        match peer.list_all_resource_templates().await {
+            Ok(t) => l.templates = t,
+            Err(e) => tracing::warn!(server, error = %e, "resources/templates/list failed"),
+        }
+    }
+    l
+}
+
+/// The broker's client-side handler for one upstream connection: forwards what the upstream says.
+#[derive(Clone)]
+pub struct UpstreamHandler {
+    server: Arc<str>,
+    events: EventSender,
+}
+
+impl UpstreamHandler {
+    fn emit(&self, ev: UpstreamEvent) {
+        let _ = self.events.send(ev);
+    }
+
+    async fn ask(
+        &self,
+        request: ServerRequest,
+        ctx: &RequestContext<RoleClient>,
+    ) -> Result<ClientResult, ErrorData> {
+        let origin = match ctx.extensions.get::<InboundStreamOrigin>() {
+            Some(InboundStreamOrigin::OutboundRequest(id)) => Some(id.clone()),
+            _ => None,
+        };
+        let (reply, rx) = oneshot::channel();
+        self.emit(UpstreamEvent::Request {
+            server: self.server.clone(),
+            request,
+            origin,
+            reply,
+        });
+        tokio::select! {
+            r = rx => r.unwrap_or_else(|_| Err(ErrorData::internal_error("the broker dropped the request", None))),
+            _ = ctx.ct.cancelled() => Err(ErrorData::internal_error("cancelled by the upstream", None)),
+        }
+    }
+}
+
+fn unexpected() -> ErrorData {
+    ErrorData::internal_error("the downstream client answered with an unexpected result", None)
+}
+
+impl ClientHandler for UpstreamHandler {
+    fn get_info(&self) -> ClientConfig {
+        // Declared so upstreams may ask; the broker declines per call when the downstream client
+        // that caused the request did not declare the same capability.
+        let caps = ClientCapabilities::builder()
+            .enable_roots()
+            .enable_sampling()
+            .enable_elicitation()
+            .build();
+        ClientConfig::new(
+            caps,
+            Implementation::new("mcp-broker", env!("CARGO_PKG_VERSION")),
+        )
+    }
+
+    async fn create_message(
+        &self,
+        params: CreateMessageRequestParams,
+        ctx: RequestContext<RoleClient>,
+    ) -> Result<CreateMessageResult, ErrorData> {
+        let req = ServerRequest::CreateMessageRequest(CreateMessageRequest::new(params));
+        match self.ask(req, &ctx).await? {
+            ClientResult::CreateMessageResult(r) => Ok(*r),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn create_elicitation(
+        &self,
+        params: ElicitRequestParams,
+        ctx: RequestContext<RoleClient>,
+    ) -> Result<ElicitResult, ErrorData> {
+        let req = ServerRequest::ElicitRequest(ElicitRequest::new(params));
+        match self.ask(req, &ctx).await? {
+            ClientResult::ElicitResult(r) => Ok(r),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn list_roots(&self, ctx: RequestContext<RoleClient>) -> Result<ListRootsResult, ErrorData> {
+        let req = ServerRequest::ListRootsRequest(ListRootsRequest::default());
+        match self.ask(req, &ctx).await? {
+            ClientResult::ListRootsResult(r) => Ok(r),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn on_progress(&self, params: ProgressNotificationParam, _: NotificationContext<RoleClient>) {
+        self.emit(UpstreamEvent::Progress {
+            server: self.server.clone(),
+            params,
+        });
+    }
+
+    #[allow(deprecated)]
+    async fn on_logging_message(
+        &self,
+        params: LoggingMessageNotificationParam,
+        _: NotificationContext<RoleClient>,
+    ) {
+        self.emit(UpstreamEvent::Log {
+            server: self.server.clone(),
+            params,
+        });
+    }
+
+    async fn on_resource_updated(
+        &self,
+        params: ResourceUpdatedNotificationParam,
+        _: NotificationContext<RoleClient>,
+    ) {
+        self.emit(UpstreamEvent::ResourceUpdated {
+            server: self.server.clone(),
+            params,
+        });
+    }
+
+    async fn on_tool_list_changed(&self, _: NotificationContext<RoleClient>) {
+        self.emit(UpstreamEvent::ListChanged {
+            server: self.server.clone(),
+            kind: ListKind::Tools,
+        });
+    }
+
+    async fn on_prompt_list_changed(&self, _: NotificationContext<RoleClient>) {
+        self.emit(UpstreamEvent::ListChanged {
+            server: self.server.clone(),
+            kind: ListKind::Prompts,
+        });
+    }
+
+    async fn on_resource_list_changed(&self, _: NotificationContext<RoleClient>) {
+        self.emit(UpstreamEvent::ListChanged {
+            server: self.server.clone(),
+            kind: ListKind::Resources,
+        });
+    }
+}
