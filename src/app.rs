@@ -69,7 +69,7 @@ async fn shutdown_signal() {
 }
 
 async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result<ExitCode> {
-    let config = load(path)?;
+    let mut config = load(path)?;
     let listen = config.broker.listen;
     if !listen.ip().is_loopback() {
         if !insecure_no_auth {
@@ -81,12 +81,18 @@ async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result
         }
         tracing::warn!(%listen, "SERVING WITHOUT AUTHENTICATION ON A NON-LOOPBACK ADDRESS: anyone who can reach it can call every upstream tool");
     }
-    let broker = Broker::new(config.clone())?;
-    broker.start();
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr()?;
+    if config.broker.public_url.port() == Some(0) {
+        // `listen` on port 0 (tests): the default public URL names the port actually bound.
+        let mut c = (*config).clone();
+        c.broker.public_url = url::Url::parse(&format!("http://{addr}/mcp"))?;
+        config = Arc::new(c);
+    }
+    let broker = Broker::new(config.clone())?;
+    broker.start();
     let sessions = CancellationToken::new();
     let app = http::router(broker.clone(), sessions.clone());
     {
@@ -107,7 +113,10 @@ async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result
     // then stop upstreams so no child outlives the broker.
     sessions.cancel();
     stop.cancel();
-    if tokio::time::timeout(Duration::from_secs(10), server).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .is_err()
+    {
         tracing::warn!("HTTP server did not stop in time");
     }
     broker.shutdown().await;

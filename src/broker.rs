@@ -20,13 +20,12 @@ use rmcp::{
         CallToolRequest, CallToolRequestParams, CallToolResponse, CallToolResult,
         CancelledNotificationParam, ClientCapabilities, ClientRequest, ClientResult,
         CompleteRequest, CompleteRequestParams, CompleteResult, ContentBlock, GetExtensions,
-        GetPromptRequest, GetPromptRequestParams, GetPromptResponse, ListRootsResult,
-        LoggingLevel, LoggingMessageNotificationParam, ProgressToken,
-        Prompt, ReadResourceRequest, ReadResourceRequestParams, ReadResourceResponse, Reference,
-        RequestId, RequestMetaObject, Resource, ResourceContents, ResourceTemplate,
-        ResourceUpdatedNotificationParam, ServerRequest, ServerResult, SetLevelRequest,
-        SetLevelRequestParams, SubscribeRequest, SubscribeRequestParams, Tool, UnsubscribeRequest,
-        UnsubscribeRequestParams,
+        GetPromptRequest, GetPromptRequestParams, GetPromptResponse, ListRootsResult, LoggingLevel,
+        LoggingMessageNotificationParam, ProgressToken, Prompt, ReadResourceRequest,
+        ReadResourceRequestParams, ReadResourceResponse, Reference, RequestId, RequestMetaObject,
+        Resource, ResourceContents, ResourceTemplate, ResourceUpdatedNotificationParam,
+        ServerRequest, ServerResult, SetLevelRequest, SetLevelRequestParams, SubscribeRequest,
+        SubscribeRequestParams, Tool, UnsubscribeRequest, UnsubscribeRequestParams,
     },
     service::{OriginatingRequestId, Peer, PeerRequestOptions, ServiceError},
 };
@@ -187,8 +186,7 @@ impl Broker {
     }
 
     fn live_sessions(&self) -> Vec<(u64, Peer<RoleServer>)> {
-        self.sessions
-            .retain(|_, s| !s.peer.is_transport_closed());
+        self.sessions.retain(|_, s| !s.peer.is_transport_closed());
         self.sessions
             .iter()
             .map(|e| (*e.key(), e.value().peer.clone()))
@@ -248,8 +246,12 @@ impl Broker {
             }
         }
         let old = self.catalog();
-        let (new, collisions) =
-            Catalog::build(&self.namespaces, &listings, &self.config.broker.separator, Some(&old));
+        let (new, collisions) = Catalog::build(
+            &self.namespaces,
+            &listings,
+            &self.config.broker.separator,
+            Some(&old),
+        );
         for c in &collisions {
             tracing::warn!(kind = c.kind, name = %c.name, kept = %c.kept, dropped = %c.dropped, "name collision: entry left out");
         }
@@ -410,7 +412,10 @@ impl Broker {
         let (server, kind, original) = match &mut params.r#ref {
             Reference::Prompt(p) => {
                 let Some(e) = cat.prompts.get(&p.name) else {
-                    return Err(ErrorData::invalid_params(format!("unknown prompt `{}`", p.name), None));
+                    return Err(ErrorData::invalid_params(
+                        format!("unknown prompt `{}`", p.name),
+                        None,
+                    ));
                 };
                 p.name = e.original.clone();
                 (e.server.clone(), Kind::Prompt, e.original.clone())
@@ -431,7 +436,12 @@ impl Broker {
                 r.uri = route.1.clone();
                 (route.0, Kind::Resource, route.1)
             }
-            _ => return Err(ErrorData::invalid_params("unsupported completion reference", None)),
+            _ => {
+                return Err(ErrorData::invalid_params(
+                    "unsupported completion reference",
+                    None,
+                ));
+            }
         };
         drop(cat);
         if !policy::decide(caller, &server, kind, &original).allow {
@@ -520,7 +530,9 @@ impl Broker {
             s.logging.store(true, Ordering::Relaxed);
         }
         for up in &self.upstreams {
-            let Some(conn) = up.connection() else { continue };
+            let Some(conn) = up.connection() else {
+                continue;
+            };
             let declares = conn
                 .info
                 .as_ref()
@@ -529,7 +541,9 @@ impl Broker {
                 continue;
             }
             #[allow(deprecated)]
-            let req = ClientRequest::SetLevelRequest(SetLevelRequest::new(SetLevelRequestParams::new(level)));
+            let req = ClientRequest::SetLevelRequest(SetLevelRequest::new(
+                SetLevelRequestParams::new(level),
+            ));
             if let Err(e) = conn.peer.send_request(req).await {
                 tracing::debug!(server = %up.name, error = %e, "logging/setLevel not accepted upstream");
             }
@@ -695,7 +709,9 @@ impl Broker {
                 }
             });
         let (method, declared): (&str, fn(&ClientCapabilities) -> bool) = match &request {
-            ServerRequest::CreateMessageRequest(_) => ("sampling/createMessage", |c| c.sampling.is_some()),
+            ServerRequest::CreateMessageRequest(_) => {
+                ("sampling/createMessage", |c| c.sampling.is_some())
+            }
             ServerRequest::ElicitRequest(_) => ("elicitation/create", |c| c.elicitation.is_some()),
             ServerRequest::ListRootsRequest(_) => ("roots/list", |c| c.roots.is_some()),
             ServerRequest::PingRequest(_) => return Ok(ClientResult::empty(())),
@@ -707,13 +723,17 @@ impl Broker {
                 return Ok(ClientResult::ListRootsResult(ListRootsResult::default()));
             }
             return Err(ErrorData::invalid_request(
-                format!("mcp-broker cannot tell which client `{server}`'s {method} is for (it is not tied to exactly one call in flight)"),
+                format!(
+                    "mcp-broker cannot tell which client `{server}`'s {method} is for (it is not tied to exactly one call in flight)"
+                ),
                 None,
             ));
         };
         if down.stateless {
             return Err(ErrorData::invalid_request(
-                format!("the client uses protocol 2026-07-28, which has no server-to-client requests; {method} from `{server}` is not supported through mcp-broker yet"),
+                format!(
+                    "the client uses protocol 2026-07-28, which has no server-to-client requests; {method} from `{server}` is not supported through mcp-broker yet"
+                ),
                 None,
             ));
         }
@@ -722,7 +742,9 @@ impl Broker {
                 return Ok(ClientResult::ListRootsResult(ListRootsResult::default()));
             }
             return Err(ErrorData::invalid_request(
-                format!("the client did not declare the capability for {method}, so `{server}`'s request was not forwarded"),
+                format!(
+                    "the client did not declare the capability for {method}, so `{server}`'s request was not forwarded"
+                ),
                 None,
             ));
         }

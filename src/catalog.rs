@@ -146,13 +146,16 @@ impl Catalog {
             if ns.uri_prefix.is_empty() {
                 cat.unprefixed.push(ns.server.clone());
             } else {
-                cat.uri_routes.insert(ns.uri_prefix.clone(), ns.server.clone());
+                cat.uri_routes
+                    .insert(ns.uri_prefix.clone(), ns.server.clone());
             }
         }
         // Tools.
         let mut candidates = Vec::new();
         for ns in namespaces {
-            let Some(l) = listings.get(&ns.server) else { continue };
+            let Some(l) = listings.get(&ns.server) else {
+                continue;
+            };
             for t in &l.tools {
                 if !ns.tools.admits(&t.name) {
                     continue;
@@ -178,7 +181,9 @@ impl Catalog {
         // Prompts.
         let mut candidates = Vec::new();
         for ns in namespaces {
-            let Some(l) = listings.get(&ns.server) else { continue };
+            let Some(l) = listings.get(&ns.server) else {
+                continue;
+            };
             for p in &l.prompts {
                 let exposed = expose_name(&ns.prefix, separator, &p.name);
                 let mut item = p.clone();
@@ -202,7 +207,9 @@ impl Catalog {
         let mut candidates = Vec::new();
         let mut tcandidates = Vec::new();
         for ns in namespaces {
-            let Some(l) = listings.get(&ns.server) else { continue };
+            let Some(l) = listings.get(&ns.server) else {
+                continue;
+            };
             for r in &l.resources {
                 let mut item = r.clone();
                 item.uri = expose_uri(&ns.uri_prefix, &r.uri);
@@ -490,8 +497,14 @@ mod tests {
 
     #[test]
     fn names_are_prefixed_and_valid() {
-        assert_eq!(expose_name("ledger", "__", "list_accounts"), "ledger__list_accounts");
-        assert_eq!(expose_name("", "__", "list.accounts/v2"), "list_accounts_v2");
+        assert_eq!(
+            expose_name("ledger", "__", "list_accounts"),
+            "ledger__list_accounts"
+        );
+        assert_eq!(
+            expose_name("", "__", "list.accounts/v2"),
+            "list_accounts_v2"
+        );
         let long = "x".repeat(100);
         let a = expose_name("srv", "__", &long);
         let b = expose_name("srv", "__", &format!("{long}y"));
@@ -501,7 +514,8 @@ mod tests {
         let re = |s: &str| {
             !s.is_empty()
                 && s.len() <= 64
-                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         };
         assert!(re(&a) && re(&b));
     }
@@ -509,7 +523,12 @@ mod tests {
     #[test]
     fn collisions_keep_first_and_previous_owner() {
         let nss = [ns("a", ""), ns("b", "")];
-        let (cat, col) = Catalog::build(&nss, &listings(&[("a", &["x", "y"]), ("b", &["x", "z"])]), "__", None);
+        let (cat, col) = Catalog::build(
+            &nss,
+            &listings(&[("a", &["x", "y"]), ("b", &["x", "z"])]),
+            "__",
+            None,
+        );
         assert_eq!(cat.tools.get("x").unwrap().server.as_ref(), "a");
         assert_eq!(cat.tools.len(), 3);
         assert_eq!(col.len(), 1);
@@ -518,7 +537,12 @@ mod tests {
 
         // b owned `x` first (a was down); when a comes back, b keeps it.
         let (prev, _) = Catalog::build(&nss, &listings(&[("b", &["x"])]), "__", None);
-        let (cat, col) = Catalog::build(&nss, &listings(&[("a", &["x"]), ("b", &["x"])]), "__", Some(&prev));
+        let (cat, col) = Catalog::build(
+            &nss,
+            &listings(&[("a", &["x"]), ("b", &["x"])]),
+            "__",
+            Some(&prev),
+        );
         assert_eq!(cat.tools.get("x").unwrap().server.as_ref(), "b");
         assert_eq!(col[0].dropped.as_ref(), "a");
     }
@@ -546,12 +570,16 @@ mod tests {
         a.resources.push(Resource::new("demo://doc/1", "doc"));
         l.insert(Arc::from("My_Srv"), a);
         let mut b = Listing::default();
-        b.templates.push(ResourceTemplate::new("file:///{path}", "files"));
+        b.templates
+            .push(ResourceTemplate::new("file:///{path}", "files"));
         l.insert(Arc::from("plain"), b);
         let (cat, _) = Catalog::build(&nss, &l, "__", None);
         assert_eq!(cat.resources.entries[0].item.uri, "my-srv+demo://doc/1");
         let r = cat.route_uri("my-srv+demo://doc/1").unwrap();
-        assert_eq!((r.server.as_ref(), r.original.as_str()), ("My_Srv", "demo://doc/1"));
+        assert_eq!(
+            (r.server.as_ref(), r.original.as_str()),
+            ("My_Srv", "demo://doc/1")
+        );
         let r = cat.route_uri("my-srv+demo://doc/2").unwrap();
         assert_eq!(r.original, "demo://doc/2");
         let r = cat.route_uri("file:///etc/motd").unwrap();

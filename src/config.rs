@@ -216,10 +216,7 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let (line, column) = e
-                .span()
-                .map(|s| line_col(text, s.start))
-                .unwrap_or((1, 1));
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
             ConfigError::Parse {
                 path: path.to_path_buf(),
                 line,
@@ -334,7 +331,9 @@ impl Ctx<'_> {
                 self.invalid(
                     table,
                     key,
-                    format!("\"{v}\" is not a duration (use e.g. \"500ms\", \"30s\", \"5m\", \"1h\")"),
+                    format!(
+                        "\"{v}\" is not a duration (use e.g. \"500ms\", \"30s\", \"5m\", \"1h\")"
+                    ),
                 )
             }),
         }
@@ -438,9 +437,9 @@ impl Ctx<'_> {
                     Some(c) => base.join(self.expand(t, "cwd", &c)?),
                     None => base.to_path_buf(),
                 };
-                let inherit_env = raw.inherit_env.unwrap_or_else(|| {
-                    DEFAULT_INHERIT_ENV.iter().map(|s| s.to_string()).collect()
-                });
+                let inherit_env = raw
+                    .inherit_env
+                    .unwrap_or_else(|| DEFAULT_INHERIT_ENV.iter().map(|s| s.to_string()).collect());
                 TransportConfig::Stdio {
                     command,
                     args,
@@ -471,7 +470,11 @@ impl Ctx<'_> {
                 let mut headers = Vec::new();
                 for (k, v) in raw.headers.unwrap_or_default() {
                     if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
-                        return Err(self.invalid(t, "headers", format!("`{k}` is not a header name")));
+                        return Err(self.invalid(
+                            t,
+                            "headers",
+                            format!("`{k}` is not a header name"),
+                        ));
                     }
                     let v = self.expand(t, "headers", &v)?;
                     if http::HeaderValue::from_str(&v).is_err() {
@@ -604,7 +607,9 @@ fn find_line(text: &str, table: &[&str], key: &str) -> usize {
         let last = table[table.len() - 1];
         for (i, line) in text.lines().enumerate() {
             let l = line.trim();
-            if (l.starts_with(last) || l.contains(&format!("{}.{}", table[0], last))) && l.contains('=') {
+            if (l.starts_with(last) || l.contains(&format!("{}.{}", table[0], last)))
+                && l.contains('=')
+            {
                 return i + 1;
             }
         }
@@ -632,7 +637,9 @@ mod tests {
         let s = &c.servers[0];
         assert_eq!(s.prefix, "a");
         match &s.transport {
-            TransportConfig::Stdio { cwd, inherit_env, .. } => {
+            TransportConfig::Stdio {
+                cwd, inherit_env, ..
+            } => {
                 assert_eq!(cwd, Path::new("conf"));
                 assert_eq!(inherit_env, &["PATH", "HOME", "LANG", "TMPDIR"]);
             }
@@ -653,7 +660,10 @@ mod tests {
         let e = parse("[broker]\n\n[servers.web]\ntransport = \"http\"\nurl = \"ftp://x\"\n")
             .unwrap_err()
             .to_string();
-        assert_eq!(e, "conf/servers.toml:5: `servers.web.url`: must be an http or https URL");
+        assert_eq!(
+            e,
+            "conf/servers.toml:5: `servers.web.url`: must be an http or https URL"
+        );
         let e = parse("[servers.web]\ntransport = \"carrier-pigeon\"\n")
             .unwrap_err()
             .to_string();
@@ -661,7 +671,10 @@ mod tests {
         let e = parse("[servers.web]\ntransport = \"http\"\nurl = \"http://x\"\ncommand = \"y\"\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains(":4: `servers.web.command`: `command` does not apply"), "{e}");
+        assert!(
+            e.contains(":4: `servers.web.command`: `command` does not apply"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -678,7 +691,10 @@ mod tests {
         let e = parse("[servers.w]\ntransport = \"stdio\"\ncommand = \"${NOPE}\"\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("`servers.w.command`: environment variable `NOPE` is not set"), "{e}");
+        assert!(
+            e.contains("`servers.w.command`: environment variable `NOPE` is not set"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -693,7 +709,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("`servers.b.prefix`") && e.contains("server `a`"), "{e}");
+        assert!(
+            e.contains("`servers.b.prefix`") && e.contains("server `a`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -21,8 +21,8 @@ use rmcp::{
     ClientHandler, ErrorData, RoleClient, ServiceExt,
     model::{
         ClientCapabilities, ClientConfig, ClientResult, CreateMessageRequest,
-        CreateMessageRequestParams, CreateMessageResult, ElicitRequest, ElicitRequestParams, ElicitResult,
-        Implementation, ListRootsRequest, ListRootsResult,
+        CreateMessageRequestParams, CreateMessageResult, ElicitRequest, ElicitRequestParams,
+        ElicitResult, Implementation, ListRootsRequest, ListRootsResult,
         LoggingMessageNotificationParam, ProgressNotificationParam, RequestId,
         ResourceUpdatedNotificationParam, ServerPeerInfo, ServerRequest,
     },
@@ -78,8 +78,13 @@ pub enum ListKind {
 #[derive(Debug)]
 pub enum UpstreamEvent {
     /// The server connected (with a fresh listing) or went away.
-    StateChanged { server: Arc<str> },
-    ListChanged { server: Arc<str>, kind: ListKind },
+    StateChanged {
+        server: Arc<str>,
+    },
+    ListChanged {
+        server: Arc<str>,
+        kind: ListKind,
+    },
     Progress {
         server: Arc<str>,
         params: ProgressNotificationParam,
@@ -281,7 +286,8 @@ impl Upstream {
         &self,
         handler: UpstreamHandler,
     ) -> Result<RunningService<RoleClient, UpstreamHandler>, UpstreamError> {
-        let init = |e: rmcp::service::ClientInitializeError| UpstreamError::Initialize(e.to_string());
+        let init =
+            |e: rmcp::service::ClientInitializeError| UpstreamError::Initialize(e.to_string());
         match &self.config.transport {
             TransportConfig::Stdio {
                 command,
@@ -450,7 +456,10 @@ impl UpstreamHandler {
 }
 
 fn unexpected() -> ErrorData {
-    ErrorData::internal_error("the downstream client answered with an unexpected result", None)
+    ErrorData::internal_error(
+        "the downstream client answered with an unexpected result",
+        None,
+    )
 }
 
 impl ClientHandler for UpstreamHandler {
@@ -492,7 +501,10 @@ impl ClientHandler for UpstreamHandler {
         }
     }
 
-    async fn list_roots(&self, ctx: RequestContext<RoleClient>) -> Result<ListRootsResult, ErrorData> {
+    async fn list_roots(
+        &self,
+        ctx: RequestContext<RoleClient>,
+    ) -> Result<ListRootsResult, ErrorData> {
         let req = ServerRequest::ListRootsRequest(ListRootsRequest::default());
         match self.ask(req, &ctx).await? {
             ClientResult::ListRootsResult(r) => Ok(r),
@@ -500,7 +512,11 @@ impl ClientHandler for UpstreamHandler {
         }
     }
 
-    async fn on_progress(&self, params: ProgressNotificationParam, _: NotificationContext<RoleClient>) {
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _: NotificationContext<RoleClient>,
+    ) {
         self.emit(UpstreamEvent::Progress {
             server: self.server.clone(),
             params,

@@ -88,7 +88,9 @@ impl SseTransport {
                                     break;
                                 }
                             }
-                            Err(e) => tracing::warn!(server = %server, error = %e, "unparsable SSE message from upstream"),
+                            Err(e) => {
+                                tracing::warn!(server = %server, error = %e, "unparsable SSE message from upstream")
+                            }
                         }
                     }
                     Ok(_) => {}
