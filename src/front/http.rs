@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use axum::{
     Router,
-    extract::Request,
-    http::{HeaderValue, Method, header},
+    body::Body,
+    extract::{Request, State},
+    http::{HeaderValue, Method, StatusCode, header},
     middleware::{self, Next},
     response::Response,
     routing::get,
@@ -63,10 +64,12 @@ pub fn router(broker: Arc<Broker>, ct: CancellationToken) -> Router {
         Arc::new(sessions),
         server_cfg,
     );
+    let limit = BodyLimit(cfg.max_request_body);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route_service("/mcp", mcp)
         .layer(middleware::from_fn(identify))
+        .layer(middleware::from_fn_with_state(limit, jsonrpc_errors))
         .layer(middleware::from_fn(normalize_accept))
 }
 
@@ -112,4 +115,78 @@ async fn normalize_accept(mut req: Request, next: Next) -> Response {
             .insert(header::ACCEPT, HeaderValue::from_static(value));
     }
     next.run(req).await
+}
+
+#[derive(Clone, Copy)]
+struct BodyLimit(usize);
+
+/// Malformed bodies get JSON-RPC errors (rmcp answers them with a plain-text 415): invalid JSON is a
+/// -32700 parse error, JSON that is not one JSON-RPC message (a batch, a bare object) is -32600.
+/// The body is read once here, bounded, and handed on as bytes.
+async fn jsonrpc_errors(State(limit): State<BodyLimit>, req: Request, next: Next) -> Response {
+    if req.method() != Method::POST {
+        let method = req.method().clone();
+        let mut resp = next.run(req).await;
+        // rmcp answers a session DELETE with 202; clients (the Python SDK) expect 200 or 204.
+        if method == Method::DELETE && resp.status() == StatusCode::ACCEPTED {
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+        }
+        return resp;
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, limit.0).await {
+        Ok(b) => b,
+        Err(_) => {
+            return plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body exceeds {} bytes", limit.0),
+            );
+        }
+    };
+    if serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() {
+        return rpc_error(-32700, "Parse error: the body is not valid JSON");
+    }
+    let is_json = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    let batch = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    let resp = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    if resp.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE && is_json {
+        let msg = if batch {
+            "Invalid Request: JSON-RPC batches are not supported (removed in MCP 2025-06-18)"
+        } else {
+            "Invalid Request: the body is not a JSON-RPC request, notification or response"
+        };
+        return rpc_error(-32600, msg);
+    }
+    resp
+}
+
+fn rpc_error(code: i64, message: &str) -> Response {
+    let body = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": null,
+        "error": { "code": code, "message": message },
+    });
+    let mut resp = Response::new(Body::from(body.to_string()));
+    *resp.status_mut() = StatusCode::BAD_REQUEST;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn plain(status: StatusCode, message: String) -> Response {
+    let mut resp = Response::new(Body::from(message));
+    *resp.status_mut() = status;
+    resp
 }
