@@ -574,7 +574,10 @@ impl Broker {
             .await
             .map_err(|e| {
                 up.report_failure();
-                Failure::Unavailable(format!("server `{server}`: {e}"))
+                tracing::warn!(server = %server, error = %e, "could not send the request upstream");
+                Failure::Unavailable(format!(
+                    "server `{server}` could not be reached; the broker is reconnecting to it"
+                ))
             })?;
         // Registered before the first await on the response; removed when this call ends, however.
         let _routes = RouteGuard::new(self, server, &handle.id, &handle.progress_token, down);
@@ -595,8 +598,9 @@ impl Broker {
             ))),
             Err(e) => {
                 up.report_failure();
+                tracing::warn!(server = %server, error = %e, "upstream connection failed during a request");
                 Err(Failure::Unavailable(format!(
-                    "server `{server}` failed during the request: {e}"
+                    "the connection to server `{server}` failed during the request; the broker is reconnecting to it"
                 )))
             }
         }
