@@ -65,6 +65,9 @@ enum Failure {
     Unavailable(String),
 }
 
+/// (server, the upstream's own resource URI).
+type SubscriptionKey = (Arc<str>, String);
+
 pub struct Broker {
     config: Arc<Config>,
     /// In config order.
@@ -78,7 +81,7 @@ pub struct Broker {
     /// (server, upstream request id) → the downstream request it serves, for server-to-client routing.
     inflight: DashMap<(Arc<str>, RequestId), Downstream>,
     /// (server, upstream URI) → sessions subscribed to its updates.
-    subscriptions: Mutex<HashMap<(Arc<str>, String), HashSet<u64>>>,
+    subscriptions: Mutex<HashMap<SubscriptionKey, HashSet<u64>>>,
     /// Fan-out of list changes to 2026-07-28 `subscriptions/listen` streams.
     changes: broadcast::Sender<ListKind>,
     events_tx: mpsc::UnboundedSender<UpstreamEvent>,
@@ -239,10 +242,10 @@ impl Broker {
     fn rebuild(&self) -> Vec<Collision> {
         let mut listings: HashMap<Arc<str>, Listing> = HashMap::new();
         for up in &self.upstreams {
-            if let Some(conn) = up.connection() {
-                if let Ok(l) = conn.listing.lock() {
-                    listings.insert(up.name.clone(), l.clone());
-                }
+            if let Some(conn) = up.connection()
+                && let Ok(l) = conn.listing.lock()
+            {
+                listings.insert(up.name.clone(), l.clone());
             }
         }
         let old = self.catalog();
@@ -511,14 +514,12 @@ impl Broker {
             },
             Err(_) => false,
         };
-        if last {
-            if let Some(conn) = self.upstream(&route.server).and_then(|u| u.connection()) {
-                #[allow(deprecated)]
-                let req = ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(
-                    UnsubscribeRequestParams::new(route.original.clone()),
-                ));
-                let _ = conn.peer.send_request(req).await;
-            }
+        if last && let Some(conn) = self.upstream(&route.server).and_then(|u| u.connection()) {
+            #[allow(deprecated)]
+            let req = ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(
+                UnsubscribeRequestParams::new(route.original.clone()),
+            ));
+            let _ = conn.peer.send_request(req).await;
         }
         Ok(())
     }
@@ -618,10 +619,10 @@ impl Broker {
                     // Re-list off the router so a slow upstream does not hold up progress for others.
                     let me = self.clone();
                     tokio::spawn(async move {
-                        if let Some(up) = me.upstream(&server) {
-                            if up.refresh(kind).await {
-                                me.rebuild();
-                            }
+                        if let Some(up) = me.upstream(&server)
+                            && up.refresh(kind).await
+                        {
+                            me.rebuild();
                         }
                     });
                 }

@@ -254,13 +254,13 @@ impl Catalog {
                 original: e.original.clone(),
             });
         }
-        if let Some((scheme, rest)) = exposed.split_once('+') {
-            if let Some(server) = self.uri_routes.get(scheme) {
-                return Some(UriRoute {
-                    server: server.clone(),
-                    original: rest.to_string(),
-                });
-            }
+        if let Some((scheme, rest)) = exposed.split_once('+')
+            && let Some(server) = self.uri_routes.get(scheme)
+        {
+            return Some(UriRoute {
+                server: server.clone(),
+                original: rest.to_string(),
+            });
         }
         // An unlisted URI on an unprefixed server: a template match decides, else the only such server.
         for t in &self.templates.entries {

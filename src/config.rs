@@ -594,12 +594,12 @@ fn find_line(text: &str, table: &[&str], key: &str) -> usize {
             }
             continue;
         }
-        if in_table && !key.is_empty() {
-            if let Some(rest) = l.strip_prefix(key) {
-                if rest.trim_start().starts_with('=') {
-                    return i + 1;
-                }
-            }
+        if in_table
+            && !key.is_empty()
+            && let Some(rest) = l.strip_prefix(key)
+            && rest.trim_start().starts_with('=')
+        {
+            return i + 1;
         }
     }
     // Dotted or inline forms: `ledger = { ... }` under `[servers]`.
