@@ -103,6 +103,8 @@ pub enum UpstreamEvent {
         server: Arc<str>,
         request: ServerRequest,
         origin: Option<RequestId>,
+        /// Cancelled when the upstream cancels its request (`notifications/cancelled`).
+        cancel: CancellationToken,
         reply: oneshot::Sender<Result<ClientResult, ErrorData>>,
     },
 }
@@ -446,6 +448,7 @@ impl UpstreamHandler {
             server: self.server.clone(),
             request,
             origin,
+            cancel: ctx.ct.clone(),
             reply,
         });
         tokio::select! {
