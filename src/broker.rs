@@ -189,7 +189,23 @@ impl Broker {
     }
 
     fn live_sessions(&self) -> Vec<(u64, Peer<RoleServer>)> {
-        self.sessions.retain(|_, s| !s.peer.is_transport_closed());
+        let mut closed = Vec::new();
+        self.sessions.retain(|id, s| {
+            let open = !s.peer.is_transport_closed();
+            if !open {
+                closed.push(*id);
+            }
+            open
+        });
+        if !closed.is_empty()
+            && let Ok(mut subs) = self.subscriptions.lock()
+        {
+            // Upstream subscriptions stay (cheap); only the closed sessions stop receiving updates.
+            subs.retain(|_, ids| {
+                ids.retain(|id| !closed.contains(id));
+                !ids.is_empty()
+            });
+        }
         self.sessions
             .iter()
             .map(|e| (*e.key(), e.value().peer.clone()))
@@ -652,11 +668,12 @@ impl Broker {
                     server,
                     request,
                     origin,
+                    cancel,
                     reply,
                 } => {
                     let me = self.clone();
                     tokio::spawn(async move {
-                        let r = me.route_request(&server, request, origin).await;
+                        let r = me.route_request(&server, request, origin, cancel).await;
                         let _ = reply.send(r);
                     });
                 }
@@ -702,6 +719,7 @@ impl Broker {
         server: &Arc<str>,
         mut request: ServerRequest,
         origin: Option<RequestId>,
+        cancel: CancellationToken,
     ) -> Result<ClientResult, ErrorData> {
         let target = origin
             .and_then(|id| self.inflight.get(&(server.clone(), id)).map(|d| d.clone()))
@@ -757,7 +775,21 @@ impl Broker {
         request
             .extensions_mut()
             .insert(OriginatingRequestId(down.request_id.clone()));
-        down.peer.send_request(request).await.map_err(service_error)
+        let handle = down
+            .peer
+            .send_request_with_option(request, PeerRequestOptions::no_options())
+            .await
+            .map_err(service_error)?;
+        let (id, peer) = (handle.id.clone(), handle.peer.clone());
+        tokio::select! {
+            r = handle.await_response() => r.map_err(service_error),
+            // The upstream gave up on its request: tell the client, with the client-side id.
+            _ = cancel.cancelled() => {
+                let p = CancelledNotificationParam::new(Some(id), Some(format!("cancelled by server `{server}`")));
+                let _ = peer.notify_cancelled(p).await;
+                Err(ErrorData::internal_error("cancelled by the upstream", None))
+            }
+        }
     }
 }
 
