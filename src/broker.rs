@@ -21,11 +21,12 @@ use rmcp::{
         CancelledNotificationParam, ClientCapabilities, ClientRequest, ClientResult,
         CompleteRequest, CompleteRequestParams, CompleteResult, ContentBlock, GetExtensions,
         GetPromptRequest, GetPromptRequestParams, GetPromptResponse, ListRootsResult, LoggingLevel,
-        LoggingMessageNotificationParam, ProgressToken, Prompt, ReadResourceRequest,
-        ReadResourceRequestParams, ReadResourceResponse, Reference, RequestId, RequestMetaObject,
-        Resource, ResourceContents, ResourceTemplate, ResourceUpdatedNotificationParam,
-        ServerRequest, ServerResult, SetLevelRequest, SetLevelRequestParams, SubscribeRequest,
-        SubscribeRequestParams, Tool, UnsubscribeRequest, UnsubscribeRequestParams,
+        LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken, Prompt,
+        ReadResourceRequest, ReadResourceRequestParams, ReadResourceResponse, Reference, RequestId,
+        RequestMetaObject, Resource, ResourceContents, ResourceTemplate,
+        ResourceUpdatedNotificationParam, ServerRequest, ServerResult, SetLevelRequest,
+        SetLevelRequestParams, SubscribeRequest, SubscribeRequestParams, Tool, UnsubscribeRequest,
+        UnsubscribeRequestParams,
     },
     service::{OriginatingRequestId, Peer, PeerRequestOptions, ServiceError},
 };
@@ -37,7 +38,9 @@ use crate::auth::Caller;
 use crate::catalog::{Catalog, Collision, Listing, Namespace};
 use crate::config::Config;
 use crate::policy::{self, Kind};
-use crate::upstream::{ListKind, Upstream, UpstreamError, UpstreamEvent};
+use crate::upstream::{
+    Connection, ListKind, ProgressRouter, Upstream, UpstreamError, UpstreamEvent,
+};
 
 /// The downstream side of one request: where its progress and server-to-client requests go.
 #[derive(Clone)]
@@ -76,8 +79,6 @@ pub struct Broker {
     catalog: RwLock<Arc<Catalog>>,
     sessions: DashMap<u64, Session>,
     next_session: AtomicU64,
-    /// (server, upstream progress token) → where the caller wants progress for that call.
-    progress: DashMap<(Arc<str>, ProgressToken), (Peer<RoleServer>, ProgressToken)>,
     /// (server, upstream request id) → the downstream request it serves, for server-to-client routing.
     inflight: DashMap<(Arc<str>, RequestId), Downstream>,
     /// (server, upstream URI) → sessions subscribed to its updates.
@@ -105,7 +106,6 @@ impl Broker {
             catalog: RwLock::new(Arc::new(Catalog::default())),
             sessions: DashMap::new(),
             next_session: AtomicU64::new(1),
-            progress: DashMap::new(),
             inflight: DashMap::new(),
             subscriptions: Mutex::new(HashMap::new()),
             changes: broadcast::channel(64).0,
@@ -254,6 +254,22 @@ impl Broker {
             .collect()
     }
 
+    /// Where a name the catalog does not list goes: to the one connected server that exposes names
+    /// unchanged (`prefix = ""`) and whose `tools` filter admits it, so that server answers for itself
+    /// exactly as it would directly (it may have tools it does not list, or answer its own error).
+    /// Prefixed names are never split to guess a server.
+    fn unlisted(&self, name: &str, is_tool: bool) -> Option<Arc<str>> {
+        let mut candidates = self.namespaces.iter().filter(|ns| {
+            ns.prefix.is_empty()
+                && (!is_tool || ns.tools.admits(name))
+                && self.upstream(&ns.server).is_some_and(|u| u.is_up())
+        });
+        match (candidates.next(), candidates.next()) {
+            (Some(only), None) => Some(only.server.clone()),
+            _ => None,
+        }
+    }
+
     /// Rebuild the catalog from the live connections; notify sessions of the kinds that changed.
     fn rebuild(&self) -> Vec<Collision> {
         let mut listings: HashMap<Arc<str>, Listing> = HashMap::new();
@@ -320,20 +336,25 @@ impl Broker {
         ct: CancellationToken,
     ) -> Result<CallToolResponse, ErrorData> {
         let cat = self.catalog();
-        let Some(entry) = cat.tools.get(&params.name) else {
-            return Err(ErrorData::invalid_params(
-                format!("unknown tool `{}`", params.name),
-                None,
-            ));
+        let (server, original) = match cat.tools.get(&params.name) {
+            Some(e) => (e.server.clone(), e.original.clone()),
+            None => match self.unlisted(&params.name, true) {
+                Some(server) => (server, params.name.to_string()),
+                None => {
+                    return Err(ErrorData::invalid_params(
+                        format!("unknown tool `{}`", params.name),
+                        None,
+                    ));
+                }
+            },
         };
-        let decision = policy::decide(caller, &entry.server, Kind::Tool, &entry.original);
+        drop(cat);
+        let decision = policy::decide(caller, &server, Kind::Tool, &original);
         if !decision.allow {
             return Ok(tool_error(decision.reason).into());
         }
-        params.name = entry.original.clone().into();
+        params.name = original.into();
         params.meta = forwardable_meta(params.meta.take());
-        let server = entry.server.clone();
-        drop(cat);
         let req = ClientRequest::CallToolRequest(CallToolRequest::new(params));
         match self.forward(&server, req, &down, &ct).await {
             Ok(ServerResult::CallToolResult(r)) => Ok(CallToolResponse::Complete(r)),
@@ -353,20 +374,25 @@ impl Broker {
         ct: CancellationToken,
     ) -> Result<GetPromptResponse, ErrorData> {
         let cat = self.catalog();
-        let Some(entry) = cat.prompts.get(&params.name) else {
-            return Err(ErrorData::invalid_params(
-                format!("unknown prompt `{}`", params.name),
-                None,
-            ));
+        let (server, original) = match cat.prompts.get(&params.name) {
+            Some(e) => (e.server.clone(), e.original.clone()),
+            None => match self.unlisted(&params.name, false) {
+                Some(server) => (server, params.name.clone()),
+                None => {
+                    return Err(ErrorData::invalid_params(
+                        format!("unknown prompt `{}`", params.name),
+                        None,
+                    ));
+                }
+            },
         };
-        let decision = policy::decide(caller, &entry.server, Kind::Prompt, &entry.original);
+        drop(cat);
+        let decision = policy::decide(caller, &server, Kind::Prompt, &original);
         if !decision.allow {
             return Err(ErrorData::invalid_request(decision.reason, None));
         }
-        params.name = entry.original.clone();
+        params.name = original;
         params.meta = forwardable_meta(params.meta.take());
-        let server = entry.server.clone();
-        drop(cat);
         let req = ClientRequest::GetPromptRequest(GetPromptRequest::new(params));
         match self.forward(&server, req, &down, &ct).await {
             Ok(ServerResult::GetPromptResult(r)) => Ok(GetPromptResponse::Complete(r)),
@@ -596,15 +622,34 @@ impl Broker {
                     "server `{server}` could not be reached; the broker is reconnecting to it"
                 ))
             })?;
-        // Registered before the first await on the response; removed when this call ends, however.
-        let _routes = RouteGuard::new(self, server, &handle.id, &handle.progress_token, down);
+        // Routes registered before the first await on the response; removed when this call ends, however.
+        let mut progress = conn.progress.route(&handle.progress_token);
+        let _routes = RouteGuard::new(
+            self,
+            server,
+            &handle.id,
+            &handle.progress_token,
+            &conn,
+            down,
+        );
         let (id, upeer) = (handle.id.clone(), handle.peer.clone());
-        let result = tokio::select! {
-            r = handle.await_response() => r,
-            _ = ct.cancelled() => {
-                let p = CancelledNotificationParam::new(Some(id), Some("cancelled by the client".into()));
-                let _ = upeer.notify_cancelled(p).await;
-                return Err(Failure::Rpc(ErrorData::internal_error("request cancelled", None)));
+        let mut response = std::pin::pin!(handle.await_response());
+        let result = loop {
+            tokio::select! {
+                biased;
+                Some(p) = progress.recv() => self.relay_progress(down, p).await,
+                r = &mut response => {
+                    // Progress that preceded the response on the wire is already queued: send it first.
+                    while let Ok(p) = progress.try_recv() {
+                        self.relay_progress(down, p).await;
+                    }
+                    break r;
+                }
+                _ = ct.cancelled() => {
+                    let p = CancelledNotificationParam::new(Some(id), Some("cancelled by the client".into()));
+                    let _ = upeer.notify_cancelled(p).await;
+                    return Err(Failure::Rpc(ErrorData::internal_error("request cancelled", None)));
+                }
             }
         };
         match result {
@@ -620,6 +665,14 @@ impl Broker {
                     "the connection to server `{server}` failed during the request; the broker is reconnecting to it"
                 )))
             }
+        }
+    }
+
+    /// Progress from upstream, re-addressed to the caller's own token; dropped if it asked for none.
+    async fn relay_progress(&self, down: &Downstream, mut p: ProgressNotificationParam) {
+        if let Some(token) = &down.progress_token {
+            p.progress_token = token.clone();
+            let _ = down.peer.notify_progress(p).await;
         }
     }
 
@@ -641,18 +694,6 @@ impl Broker {
                             me.rebuild();
                         }
                     });
-                }
-                UpstreamEvent::Progress { server, params } => {
-                    let route = self
-                        .progress
-                        .get(&(server, params.progress_token.clone()))
-                        .map(|r| r.clone());
-                    // No route: the call already ended; late progress is dropped, as the spec requires.
-                    if let Some((peer, token)) = route {
-                        let mut p = params;
-                        p.progress_token = token;
-                        let _ = peer.notify_progress(p).await;
-                    }
                 }
                 UpstreamEvent::Log { server, mut params } => {
                     params.logger = Some(match params.logger.take() {
@@ -796,7 +837,8 @@ impl Broker {
 /// Removes a call's progress and in-flight routes when the call ends, is cancelled or is dropped.
 struct RouteGuard<'a> {
     broker: &'a Broker,
-    progress: (Arc<str>, ProgressToken),
+    router: Arc<ProgressRouter>,
+    progress: ProgressToken,
     inflight: (Arc<str>, RequestId),
 }
 
@@ -806,19 +848,15 @@ impl<'a> RouteGuard<'a> {
         server: &Arc<str>,
         id: &RequestId,
         token: &ProgressToken,
+        conn: &Connection,
         down: &Downstream,
     ) -> Self {
-        let progress = (server.clone(), token.clone());
-        if let Some(t) = &down.progress_token {
-            broker
-                .progress
-                .insert(progress.clone(), (down.peer.clone(), t.clone()));
-        }
         let inflight = (server.clone(), id.clone());
         broker.inflight.insert(inflight.clone(), down.clone());
         Self {
             broker,
-            progress,
+            router: conn.progress.clone(),
+            progress: token.clone(),
             inflight,
         }
     }
@@ -826,7 +864,7 @@ impl<'a> RouteGuard<'a> {
 
 impl Drop for RouteGuard<'_> {
     fn drop(&mut self) {
-        self.broker.progress.remove(&self.progress);
+        self.router.unroute(&self.progress);
         self.broker.inflight.remove(&self.inflight);
     }
 }

