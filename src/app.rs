@@ -7,6 +7,7 @@ use std::time::Duration;
 use rmcp::ServiceExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::cli::Command;
 use crate::config::Config;
@@ -20,7 +21,11 @@ pub async fn run(command: Command) -> ExitCode {
             insecure_no_auth,
         } => serve(&config, insecure_no_auth).await,
         Command::Stdio { config } => stdio(&config).await,
-        Command::Tools { config, json } => tools(&config, json).await,
+        Command::Tools {
+            config,
+            json,
+            token,
+        } => tools(&config, json, token.as_deref()).await,
     };
     match result {
         Ok(code) => code,
@@ -71,7 +76,7 @@ async fn shutdown_signal() {
 async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result<ExitCode> {
     let mut config = load(path)?;
     let listen = config.broker.listen;
-    if !listen.ip().is_loopback() {
+    if !listen.ip().is_loopback() && config.auth.is_none() {
         if !insecure_no_auth {
             anyhow::bail!(
                 "{}: `broker.listen` = {listen} is not a loopback address and inbound authentication is not configured; \
@@ -88,13 +93,23 @@ async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result
     if config.broker.public_url.port() == Some(0) {
         // `listen` on port 0 (tests): the default public URL names the port actually bound.
         let mut c = (*config).clone();
+        let old = c.broker.public_url.to_string();
         c.broker.public_url = url::Url::parse(&format!("http://{addr}/mcp"))?;
+        if let Some(a) = c.auth.as_mut()
+            && a.audience == old
+        {
+            a.audience = c.broker.public_url.to_string();
+        }
         config = Arc::new(c);
     }
     let broker = Broker::new(config.clone())?;
     broker.start();
     let sessions = CancellationToken::new();
-    let app = http::router(broker.clone(), sessions.clone());
+    let auth = match &config.auth {
+        Some(a) => Some(Arc::new(Authenticator::new(a.clone())?)),
+        None => None,
+    };
+    let app = http::router(broker.clone(), auth, sessions.clone());
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
@@ -141,8 +156,26 @@ async fn stdio(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn tools(path: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+async fn tools(
+    path: &std::path::Path,
+    json: bool,
+    token: Option<&str>,
+) -> anyhow::Result<ExitCode> {
     let config = load(path)?;
+    // Whose view: the token's caller, or (no token) the operator's view of everything.
+    let caller = match (token, &config.auth) {
+        (Some(t), Some(a)) => Some(
+            Authenticator::new(a.clone())?
+                .authenticate(t)
+                .await
+                .map_err(|e| anyhow::anyhow!("the token was not accepted: {e}"))?,
+        ),
+        (Some(_), None) => anyhow::bail!(
+            "{}: --token needs an [auth] section to validate it against",
+            path.display()
+        ),
+        (None, _) => None,
+    };
     let wait = config
         .servers
         .iter()
@@ -154,6 +187,23 @@ async fn tools(path: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
     broker.wait_connected(wait).await;
     let collisions = broker.collisions();
     let catalog = broker.catalog();
+    let visible: Option<std::collections::HashSet<String>> = caller.as_ref().map(|c| {
+        broker
+            .list_tools(c)
+            .into_iter()
+            .map(|t| t.name.to_string())
+            .collect()
+    });
+    let entries: Vec<_> = catalog
+        .tools
+        .entries
+        .iter()
+        .filter(|e| {
+            visible
+                .as_ref()
+                .is_none_or(|v| v.contains(e.item.name.as_ref()))
+        })
+        .collect();
     let down: Vec<_> = broker
         .upstreams()
         .iter()
@@ -161,9 +211,7 @@ async fn tools(path: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
         .map(|u| u.name.clone())
         .collect();
     if json {
-        let rows: Vec<_> = catalog
-            .tools
-            .entries
+        let rows: Vec<_> = entries
             .iter()
             .map(|e| {
                 serde_json::json!({
@@ -177,9 +225,7 @@ async fn tools(path: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
             .collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        let width = catalog
-            .tools
-            .entries
+        let width = entries
             .iter()
             .map(|e| e.item.name.len())
             .max()
@@ -193,7 +239,7 @@ async fn tools(path: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
             .unwrap_or(6)
             .max(6);
         println!("{:width$}  {:swidth$}  DESCRIPTION", "NAME", "SERVER");
-        for e in &catalog.tools.entries {
+        for e in &entries {
             let text = e
                 .item
                 .title

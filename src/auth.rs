@@ -1,33 +1,661 @@
-//! Who is calling. Today the broker runs without inbound auth, so every caller is either a local stdio
-//! client or an anonymous HTTP client; the OAuth resource server (a later issue) will attach a
-//! validated [`Caller`] to each HTTP request's extensions, where the front already reads it.
+//! Who is calling: the OAuth 2.1 resource-server side of the broker.
+//!
+//! [`Authenticator::authenticate`] turns a bearer token into a [`Caller`]: JWTs are validated with the
+//! `jsonwebtoken` crate against the issuer's JWKS (asymmetric algorithms only, `iss`, `aud` = our
+//! resource, `exp`/`nbf` with a small leeway, required scopes); opaque tokens go to RFC 7662
+//! introspection when configured. Keys are cached; an unknown `kid` refreshes them at most once per
+//! [`KEY_REFRESH_INTERVAL`], and cached keys keep working while the issuer is down. Nothing here knows
+//! HTTP status codes: the front maps [`AuthError`] to RFC 6750 challenges.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::config::AuthConfig;
+
+/// An unknown `kid` triggers at most one JWKS fetch per this interval.
+pub const KEY_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+/// Clock skew tolerated on `exp` and `nbf`.
+const LEEWAY_SECS: u64 = 30;
+/// How long an introspection answer is reused (never past the token's `exp`).
+const INTROSPECTION_TTL: Duration = Duration::from_secs(30);
+const INTROSPECTION_CACHE_MAX: usize = 10_000;
+
+/// Algorithms accepted for access tokens: asymmetric only, so a public key can never be used as an
+/// HMAC secret (algorithm confusion), and never `none`.
+const ALLOWED_ALGS: &[Algorithm] = &[
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
 
 /// The identity behind a request, as the broker's policy and audit see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Caller {
-    /// The subject: a token's `sub`, or a fixed label when there is no token.
+    /// The subject: the token's `sub`, or a fixed label when there is no token.
     pub sub: String,
-    /// The OAuth client the subject used, when known.
+    /// The OAuth client the subject used (`client_id`, else `azp`), when known.
     pub client_id: Option<String>,
     pub scopes: Vec<String>,
+    /// Values of the configured group/role claims.
+    pub groups: Vec<String>,
+    /// The delegation chain from nested `act` claims, nearest actor first.
+    pub act: Vec<String>,
+    /// Every claim, for policy `claims` conditions.
+    pub claims: Arc<Map<String, Value>>,
+    /// Whether this caller proved an identity (false without `[auth]`).
+    pub authenticated: bool,
 }
 
 impl Caller {
     /// The client that launched `mcp-broker stdio`: the local user.
     pub fn local() -> Self {
-        Self {
-            sub: "local".into(),
-            client_id: None,
-            scopes: Vec::new(),
-        }
+        Self::unauthenticated("local")
     }
 
     /// An HTTP client on a broker configured without inbound auth.
     pub fn anonymous() -> Self {
+        Self::unauthenticated("anonymous")
+    }
+
+    fn unauthenticated(sub: &str) -> Self {
         Self {
-            sub: "anonymous".into(),
+            sub: sub.into(),
             client_id: None,
             scopes: Vec::new(),
+            groups: Vec::new(),
+            act: Vec::new(),
+            claims: Arc::new(Map::new()),
+            authenticated: false,
         }
+    }
+
+    pub fn has_scope(&self, s: &str) -> bool {
+        self.scopes.iter().any(|x| x == s)
+    }
+
+    /// The claim equals `value`, or is an array that contains it.
+    pub fn claim_matches(&self, claim: &str, value: &str) -> bool {
+        match self.claims.get(claim) {
+            Some(Value::String(s)) => s == value,
+            Some(Value::Array(a)) => a.iter().any(|v| v.as_str() == Some(value)),
+            Some(Value::Bool(b)) => b.to_string() == value,
+            Some(Value::Number(n)) => n.to_string() == value,
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// RFC 6750 `invalid_token`; the text is safe to show (it never contains the token).
+    #[error("{0}")]
+    InvalidToken(String),
+    /// RFC 6750 `insufficient_scope`: the scopes the request needs.
+    #[error("the token lacks the required scope(s) {}", .0.join(" "))]
+    InsufficientScope(Vec<String>),
+    /// Keys could not be obtained and none are cached.
+    #[error("cannot verify tokens right now: {0}")]
+    Unavailable(String),
+}
+
+fn invalid(msg: impl Into<String>) -> AuthError {
+    AuthError::InvalidToken(msg.into())
+}
+
+#[derive(Default)]
+struct KeyCache {
+    jwks_uri: Option<url::Url>,
+    keys: Option<Arc<JwkSet>>,
+    fetched_at: Option<Instant>,
+}
+
+pub struct Authenticator {
+    config: AuthConfig,
+    http: reqwest::Client,
+    keys: tokio::sync::RwLock<KeyCache>,
+    /// One JWKS fetch at a time; waiters re-check the cache after it.
+    refresh: tokio::sync::Mutex<()>,
+    introspected: DashMap<[u8; 32], (Caller, Instant)>,
+}
+
+impl Authenticator {
+    pub fn new(config: AuthConfig) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Self {
+            keys: tokio::sync::RwLock::new(KeyCache {
+                jwks_uri: config.jwks_uri.clone(),
+                ..Default::default()
+            }),
+            config,
+            http,
+            refresh: tokio::sync::Mutex::new(()),
+            introspected: DashMap::new(),
+        })
+    }
+
+    pub fn config(&self) -> &AuthConfig {
+        &self.config
+    }
+
+    /// Validate a bearer token and check the broker-wide required scopes.
+    pub async fn authenticate(&self, token: &str) -> Result<Caller, AuthError> {
+        let caller = if token.split('.').count() == 3 {
+            self.validate_jwt(token).await?
+        } else if self.config.introspection.is_some() {
+            self.introspect(token).await?
+        } else {
+            return Err(invalid(
+                "the token is not a JWT and introspection is not configured",
+            ));
+        };
+        let missing: Vec<String> = self
+            .config
+            .required_scopes
+            .iter()
+            .filter(|s| !caller.has_scope(s))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            return Err(AuthError::InsufficientScope(
+                self.config.required_scopes.clone(),
+            ));
+        }
+        Ok(caller)
+    }
+
+    async fn validate_jwt(&self, token: &str) -> Result<Caller, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| {
+            invalid("the token header is malformed or names an unsupported algorithm")
+        })?;
+        if !ALLOWED_ALGS.contains(&header.alg) {
+            return Err(invalid(format!(
+                "tokens signed with {:?} are not accepted",
+                header.alg
+            )));
+        }
+        let key = self.key_for(header.kid.as_deref(), header.alg).await?;
+        let mut v = Validation::new(header.alg);
+        v.leeway = LEEWAY_SECS;
+        v.validate_nbf = true;
+        v.validate_exp = true;
+        // Audience is compared below in canonical form (RFC 8707 / MCP canonical server URI).
+        v.validate_aud = false;
+        v.set_issuer(&[&self.config.issuer]);
+        v.set_required_spec_claims(&["exp", "iss"]);
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            invalid(match e.kind() {
+                K::ExpiredSignature => "the token has expired",
+                K::ImmatureSignature => "the token is not valid yet (nbf)",
+                K::InvalidIssuer => "the token was issued by another issuer",
+                K::InvalidSignature => "the token signature is invalid",
+                K::InvalidAlgorithm | K::InvalidAlgorithmName => {
+                    "the token algorithm does not match its key"
+                }
+                K::MissingRequiredClaim(_) => "the token lacks a required claim (exp, iss)",
+                _ => "the token is invalid",
+            })
+        })?;
+        let claims = data.claims;
+        if !audience_matches(claims.get("aud"), &self.config.audience) {
+            return Err(invalid("the token was not issued for this resource (aud)"));
+        }
+        self.caller_from(claims)
+    }
+
+    fn caller_from(&self, claims: Map<String, Value>) -> Result<Caller, AuthError> {
+        let sub = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| invalid("the token has no subject (sub)"))?
+            .to_string();
+        let client_id = claims
+            .get("client_id")
+            .or_else(|| claims.get("azp"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let scopes = match claims.get("scope").or_else(|| claims.get("scp")) {
+            Some(Value::String(s)) => s.split_whitespace().map(str::to_string).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut groups = Vec::new();
+        for c in &self.config.group_claims {
+            match claims.get(c) {
+                Some(Value::String(s)) => groups.push(s.clone()),
+                Some(Value::Array(a)) => {
+                    groups.extend(a.iter().filter_map(Value::as_str).map(str::to_string))
+                }
+                _ => {}
+            }
+        }
+        let mut act = Vec::new();
+        let mut cursor = claims.get("act");
+        while let Some(Value::Object(a)) = cursor {
+            if let Some(s) = a.get("sub").and_then(Value::as_str) {
+                act.push(s.to_string());
+            }
+            cursor = a.get("act");
+            if act.len() > 16 {
+                break;
+            }
+        }
+        Ok(Caller {
+            sub,
+            client_id,
+            scopes,
+            groups,
+            act,
+            claims: Arc::new(claims),
+            authenticated: true,
+        })
+    }
+
+    /// The verification key for `kid` (or the only suitable key when the token names none).
+    async fn key_for(&self, kid: Option<&str>, alg: Algorithm) -> Result<DecodingKey, AuthError> {
+        if let Some(k) = self.cached_key(kid, alg).await {
+            return k;
+        }
+        let _one = self.refresh.lock().await;
+        // Another request may have refreshed while this one waited.
+        if let Some(k) = self.cached_key(kid, alg).await {
+            return k;
+        }
+        let recent = self
+            .keys
+            .read()
+            .await
+            .fetched_at
+            .is_some_and(|t| t.elapsed() < KEY_REFRESH_INTERVAL);
+        let have_keys = self.keys.read().await.keys.is_some();
+        if recent && have_keys {
+            return Err(invalid("the token is signed with an unknown key (kid)"));
+        }
+        match self.fetch_keys().await {
+            Ok(set) => {
+                let mut c = self.keys.write().await;
+                c.keys = Some(Arc::new(set));
+                c.fetched_at = Some(Instant::now());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not fetch the issuer's JWKS; keeping cached keys");
+                let mut c = self.keys.write().await;
+                c.fetched_at = Some(Instant::now());
+                if c.keys.is_none() {
+                    return Err(AuthError::Unavailable(e));
+                }
+            }
+        }
+        self.cached_key(kid, alg)
+            .await
+            .unwrap_or_else(|| Err(invalid("the token is signed with an unknown key (kid)")))
+    }
+
+    async fn cached_key(
+        &self,
+        kid: Option<&str>,
+        alg: Algorithm,
+    ) -> Option<Result<DecodingKey, AuthError>> {
+        let keys = self.keys.read().await.keys.clone()?;
+        let jwk = match kid {
+            Some(k) => keys.find(k)?,
+            None => {
+                let mut usable = keys.keys.iter().filter(|k| {
+                    k.common
+                        .key_algorithm
+                        .is_none_or(|ka| ka.to_string() == format!("{alg:?}"))
+                });
+                match (usable.next(), usable.next()) {
+                    (Some(only), None) => only,
+                    _ => {
+                        return Some(Err(invalid(
+                            "the token names no key (kid) and the issuer has several",
+                        )));
+                    }
+                }
+            }
+        };
+        Some(
+            DecodingKey::from_jwk(jwk)
+                .map_err(|_| invalid("the issuer's key for this token is unusable")),
+        )
+    }
+
+    async fn fetch_keys(&self) -> Result<JwkSet, String> {
+        let uri = match self.keys.read().await.jwks_uri.clone() {
+            Some(u) => u,
+            None => {
+                let u = self.discover_jwks_uri().await?;
+                self.keys.write().await.jwks_uri = Some(u.clone());
+                u
+            }
+        };
+        let resp = self
+            .http
+            .get(uri.as_str())
+            .send()
+            .await
+            .map_err(|e| format!("GET {uri}: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("GET {uri}: HTTP {}", resp.status()));
+        }
+        resp.json::<JwkSet>()
+            .await
+            .map_err(|e| format!("GET {uri}: not a JWK set: {e}"))
+    }
+
+    /// RFC 8414 authorization-server metadata, then OpenID discovery; the `jwks_uri` learned there is
+    /// held to the SSRF rule: https, or the issuer's own origin.
+    async fn discover_jwks_uri(&self) -> Result<url::Url, String> {
+        let issuer = url::Url::parse(&self.config.issuer).map_err(|e| e.to_string())?;
+        let path = issuer.path().trim_end_matches('/');
+        let origin = issuer.origin().ascii_serialization();
+        let candidates = [
+            format!("{origin}/.well-known/oauth-authorization-server{path}"),
+            format!(
+                "{}/.well-known/openid-configuration",
+                self.config.issuer.trim_end_matches('/')
+            ),
+        ];
+        let mut last = String::new();
+        for c in candidates {
+            let doc = match self.http.get(&c).send().await {
+                Ok(r) if r.status().is_success() => r.json::<Value>().await.ok(),
+                Ok(r) => {
+                    last = format!("GET {c}: HTTP {}", r.status());
+                    continue;
+                }
+                Err(e) => {
+                    last = format!("GET {c}: {e}");
+                    continue;
+                }
+            };
+            let Some(doc) = doc else {
+                last = format!("GET {c}: not JSON");
+                continue;
+            };
+            if doc.get("issuer").and_then(Value::as_str) != Some(self.config.issuer.as_str()) {
+                return Err(format!(
+                    "{c}: its `issuer` does not match the configured issuer"
+                ));
+            }
+            let jwks = doc
+                .get("jwks_uri")
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("{c}: no jwks_uri"))?;
+            let u = url::Url::parse(jwks).map_err(|e| format!("{c}: jwks_uri: {e}"))?;
+            if !learned_url_allowed(&u, &issuer) {
+                return Err(format!(
+                    "{c}: refusing jwks_uri {u}: it must be https and not a private address, or on the issuer's origin"
+                ));
+            }
+            return Ok(u);
+        }
+        Err(last)
+    }
+
+    async fn introspect(&self, token: &str) -> Result<Caller, AuthError> {
+        let Some(cfg) = &self.config.introspection else {
+            return Err(invalid("introspection is not configured"));
+        };
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(hit) = self.introspected.get(&key) {
+            if hit.1 > Instant::now() {
+                return Ok(hit.0.clone());
+            }
+        }
+        let resp = self
+            .http
+            .post(cfg.endpoint.as_str())
+            .basic_auth(&cfg.client_id, Some(cfg.client_secret.expose()))
+            .form(&[("token", token), ("token_type_hint", "access_token")])
+            .send()
+            .await
+            .map_err(|e| AuthError::Unavailable(format!("introspection: {e}")))?;
+        if !resp.status().is_success() {
+            return Err(AuthError::Unavailable(format!(
+                "introspection: HTTP {}",
+                resp.status()
+            )));
+        }
+        let claims: Map<String, Value> = resp
+            .json()
+            .await
+            .map_err(|e| AuthError::Unavailable(format!("introspection: {e}")))?;
+        if claims.get("active").and_then(Value::as_bool) != Some(true) {
+            return Err(invalid("the token is not active"));
+        }
+        if let Some(iss) = claims.get("iss").and_then(Value::as_str) {
+            if iss != self.config.issuer {
+                return Err(invalid("the token was issued by another issuer"));
+            }
+        }
+        if claims.contains_key("aud") && !audience_matches(claims.get("aud"), &self.config.audience)
+        {
+            return Err(invalid("the token was not issued for this resource (aud)"));
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let exp = claims.get("exp").and_then(Value::as_u64);
+        let mut ttl = INTROSPECTION_TTL;
+        if let Some(exp) = exp {
+            ttl = ttl.min(Duration::from_secs(exp.saturating_sub(now)));
+        }
+        let caller = self.caller_from(claims)?;
+        if self.introspected.len() >= INTROSPECTION_CACHE_MAX {
+            self.introspected.clear();
+        }
+        self.introspected
+            .insert(key, (caller.clone(), Instant::now() + ttl));
+        Ok(caller)
+    }
+
+    /// The RFC 9728 Protected Resource Metadata document for `resource` (our public URL).
+    pub fn metadata_document(&self, resource: &str) -> Value {
+        let mut doc = serde_json::json!({
+            "resource": resource,
+            "authorization_servers": [self.config.issuer],
+            "bearer_methods_supported": ["header"],
+            "resource_name": "mcp-broker",
+        });
+        if !self.config.scopes_supported.is_empty() {
+            doc["scopes_supported"] = serde_json::json!(self.config.scopes_supported);
+        }
+        doc
+    }
+}
+
+/// `aud` (a string or an array) contains `expected`, compared as canonical URIs: scheme and host
+/// case-insensitive, no trailing slash, no fragment.
+fn audience_matches(aud: Option<&Value>, expected: &str) -> bool {
+    let want = canonical(expected);
+    let one = |v: &Value| {
+        v.as_str()
+            .is_some_and(|s| want.is_some() && canonical(s) == want)
+    };
+    match aud {
+        Some(Value::Array(a)) => a.iter().any(one),
+        Some(v) => one(v),
+        None => false,
+    }
+}
+
+fn canonical(uri: &str) -> Option<String> {
+    match url::Url::parse(uri) {
+        Ok(u) if u.fragment().is_none() => {
+            // `Url` lower-cases scheme and host already.
+            Some(u.as_str().trim_end_matches('/').to_string())
+        }
+        Ok(_) => None,
+        // Not a URL (some issuers use plain identifiers): exact comparison.
+        Err(_) => Some(uri.to_string()),
+    }
+}
+
+/// The SSRF rule for URLs learned at run time: the configured issuer's own origin, or https to a
+/// host that is not a loopback, private, link-local or otherwise special address.
+fn learned_url_allowed(u: &url::Url, issuer: &url::Url) -> bool {
+    if u.origin() == issuer.origin() {
+        return true;
+    }
+    if u.scheme() != "https" {
+        return false;
+    }
+    match u.host() {
+        Some(url::Host::Ipv4(ip)) => {
+            !(ip.is_loopback()
+                || ip.is_private()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                || ip.is_multicast())
+        }
+        Some(url::Host::Ipv6(ip)) => {
+            let seg = ip.segments()[0];
+            !(ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_multicast()
+                || (seg & 0xfe00) == 0xfc00
+                || (seg & 0xffc0) == 0xfe80)
+        }
+        Some(url::Host::Domain(d)) => d != "localhost" && !d.ends_with(".localhost"),
+        None => false,
+    }
+}
+
+/// Session ids bound to the subject that created them (a session id is never a credential).
+#[derive(Default)]
+pub struct SessionOwners {
+    owners: DashMap<String, (String, Instant)>,
+}
+
+impl SessionOwners {
+    const MAX: usize = 100_000;
+
+    /// `Ok` when `session` is unknown (rmcp then answers 404 itself) or belongs to `sub`.
+    pub fn check(&self, session: &str, sub: &str) -> Result<(), ()> {
+        match self.owners.get_mut(session) {
+            Some(mut o) if o.0 == sub => {
+                o.1 = Instant::now();
+                Ok(())
+            }
+            Some(_) => Err(()),
+            None => Ok(()),
+        }
+    }
+
+    pub fn bind(&self, session: &str, sub: &str, idle: Duration) {
+        if self.owners.len() >= Self::MAX {
+            self.owners.retain(|_, (_, seen)| seen.elapsed() < idle);
+        }
+        self.owners
+            .insert(session.to_string(), (sub.to_string(), Instant::now()));
+    }
+
+    pub fn forget(&self, session: &str) {
+        self.owners.remove(session);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audience_is_compared_canonically() {
+        let want = "https://mcp.example.com/mcp";
+        assert!(audience_matches(
+            Some(&Value::from("https://MCP.example.com/mcp/")),
+            want
+        ));
+        assert!(audience_matches(
+            Some(&serde_json::json!(["other", "https://mcp.example.com/mcp"])),
+            want
+        ));
+        assert!(!audience_matches(
+            Some(&Value::from("https://mcp.example.com/mcp#x")),
+            want
+        ));
+        assert!(!audience_matches(
+            Some(&Value::from("https://evil.example.com/mcp")),
+            want
+        ));
+        assert!(!audience_matches(None, want));
+    }
+
+    #[test]
+    fn learned_urls_are_ssrf_guarded() {
+        let issuer = url::Url::parse("https://idp.example.com/realm").unwrap();
+        let ok = |s: &str| learned_url_allowed(&url::Url::parse(s).unwrap(), &issuer);
+        assert!(ok("https://idp.example.com/jwks"));
+        assert!(ok("https://keys.example.net/jwks"));
+        assert!(!ok("http://keys.example.net/jwks"));
+        assert!(!ok("https://169.254.169.254/latest/meta-data/"));
+        assert!(!ok("https://10.0.0.1/jwks"));
+        assert!(!ok("https://[fe80::1]/jwks"));
+        assert!(!ok("https://localhost/jwks"));
+        let local = url::Url::parse("http://127.0.0.1:9400").unwrap();
+        assert!(learned_url_allowed(
+            &url::Url::parse("http://127.0.0.1:9400/jwks").unwrap(),
+            &local
+        ));
+    }
+
+    #[test]
+    fn claims_conditions_and_act_chain() {
+        let a = Authenticator::new(crate::config::AuthConfig {
+            issuer: "https://idp".into(),
+            jwks_uri: None,
+            audience: "https://mcp/mcp".into(),
+            required_scopes: vec![],
+            scopes_supported: vec![],
+            introspection: None,
+            group_claims: vec!["groups".into()],
+        })
+        .unwrap();
+        let claims = serde_json::json!({
+            "sub": "alice", "azp": "agent", "scope": "a b", "groups": ["finance", "ops"],
+            "act": {"sub": "broker", "act": {"sub": "gateway"}}
+        });
+        let Value::Object(m) = claims else { panic!() };
+        let c = a.caller_from(m).unwrap();
+        assert_eq!(c.client_id.as_deref(), Some("agent"));
+        assert_eq!(c.scopes, ["a", "b"]);
+        assert_eq!(c.groups, ["finance", "ops"]);
+        assert_eq!(c.act, ["broker", "gateway"]);
+        assert!(c.claim_matches("groups", "finance"));
+        assert!(!c.claim_matches("groups", "hr"));
+    }
+
+    #[test]
+    fn sessions_are_bound_to_their_subject() {
+        let o = SessionOwners::default();
+        o.bind("s1", "alice", Duration::from_secs(60));
+        assert!(o.check("s1", "alice").is_ok());
+        assert!(o.check("s1", "bob").is_err());
+        assert!(o.check("unknown", "bob").is_ok());
+        o.forget("s1");
+        assert!(o.check("s1", "bob").is_ok());
     }
 }

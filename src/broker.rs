@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Caller;
 use crate::catalog::{Catalog, Collision, Listing, Namespace};
 use crate::config::Config;
-use crate::policy::{self, Kind};
+use crate::policy::{Decision, Kind, Policy};
 use crate::upstream::{
     Connection, ListKind, ProgressRouter, Upstream, UpstreamError, UpstreamEvent,
 };
@@ -76,6 +76,7 @@ pub struct Broker {
     /// In config order.
     upstreams: Vec<Arc<Upstream>>,
     namespaces: Vec<Namespace>,
+    policy: Policy,
     catalog: RwLock<Arc<Catalog>>,
     sessions: DashMap<u64, Session>,
     next_session: AtomicU64,
@@ -101,6 +102,7 @@ impl Broker {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Self {
             namespaces: Namespace::from_config(&config),
+            policy: Policy::new(config.policy.clone(), config.auth.is_some()),
             config,
             upstreams,
             catalog: RwLock::new(Arc::new(Catalog::default())),
@@ -212,6 +214,24 @@ impl Broker {
             .collect()
     }
 
+    /// For the HTTP front's step-up answer: the policy decision on a `tools/call` of `exposed`, when a
+    /// `step_up` rule refuses it (then the call gets HTTP 403 instead of an `isError` result).
+    pub fn step_up_refusal(&self, caller: &Caller, exposed: &str) -> Option<Decision> {
+        if !self.policy.has_step_up() {
+            return None;
+        }
+        let cat = self.catalog();
+        let e = cat.tools.get(exposed)?;
+        let d = self
+            .policy
+            .decide(caller, &e.server, Kind::Tool, &e.original);
+        (d.step_up.is_some() && !d.allow).then_some(d)
+    }
+
+    pub fn has_step_up(&self) -> bool {
+        self.policy.has_step_up()
+    }
+
     // -- lists ------------------------------------------------------------------------------------
 
     pub fn list_tools(&self, caller: &Caller) -> Vec<Tool> {
@@ -219,7 +239,11 @@ impl Broker {
         cat.tools
             .entries
             .iter()
-            .filter(|e| policy::decide(caller, &e.server, Kind::Tool, &e.original).allow)
+            .filter(|e| {
+                self.policy
+                    .decide(caller, &e.server, Kind::Tool, &e.original)
+                    .allow
+            })
             .map(|e| e.item.clone())
             .collect()
     }
@@ -229,7 +253,11 @@ impl Broker {
         cat.prompts
             .entries
             .iter()
-            .filter(|e| policy::decide(caller, &e.server, Kind::Prompt, &e.original).allow)
+            .filter(|e| {
+                self.policy
+                    .decide(caller, &e.server, Kind::Prompt, &e.original)
+                    .allow
+            })
             .map(|e| e.item.clone())
             .collect()
     }
@@ -239,7 +267,11 @@ impl Broker {
         cat.resources
             .entries
             .iter()
-            .filter(|e| policy::decide(caller, &e.server, Kind::Resource, &e.original).allow)
+            .filter(|e| {
+                self.policy
+                    .decide(caller, &e.server, Kind::Resource, &e.original)
+                    .allow
+            })
             .map(|e| e.item.clone())
             .collect()
     }
@@ -249,7 +281,11 @@ impl Broker {
         cat.templates
             .entries
             .iter()
-            .filter(|e| policy::decide(caller, &e.server, Kind::Resource, &e.original).allow)
+            .filter(|e| {
+                self.policy
+                    .decide(caller, &e.server, Kind::Resource, &e.original)
+                    .allow
+            })
             .map(|e| e.item.clone())
             .collect()
     }
@@ -349,7 +385,7 @@ impl Broker {
             },
         };
         drop(cat);
-        let decision = policy::decide(caller, &server, Kind::Tool, &original);
+        let decision = self.policy.decide(caller, &server, Kind::Tool, &original);
         if !decision.allow {
             return Ok(tool_error(decision.reason).into());
         }
@@ -387,7 +423,7 @@ impl Broker {
             },
         };
         drop(cat);
-        let decision = policy::decide(caller, &server, Kind::Prompt, &original);
+        let decision = self.policy.decide(caller, &server, Kind::Prompt, &original);
         if !decision.allow {
             return Err(ErrorData::invalid_request(decision.reason, None));
         }
@@ -418,7 +454,9 @@ impl Broker {
             ));
         };
         drop(cat);
-        let decision = policy::decide(caller, &route.server, Kind::Resource, &route.original);
+        let decision = self
+            .policy
+            .decide(caller, &route.server, Kind::Resource, &route.original);
         if !decision.allow {
             return Err(ErrorData::invalid_request(decision.reason, None));
         }
@@ -489,7 +527,7 @@ impl Broker {
             }
         };
         drop(cat);
-        if !policy::decide(caller, &server, kind, &original).allow {
+        if !self.policy.decide(caller, &server, kind, &original).allow {
             return Ok(CompleteResult::default());
         }
         params.meta = forwardable_meta(params.meta.take());

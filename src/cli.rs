@@ -45,6 +45,9 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Show the catalog as the caller behind this bearer token sees it (needs [auth]).
+        #[arg(long)]
+        token: Option<String>,
     },
 }
 

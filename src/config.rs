@@ -70,6 +70,73 @@ pub struct Config {
     pub broker: BrokerConfig,
     /// In file order: that order breaks ties when two servers expose the same name.
     pub servers: Vec<ServerConfig>,
+    /// Inbound OAuth; `None` = no authentication (loopback only unless explicitly overridden).
+    pub auth: Option<AuthConfig>,
+    /// `[[policy]]` rules, in file order: the first that applies decides.
+    pub policy: Vec<PolicyRule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Compared exactly with the token's `iss`; also where metadata is discovered from.
+    pub issuer: String,
+    /// Given = trusted as is; otherwise learned from the issuer's metadata.
+    pub jwks_uri: Option<url::Url>,
+    /// What the token's `aud` must contain: defaults to `[broker].public_url`.
+    pub audience: String,
+    pub required_scopes: Vec<String>,
+    pub scopes_supported: Vec<String>,
+    pub introspection: Option<IntrospectionConfig>,
+    /// Claims read into the caller's groups (policy `claims` conditions can use any claim).
+    pub group_claims: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct IntrospectionConfig {
+    pub endpoint: url::Url,
+    pub client_id: String,
+    pub client_secret: Secret,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    Allow,
+    Deny,
+}
+
+/// One `[[policy]]` rule. `None` selectors mean "not restricted by this selector".
+#[derive(Debug, Clone)]
+pub struct PolicyRule {
+    /// 1-based position in the file, for messages and audit.
+    pub number: usize,
+    pub servers: Option<Globs>,
+    pub tools: Option<Globs>,
+    pub prompts: Option<Globs>,
+    pub resources: Option<Globs>,
+    pub require_scopes: Vec<String>,
+    pub claims: Vec<(String, String)>,
+    pub effect: Effect,
+    pub message: Option<String>,
+    pub step_up: bool,
+}
+
+/// A compiled glob set with its source patterns.
+#[derive(Clone)]
+pub struct Globs {
+    set: GlobSet,
+    patterns: Vec<String>,
+}
+
+impl Globs {
+    pub fn matches(&self, s: &str) -> bool {
+        self.set.is_match(s)
+    }
+}
+
+impl fmt::Debug for Globs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.patterns.fmt(f)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +226,48 @@ struct RawConfig {
     broker: RawBroker,
     #[serde(default)]
     servers: IndexMap<String, RawServer>,
+    auth: Option<RawAuth>,
+    #[serde(default)]
+    policy: Vec<RawPolicy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    issuer: String,
+    jwks_uri: Option<String>,
+    audience: Option<String>,
+    #[serde(default)]
+    required_scopes: Vec<String>,
+    #[serde(default)]
+    scopes_supported: Vec<String>,
+    introspection: Option<RawIntrospection>,
+    group_claims: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIntrospection {
+    endpoint: String,
+    client_id: String,
+    client_secret: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    servers: Option<Vec<String>>,
+    tools: Option<Vec<String>>,
+    prompts: Option<Vec<String>>,
+    resources: Option<Vec<String>>,
+    #[serde(default)]
+    require_scopes: Vec<String>,
+    #[serde(default)]
+    claims: BTreeMap<String, String>,
+    effect: Option<String>,
+    message: Option<String>,
+    #[serde(default)]
+    step_up: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -251,10 +360,22 @@ impl Config {
                 ));
             }
         }
+        let auth = match raw.auth {
+            Some(a) => Some(ctx.auth(a, &broker)?),
+            None => None,
+        };
+        let policy = raw
+            .policy
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| ctx.policy_rule(i + 1, r))
+            .collect::<Result<_, _>>()?;
         Ok(Config {
             path: path.to_path_buf(),
             broker,
             servers,
+            auth,
+            policy,
         })
     }
 
@@ -533,6 +654,118 @@ impl Ctx<'_> {
         })
     }
 
+    fn auth(&self, raw: RawAuth, broker: &BrokerConfig) -> Result<AuthConfig, ConfigError> {
+        let t = &["auth"];
+        let issuer = self.expand(t, "issuer", &raw.issuer)?;
+        let issuer_url = url::Url::parse(&issuer)
+            .map_err(|e| self.invalid(t, "issuer", format!("\"{issuer}\": {e}")))?;
+        if !matches!(issuer_url.scheme(), "http" | "https") {
+            return Err(self.invalid(t, "issuer", "must be an http or https URL".into()));
+        }
+        let jwks_uri = match raw.jwks_uri {
+            Some(u) => {
+                let u = self.expand(t, "jwks_uri", &u)?;
+                Some(
+                    url::Url::parse(&u)
+                        .map_err(|e| self.invalid(t, "jwks_uri", format!("\"{u}\": {e}")))?,
+                )
+            }
+            None => None,
+        };
+        let audience = match raw.audience {
+            Some(a) => self.expand(t, "audience", &a)?,
+            None => broker.public_url.to_string(),
+        };
+        let introspection = match raw.introspection {
+            Some(i) => Some(IntrospectionConfig {
+                endpoint: {
+                    let e = self.expand(t, "introspection", &i.endpoint)?;
+                    url::Url::parse(&e).map_err(|err| {
+                        self.invalid(t, "introspection", format!("endpoint \"{e}\": {err}"))
+                    })?
+                },
+                client_id: self.expand(t, "introspection", &i.client_id)?,
+                client_secret: Secret::new(self.expand(t, "introspection", &i.client_secret)?),
+            }),
+            None => None,
+        };
+        for s in raw.required_scopes.iter().chain(&raw.scopes_supported) {
+            if s.is_empty() || s.contains(|c: char| c.is_whitespace() || c == '"' || c == '\\') {
+                return Err(self.invalid(
+                    t,
+                    "required_scopes",
+                    format!("\"{s}\" is not a valid scope"),
+                ));
+            }
+        }
+        Ok(AuthConfig {
+            issuer,
+            jwks_uri,
+            audience,
+            required_scopes: raw.required_scopes,
+            scopes_supported: raw.scopes_supported,
+            introspection,
+            group_claims: raw
+                .group_claims
+                .unwrap_or_else(|| vec!["groups".into(), "roles".into()]),
+        })
+    }
+
+    fn policy_rule(&self, number: usize, raw: RawPolicy) -> Result<PolicyRule, ConfigError> {
+        let t = &["policy"];
+        let effect = match raw.effect.as_deref() {
+            None | Some("allow") => Effect::Allow,
+            Some("deny") => Effect::Deny,
+            Some(other) => {
+                return Err(self.invalid(
+                    t,
+                    "effect",
+                    format!(
+                        "rule {number}: \"{other}\" is not an effect; use \"allow\" or \"deny\""
+                    ),
+                ));
+            }
+        };
+        let globs = |key: &str, v: Option<Vec<String>>| -> Result<Option<Globs>, ConfigError> {
+            match v {
+                None => Ok(None),
+                Some(p) => {
+                    let mut b = GlobSetBuilder::new();
+                    for pat in &p {
+                        b.add(Glob::new(pat).map_err(|e| {
+                            self.invalid(t, key, format!("rule {number}: bad glob \"{pat}\": {e}"))
+                        })?);
+                    }
+                    let set = b
+                        .build()
+                        .map_err(|e| self.invalid(t, key, format!("rule {number}: {e}")))?;
+                    Ok(Some(Globs { set, patterns: p }))
+                }
+            }
+        };
+        if raw.step_up && raw.require_scopes.is_empty() {
+            return Err(self.invalid(
+                t,
+                "step_up",
+                format!(
+                    "rule {number}: step_up needs require_scopes (the scopes to ask the user for)"
+                ),
+            ));
+        }
+        Ok(PolicyRule {
+            number,
+            servers: globs("servers", raw.servers)?,
+            tools: globs("tools", raw.tools)?,
+            prompts: globs("prompts", raw.prompts)?,
+            resources: globs("resources", raw.resources)?,
+            require_scopes: raw.require_scopes,
+            claims: raw.claims.into_iter().collect(),
+            effect,
+            message: raw.message,
+            step_up: raw.step_up,
+        })
+    }
+
     fn globs(&self, table: &[&str], patterns: &[String]) -> Result<Option<GlobSet>, ConfigError> {
         if patterns.is_empty() {
             return Ok(None);
@@ -713,6 +946,32 @@ mod tests {
             e.contains("`servers.b.prefix`") && e.contains("server `a`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn auth_and_policy() {
+        let c = parse(
+            "[broker]\npublic_url = \"https://mcp.example.com/mcp\"\n[auth]\nissuer = \"https://idp.example.com\"\nrequired_scopes = [\"mcp:tools\"]\n[[policy]]\nservers = [\"ledger\"]\ntools = [\"get_*\"]\nrequire_scopes = [\"pii:read\"]\nclaims = { groups = \"finance\" }\nmessage = \"no\"\n[[policy]]\neffect = \"deny\"\n",
+        )
+        .unwrap();
+        let a = c.auth.as_ref().unwrap();
+        assert_eq!(a.audience, "https://mcp.example.com/mcp");
+        assert_eq!(a.group_claims, ["groups", "roles"]);
+        assert_eq!(c.policy.len(), 2);
+        assert!(c.policy[0].tools.as_ref().unwrap().matches("get_account"));
+        assert_eq!(
+            c.policy[0].claims,
+            [("groups".to_string(), "finance".to_string())]
+        );
+        assert_eq!(c.policy[1].effect, Effect::Deny);
+        let e = parse("[[policy]]\neffect = \"maybe\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`policy.effect`") && e.contains("rule 1"), "{e}");
+        let e = parse("[auth]\nissuer = \"x\"\nisuer = \"y\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":3:") && e.contains("isuer"), "{e}");
     }
 
     #[test]

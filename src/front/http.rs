@@ -24,12 +24,18 @@ use rmcp::transport::streamable_http_server::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Caller;
+use crate::auth::{AuthError, Authenticator, Caller, SessionOwners};
 use crate::broker::Broker;
 use crate::front::mcp::Front;
 
-/// The router. `ct` ends every MCP session (and their open SSE streams) when cancelled.
-pub fn router(broker: Arc<Broker>, ct: CancellationToken) -> Router {
+/// The router. `ct` ends every MCP session (and their open SSE streams) when cancelled. With `auth`,
+/// every request to `/mcp` must carry a valid bearer token; the RFC 9728 metadata documents and
+/// `/healthz` stay open.
+pub fn router(
+    broker: Arc<Broker>,
+    auth: Option<Arc<Authenticator>>,
+    ct: CancellationToken,
+) -> Router {
     let cfg = &broker.config().broker;
     let public = &cfg.public_url;
     let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "::1"]
@@ -64,13 +70,244 @@ pub fn router(broker: Arc<Broker>, ct: CancellationToken) -> Router {
         Arc::new(sessions),
         server_cfg,
     );
-    let limit = BodyLimit(cfg.max_request_body);
-    Router::new()
+    let public_path = public.path().trim_end_matches('/').to_string();
+    let metadata_url = format!(
+        "{}/.well-known/oauth-protected-resource{}",
+        public.origin().ascii_serialization(),
+        public_path
+    );
+    let state = Gate {
+        broker: broker.clone(),
+        auth: auth.clone(),
+        owners: Arc::new(SessionOwners::default()),
+        metadata_url: Arc::from(metadata_url),
+        limit: cfg.max_request_body,
+    };
+    let mut app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route_service("/mcp", mcp)
-        .layer(middleware::from_fn(identify))
+        .route_service(MCP_PATH, mcp);
+    if let Some(auth) = auth {
+        let doc = auth.metadata_document(public.as_str());
+        let serve_doc = move || {
+            let doc = doc.clone();
+            async move { axum::Json(doc) }
+        };
+        // RFC 9728 §3.1: the path-inserted form for our resource, plus the root form clients try next.
+        app = app
+            .route(
+                "/.well-known/oauth-protected-resource",
+                get(serve_doc.clone()),
+            )
+            .route(
+                &format!("/.well-known/oauth-protected-resource{MCP_PATH}"),
+                get(serve_doc.clone()),
+            );
+        if !public_path.is_empty() && public_path != MCP_PATH {
+            app = app.route(
+                &format!("/.well-known/oauth-protected-resource{public_path}"),
+                get(serve_doc),
+            );
+        }
+    }
+    let limit = BodyLimit(cfg.max_request_body);
+    app.layer(middleware::from_fn_with_state(state, gate))
         .layer(middleware::from_fn_with_state(limit, jsonrpc_errors))
         .layer(middleware::from_fn(normalize_accept))
+}
+
+const MCP_PATH: &str = "/mcp";
+
+/// What the identity gate needs.
+#[derive(Clone)]
+struct Gate {
+    broker: Arc<Broker>,
+    auth: Option<Arc<Authenticator>>,
+    owners: Arc<SessionOwners>,
+    /// Our RFC 9728 document URL, for `resource_metadata` in challenges.
+    metadata_url: Arc<str>,
+    limit: usize,
+}
+
+const SESSION_HEADER: &str = "mcp-session-id";
+
+/// Authenticate every `/mcp` request (RFC 6750 challenges on failure), keep each session with the
+/// subject that opened it, and attach the [`Caller`] for the broker. Without `[auth]` every caller
+/// is anonymous.
+async fn gate(State(g): State<Gate>, mut req: Request, next: Next) -> Response {
+    if req.uri().path() != MCP_PATH {
+        return next.run(req).await;
+    }
+    let Some(auth) = g.auth.clone() else {
+        req.extensions_mut().insert(Caller::anonymous());
+        return next.run(req).await;
+    };
+    let required = auth.config().required_scopes.clone();
+    // RFC 6750 §2.3 allows query tokens; MCP forbids them (they end up in logs).
+    let query_token = req.uri().query().is_some_and(|q| {
+        url::form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "access_token")
+    });
+    if query_token {
+        return challenge(
+            StatusCode::BAD_REQUEST,
+            &g.metadata_url,
+            Some((
+                "invalid_request",
+                "access tokens are accepted only in the Authorization header",
+            )),
+            &required,
+        );
+    }
+    let Some(token) = bearer(req.headers()) else {
+        return challenge(StatusCode::UNAUTHORIZED, &g.metadata_url, None, &required);
+    };
+    let caller = match auth.authenticate(&token).await {
+        Ok(c) => c,
+        Err(AuthError::InvalidToken(why)) => {
+            tracing::info!(reason = %why, "rejected a bearer token");
+            return challenge(
+                StatusCode::UNAUTHORIZED,
+                &g.metadata_url,
+                Some(("invalid_token", &why)),
+                &required,
+            );
+        }
+        Err(AuthError::InsufficientScope(scopes)) => {
+            return challenge(
+                StatusCode::FORBIDDEN,
+                &g.metadata_url,
+                Some((
+                    "insufficient_scope",
+                    "the token lacks a scope this endpoint requires",
+                )),
+                &scopes,
+            );
+        }
+        Err(e @ AuthError::Unavailable(_)) => {
+            tracing::warn!(error = %e, "cannot validate tokens");
+            return plain(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+        }
+    };
+    // A session id is not a credential: only the subject that opened a session may use it.
+    let session = req
+        .headers()
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if let Some(s) = &session
+        && g.owners.check(s, &caller.sub).is_err()
+    {
+        tracing::warn!(sub = %caller.sub, "refused a session opened by another subject");
+        return plain(StatusCode::NOT_FOUND, "Not Found: Session not found".into());
+    }
+    if req.method() == Method::POST && g.broker.has_step_up() {
+        let (parts, body) = req.into_parts();
+        let bytes = axum::body::to_bytes(body, g.limit)
+            .await
+            .unwrap_or_default();
+        if let Some((id, name)) = peek_tool_call(&bytes)
+            && let Some(d) = g.broker.step_up_refusal(&caller, &name)
+        {
+            let scopes = d.step_up.unwrap_or_default();
+            let mut resp = challenge(
+                StatusCode::FORBIDDEN,
+                &g.metadata_url,
+                Some(("insufficient_scope", &d.reason)),
+                &scopes,
+            );
+            *resp.body_mut() = Body::from(
+                serde_json::json!({
+                    "jsonrpc": "2.0",
+                    "id": id,
+                    "error": { "code": -32600, "message": d.reason },
+                })
+                .to_string(),
+            );
+            return resp;
+        }
+        req = Request::from_parts(parts, Body::from(bytes));
+    }
+    let method = req.method().clone();
+    let sub = caller.sub.clone();
+    req.extensions_mut().insert(caller);
+    let resp = next.run(req).await;
+    match (&session, method) {
+        (Some(s), Method::DELETE) if resp.status().is_success() => g.owners.forget(s),
+        (None, _) => {
+            if let Some(new) = resp
+                .headers()
+                .get(SESSION_HEADER)
+                .and_then(|v| v.to_str().ok())
+            {
+                let idle = g.broker.config().broker.session_idle_timeout;
+                g.owners.bind(new, &sub, idle);
+            }
+        }
+        _ => {}
+    }
+    resp
+}
+
+/// The token from `Authorization: Bearer <token>` (scheme case-insensitive).
+fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_string())
+}
+
+/// The id and tool name of a `tools/call` body, read without decoding the arguments.
+fn peek_tool_call(body: &[u8]) -> Option<(serde_json::Value, String)> {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        id: Option<serde_json::Value>,
+        method: Option<String>,
+        params: Option<PeekParams>,
+    }
+    #[derive(serde::Deserialize)]
+    struct PeekParams {
+        name: Option<String>,
+    }
+    let p: Peek = serde_json::from_slice(body).ok()?;
+    if p.method.as_deref() != Some("tools/call") {
+        return None;
+    }
+    Some((p.id.unwrap_or(serde_json::Value::Null), p.params?.name?))
+}
+
+/// An RFC 6750 challenge: `WWW-Authenticate: Bearer` with each attribute at most once.
+fn challenge(
+    status: StatusCode,
+    metadata_url: &str,
+    error: Option<(&str, &str)>,
+    scopes: &[String],
+) -> Response {
+    let quote = |s: &str| s.replace(['"', '\\'], "'");
+    let mut attrs = Vec::new();
+    if let Some((code, description)) = error {
+        attrs.push(format!("error=\"{code}\""));
+        attrs.push(format!("error_description=\"{}\"", quote(description)));
+    }
+    attrs.push(format!("resource_metadata=\"{}\"", quote(metadata_url)));
+    if !scopes.is_empty() {
+        attrs.push(format!("scope=\"{}\"", quote(&scopes.join(" "))));
+    }
+    let value = format!("Bearer {}", attrs.join(", "));
+    let body = match error {
+        Some((code, description)) => {
+            serde_json::json!({ "error": code, "error_description": description }).to_string()
+        }
+        None => serde_json::json!({ "error": "unauthorized", "error_description": "a bearer token is required" }).to_string(),
+    };
+    let mut resp = Response::new(Body::from(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    resp
 }
 
 /// Bind, announce the URL on stdout (tests and scripts read it), and serve until `shutdown`.
@@ -86,12 +323,6 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
-}
-
-/// Without inbound auth every HTTP caller is anonymous; the OAuth middleware will replace this.
-async fn identify(mut req: Request, next: Next) -> Response {
-    req.extensions_mut().insert(Caller::anonymous());
-    next.run(req).await
 }
 
 /// `Accept: */*` (or none) means "anything": say so in the form rmcp's transport checks for.
