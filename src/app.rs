@@ -42,6 +42,8 @@ fn load(path: &std::path::Path) -> anyhow::Result<Arc<Config>> {
 
 fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = load(path)?;
+    // The Rego policy file is part of the configuration: compile it too.
+    crate::broker::build_policy(&config)?;
     println!(
         "{}: ok ({} server{})",
         path.display(),

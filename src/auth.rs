@@ -418,10 +418,10 @@ impl Authenticator {
             return Err(invalid("introspection is not configured"));
         };
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(hit) = self.introspected.get(&key) {
-            if hit.1 > Instant::now() {
-                return Ok(hit.0.clone());
-            }
+        if let Some(hit) = self.introspected.get(&key)
+            && hit.1 > Instant::now()
+        {
+            return Ok(hit.0.clone());
         }
         let resp = self
             .http
@@ -444,10 +444,10 @@ impl Authenticator {
         if claims.get("active").and_then(Value::as_bool) != Some(true) {
             return Err(invalid("the token is not active"));
         }
-        if let Some(iss) = claims.get("iss").and_then(Value::as_str) {
-            if iss != self.config.issuer {
-                return Err(invalid("the token was issued by another issuer"));
-            }
+        if let Some(iss) = claims.get("iss").and_then(Value::as_str)
+            && iss != self.config.issuer
+        {
+            return Err(invalid("the token was issued by another issuer"));
         }
         if claims.contains_key("aud") && !audience_matches(claims.get("aud"), &self.config.audience)
         {
@@ -553,15 +553,16 @@ pub struct SessionOwners {
 impl SessionOwners {
     const MAX: usize = 100_000;
 
-    /// `Ok` when `session` is unknown (rmcp then answers 404 itself) or belongs to `sub`.
-    pub fn check(&self, session: &str, sub: &str) -> Result<(), ()> {
+    /// Whether `sub` may use `session`: it opened it, or the session is unknown (rmcp then answers
+    /// 404 itself).
+    pub fn may_use(&self, session: &str, sub: &str) -> bool {
         match self.owners.get_mut(session) {
             Some(mut o) if o.0 == sub => {
                 o.1 = Instant::now();
-                Ok(())
+                true
             }
-            Some(_) => Err(()),
-            None => Ok(()),
+            Some(_) => false,
+            None => true,
         }
     }
 
@@ -652,10 +653,10 @@ mod tests {
     fn sessions_are_bound_to_their_subject() {
         let o = SessionOwners::default();
         o.bind("s1", "alice", Duration::from_secs(60));
-        assert!(o.check("s1", "alice").is_ok());
-        assert!(o.check("s1", "bob").is_err());
-        assert!(o.check("unknown", "bob").is_ok());
+        assert!(o.may_use("s1", "alice"));
+        assert!(!o.may_use("s1", "bob"));
+        assert!(o.may_use("unknown", "bob"));
         o.forget("s1");
-        assert!(o.check("s1", "bob").is_ok());
+        assert!(o.may_use("s1", "bob"));
     }
 }

@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Caller;
 use crate::catalog::{Catalog, Collision, Listing, Namespace};
 use crate::config::Config;
-use crate::policy::{Decision, Kind, Policy};
+use crate::policy::{Decision, Kind, Policy, PolicyError, RegoPolicy};
 use crate::upstream::{
     Connection, ListKind, ProgressRouter, Upstream, UpstreamError, UpstreamEvent,
 };
@@ -71,6 +71,14 @@ enum Failure {
 /// (server, the upstream's own resource URI).
 type SubscriptionKey = (Arc<str>, String);
 
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
 pub struct Broker {
     config: Arc<Config>,
     /// In config order.
@@ -93,7 +101,7 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn new(config: Arc<Config>) -> Result<Arc<Self>, UpstreamError> {
+    pub fn new(config: Arc<Config>) -> Result<Arc<Self>, BrokerError> {
         let upstreams = config
             .servers
             .iter()
@@ -102,7 +110,7 @@ impl Broker {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Self {
             namespaces: Namespace::from_config(&config),
-            policy: Policy::new(config.policy.clone(), config.auth.is_some()),
+            policy: build_policy(&config)?,
             config,
             upstreams,
             catalog: RwLock::new(Arc::new(Catalog::default())),
@@ -385,7 +393,13 @@ impl Broker {
             },
         };
         drop(cat);
-        let decision = self.policy.decide(caller, &server, Kind::Tool, &original);
+        let decision = self.policy.decide_call(
+            caller,
+            &server,
+            Kind::Tool,
+            &original,
+            params.arguments.as_ref(),
+        );
         if !decision.allow {
             return Ok(tool_error(decision.reason).into());
         }
@@ -870,6 +884,15 @@ impl Broker {
             }
         }
     }
+}
+
+/// The rules plus, when configured, the Rego policy (loaded and checked here).
+pub fn build_policy(config: &Config) -> Result<Policy, PolicyError> {
+    let p = Policy::new(config.policy.clone(), config.auth.is_some());
+    Ok(match &config.rego {
+        Some(r) => p.with_rego(RegoPolicy::load(r)?),
+        None => p,
+    })
 }
 
 /// Removes a call's progress and in-flight routes when the call ends, is cancelled or is dropped.

@@ -74,6 +74,16 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     /// `[[policy]]` rules, in file order: the first that applies decides.
     pub policy: Vec<PolicyRule>,
+    /// `[policy_engine]`: an OPA Rego policy evaluated after the rules.
+    pub rego: Option<RegoConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RegoConfig {
+    /// Resolved against the config file's folder.
+    pub path: PathBuf,
+    /// The rule evaluated per decision; it yields `{"allowed": bool, "message": string}` or a bool.
+    pub query: String,
 }
 
 #[derive(Debug, Clone)]
@@ -229,6 +239,14 @@ struct RawConfig {
     auth: Option<RawAuth>,
     #[serde(default)]
     policy: Vec<RawPolicy>,
+    policy_engine: Option<RawPolicyEngine>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicyEngine {
+    rego: String,
+    query: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -370,12 +388,31 @@ impl Config {
             .enumerate()
             .map(|(i, r)| ctx.policy_rule(i + 1, r))
             .collect::<Result<_, _>>()?;
+        let rego = match raw.policy_engine {
+            Some(e) => {
+                let t = &["policy_engine"];
+                let query = e.query.unwrap_or_else(|| "data.mcp.broker.decision".into());
+                if !query.starts_with("data.") {
+                    return Err(ctx.invalid(
+                        t,
+                        "query",
+                        "must be a rule path starting with `data.`".into(),
+                    ));
+                }
+                Some(RegoConfig {
+                    path: base.join(ctx.expand(t, "rego", &e.rego)?),
+                    query,
+                })
+            }
+            None => None,
+        };
         Ok(Config {
             path: path.to_path_buf(),
             broker,
             servers,
             auth,
             policy,
+            rego,
         })
     }
 

@@ -8,8 +8,89 @@
 //! when every condition holds (no conditions = always) and otherwise lets the next rule decide.
 //! When no rule applies: refuse if inbound auth is on, allow if not.
 
+use std::sync::Mutex;
+
+use serde_json::{Map, Value};
+
 use crate::auth::Caller;
-use crate::config::{Effect, PolicyRule};
+use crate::config::{Effect, PolicyRule, RegoConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{path}: cannot read the Rego policy: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// regorus' own message names the file, line and column.
+    #[error("{0}")]
+    Rego(String),
+}
+
+/// An OPA Rego policy, evaluated with `regorus`. Input document:
+/// `{caller: {sub, client_id, scopes, groups, act, claims, authenticated}, server, kind, name,
+/// arguments}` (`arguments` is `null` when deciding list visibility). The query yields
+/// `{"allowed": bool, "message": string}` (OPA's result shape) or a plain boolean.
+pub struct RegoPolicy {
+    engine: Mutex<regorus::Engine>,
+    query: String,
+}
+
+impl std::fmt::Debug for RegoPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegoPolicy")
+            .field("query", &self.query)
+            .finish()
+    }
+}
+
+impl RegoPolicy {
+    pub fn load(cfg: &RegoConfig) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(&cfg.path).map_err(|source| PolicyError::Read {
+            path: cfg.path.clone(),
+            source,
+        })?;
+        let mut engine = regorus::Engine::new();
+        engine
+            .add_policy(cfg.path.display().to_string(), text)
+            .map_err(|e| PolicyError::Rego(e.to_string()))?;
+        let me = Self {
+            engine: Mutex::new(engine),
+            query: cfg.query.clone(),
+        };
+        // Evaluate once so a query naming a missing rule is a load error, not a refusal per call.
+        me.eval(serde_json::json!({
+            "caller": {"sub": "check", "scopes": [], "groups": [], "act": [], "claims": {}, "authenticated": false},
+            "server": "", "kind": "tool", "name": "", "arguments": null
+        }))
+        .map_err(PolicyError::Rego)?;
+        Ok(me)
+    }
+
+    /// (allowed, message)
+    fn eval(&self, input: Value) -> Result<(bool, Option<String>), String> {
+        let mut engine = self
+            .engine
+            .lock()
+            .map_err(|_| "policy engine poisoned".to_string())?;
+        engine.set_input(regorus::Value::from(input));
+        let v = engine
+            .eval_rule(self.query.clone())
+            .map_err(|e| format!("evaluating {}: {e}", self.query))?;
+        let json = serde_json::to_value(&v).unwrap_or(Value::Null);
+        match json {
+            Value::Bool(b) => Ok((b, None)),
+            Value::Object(o) => Ok((
+                o.get("allowed").and_then(Value::as_bool).unwrap_or(false),
+                o.get("message").and_then(Value::as_str).map(str::to_string),
+            )),
+            _ => Err(format!(
+                "{} gave no decision (expected {{allowed, message}} or a boolean)",
+                self.query
+            )),
+        }
+    }
+}
 
 /// What is being decided on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,11 +121,13 @@ pub struct Decision {
     pub step_up: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Policy {
     rules: Vec<PolicyRule>,
     /// With inbound auth, what no rule allows is refused.
     default_deny: bool,
+    /// Decides when no rule applies, and may veto what a rule allowed.
+    rego: Option<RegoPolicy>,
 }
 
 impl Policy {
@@ -52,7 +135,13 @@ impl Policy {
         Self {
             rules,
             default_deny: auth_enabled,
+            rego: None,
         }
+    }
+
+    pub fn with_rego(mut self, rego: RegoPolicy) -> Self {
+        self.rego = Some(rego);
+        self
     }
 
     pub fn has_step_up(&self) -> bool {
@@ -61,6 +150,70 @@ impl Policy {
 
     /// May `caller` see and use `name` (the upstream's own name or URI) of `kind` on `server`?
     pub fn decide(&self, caller: &Caller, server: &str, kind: Kind, name: &str) -> Decision {
+        self.decide_call(caller, server, kind, name, None)
+    }
+
+    /// [`Self::decide`] for a call, with its arguments visible to a Rego policy.
+    pub fn decide_call(
+        &self,
+        caller: &Caller,
+        server: &str,
+        kind: Kind,
+        name: &str,
+        arguments: Option<&Map<String, Value>>,
+    ) -> Decision {
+        let by_rules = self.by_rules(caller, server, kind, name);
+        let Some(rego) = &self.rego else {
+            return by_rules.unwrap_or_else(|| self.default(server, kind, name));
+        };
+        match by_rules {
+            Some(d) if !d.allow => d,
+            ruled => {
+                let input = serde_json::json!({
+                    "caller": {
+                        "sub": caller.sub,
+                        "client_id": caller.client_id,
+                        "scopes": caller.scopes,
+                        "groups": caller.groups,
+                        "act": caller.act,
+                        "claims": *caller.claims,
+                        "authenticated": caller.authenticated,
+                    },
+                    "server": server,
+                    "kind": kind.as_str(),
+                    "name": name,
+                    "arguments": arguments,
+                });
+                match rego.eval(input) {
+                    Ok((true, _)) => ruled.unwrap_or(Decision {
+                        allow: true,
+                        reason: "allowed by the Rego policy".into(),
+                        rule: None,
+                        step_up: None,
+                    }),
+                    Ok((false, message)) => Decision {
+                        allow: false,
+                        reason: message.unwrap_or_else(|| {
+                            format!("{} `{name}` is refused by the Rego policy", kind.as_str())
+                        }),
+                        rule: None,
+                        step_up: None,
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Rego policy failed; refusing");
+                        Decision {
+                            allow: false,
+                            reason: "the access policy could not be evaluated".into(),
+                            rule: None,
+                            step_up: None,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn by_rules(&self, caller: &Caller, server: &str, kind: Kind, name: &str) -> Option<Decision> {
         for r in &self.rules {
             if !applies(r, server, kind, name) {
                 continue;
@@ -68,15 +221,15 @@ impl Policy {
             let holds = conditions_hold(r, caller);
             match (r.effect, holds) {
                 (Effect::Allow, true) => {
-                    return Decision {
+                    return Some(Decision {
                         allow: true,
                         reason: format!("allowed by policy rule {}", r.number),
                         rule: Some(r.number),
                         step_up: None,
-                    };
+                    });
                 }
                 (Effect::Allow, false) | (Effect::Deny, true) => {
-                    return Decision {
+                    return Some(Decision {
                         allow: false,
                         reason: r
                             .message
@@ -85,11 +238,15 @@ impl Policy {
                         rule: Some(r.number),
                         step_up: (r.step_up && r.effect == Effect::Allow)
                             .then(|| r.require_scopes.clone()),
-                    };
+                    });
                 }
                 (Effect::Deny, false) => continue,
             }
         }
+        None
+    }
+
+    fn default(&self, server: &str, kind: Kind, name: &str) -> Decision {
         if self.default_deny {
             Decision {
                 allow: false,
@@ -240,6 +397,84 @@ servers = ["ledger", "directory"]
             )
             .allow
         );
+    }
+
+    #[test]
+    fn rego_decides_after_the_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.rego");
+        std::fs::write(
+            &path,
+            r#"package mcp.broker
+import rego.v1
+
+default decision := {"allowed": true}
+
+decision := {"allowed": false, "message": "PII access requires the pii:read scope."} if {
+    input.name == "get_customer_pii"
+    not "pii:read" in input.caller.scopes
+}
+
+decision := {"allowed": false, "message": "Transfers over 1000 need approval."} if {
+    input.name == "transfer"
+    input.arguments.amount > 1000
+}
+"#,
+        )
+        .unwrap();
+        let rego = RegoPolicy::load(&RegoConfig {
+            path,
+            query: "data.mcp.broker.decision".into(),
+        })
+        .unwrap();
+        let p = policy(
+            "[[policy]]\ntools = [\"delete_*\"]\neffect = \"deny\"\n",
+            true,
+        )
+        .with_rego(rego);
+        let bob = caller(&["mcp:tools"], &[]);
+        let d = p.decide(&bob, "ledger", Kind::Tool, "get_customer_pii");
+        assert_eq!(
+            (d.allow, d.reason.as_str()),
+            (false, "PII access requires the pii:read scope.")
+        );
+        assert!(
+            p.decide(
+                &caller(&["pii:read"], &[]),
+                "ledger",
+                Kind::Tool,
+                "get_customer_pii"
+            )
+            .allow
+        );
+        assert!(
+            !p.decide(&bob, "ledger", Kind::Tool, "delete_account").allow,
+            "rules refuse first"
+        );
+        let big = serde_json::json!({"amount": 5000});
+        let small = serde_json::json!({"amount": 10});
+        assert!(
+            !p.decide_call(&bob, "ledger", Kind::Tool, "transfer", big.as_object())
+                .allow
+        );
+        assert!(
+            p.decide_call(&bob, "ledger", Kind::Tool, "transfer", small.as_object())
+                .allow
+        );
+    }
+
+    #[test]
+    fn rego_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.rego");
+        std::fs::write(&path, "package mcp.broker\n\ndecision := {\n").unwrap();
+        let e = RegoPolicy::load(&RegoConfig {
+            path: path.clone(),
+            query: "data.mcp.broker.decision".into(),
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("bad.rego"), "{e}");
     }
 
     #[test]

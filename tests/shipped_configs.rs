@@ -35,3 +35,38 @@ fn check_command_reports_file_line_and_key() {
         "{err}"
     );
 }
+
+#[test]
+fn example_rego_policy_compiles_and_decides() {
+    let text = format!(
+        "[policy_engine]\nrego = \"{}\"\n",
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples/policies/broker.rego")
+            .display()
+    );
+    let c =
+        mcp_broker::config::Config::parse(Path::new("p.toml"), &text, &|_| None).expect("parses");
+    let policy = mcp_broker::broker::build_policy(&c).expect("the shipped Rego policy compiles");
+    let bob = mcp_broker::auth::Caller::anonymous();
+    use mcp_broker::policy::Kind;
+    let d = policy.decide(&bob, "ledger", Kind::Tool, "get_customer_pii");
+    assert!(!d.allow);
+    assert_eq!(d.reason, "PII access requires the pii:read scope.");
+    assert!(
+        policy
+            .decide(&bob, "ledger", Kind::Tool, "list_accounts")
+            .allow
+    );
+    let close = serde_json::json!({"account_id": "ACC-1", "status": "closed"});
+    assert!(
+        !policy
+            .decide_call(
+                &bob,
+                "ledger",
+                Kind::Tool,
+                "update_account_status",
+                close.as_object()
+            )
+            .allow
+    );
+}

@@ -194,7 +194,7 @@ async fn gate(State(g): State<Gate>, mut req: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     if let Some(s) = &session
-        && g.owners.check(s, &caller.sub).is_err()
+        && !g.owners.may_use(s, &caller.sub)
     {
         tracing::warn!(sub = %caller.sub, "refused a session opened by another subject");
         return plain(StatusCode::NOT_FOUND, "Not Found: Session not found".into());
