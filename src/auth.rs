@@ -218,17 +218,19 @@ impl Authenticator {
     }
 
     fn caller_from(&self, claims: Map<String, Value>) -> Result<Caller, AuthError> {
-        let sub = claims
-            .get("sub")
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| invalid("the token has no subject (sub)"))?
-            .to_string();
         let client_id = claims
             .get("client_id")
             .or_else(|| claims.get("azp"))
             .and_then(Value::as_str)
             .map(str::to_string);
+        // A machine token (client credentials) may name only its client: that client is the subject.
+        let sub = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .or_else(|| client_id.clone())
+            .ok_or_else(|| invalid("the token names no subject (sub) or client"))?;
         let scopes = match claims.get("scope").or_else(|| claims.get("scp")) {
             Some(Value::String(s)) => s.split_whitespace().map(str::to_string).collect(),
             Some(Value::Array(a)) => a
