@@ -343,7 +343,9 @@ impl Authenticator {
     }
 
     async fn fetch_keys(&self) -> Result<JwkSet, String> {
-        let uri = match self.keys.read().await.jwks_uri.clone() {
+        // Bind first: a guard in the match scrutinee would live through the arms (and the write below).
+        let known = self.keys.read().await.jwks_uri.clone();
+        let uri = match known {
             Some(u) => u,
             None => {
                 let u = self.discover_jwks_uri().await?;
