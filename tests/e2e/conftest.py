@@ -161,6 +161,148 @@ def artifacts() -> Path:
     return H.ARTIFACTS
 
 
+# --------------------------------------------------------------------------- inbound OAuth (test_auth*.py)
+
+AUTH_SCOPES_SUPPORTED = ["mcp:tools", "pii:read", "audit:read", "ledger:write"]
+MSG_PII = "PII access requires the pii:read scope."
+MSG_AUDIT = "The audit log requires the audit:read scope."
+MSG_WRITE = "Changing an account's status requires the ledger:write scope."
+MSG_PROMPT = "Account summaries include PII and require the pii:read scope."
+MSG_RETENTION = "The retention policy is for auditors (audit:read)."
+MSG_BOB_IDENTITY = "bob-agent may not change user status."
+# The broker's policy in the auth tests: the README's example rules plus rules that exercise a write scope, the
+# prompts and resources selectors and a `deny` rule with a claim condition. Order matters (first applying rule wins).
+AUTH_POLICIES = [
+    {"servers": ["ledger"], "tools": ["get_customer_pii"], "require_scopes": ["pii:read"], "message": MSG_PII},
+    {"servers": ["ledger"], "tools": ["get_audit_log"], "require_scopes": ["audit:read"], "message": MSG_AUDIT,
+     "step_up": True},
+    {"servers": ["ledger"], "tools": ["update_account_status"], "require_scopes": ["ledger:write"], "message": MSG_WRITE},
+    {"servers": ["ledger"], "prompts": ["summarize_account"], "require_scopes": ["pii:read"], "message": MSG_PROMPT},
+    {"servers": ["ledger"], "resources": ["ledger://policies/*"], "require_scopes": ["audit:read"],
+     "message": MSG_RETENTION},
+    {"servers": ["identity"], "tools": ["disable_user", "activate_user"], "effect": "deny",
+     "claims": {"client_id": "bob-agent"}, "message": MSG_BOB_IDENTITY},
+    {"effect": "allow"},
+]
+# Who calls, with which client and scopes (the AS fixture lets alice-agent have all four, bob-agent only mcp:tools).
+AUTH_CALLERS = {
+    "alice": ("alice-agent", "alice-secret", "mcp:tools pii:read audit:read"),
+    "bob": ("bob-agent", "bob-secret", "mcp:tools"),
+    "svc": ("svc", "svc-secret", "mcp:tools ledger:write"),
+}
+ALL_AUTH_TOOLS = {f"ledger__{t}" for t in LEDGER_TOOLS} | {f"identity__{t}" for t in IDENTITY_TOOLS}
+# What each caller may call under AUTH_POLICIES, and the refusal each other tool gets.
+REFUSALS = {
+    "ledger__get_customer_pii": MSG_PII,
+    "ledger__get_audit_log": MSG_AUDIT,
+    "ledger__update_account_status": MSG_WRITE,
+    "identity__disable_user": MSG_BOB_IDENTITY,
+    "identity__activate_user": MSG_BOB_IDENTITY,
+}
+EXPECTED_TOOLS = {
+    "alice": ALL_AUTH_TOOLS - {"ledger__update_account_status"},
+    "bob": ALL_AUTH_TOOLS - {"ledger__get_customer_pii", "ledger__get_audit_log", "ledger__update_account_status",
+                             "identity__disable_user", "identity__activate_user"},
+    "svc": ALL_AUTH_TOOLS - {"ledger__get_customer_pii", "ledger__get_audit_log"},
+}
+
+
+class AuthEnv:
+    """The real AS plus a broker with `[auth]` (issuer = that AS) in front of ledger and identity_directory (stdio).
+
+    Every token handed out is remembered in `issued`, so the log test can look for each one."""
+
+    def __init__(self, auth_server: H.AuthServer, broker: H.Broker):
+        self.auth_server = auth_server
+        self.broker = broker
+        self.issued: list[str] = []
+        self._cache: dict[tuple, str] = {}
+
+    @property
+    def prm_url(self) -> str:
+        return self.broker.base + "/.well-known/oauth-protected-resource/mcp"
+
+    def token(self, who: str, scope: str | None = None, resource: str | None = None, fresh: bool = False) -> str:
+        client_id, secret, default_scope = AUTH_CALLERS[who]
+        key = (who, scope or default_scope, resource or self.broker.url)
+        if fresh or key not in self._cache:
+            tok = self.auth_server.token(client_id, secret, scope=key[1], resource=key[2])
+            self.issued.append(tok)
+            self._cache[key] = tok
+        return self._cache[key]
+
+    def headers(self, who: str) -> dict[str, str]:
+        return H.bearer(self.token(who))
+
+
+@pytest.fixture(scope="session")
+def auth_server(logs_dir):
+    if not H.AS_FIXTURE.exists() or not (H.HARNESS_DIR / "node_modules" / "oidc-provider").exists():
+        pytest.fail("oidc-provider harness missing (run scripts/test.sh --harness-only)")
+    a = H.start_auth_server(logs_dir / "as")
+    yield a
+    a.stop()
+
+
+def auth_servers_spec() -> dict:
+    return {"ledger": H.example_stdio_spec(H.LEDGER_BIN), "identity": H.example_stdio_spec(H.IDENTITY_BIN)}
+
+
+def auth_section(issuer: str, **extra) -> dict:
+    return {"issuer": issuer, "required_scopes": ["mcp:tools"], "scopes_supported": AUTH_SCOPES_SUPPORTED, **extra}
+
+
+# The auth broker logs at debug level for its own crate: a token that leaks at any level is found by the log test.
+AUTH_BROKER_LOG = "info,mcp_broker=debug,rmcp=warn"
+
+
+@pytest.fixture(scope="session")
+def auth_env_state(tmp_path_factory, auth_server):
+    for b in (H.BROKER_BIN, H.LEDGER_BIN, H.IDENTITY_BIN):
+        if not b.exists():
+            yield None, f"{b} is missing (cargo build --all-targets)"
+            return
+    work = tmp_path_factory.mktemp("broker-auth")
+    # A fixed free port (not :0) so the config file's default public_url -- and with it the token audience --
+    # is the same for `serve` and for `mcp-broker tools --config F --token T`.
+    port = H.free_port()
+    try:
+        broker = H.start_broker(work, auth_servers_spec(), broker={"listen": f"127.0.0.1:{port}"},
+                                name="broker-auth", auth=auth_section(auth_server.issuer), policies=AUTH_POLICIES,
+                                env={"RUST_LOG": AUTH_BROKER_LOG})
+    except Exception as e:  # noqa: BLE001 - reported by every test that needs it
+        yield None, f"broker with [auth] failed to start: {e}"
+        return
+    env = AuthEnv(auth_server, broker)
+    note = ""
+    try:
+        H.wait_for_tools(broker.url, ["ledger__list_accounts", "identity__list_users"], timeout=30,
+                         headers=env.headers("alice"))
+    except Exception as e:  # noqa: BLE001 - tests assert on the details
+        note = f"auth broker not ready: {e}"
+    yield env, note
+    broker.stop()
+
+
+@pytest.fixture
+def auth_env(auth_env_state) -> AuthEnv:
+    """The auth broker, for tests that need no accepted token (metadata, challenges, refusals)."""
+    env, note = auth_env_state
+    if env is None:
+        pytest.fail(note)
+    return env
+
+
+@pytest.fixture
+def authed_env(auth_env_state) -> AuthEnv:
+    """The auth broker, for tests that need it to accept the real AS's tokens: fails fast, with the readiness
+    check's error, when it did not (instead of every test waiting for its own timeout)."""
+    env, note = auth_env_state
+    if env is None or note:
+        pytest.fail(note)
+    return env
+
+
 def pytest_runtest_makereport(item, call):
     """On failure, attach the broker's stderr tail to the report (as a section)."""
     if call.when != "call" or call.excinfo is None:
@@ -169,6 +311,9 @@ def pytest_runtest_makereport(item, call):
     b = item.funcargs.get("broker") if hasattr(item, "funcargs") else None
     if b is None and state:
         b = state[0]
+    if b is None and hasattr(item, "funcargs"):
+        env = item.funcargs.get("auth_env") or item.funcargs.get("authed_env")
+        b = getattr(env, "broker", None)
     if isinstance(b, H.Broker):
         item.add_report_section("call", "broker stderr", broker_log_tail(b))
 

@@ -342,16 +342,32 @@ def toml_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+        return "{ " + ", ".join(f"{toml_key(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(type(v))
 
 
-def render_config(servers: dict[str, dict[str, Any]], broker: dict[str, Any] | None = None) -> str:
+def toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else toml_str(k)
+
+
+def render_config(servers: dict[str, dict[str, Any]], broker: dict[str, Any] | None = None,
+                  auth: dict[str, Any] | None = None, policies: list[dict[str, Any]] | None = None) -> str:
+    """servers.toml text: [broker], optional [auth] and [[policy]] rules (in order), then [servers.NAME]."""
     out = ["[broker]"]
     b = {"listen": "127.0.0.1:0"}
     b.update(broker or {})
     for k, v in b.items():
         out.append(f"{k} = {toml_value(v)}")
+    if auth is not None:
+        out.append("")
+        out.append("[auth]")
+        for k, v in auth.items():
+            out.append(f"{toml_key(k)} = {toml_value(v)}")
+    for rule in policies or []:
+        out.append("")
+        out.append("[[policy]]")
+        for k, v in rule.items():
+            out.append(f"{toml_key(k)} = {toml_value(v)}")
     for name, spec in servers.items():
         out.append("")
         out.append(f"[servers.{name}]")
@@ -384,12 +400,13 @@ class Broker:
 
 
 def start_broker(work_dir: Path, servers: dict[str, dict[str, Any]], broker: dict[str, Any] | None = None,
-                 name: str = "broker", env: dict[str, str] | None = None) -> Broker:
+                 name: str = "broker", env: dict[str, str] | None = None,
+                 auth: dict[str, Any] | None = None, policies: list[dict[str, Any]] | None = None) -> Broker:
     if not BROKER_BIN.exists():
         raise RuntimeError(f"broker binary {BROKER_BIN} does not exist (cargo build first)")
     work_dir.mkdir(parents=True, exist_ok=True)
     cfg = work_dir / f"{name}.toml"
-    cfg.write_text(render_config(servers, broker))
+    cfg.write_text(render_config(servers, broker, auth=auth, policies=policies))
     proc = Proc(name, [str(BROKER_BIN), "serve", "--config", str(cfg)], work_dir,
                 env={"RUST_LOG": os.environ.get("RUST_LOG", "info,rmcp=warn"), **(env or {})})
     try:
@@ -448,19 +465,20 @@ async def list_all_tools(s: ClientSession) -> list:
             return tools
 
 
-async def tool_names(url: str) -> set[str]:
-    async with http_session(url, timeout=10) as s:
+async def tool_names(url: str, headers: dict[str, str] | None = None) -> set[str]:
+    async with http_session(url, headers=headers, timeout=10) as s:
         return {t.name for t in await list_all_tools(s)}
 
 
-def wait_for_tools(url: str, required: Iterable[str], timeout: float = 30) -> set[str]:
+def wait_for_tools(url: str, required: Iterable[str], timeout: float = 30,
+                   headers: dict[str, str] | None = None) -> set[str]:
     """Poll the broker's tools/list until every name in `required` is present."""
     required = set(required)
     seen: set[str] = set()
 
     async def check() -> bool:
         nonlocal seen
-        seen = await tool_names(url)
+        seen = await tool_names(url, headers)
         return required <= seen
 
     async def run() -> None:
@@ -511,3 +529,270 @@ def final_response(resp: httpx2.Response, req_id: Any) -> dict:
         if m.get("id") == req_id and ("result" in m or "error" in m):
             return m
     raise AssertionError(f"no JSON-RPC response with id {req_id!r} in HTTP {resp.status_code} body: {resp.text[:2000]}")
+
+
+# --------------------------------------------------------------------------- OAuth: authorization server, tokens
+
+AS_FIXTURE = ROOT / "tests" / "fixtures" / "as.mjs"
+MCP_REMOTE_JS = HARNESS_DIR / "node_modules" / "mcp-remote" / "dist" / "proxy.js"
+AS_LISTEN_RE = re.compile(r"^AS listening on (http://\S+)\s*$")
+
+
+class AuthServer:
+    """tests/fixtures/as.mjs (oidc-provider) running on Node 22 on a free port."""
+
+    def __init__(self, proc: Proc, issuer: str, key_file: Path):
+        self.proc = proc
+        self.issuer = issuer
+        self.key_file = key_file
+        self.token_endpoint = issuer + "/token"
+        self.jwks_uri = issuer + "/jwks"
+
+    def token_response(self, client_id: str, client_secret: str, scope: str | None = None,
+                       resource: str | None = None, grant_type: str = "client_credentials",
+                       **extra: str) -> httpx2.Response:
+        data = {"grant_type": grant_type, **extra}
+        if scope is not None:
+            data["scope"] = scope
+        if resource is not None:
+            data["resource"] = resource
+        with httpx2.Client(timeout=20) as c:
+            return c.post(self.token_endpoint, data=data, auth=(client_id, client_secret))
+
+    def token(self, client_id: str, client_secret: str, scope: str | None = None, resource: str | None = None) -> str:
+        r = self.token_response(client_id, client_secret, scope=scope, resource=resource)
+        if r.status_code != 200:
+            raise RuntimeError(f"token request for {client_id} failed: HTTP {r.status_code} {r.text}")
+        return r.json()["access_token"]
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def start_auth_server(log_dir: Path, name: str = "as", env: dict[str, str] | None = None) -> AuthServer:
+    key_file = log_dir / f"{name}-jwks.private.json"  # outside the repository
+    proc = Proc(name, [str(NODE22), str(AS_FIXTURE)], log_dir,
+                env={"AS_PORT": "0", "AS_KEY_FILE": str(key_file), "HARNESS_DIR": str(HARNESS_DIR), **(env or {})})
+    try:
+        m = proc.wait_line(AS_LISTEN_RE, 30)
+    except BaseException:
+        proc.stop()
+        raise
+    return AuthServer(proc, m.group(1), key_file)
+
+
+def jwt_claims(token: str) -> dict:
+    """The unverified payload of a JWT (for assertions on what the AS issued)."""
+    import base64
+
+    part = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# --------------------------------------------------------------------------- OAuth: a stand-in JWKS and minted tokens
+#
+# A real authorization server cannot be made to issue expired, not-yet-valid, wrongly addressed, badly signed or
+# `alg: none` tokens. For those cases the tests mint tokens themselves with a test-generated RSA key, and a broker
+# configured with `[auth] jwks_uri` pointing at this tiny local JWKS server accepts that key.
+
+
+def rsa_private_key():
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def public_jwk(private_key, kid: str) -> dict:
+    import jwt
+
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private_key.public_key()))
+    jwk.update({"kid": kid, "alg": "RS256", "use": "sig"})
+    return jwk
+
+
+def public_pem(private_key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return private_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def mint_rs256(private_key, claims: dict, kid: str, typ: str = "at+jwt") -> str:
+    import jwt
+
+    return jwt.encode(claims, private_key, algorithm="RS256", headers={"kid": kid, "typ": typ})
+
+
+def _b64url(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _segments(header: dict, claims: dict) -> str:
+    return _b64url(json.dumps(header, separators=(",", ":")).encode()) + "." + \
+        _b64url(json.dumps(claims, separators=(",", ":")).encode())
+
+
+def mint_alg_none(claims: dict, kid: str) -> str:
+    return _segments({"alg": "none", "typ": "at+jwt", "kid": kid}, claims) + "."
+
+
+def mint_hs256_with_key_bytes(secret: bytes, claims: dict, kid: str) -> str:
+    """Algorithm confusion: an HS256 MAC keyed with the RSA *public* key (pyjwt refuses to do this)."""
+    import hashlib
+    import hmac
+
+    signing_input = _segments({"alg": "HS256", "typ": "at+jwt", "kid": kid}, claims)
+    mac = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + _b64url(mac)
+
+
+class JwksServer:
+    """Serves {"keys": [...]} at /jwks.json on a free loopback port from a daemon thread; counts requests."""
+
+    def __init__(self, keys: list[dict]):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.keys = keys
+        self.hits = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server API
+                outer.hits += 1
+                if self.path.split("?")[0] != "/jwks.json":
+                    self.send_error(404)
+                    return
+                body = json.dumps({"keys": outer.keys}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):  # quiet
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/jwks.json"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+# --------------------------------------------------------------------------- OAuth: WWW-Authenticate and raw sessions
+
+_AUTH_PARAM_RE = re.compile(r'\s*([!#$%&\'*+\-.^_`|~0-9A-Za-z]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]*)\s*(,|$)')
+
+
+def parse_www_authenticate(value: str) -> tuple[str, list[tuple[str, str]]]:
+    """One challenge `Scheme k=v, k="v"` -> (scheme, [(key, value), ...]) keeping duplicates (RS-12 counts them)."""
+    value = value.strip()
+    scheme, _, rest = value.partition(" ")
+    params: list[tuple[str, str]] = []
+    pos = 0
+    rest = rest.strip()
+    while pos < len(rest):
+        m = _AUTH_PARAM_RE.match(rest, pos)
+        if not m:
+            raise AssertionError(f"unparseable WWW-Authenticate parameters at {rest[pos:]!r} in {value!r}")
+        k, v = m.group(1), m.group(2)
+        if v.startswith('"'):
+            v = re.sub(r"\\(.)", r"\1", v[1:-1])
+        params.append((k.lower(), v))
+        pos = m.end()
+    return scheme, params
+
+
+def bearer_challenge(resp: httpx2.Response) -> dict[str, str]:
+    """The single Bearer challenge of a response as a dict; asserts RS-12 (no attribute twice, >= 1 attribute)."""
+    values = resp.headers.get_list("www-authenticate") if hasattr(resp.headers, "get_list") else \
+        [v for k, v in resp.headers.multi_items() if k.lower() == "www-authenticate"]
+    assert values, f"HTTP {resp.status_code} without WWW-Authenticate (headers: {dict(resp.headers)})"
+    bearers = [v for v in values if v.strip().lower().startswith("bearer")]
+    assert len(bearers) == 1, f"expected one Bearer challenge, got {values}"
+    scheme, params = parse_www_authenticate(bearers[0])
+    assert scheme.lower() == "bearer", bearers[0]
+    assert params, f"Bearer challenge without attributes: {bearers[0]!r}"
+    keys = [k for k, _ in params]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    assert not dup, f"attributes {dup} appear more than once in {bearers[0]!r} (RS-12)"
+    return dict(params)
+
+
+MCP_ACCEPT = "application/json, text/event-stream"
+
+
+def init_body(req_id: int = 1, name: str = "e2e-auth") -> dict:
+    return {"jsonrpc": "2.0", "id": req_id, "method": "initialize",
+            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": name, "version": "0"}}}
+
+
+class RawSession:
+    """A legacy-era MCP session over plain HTTP, so tests see exact status codes and headers."""
+
+    def __init__(self, url: str, token: str | None, timeout: float = 30):
+        self.url = url
+        self.token = token
+        self.client = httpx2.Client(timeout=timeout)
+        self.session_id: str | None = None
+        self.protocol_version = "2025-11-25"
+        self._next_id = 100
+
+    def headers(self, token: str | None = ..., session: bool = True) -> dict[str, str]:
+        tok = self.token if token is ... else token
+        h = {"Content-Type": "application/json", "Accept": MCP_ACCEPT, "MCP-Protocol-Version": self.protocol_version}
+        if tok:
+            h["Authorization"] = f"Bearer {tok}"
+        if session and self.session_id:
+            h["Mcp-Session-Id"] = self.session_id
+        return h
+
+    def initialize(self) -> httpx2.Response:
+        r = self.client.post(self.url, headers=self.headers(session=False), json=init_body())
+        assert r.status_code == 200, f"initialize: HTTP {r.status_code} {r.headers.get('www-authenticate')} {r.text[:500]}"
+        self.session_id = r.headers.get("mcp-session-id")
+        self.protocol_version = final_response(r, 1)["result"]["protocolVersion"]
+        n = self.client.post(self.url, headers=self.headers(),
+                             json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+        assert n.status_code in (200, 202), f"notifications/initialized: HTTP {n.status_code} {n.text[:300]}"
+        return r
+
+    def post(self, method: str, params: dict | None = None, token: str | None = ...,
+             session: bool = True) -> tuple[httpx2.Response, int]:
+        self._next_id += 1
+        body = {"jsonrpc": "2.0", "id": self._next_id, "method": method}
+        if params is not None:
+            body["params"] = params
+        r = self.client.post(self.url, headers=self.headers(token, session), json=body)
+        return r, self._next_id
+
+    def request(self, method: str, params: dict | None = None, token: str | None = ...) -> dict:
+        """POST and return the JSON-RPC response message; asserts HTTP 200."""
+        r, rid = self.post(method, params, token)
+        assert r.status_code == 200, f"{method}: HTTP {r.status_code} {r.headers.get('www-authenticate')} {r.text[:500]}"
+        return final_response(r, rid)
+
+    def close(self) -> None:
+        if self.session_id:
+            try:
+                self.client.delete(self.url, headers=self.headers())
+            except httpx2.HTTPError:
+                pass
+        self.client.close()
+
+    def __enter__(self) -> "RawSession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
