@@ -351,7 +351,8 @@ def toml_key(k: str) -> str:
 
 
 def render_config(servers: dict[str, dict[str, Any]], broker: dict[str, Any] | None = None,
-                  auth: dict[str, Any] | None = None, policies: list[dict[str, Any]] | None = None) -> str:
+                  auth: dict[str, Any] | None = None, policies: list[dict[str, Any]] | None = None,
+                  extra_toml: str = "") -> str:
     """servers.toml text: [broker], optional [auth] and [[policy]] rules (in order), then [servers.NAME]."""
     out = ["[broker]"]
     b = {"listen": "127.0.0.1:0"}
@@ -368,6 +369,9 @@ def render_config(servers: dict[str, dict[str, Any]], broker: dict[str, Any] | N
         out.append("[[policy]]")
         for k, v in rule.items():
             out.append(f"{toml_key(k)} = {toml_value(v)}")
+    if extra_toml:
+        out.append("")
+        out.append(extra_toml.rstrip("\n"))
     for name, spec in servers.items():
         out.append("")
         out.append(f"[servers.{name}]")
@@ -401,12 +405,13 @@ class Broker:
 
 def start_broker(work_dir: Path, servers: dict[str, dict[str, Any]], broker: dict[str, Any] | None = None,
                  name: str = "broker", env: dict[str, str] | None = None,
-                 auth: dict[str, Any] | None = None, policies: list[dict[str, Any]] | None = None) -> Broker:
+                 auth: dict[str, Any] | None = None, policies: list[dict[str, Any]] | None = None,
+                 extra_toml: str = "") -> Broker:
     if not BROKER_BIN.exists():
         raise RuntimeError(f"broker binary {BROKER_BIN} does not exist (cargo build first)")
     work_dir.mkdir(parents=True, exist_ok=True)
     cfg = work_dir / f"{name}.toml"
-    cfg.write_text(render_config(servers, broker, auth=auth, policies=policies))
+    cfg.write_text(render_config(servers, broker, auth=auth, policies=policies, extra_toml=extra_toml))
     proc = Proc(name, [str(BROKER_BIN), "serve", "--config", str(cfg)], work_dir,
                 env={"RUST_LOG": os.environ.get("RUST_LOG", "info,rmcp=warn"), **(env or {})})
     try:
