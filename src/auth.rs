@@ -15,7 +15,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::config::AuthConfig;
+use crate::config::{AuthConfig, Secret};
 
 /// An unknown `kid` triggers at most one JWKS fetch per this interval.
 pub const KEY_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
@@ -55,6 +55,9 @@ pub struct Caller {
     pub claims: Arc<Map<String, Value>>,
     /// Whether this caller proved an identity (false without `[auth]`).
     pub authenticated: bool,
+    /// The validated inbound token: only ever sent to the token-exchange endpoint as the
+    /// `subject_token`, never to an upstream (and never logged: `Secret` redacts itself).
+    pub token: Option<Secret>,
 }
 
 impl Caller {
@@ -77,6 +80,7 @@ impl Caller {
             act: Vec::new(),
             claims: Arc::new(Map::new()),
             authenticated: false,
+            token: None,
         }
     }
 
@@ -162,6 +166,8 @@ impl Authenticator {
                 "the token is not a JWT and introspection is not configured",
             ));
         };
+        let mut caller = caller;
+        caller.token = Some(Secret::new(token));
         let missing: Vec<String> = self
             .config
             .required_scopes
@@ -269,6 +275,7 @@ impl Authenticator {
             act,
             claims: Arc::new(claims),
             authenticated: true,
+            token: None,
         })
     }
 

@@ -76,6 +76,87 @@ pub struct Config {
     pub policy: Vec<PolicyRule>,
     /// `[policy_engine]`: an OPA Rego policy evaluated after the rules.
     pub rego: Option<RegoConfig>,
+    /// `[credentials.NAME]`: named token-exchange clients and Vault stores servers `use`.
+    pub credentials: IndexMap<String, CredentialStore>,
+}
+
+/// A named source of outbound credentials.
+#[derive(Debug, Clone)]
+pub enum CredentialStore {
+    TokenExchange(ExchangeConfig),
+    Vault(VaultConfig),
+}
+
+/// An RFC 8693 token-exchange client.
+#[derive(Debug, Clone)]
+pub struct ExchangeConfig {
+    pub token_endpoint: url::Url,
+    pub client_id: String,
+    pub client_secret: Secret,
+    /// `client_secret_post` sends the secret in the form instead of HTTP Basic.
+    pub secret_in_body: bool,
+    /// Delegation: send the broker's own client-credentials token as `actor_token`.
+    pub actor: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct VaultConfig {
+    pub address: url::Url,
+    /// 2 (default): `data.data` holds the secret; 1: `data` does.
+    pub kv_version: u8,
+    pub login: VaultLogin,
+    /// How long a read secret is reused (KV v2 reports lease_duration 0).
+    pub cache_ttl: Duration,
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum VaultLogin {
+    Token(Secret),
+    AppRole {
+        mount: String,
+        role_id: String,
+        secret_id: Secret,
+    },
+    /// Per-user: the caller's token is exchanged for `audience` through the `exchange` client first;
+    /// the broker-audience token itself never goes to Vault.
+    Jwt {
+        mount: String,
+        role: String,
+        exchange: String,
+        audience: String,
+    },
+}
+
+/// How a server's upstream requests are credentialed.
+#[derive(Debug, Clone)]
+pub enum UpstreamAuth {
+    /// An RFC 8693 token for this upstream, per caller.
+    Exchange {
+        client: String,
+        audience: String,
+        scopes: Vec<String>,
+        tool_scopes: BTreeMap<String, Vec<String>>,
+        /// Caps how long an exchanged token is reused (the token's own `exp` also bounds it).
+        ttl: Option<Duration>,
+    },
+    /// A field of a Vault secret; `path` may use `{sub}`, `{client_id}`, `{claims.NAME}`.
+    Vault {
+        store: String,
+        path: String,
+        field: String,
+        target: SecretTarget,
+    },
+    Static(Vec<(SecretTarget, Secret)>),
+    /// Tried in order; the first that yields a credential is used.
+    First(Vec<UpstreamAuth>),
+}
+
+/// Where a secret goes: an HTTP header (with a format around the value) or a stdio child's env var.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretTarget {
+    Header { name: String, format: String },
+    Env(String),
 }
 
 #[derive(Debug, Clone)]
@@ -170,6 +251,7 @@ pub struct ServerConfig {
     pub timeout: Duration,
     /// How long connecting plus `initialize` may take before the attempt counts as failed.
     pub connect_timeout: Duration,
+    pub upstream_auth: Option<UpstreamAuth>,
 }
 
 #[derive(Debug, Clone)]
@@ -240,6 +322,69 @@ struct RawConfig {
     #[serde(default)]
     policy: Vec<RawPolicy>,
     policy_engine: Option<RawPolicyEngine>,
+    #[serde(default)]
+    credentials: IndexMap<String, RawCredentialStore>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredentialStore {
+    kind: String,
+    // token_exchange
+    token_endpoint: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    auth_method: Option<String>,
+    actor: Option<String>,
+    // vault
+    address: Option<String>,
+    kv_version: Option<u8>,
+    login: Option<RawVaultLogin>,
+    cache_ttl: Option<String>,
+    namespace: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVaultLogin {
+    method: String,
+    token: Option<String>,
+    role_id: Option<String>,
+    secret_id: Option<String>,
+    mount: Option<String>,
+    role: Option<String>,
+    exchange: Option<RawVaultExchange>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVaultExchange {
+    #[serde(rename = "use")]
+    use_: String,
+    audience: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamAuth {
+    #[serde(rename = "use")]
+    use_: Option<String>,
+    kind: Option<String>,
+    // exchange
+    audience: Option<String>,
+    scopes: Option<Vec<String>>,
+    tool_scopes: Option<BTreeMap<String, Vec<String>>>,
+    ttl: Option<String>,
+    // vault
+    path: Option<String>,
+    field: Option<String>,
+    // targets (vault, static)
+    header: Option<String>,
+    format: Option<String>,
+    value: Option<String>,
+    env: Option<toml::Value>,
+    // chain
+    first: Option<Vec<RawUpstreamAuth>>,
 }
 
 #[derive(Deserialize)]
@@ -313,6 +458,7 @@ struct RawServer {
     tools: Option<RawFilter>,
     timeout: Option<String>,
     connect_timeout: Option<String>,
+    upstream_auth: Option<RawUpstreamAuth>,
 }
 
 #[derive(Deserialize)]
@@ -358,9 +504,31 @@ impl Config {
             .filter(|p| !p.as_os_str().is_empty())
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
+        let mut credentials = IndexMap::new();
+        for (name, c) in raw.credentials {
+            let store = ctx.credential_store(&name, c)?;
+            credentials.insert(name, store);
+        }
+        for (name, c) in &credentials {
+            if let CredentialStore::Vault(VaultConfig {
+                login: VaultLogin::Jwt { exchange, .. },
+                ..
+            }) = c
+                && !matches!(
+                    credentials.get(exchange),
+                    Some(CredentialStore::TokenExchange(_))
+                )
+            {
+                return Err(ctx.invalid(
+                    &["credentials", name],
+                    "login",
+                    format!("exchange uses `{exchange}`, which is not a [credentials.{exchange}] of kind \"token_exchange\""),
+                ));
+            }
+        }
         let mut servers = Vec::with_capacity(raw.servers.len());
         for (name, s) in raw.servers {
-            servers.push(ctx.server(&name, s, &base)?);
+            servers.push(ctx.server(&name, s, &base, &credentials)?);
         }
         // Two servers with one non-empty prefix would shadow each other's names wholesale.
         for (i, a) in servers.iter().enumerate() {
@@ -413,6 +581,7 @@ impl Config {
             auth,
             policy,
             rego,
+            credentials,
         })
     }
 
@@ -551,7 +720,13 @@ impl Ctx<'_> {
         })
     }
 
-    fn server(&self, name: &str, raw: RawServer, base: &Path) -> Result<ServerConfig, ConfigError> {
+    fn server(
+        &self,
+        name: &str,
+        raw: RawServer,
+        base: &Path,
+        stores: &IndexMap<String, CredentialStore>,
+    ) -> Result<ServerConfig, ConfigError> {
         let t = &["servers", name];
         if name.is_empty() || name.len() > 32 || !name.chars().all(is_name_char) {
             return Err(self.invalid(
@@ -681,6 +856,11 @@ impl Ctx<'_> {
             raw.connect_timeout,
             Duration::from_secs(30),
         )?;
+        let stdio = matches!(transport, TransportConfig::Stdio { .. });
+        let upstream_auth = match raw.upstream_auth {
+            Some(a) => Some(self.upstream_auth(t, a, stdio, stores, 0)?),
+            None => None,
+        };
         Ok(ServerConfig {
             name: name.to_string(),
             prefix,
@@ -688,6 +868,7 @@ impl Ctx<'_> {
             tools,
             timeout,
             connect_timeout,
+            upstream_auth,
         })
     }
 
@@ -746,6 +927,323 @@ impl Ctx<'_> {
                 .group_claims
                 .unwrap_or_else(|| vec!["groups".into(), "roles".into()]),
         })
+    }
+
+    fn credential_store(
+        &self,
+        name: &str,
+        raw: RawCredentialStore,
+    ) -> Result<CredentialStore, ConfigError> {
+        let t = &["credentials", name];
+        let need = |key: &str, v: Option<String>| -> Result<String, ConfigError> {
+            let v = v.ok_or_else(|| {
+                self.invalid(t, key, format!("`{key}` is required for this kind"))
+            })?;
+            self.expand(t, key, &v)
+        };
+        let url = |key: &str, v: String| -> Result<url::Url, ConfigError> {
+            let u =
+                url::Url::parse(&v).map_err(|e| self.invalid(t, key, format!("\"{v}\": {e}")))?;
+            if !matches!(u.scheme(), "http" | "https") {
+                return Err(self.invalid(t, key, "must be an http or https URL".into()));
+            }
+            Ok(u)
+        };
+        match raw.kind.as_str() {
+            "token_exchange" => {
+                for (k, present) in [
+                    ("address", raw.address.is_some()),
+                    ("kv_version", raw.kv_version.is_some()),
+                    ("login", raw.login.is_some()),
+                    ("cache_ttl", raw.cache_ttl.is_some()),
+                    ("namespace", raw.namespace.is_some()),
+                ] {
+                    if present {
+                        return Err(self.invalid(
+                            t,
+                            k,
+                            format!("`{k}` does not apply to kind \"token_exchange\""),
+                        ));
+                    }
+                }
+                let secret_in_body = match raw.auth_method.as_deref() {
+                    None | Some("client_secret_basic") => false,
+                    Some("client_secret_post") => true,
+                    Some(o) => {
+                        return Err(self.invalid(
+                            t,
+                            "auth_method",
+                            format!(
+                                "\"{o}\": use \"client_secret_basic\" or \"client_secret_post\""
+                            ),
+                        ));
+                    }
+                };
+                let actor = match raw.actor.as_deref() {
+                    None => false,
+                    Some("client_credentials") => true,
+                    Some(o) => {
+                        return Err(self.invalid(
+                            t,
+                            "actor",
+                            format!("\"{o}\": the only actor source is \"client_credentials\""),
+                        ));
+                    }
+                };
+                Ok(CredentialStore::TokenExchange(ExchangeConfig {
+                    token_endpoint: url(
+                        "token_endpoint",
+                        need("token_endpoint", raw.token_endpoint)?,
+                    )?,
+                    client_id: need("client_id", raw.client_id)?,
+                    client_secret: Secret::new(need("client_secret", raw.client_secret)?),
+                    secret_in_body,
+                    actor,
+                }))
+            }
+            "vault" => {
+                for (k, present) in [
+                    ("token_endpoint", raw.token_endpoint.is_some()),
+                    ("client_id", raw.client_id.is_some()),
+                    ("client_secret", raw.client_secret.is_some()),
+                    ("auth_method", raw.auth_method.is_some()),
+                    ("actor", raw.actor.is_some()),
+                ] {
+                    if present {
+                        return Err(self.invalid(
+                            t,
+                            k,
+                            format!("`{k}` does not apply to kind \"vault\""),
+                        ));
+                    }
+                }
+                let kv_version = raw.kv_version.unwrap_or(2);
+                if !matches!(kv_version, 1 | 2) {
+                    return Err(self.invalid(t, "kv_version", "must be 1 or 2".into()));
+                }
+                let l = raw.login.ok_or_else(|| {
+                    self.invalid(t, "login", "a vault store needs `login`".into())
+                })?;
+                let lneed = |key: &str, v: Option<String>| -> Result<String, ConfigError> {
+                    let v = v.ok_or_else(|| {
+                        self.invalid(
+                            t,
+                            "login",
+                            format!("login method \"{}\" needs `{key}`", l.method),
+                        )
+                    })?;
+                    self.expand(t, "login", &v)
+                };
+                let login = match l.method.as_str() {
+                    "token" => VaultLogin::Token(Secret::new(lneed("token", l.token.clone())?)),
+                    "approle" => VaultLogin::AppRole {
+                        mount: l.mount.clone().unwrap_or_else(|| "approle".into()),
+                        role_id: lneed("role_id", l.role_id.clone())?,
+                        secret_id: Secret::new(lneed("secret_id", l.secret_id.clone())?),
+                    },
+                    "jwt" => {
+                        let ex = l.exchange.as_ref().ok_or_else(|| {
+                            self.invalid(t, "login", "login method \"jwt\" needs `exchange = { use = \"<token_exchange store>\", audience = \"<vault role's bound audience>\" }`: the caller's own token is never sent to Vault".into())
+                        })?;
+                        VaultLogin::Jwt {
+                            mount: l.mount.clone().unwrap_or_else(|| "jwt".into()),
+                            role: lneed("role", l.role.clone())?,
+                            exchange: ex.use_.clone(),
+                            audience: ex.audience.clone(),
+                        }
+                    }
+                    o => {
+                        return Err(self.invalid(t, "login", format!("\"{o}\" is not a login method; use \"token\", \"approle\" or \"jwt\"")));
+                    }
+                };
+                let namespace = match raw.namespace {
+                    Some(n) => Some(self.expand(t, "namespace", &n)?),
+                    None => None,
+                };
+                Ok(CredentialStore::Vault(VaultConfig {
+                    address: url("address", need("address", raw.address)?)?,
+                    kv_version,
+                    login,
+                    cache_ttl: self.duration(
+                        t,
+                        "cache_ttl",
+                        raw.cache_ttl,
+                        Duration::from_secs(60),
+                    )?,
+                    namespace,
+                }))
+            }
+            o => Err(self.invalid(
+                t,
+                "kind",
+                format!("\"{o}\" is not a credential kind; use \"token_exchange\" or \"vault\""),
+            )),
+        }
+    }
+
+    fn upstream_auth(
+        &self,
+        t: &[&str],
+        raw: RawUpstreamAuth,
+        stdio: bool,
+        stores: &IndexMap<String, CredentialStore>,
+        depth: usize,
+    ) -> Result<UpstreamAuth, ConfigError> {
+        let key = "upstream_auth";
+        let bad = |m: String| self.invalid(t, key, m);
+        if let Some(first) = raw.first {
+            if depth > 0 {
+                return Err(bad("`first` chains cannot be nested".into()));
+            }
+            if first.is_empty() {
+                return Err(bad("`first` needs at least one entry".into()));
+            }
+            return Ok(UpstreamAuth::First(
+                first
+                    .into_iter()
+                    .map(|a| self.upstream_auth(t, a, stdio, stores, depth + 1))
+                    .collect::<Result<_, _>>()?,
+            ));
+        }
+        let target = |header: Option<String>,
+                      format: Option<String>,
+                      env: Option<&toml::Value>|
+         -> Result<SecretTarget, ConfigError> {
+            match (header, env) {
+                (Some(_), Some(_)) => Err(bad("give `header` or `env`, not both".into())),
+                (Some(h), None) => {
+                    if stdio {
+                        return Err(bad(
+                            "a stdio server takes credentials as `env`, not `header`".into(),
+                        ));
+                    }
+                    if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                        return Err(bad(format!("`{h}` is not a header name")));
+                    }
+                    let format = format.unwrap_or_else(|| {
+                        if h.eq_ignore_ascii_case("authorization") {
+                            "Bearer {value}".into()
+                        } else {
+                            "{value}".into()
+                        }
+                    });
+                    if !format.contains("{value}") {
+                        return Err(bad("`format` must contain {value}".into()));
+                    }
+                    Ok(SecretTarget::Header { name: h, format })
+                }
+                (None, Some(toml::Value::String(var))) => Ok(SecretTarget::Env(var.clone())),
+                (None, Some(_)) => Err(bad(
+                    "`env` names the variable that receives the secret, e.g. env = \"API_KEY\""
+                        .into(),
+                )),
+                (None, None) => Ok(if stdio {
+                    SecretTarget::Env("MCP_UPSTREAM_TOKEN".into())
+                } else {
+                    SecretTarget::Header {
+                        name: "Authorization".into(),
+                        format: "Bearer {value}".into(),
+                    }
+                }),
+            }
+        };
+        if raw.kind.as_deref() == Some("static") {
+            if raw.use_.is_some() {
+                return Err(bad(
+                    "give `use = \"<store>\"` or `kind = \"static\"`, not both".into(),
+                ));
+            }
+            // Either one `value` (into `header` or a single `env` name), or an `env` table of values.
+            if let Some(toml::Value::Table(tbl)) = &raw.env {
+                if raw.value.is_some() || raw.header.is_some() {
+                    return Err(bad(
+                        "an `env` table carries its own values; drop `value`/`header`".into(),
+                    ));
+                }
+                let mut out = Vec::new();
+                for (k, v) in tbl {
+                    let v = v
+                        .as_str()
+                        .ok_or_else(|| bad(format!("env `{k}` must be a string")))?;
+                    out.push((
+                        SecretTarget::Env(k.clone()),
+                        Secret::new(self.expand(t, key, v)?),
+                    ));
+                }
+                return Ok(UpstreamAuth::Static(out));
+            }
+            let value = raw.value.ok_or_else(|| {
+                bad("a static credential needs `value` (or an `env` table)".into())
+            })?;
+            let target = target(raw.header, raw.format, raw.env.as_ref())?;
+            return Ok(UpstreamAuth::Static(vec![(
+                target,
+                Secret::new(self.expand(t, key, &value)?),
+            )]));
+        }
+        if let Some(k) = &raw.kind {
+            return Err(bad(format!(
+                "\"{k}\" is not a kind here; use `kind = \"static\"` or `use = \"<store>\"`"
+            )));
+        }
+        let store = raw.use_.ok_or_else(|| {
+            bad(
+                "needs `use = \"<credentials store>\"`, `kind = \"static\"` or `first = [...]`"
+                    .into(),
+            )
+        })?;
+        match stores.get(&store) {
+            None => Err(bad(format!("no [credentials.{store}] is configured"))),
+            Some(CredentialStore::TokenExchange(_)) => {
+                if raw.path.is_some() || raw.field.is_some() || raw.value.is_some() {
+                    return Err(bad(format!(
+                        "`{store}` is a token_exchange store: `path`, `field` and `value` do not apply"
+                    )));
+                }
+                let audience = raw.audience.ok_or_else(|| {
+                    bad("a token exchange needs `audience` (the upstream's resource URI)".into())
+                })?;
+                let ttl = match raw.ttl {
+                    Some(v) => Some(
+                        parse_duration(&v)
+                            .ok_or_else(|| bad(format!("ttl \"{v}\" is not a duration")))?,
+                    ),
+                    None => None,
+                };
+                Ok(UpstreamAuth::Exchange {
+                    client: store,
+                    audience: self.expand(t, key, &audience)?,
+                    scopes: raw.scopes.unwrap_or_default(),
+                    tool_scopes: raw.tool_scopes.unwrap_or_default(),
+                    ttl,
+                })
+            }
+            Some(CredentialStore::Vault(_)) => {
+                if raw.audience.is_some()
+                    || raw.scopes.is_some()
+                    || raw.tool_scopes.is_some()
+                    || raw.ttl.is_some()
+                {
+                    return Err(bad(format!(
+                        "`{store}` is a vault store: `audience`, `scopes`, `tool_scopes` and `ttl` do not apply"
+                    )));
+                }
+                let path = raw.path.ok_or_else(|| {
+                    bad("a vault credential needs `path` (the API path after /v1/)".into())
+                })?;
+                if path.starts_with('/') || path.split('/').any(|seg| seg == "..") {
+                    return Err(bad(format!(
+                        "path \"{path}\" must be relative to /v1/ and contain no `..`"
+                    )));
+                }
+                Ok(UpstreamAuth::Vault {
+                    store,
+                    path,
+                    field: raw.field.unwrap_or_else(|| "token".into()),
+                    target: target(raw.header, raw.format, raw.env.as_ref())?,
+                })
+            }
+        }
     }
 
     fn policy_rule(&self, number: usize, raw: RawPolicy) -> Result<PolicyRule, ConfigError> {

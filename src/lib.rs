@@ -20,6 +20,7 @@ pub mod broker;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod credentials;
 pub mod front;
 pub mod policy;
 pub mod upstream;

@@ -335,6 +335,7 @@ mod tests {
             act: vec![],
             claims: Arc::new(claims),
             authenticated: true,
+            token: None,
         }
     }
 
