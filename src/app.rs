@@ -187,6 +187,9 @@ async fn tools(
     let broker = Broker::new(config)?;
     broker.start();
     broker.wait_connected(wait).await;
+    if let Some(c) = &caller {
+        broker.prepare(c).await;
+    }
     let collisions = broker.collisions();
     let catalog = broker.catalog();
     let visible: Option<std::collections::HashSet<String>> = caller.as_ref().map(|c| {

@@ -37,9 +37,10 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Caller;
 use crate::catalog::{Catalog, Collision, Listing, Namespace};
 use crate::config::Config;
+use crate::credentials::{CredentialError, Credentials};
 use crate::policy::{Decision, Kind, Policy, PolicyError, RegoPolicy};
 use crate::upstream::{
-    Connection, ListKind, ProgressRouter, Upstream, UpstreamError, UpstreamEvent,
+    Connection, ListKind, ProgressRouter, Secrets, Upstream, UpstreamError, UpstreamEvent,
 };
 
 /// The downstream side of one request: where its progress and server-to-client requests go.
@@ -68,6 +69,9 @@ enum Failure {
     Unavailable(String),
 }
 
+/// (server, connection id, upstream request id): request ids are only unique per connection.
+type InflightKey = (Arc<str>, u64, RequestId);
+
 /// (server, the upstream's own resource URI).
 type SubscriptionKey = (Arc<str>, String);
 
@@ -77,6 +81,8 @@ pub enum BrokerError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
 }
 
 pub struct Broker {
@@ -89,7 +95,8 @@ pub struct Broker {
     sessions: DashMap<u64, Session>,
     next_session: AtomicU64,
     /// (server, upstream request id) → the downstream request it serves, for server-to-client routing.
-    inflight: DashMap<(Arc<str>, RequestId), Downstream>,
+    inflight: DashMap<InflightKey, Downstream>,
+    credentials: Arc<Credentials>,
     /// (server, upstream URI) → sessions subscribed to its updates.
     subscriptions: Mutex<HashMap<SubscriptionKey, HashSet<u64>>>,
     /// Fan-out of list changes to 2026-07-28 `subscriptions/listen` streams.
@@ -105,9 +112,16 @@ impl Broker {
         let upstreams = config
             .servers
             .iter()
-            .map(|s| Upstream::new(s.clone()))
+            .map(|s| {
+                let per_caller = s
+                    .upstream_auth
+                    .as_ref()
+                    .is_some_and(Credentials::per_caller);
+                Upstream::new(s.clone(), per_caller)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let credentials = Arc::new(Credentials::new(&config)?);
         Ok(Arc::new(Self {
             namespaces: Namespace::from_config(&config),
             policy: build_policy(&config)?,
@@ -117,6 +131,7 @@ impl Broker {
             sessions: DashMap::new(),
             next_session: AtomicU64::new(1),
             inflight: DashMap::new(),
+            credentials,
             subscriptions: Mutex::new(HashMap::new()),
             changes: broadcast::channel(64).0,
             events_tx,
@@ -128,6 +143,28 @@ impl Broker {
 
     /// Start every upstream's supervisor and the event router. Call once.
     pub fn start(self: &Arc<Self>) {
+        for up in &self.upstreams {
+            // A shared connection with a configured credential (static, or a Vault path without
+            // caller placeholders) resolves it before every (re)connect.
+            if let Some(auth) = up.config.upstream_auth.clone()
+                && !up.per_caller
+            {
+                let creds = self.credentials.clone();
+                up.set_secrets(Arc::new(move || {
+                    let (creds, auth) = (creds.clone(), auth.clone());
+                    Box::pin(async move {
+                        creds
+                            .resolve(&auth, &Caller::local(), None)
+                            .await
+                            .map(|c| Secrets {
+                                headers: c.headers,
+                                env: c.env,
+                            })
+                            .map_err(|e| e.to_string())
+                    })
+                }));
+            }
+        }
         for up in &self.upstreams {
             self.tasks.spawn(
                 up.clone()
@@ -175,7 +212,7 @@ impl Broker {
     pub async fn wait_connected(&self, deadline: std::time::Duration) {
         let end = tokio::time::Instant::now() + deadline;
         while tokio::time::Instant::now() < end {
-            if self.upstreams.iter().all(|u| u.is_up()) {
+            if self.upstreams.iter().all(|u| u.per_caller || u.is_up()) {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -318,10 +355,8 @@ impl Broker {
     fn rebuild(&self) -> Vec<Collision> {
         let mut listings: HashMap<Arc<str>, Listing> = HashMap::new();
         for up in &self.upstreams {
-            if let Some(conn) = up.connection()
-                && let Ok(l) = conn.listing.lock()
-            {
-                listings.insert(up.name.clone(), l.clone());
+            if let Some(l) = up.listing() {
+                listings.insert(up.name.clone(), l);
             }
         }
         let old = self.catalog();
@@ -403,10 +438,14 @@ impl Broker {
         if !decision.allow {
             return Ok(tool_error(decision.reason).into());
         }
+        let tool_name = original.clone();
         params.name = original.into();
         params.meta = forwardable_meta(params.meta.take());
         let req = ClientRequest::CallToolRequest(CallToolRequest::new(params));
-        match self.forward(&server, req, &down, &ct).await {
+        match self
+            .forward(&server, req, caller, Some(&tool_name), &down, &ct)
+            .await
+        {
             Ok(ServerResult::CallToolResult(r)) => Ok(CallToolResponse::Complete(r)),
             Ok(ServerResult::InputRequiredResult(r)) => Ok(CallToolResponse::InputRequired(r)),
             Ok(ServerResult::CreateTaskResult(r)) => Ok(CallToolResponse::Task(r)),
@@ -444,7 +483,7 @@ impl Broker {
         params.name = original;
         params.meta = forwardable_meta(params.meta.take());
         let req = ClientRequest::GetPromptRequest(GetPromptRequest::new(params));
-        match self.forward(&server, req, &down, &ct).await {
+        match self.forward(&server, req, caller, None, &down, &ct).await {
             Ok(ServerResult::GetPromptResult(r)) => Ok(GetPromptResponse::Complete(r)),
             Ok(ServerResult::InputRequiredResult(r)) => Ok(GetPromptResponse::InputRequired(r)),
             Ok(_) => Err(unexpected(&server)),
@@ -477,7 +516,10 @@ impl Broker {
         params.uri = route.original.clone();
         params.meta = forwardable_meta(params.meta.take());
         let req = ClientRequest::ReadResourceRequest(ReadResourceRequest::new(params));
-        match self.forward(&route.server, req, &down, &ct).await {
+        match self
+            .forward(&route.server, req, caller, None, &down, &ct)
+            .await
+        {
             Ok(ServerResult::ReadResourceResult(mut r)) => {
                 let cat = self.catalog();
                 for c in &mut r.contents {
@@ -546,7 +588,7 @@ impl Broker {
         }
         params.meta = forwardable_meta(params.meta.take());
         let req = ClientRequest::CompleteRequest(CompleteRequest::new(params));
-        match self.forward(&server, req, &down, &ct).await {
+        match self.forward(&server, req, caller, None, &down, &ct).await {
             Ok(ServerResult::CompleteResult(r)) => Ok(r),
             Ok(_) => Err(unexpected(&server)),
             Err(Failure::Rpc(e)) => Err(e),
@@ -646,22 +688,100 @@ impl Broker {
         Ok(())
     }
 
+    /// The connection a request by `caller` (for `tool`) goes on: the shared one, or for a
+    /// per-caller server the caller's own, opened with the caller's credential.
+    async fn connection_for(
+        &self,
+        up: &Upstream,
+        caller: &Caller,
+        tool: Option<&str>,
+    ) -> Result<Arc<Connection>, Failure> {
+        let server = &up.name;
+        if !up.per_caller {
+            return up.connection().ok_or_else(|| {
+                Failure::Unavailable(format!(
+                    "server `{server}` is unavailable right now; the broker is reconnecting to it"
+                ))
+            });
+        }
+        let Some(auth) = &up.config.upstream_auth else {
+            return Err(Failure::Rpc(unexpected(server)));
+        };
+        let cred = self
+            .credentials
+            .resolve(auth, caller, tool)
+            .await
+            .map_err(|e| {
+                tracing::warn!(server = %server, sub = %caller.sub, error = %e, "no upstream credential");
+                Failure::Unavailable(format!("server `{server}`: {e}"))
+            })?;
+        // One connection per (caller, credential): servers bind sessions to the token that opened
+        // them, so a new or narrower token gets its own session.
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(caller.sub.as_bytes());
+        for (k, v) in cred.headers.iter().chain(&cred.env) {
+            h.update([0u8]);
+            h.update(k.as_bytes());
+            h.update([0u8]);
+            h.update(v.expose().as_bytes());
+        }
+        let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let secrets = Secrets {
+            headers: cred.headers,
+            env: cred.env,
+        };
+        up.connection_for(&key, &secrets, &self.events_tx)
+            .await
+            .map_err(|e| {
+                tracing::warn!(server = %server, sub = %caller.sub, error = %e, "per-caller connection failed");
+                Failure::Unavailable(format!(
+                    "server `{server}` could not be reached with the caller's credential: {e}"
+                ))
+            })
+    }
+
+    /// For per-caller servers no caller has listed yet: connect with this caller's credential, so
+    /// the catalog can show their tools. Failures are logged; the lists then omit that server.
+    pub async fn prepare(&self, caller: &Caller) {
+        let mut listed = false;
+        for up in self
+            .upstreams
+            .iter()
+            .filter(|u| u.per_caller && !u.listed())
+        {
+            match tokio::time::timeout(
+                up.config.connect_timeout,
+                self.connection_for(up, caller, None),
+            )
+            .await
+            {
+                Ok(Ok(_)) => listed = true,
+                Ok(Err(_)) => {}
+                Err(_) => {
+                    tracing::warn!(server = %up.name, "listing a per-caller server timed out")
+                }
+            }
+        }
+        if listed {
+            self.rebuild();
+        }
+    }
+
     /// Send `req` to `server` and wait for its result, forwarding progress and cancellation.
     async fn forward(
         &self,
         server: &Arc<str>,
         req: ClientRequest,
+        caller: &Caller,
+        tool: Option<&str>,
         down: &Downstream,
         ct: &CancellationToken,
     ) -> Result<ServerResult, Failure> {
         let up = self
             .upstream(server)
             .ok_or_else(|| Failure::Rpc(unexpected(server)))?;
-        let conn = up.connection().ok_or_else(|| {
-            Failure::Unavailable(format!(
-                "server `{server}` is unavailable right now; the broker is reconnecting to it"
-            ))
-        })?;
+        let conn = self.connection_for(up, caller, tool).await?;
         let opts = PeerRequestOptions::with_timeout(up.config.timeout).reset_timeout_on_progress();
         let handle = conn
             .peer
@@ -669,6 +789,7 @@ impl Broker {
             .await
             .map_err(|e| {
                 up.report_failure();
+                up.drop_connection(conn.id);
                 tracing::warn!(server = %server, error = %e, "could not send the request upstream");
                 Failure::Unavailable(format!(
                     "server `{server}` could not be reached; the broker is reconnecting to it"
@@ -712,6 +833,7 @@ impl Broker {
             ))),
             Err(e) => {
                 up.report_failure();
+                up.drop_connection(conn.id);
                 tracing::warn!(server = %server, error = %e, "upstream connection failed during a request");
                 Err(Failure::Unavailable(format!(
                     "the connection to server `{server}` failed during the request; the broker is reconnecting to it"
@@ -736,12 +858,12 @@ impl Broker {
                 UpstreamEvent::StateChanged { .. } => {
                     self.rebuild();
                 }
-                UpstreamEvent::ListChanged { server, kind } => {
+                UpstreamEvent::ListChanged { server, conn, kind } => {
                     // Re-list off the router so a slow upstream does not hold up progress for others.
                     let me = self.clone();
                     tokio::spawn(async move {
                         if let Some(up) = me.upstream(&server)
-                            && up.refresh(kind).await
+                            && up.refresh(conn, kind).await
                         {
                             me.rebuild();
                         }
@@ -759,6 +881,7 @@ impl Broker {
                 }
                 UpstreamEvent::Request {
                     server,
+                    conn,
                     request,
                     origin,
                     cancel,
@@ -766,7 +889,9 @@ impl Broker {
                 } => {
                     let me = self.clone();
                     tokio::spawn(async move {
-                        let r = me.route_request(&server, request, origin, cancel).await;
+                        let r = me
+                            .route_request(&server, conn, request, origin, cancel)
+                            .await;
                         let _ = reply.send(r);
                     });
                 }
@@ -810,15 +935,23 @@ impl Broker {
     async fn route_request(
         &self,
         server: &Arc<str>,
+        conn: u64,
         mut request: ServerRequest,
         origin: Option<RequestId>,
         cancel: CancellationToken,
     ) -> Result<ClientResult, ErrorData> {
         let target = origin
-            .and_then(|id| self.inflight.get(&(server.clone(), id)).map(|d| d.clone()))
+            .and_then(|id| {
+                self.inflight
+                    .get(&(server.clone(), conn, id))
+                    .map(|d| d.clone())
+            })
             .or_else(|| {
                 // stdio and SSE carry no link to the call: route only when it cannot be ambiguous.
-                let mut it = self.inflight.iter().filter(|e| &e.key().0 == server);
+                let mut it = self
+                    .inflight
+                    .iter()
+                    .filter(|e| &e.key().0 == server && e.key().1 == conn);
                 match (it.next(), it.next()) {
                     (Some(only), None) => Some(only.value().clone()),
                     _ => None,
@@ -900,7 +1033,7 @@ struct RouteGuard<'a> {
     broker: &'a Broker,
     router: Arc<ProgressRouter>,
     progress: ProgressToken,
-    inflight: (Arc<str>, RequestId),
+    inflight: InflightKey,
 }
 
 impl<'a> RouteGuard<'a> {
@@ -912,7 +1045,7 @@ impl<'a> RouteGuard<'a> {
         conn: &Connection,
         down: &Downstream,
     ) -> Self {
-        let inflight = (server.clone(), id.clone());
+        let inflight = (server.clone(), conn.id, id.clone());
         broker.inflight.insert(inflight.clone(), down.clone());
         Self {
             broker,

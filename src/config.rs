@@ -252,6 +252,10 @@ pub struct ServerConfig {
     /// How long connecting plus `initialize` may take before the attempt counts as failed.
     pub connect_timeout: Duration,
     pub upstream_auth: Option<UpstreamAuth>,
+    /// Per-caller connections: at most this many open (least recently used closed first).
+    pub max_subjects: usize,
+    /// Per-caller connections idle this long are closed (stdio children stopped).
+    pub subject_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -459,6 +463,8 @@ struct RawServer {
     timeout: Option<String>,
     connect_timeout: Option<String>,
     upstream_auth: Option<RawUpstreamAuth>,
+    max_subjects: Option<usize>,
+    subject_idle_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -861,6 +867,16 @@ impl Ctx<'_> {
             Some(a) => Some(self.upstream_auth(t, a, stdio, stores, 0)?),
             None => None,
         };
+        let max_subjects = raw.max_subjects.unwrap_or(64);
+        if max_subjects == 0 {
+            return Err(self.invalid(t, "max_subjects", "must be at least 1".into()));
+        }
+        let subject_idle_timeout = self.duration(
+            t,
+            "subject_idle_timeout",
+            raw.subject_idle_timeout,
+            Duration::from_secs(300),
+        )?;
         Ok(ServerConfig {
             name: name.to_string(),
             prefix,
@@ -869,6 +885,8 @@ impl Ctx<'_> {
             timeout,
             connect_timeout,
             upstream_auth,
+            max_subjects,
+            subject_idle_timeout,
         })
     }
 

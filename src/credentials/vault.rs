@@ -17,6 +17,9 @@ use crate::config::{Secret, VaultConfig, VaultLogin};
 
 const CACHE_MAX: usize = 10_000;
 
+/// A read secret's data and until when it may be reused.
+type CachedSecret = (Arc<serde_json::Map<String, Value>>, Instant);
+
 #[derive(Clone)]
 struct VaultToken {
     token: Secret,
@@ -32,7 +35,7 @@ pub struct VaultClient {
     /// Login results: one shared entry ("") for token/AppRole, one per subject for JWT.
     tokens: DashMap<String, VaultToken>,
     login_lock: tokio::sync::Mutex<()>,
-    cache: DashMap<(String, String), (Arc<serde_json::Map<String, Value>>, Instant)>,
+    cache: DashMap<(String, String), CachedSecret>,
     /// Logins performed (a metric, and the re-login test's probe).
     pub logins: std::sync::atomic::AtomicU64,
 }

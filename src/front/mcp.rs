@@ -116,8 +116,10 @@ impl ServerHandler for Front {
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
         no_cursor(&p)?;
+        let caller = caller_of(&ctx);
+        self.broker.prepare(&caller).await;
         Ok(ListToolsResult::with_all_items(
-            self.broker.list_tools(&caller_of(&ctx)),
+            self.broker.list_tools(&caller),
         ))
     }
 
@@ -138,8 +140,10 @@ impl ServerHandler for Front {
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, ErrorData> {
         no_cursor(&p)?;
+        let caller = caller_of(&ctx);
+        self.broker.prepare(&caller).await;
         Ok(ListPromptsResult::with_all_items(
-            self.broker.list_prompts(&caller_of(&ctx)),
+            self.broker.list_prompts(&caller),
         ))
     }
 
@@ -160,8 +164,10 @@ impl ServerHandler for Front {
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, ErrorData> {
         no_cursor(&p)?;
+        let caller = caller_of(&ctx);
+        self.broker.prepare(&caller).await;
         Ok(ListResourcesResult::with_all_items(
-            self.broker.list_resources(&caller_of(&ctx)),
+            self.broker.list_resources(&caller),
         ))
     }
 
@@ -171,8 +177,10 @@ impl ServerHandler for Front {
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, ErrorData> {
         no_cursor(&p)?;
+        let caller = caller_of(&ctx);
+        self.broker.prepare(&caller).await;
         Ok(ListResourceTemplatesResult::with_all_items(
-            self.broker.list_resource_templates(&caller_of(&ctx)),
+            self.broker.list_resource_templates(&caller),
         ))
     }
 

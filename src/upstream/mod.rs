@@ -38,7 +38,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Listing;
-use crate::config::{ServerConfig, TransportConfig};
+use crate::config::{Secret, ServerConfig, TransportConfig};
 
 pub use progress::ProgressRouter;
 pub use sse::SseError;
@@ -66,6 +66,8 @@ pub enum UpstreamError {
     Initialize(String),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    #[error("credential: {0}")]
+    Credential(String),
 }
 
 /// The kinds of list an upstream can announce a change to.
@@ -80,11 +82,10 @@ pub enum ListKind {
 #[derive(Debug)]
 pub enum UpstreamEvent {
     /// The server connected (with a fresh listing) or went away.
-    StateChanged {
-        server: Arc<str>,
-    },
+    StateChanged { server: Arc<str> },
     ListChanged {
         server: Arc<str>,
+        conn: u64,
         kind: ListKind,
     },
     Log {
@@ -99,6 +100,8 @@ pub enum UpstreamEvent {
     /// of the call whose response stream carried it, where the transport knows (Streamable HTTP).
     Request {
         server: Arc<str>,
+        /// The connection it came on ([`Connection::id`]): request ids are per connection.
+        conn: u64,
         request: ServerRequest,
         origin: Option<RequestId>,
         /// Cancelled when the upstream cancels its request (`notifications/cancelled`).
@@ -109,8 +112,23 @@ pub enum UpstreamEvent {
 
 pub type EventSender = mpsc::UnboundedSender<UpstreamEvent>;
 
+/// Secrets to present when connecting: headers (HTTP/SSE) or environment variables (stdio).
+#[derive(Debug, Clone, Default)]
+pub struct Secrets {
+    pub headers: Vec<(String, Secret)>,
+    pub env: Vec<(String, Secret)>,
+}
+
+/// Where a shared connection gets its secrets, asked before every (re)connect.
+pub type SecretsSource =
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<Secrets, String>> + Send + Sync>;
+
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
+
 /// A live, initialized connection.
 pub struct Connection {
+    /// Unique across the process: request ids and progress tokens are per connection.
+    pub id: u64,
     pub peer: Peer<RoleClient>,
     pub info: Option<Arc<ServerPeerInfo>>,
     /// What the server lists; replaced on `list_changed`.
@@ -119,11 +137,30 @@ pub struct Connection {
     pub progress: Arc<ProgressRouter>,
 }
 
-/// One configured upstream server and its supervised connection.
+/// A connection opened for one caller (per-caller credentials).
+struct SubjectConn {
+    conn: Arc<Connection>,
+    /// Ends the connection (the watcher task then closes it: stdin, SIGTERM, SIGKILL for stdio).
+    stop: CancellationToken,
+    last_used: Mutex<Instant>,
+}
+
+/// One configured upstream server and its connections: one supervised shared connection, or, when
+/// its credential depends on the caller, one lazily opened connection per (caller, credential).
 pub struct Upstream {
     pub name: Arc<str>,
     pub config: ServerConfig,
+    /// Connections are per caller: no shared connection is made.
+    pub per_caller: bool,
     state: RwLock<Option<Arc<Connection>>>,
+    secrets: std::sync::OnceLock<SecretsSource>,
+    subjects: dashmap::DashMap<String, Arc<SubjectConn>>,
+    /// One per-caller connect at a time per server (also single-flights identical connects).
+    subject_connect: tokio::sync::Mutex<()>,
+    /// For per-caller servers: the listing the catalog shows (from the latest subject connection).
+    latest_listing: Mutex<Option<Listing>>,
+    /// Watchers of per-caller connections, waited for on shutdown.
+    watchers: tokio_util::task::TaskTracker,
     /// Poked when a call saw the transport fail, so the supervisor checks at once.
     suspect: Notify,
     /// Connections made after the first; a metric and a test hook.
@@ -132,7 +169,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: ServerConfig) -> Result<Arc<Self>, UpstreamError> {
+    pub fn new(config: ServerConfig, per_caller: bool) -> Result<Arc<Self>, UpstreamError> {
         let http = reqwest::Client::builder()
             .tcp_nodelay(true)
             .connect_timeout(config.connect_timeout)
@@ -142,7 +179,13 @@ impl Upstream {
         Ok(Arc::new(Self {
             name: Arc::from(config.name.as_str()),
             config,
+            per_caller,
             state: RwLock::new(None),
+            secrets: std::sync::OnceLock::new(),
+            subjects: dashmap::DashMap::new(),
+            subject_connect: tokio::sync::Mutex::new(()),
+            latest_listing: Mutex::new(None),
+            watchers: tokio_util::task::TaskTracker::new(),
             suspect: Notify::new(),
             reconnects: AtomicU64::new(0),
             http,
@@ -155,7 +198,164 @@ impl Upstream {
     }
 
     pub fn is_up(&self) -> bool {
-        self.connection().is_some()
+        self.connection().is_some() || !self.subjects.is_empty()
+    }
+
+    /// Set where the shared connection's secrets come from (before `supervise`).
+    pub fn set_secrets(&self, source: SecretsSource) {
+        let _ = self.secrets.set(source);
+    }
+
+    /// What the catalog shows for this server: the shared connection's listing, or for a per-caller
+    /// server the latest one a caller's connection fetched.
+    pub fn listing(&self) -> Option<Listing> {
+        if let Some(c) = self.connection() {
+            return c.listing.lock().ok().map(|l| l.clone());
+        }
+        self.latest_listing.lock().ok().and_then(|l| l.clone())
+    }
+
+    /// Has any caller's connection listed this per-caller server yet?
+    pub fn listed(&self) -> bool {
+        self.latest_listing.lock().is_ok_and(|l| l.is_some())
+    }
+
+    fn by_id(&self, id: u64) -> Option<Arc<Connection>> {
+        if let Some(c) = self.connection().filter(|c| c.id == id) {
+            return Some(c);
+        }
+        self.subjects
+            .iter()
+            .find(|e| e.value().conn.id == id)
+            .map(|e| e.value().conn.clone())
+    }
+
+    /// The connection for one caller: `key` identifies (caller, credential), `secrets` are presented
+    /// when it is opened. Opened on first use; closed after `subject_idle_timeout` idle, or when
+    /// more than `max_subjects` are open (least recently used first).
+    pub async fn connection_for(
+        &self,
+        key: &str,
+        secrets: &Secrets,
+        events: &EventSender,
+    ) -> Result<Arc<Connection>, UpstreamError> {
+        if let Some(s) = self.subjects.get(key) {
+            if let Ok(mut t) = s.last_used.lock() {
+                *t = Instant::now();
+            }
+            return Ok(s.conn.clone());
+        }
+        let _one = self.subject_connect.lock().await;
+        if let Some(s) = self.subjects.get(key) {
+            return Ok(s.conn.clone());
+        }
+        while self.subjects.len() >= self.config.max_subjects {
+            let oldest = self
+                .subjects
+                .iter()
+                .min_by_key(|e| {
+                    e.value()
+                        .last_used
+                        .lock()
+                        .map(|t| *t)
+                        .unwrap_or_else(|_| Instant::now())
+                })
+                .map(|e| e.key().clone());
+            match oldest.and_then(|k| self.subjects.remove(&k)) {
+                Some((_, old)) => old.stop.cancel(),
+                None => break,
+            }
+        }
+        let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
+        let handler = UpstreamHandler {
+            server: self.name.clone(),
+            conn: id,
+            events: events.clone(),
+        };
+        let router = Arc::new(ProgressRouter::default());
+        let running = tokio::time::timeout(
+            self.config.connect_timeout,
+            self.connect(handler, router.clone(), secrets),
+        )
+        .await
+        .unwrap_or(Err(UpstreamError::Timeout(self.config.connect_timeout)))?;
+        let peer = running.peer().clone();
+        let info = peer.peer_info();
+        let listing = fetch_listing(&self.name, &peer, info.as_deref()).await;
+        if let Ok(mut l) = self.latest_listing.lock() {
+            *l = Some(listing.clone());
+        }
+        let conn = Arc::new(Connection {
+            id,
+            peer,
+            info,
+            listing: Mutex::new(listing),
+            progress: router,
+        });
+        let stop = CancellationToken::new();
+        self.subjects.insert(
+            key.to_string(),
+            Arc::new(SubjectConn {
+                conn: conn.clone(),
+                stop: stop.clone(),
+                last_used: Mutex::new(Instant::now()),
+            }),
+        );
+        tracing::info!(server = %self.name, connection = id, "per-caller upstream connection opened");
+        let server = self.name.clone();
+        let ct = running.cancellation_token();
+        self.watchers.spawn(async move {
+            let mut done = std::pin::pin!(running.waiting());
+            tokio::select! {
+                _ = &mut done => {}
+                _ = stop.cancelled() => {
+                    ct.cancel();
+                    let _ = tokio::time::timeout(Duration::from_secs(8), &mut done).await;
+                }
+            }
+            tracing::info!(server = %server, connection = id, "per-caller upstream connection closed");
+        });
+        let _ = events.send(UpstreamEvent::StateChanged {
+            server: self.name.clone(),
+        });
+        Ok(conn)
+    }
+
+    /// Close per-caller connections idle longer than `subject_idle_timeout`.
+    fn reap_idle(&self) {
+        let idle = self.config.subject_idle_timeout;
+        let stale: Vec<String> = self
+            .subjects
+            .iter()
+            .filter(|e| e.value().last_used.lock().is_ok_and(|t| t.elapsed() > idle))
+            .map(|e| e.key().clone())
+            .collect();
+        for k in stale {
+            if let Some((_, s)) = self.subjects.remove(&k) {
+                s.stop.cancel();
+            }
+        }
+    }
+
+    /// Forget a per-caller connection that failed (the next use opens a fresh one).
+    pub fn drop_connection(&self, id: u64) {
+        let key = self
+            .subjects
+            .iter()
+            .find(|e| e.value().conn.id == id)
+            .map(|e| e.key().clone());
+        if let Some((_, s)) = key.and_then(|k| self.subjects.remove(&k)) {
+            s.stop.cancel();
+        }
+    }
+
+    async fn close_subjects(&self) {
+        for e in self.subjects.iter() {
+            e.value().stop.cancel();
+        }
+        self.subjects.clear();
+        self.watchers.close();
+        self.watchers.wait().await;
     }
 
     /// A call saw the transport fail: have the supervisor check the connection now.
@@ -171,19 +371,41 @@ impl Upstream {
 
     /// Connect, serve and reconnect until `shutdown`. On return no child process of this server remains.
     pub async fn supervise(self: Arc<Self>, events: EventSender, shutdown: CancellationToken) {
+        if self.per_caller {
+            // No shared connection: reap idle per-caller ones until shutdown, then close them all.
+            let tick = (self.config.subject_idle_timeout / 2)
+                .clamp(Duration::from_millis(200), Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(tick) => self.reap_idle(),
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+            self.close_subjects().await;
+            return;
+        }
         let mut backoff = BACKOFF_START;
         let mut connected_before = false;
         loop {
+            let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
             let handler = UpstreamHandler {
                 server: self.name.clone(),
+                conn: id,
                 events: events.clone(),
             };
             let router = Arc::new(ProgressRouter::default());
-            let attempt = tokio::select! {
-                r = tokio::time::timeout(self.config.connect_timeout, self.connect(handler, router.clone())) => {
-                    r.unwrap_or(Err(UpstreamError::Timeout(self.config.connect_timeout)))
-                }
-                _ = shutdown.cancelled() => return,
+            let secrets = match self.secrets.get() {
+                Some(source) => source().await,
+                None => Ok(Secrets::default()),
+            };
+            let attempt = match secrets {
+                Err(e) => Err(UpstreamError::Credential(e)),
+                Ok(secrets) => tokio::select! {
+                    r = tokio::time::timeout(self.config.connect_timeout, self.connect(handler, router.clone(), &secrets)) => {
+                        r.unwrap_or(Err(UpstreamError::Timeout(self.config.connect_timeout)))
+                    }
+                    _ = shutdown.cancelled() => return,
+                },
             };
             match attempt {
                 Ok(running) => {
@@ -203,6 +425,7 @@ impl Upstream {
                         "upstream connected"
                     );
                     self.set(Some(Arc::new(Connection {
+                        id,
                         peer: peer.clone(),
                         info,
                         listing: Mutex::new(listing),
@@ -290,6 +513,7 @@ impl Upstream {
         &self,
         handler: UpstreamHandler,
         router: Arc<ProgressRouter>,
+        secrets: &Secrets,
     ) -> Result<RunningService<RoleClient, UpstreamHandler>, UpstreamError> {
         use progress::ProgressTap;
         let init =
@@ -310,7 +534,7 @@ impl Upstream {
                             c.env(k, v);
                         }
                     }
-                    for (k, v) in env {
+                    for (k, v) in env.iter().chain(&secrets.env) {
                         c.env(k, v.expose());
                     }
                 });
@@ -341,7 +565,7 @@ impl Upstream {
             }
             TransportConfig::Http { url, headers } => {
                 let mut custom = std::collections::HashMap::new();
-                for (k, v) in headers {
+                for (k, v) in headers.iter().chain(&secrets.headers) {
                     if let (Ok(k), Ok(v)) = (
                         http::HeaderName::from_bytes(k.as_bytes()),
                         http::HeaderValue::from_str(v.expose()),
@@ -359,7 +583,7 @@ impl Upstream {
             }
             TransportConfig::Sse { url, headers } => {
                 let mut map = reqwest::header::HeaderMap::new();
-                for (k, v) in headers {
+                for (k, v) in headers.iter().chain(&secrets.headers) {
                     if let (Ok(k), Ok(mut v)) = (
                         reqwest::header::HeaderName::from_bytes(k.as_bytes()),
                         reqwest::header::HeaderValue::from_str(v.expose()),
@@ -379,9 +603,10 @@ impl Upstream {
         }
     }
 
-    /// Re-list one kind after the upstream said it changed. Returns whether anything was fetched.
-    pub async fn refresh(&self, kind: ListKind) -> bool {
-        let Some(conn) = self.connection() else {
+    /// Re-list one kind on connection `id` after the upstream said it changed. Returns whether
+    /// anything was fetched.
+    pub async fn refresh(&self, id: u64, kind: ListKind) -> bool {
+        let Some(conn) = self.by_id(id) else {
             return false;
         };
         let fresh = fetch_listing(&self.name, &conn.peer, conn.info.as_deref()).await;
@@ -395,6 +620,11 @@ impl Upstream {
                 l.resources = fresh.resources;
                 l.templates = fresh.templates;
             }
+        }
+        if self.per_caller
+            && let Ok(mut latest) = self.latest_listing.lock()
+        {
+            *latest = Some(l.clone());
         }
         true
     }
@@ -439,6 +669,7 @@ async fn fetch_listing(
 #[derive(Clone)]
 pub struct UpstreamHandler {
     server: Arc<str>,
+    conn: u64,
     events: EventSender,
 }
 
@@ -459,6 +690,7 @@ impl UpstreamHandler {
         let (reply, rx) = oneshot::channel();
         self.emit(UpstreamEvent::Request {
             server: self.server.clone(),
+            conn: self.conn,
             request,
             origin,
             cancel: ctx.ct.clone(),
@@ -554,6 +786,7 @@ impl ClientHandler for UpstreamHandler {
     async fn on_tool_list_changed(&self, _: NotificationContext<RoleClient>) {
         self.emit(UpstreamEvent::ListChanged {
             server: self.server.clone(),
+            conn: self.conn,
             kind: ListKind::Tools,
         });
     }
@@ -561,6 +794,7 @@ impl ClientHandler for UpstreamHandler {
     async fn on_prompt_list_changed(&self, _: NotificationContext<RoleClient>) {
         self.emit(UpstreamEvent::ListChanged {
             server: self.server.clone(),
+            conn: self.conn,
             kind: ListKind::Prompts,
         });
     }
@@ -568,6 +802,7 @@ impl ClientHandler for UpstreamHandler {
     async fn on_resource_list_changed(&self, _: NotificationContext<RoleClient>) {
         self.emit(UpstreamEvent::ListChanged {
             server: self.server.clone(),
+            conn: self.conn,
             kind: ListKind::Resources,
         });
     }
