@@ -707,38 +707,46 @@ impl Broker {
         let Some(auth) = &up.config.upstream_auth else {
             return Err(Failure::Rpc(unexpected(server)));
         };
-        let cred = self
-            .credentials
-            .resolve(auth, caller, tool)
-            .await
-            .map_err(|e| {
-                tracing::warn!(server = %server, sub = %caller.sub, error = %e, "no upstream credential");
-                Failure::Unavailable(format!("server `{server}`: {e}"))
-            })?;
-        // One connection per (caller, credential): servers bind sessions to the token that opened
-        // them, so a new or narrower token gets its own session.
-        use sha2::Digest;
-        let mut h = sha2::Sha256::new();
-        h.update(caller.sub.as_bytes());
-        for (k, v) in cred.headers.iter().chain(&cred.env) {
-            h.update([0u8]);
-            h.update(k.as_bytes());
-            h.update([0u8]);
-            h.update(v.expose().as_bytes());
+        // A refused connect (an upstream 401/403 surfaces here) gets one retry with a fresh
+        // credential (re-exchange, Vault re-read), then a clear error.
+        let mut last = None;
+        for fresh in [false, true] {
+            let cred = self
+                .credentials
+                .resolve_with(auth, caller, tool, fresh)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(server = %server, sub = %caller.sub, error = %e, "no upstream credential");
+                    Failure::Unavailable(format!("server `{server}`: {e}"))
+                })?;
+            // One connection per (caller, credential): servers bind sessions to the token that
+            // opened them, so a new or narrower token gets its own session.
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            h.update(caller.sub.as_bytes());
+            for (k, v) in cred.headers.iter().chain(&cred.env) {
+                h.update([0u8]);
+                h.update(k.as_bytes());
+                h.update([0u8]);
+                h.update(v.expose().as_bytes());
+            }
+            let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            let secrets = Secrets {
+                headers: cred.headers,
+                env: cred.env,
+            };
+            match up.connection_for(&key, &secrets, &self.events_tx).await {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::warn!(server = %server, sub = %caller.sub, fresh, error = %e, "per-caller connection failed");
+                    last = Some(e);
+                }
+            }
         }
-        let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        let secrets = Secrets {
-            headers: cred.headers,
-            env: cred.env,
-        };
-        up.connection_for(&key, &secrets, &self.events_tx)
-            .await
-            .map_err(|e| {
-                tracing::warn!(server = %server, sub = %caller.sub, error = %e, "per-caller connection failed");
-                Failure::Unavailable(format!(
-                    "server `{server}` could not be reached with the caller's credential: {e}"
-                ))
-            })
+        Err(Failure::Unavailable(format!(
+            "server `{server}` could not be reached with the caller's credential: {}",
+            last.map(|e| e.to_string()).unwrap_or_default()
+        )))
     }
 
     /// For per-caller servers no caller has listed yet: connect with this caller's credential, so

@@ -68,13 +68,15 @@ impl TokenExchange {
         }
     }
 
-    /// A token for `audience` with `scopes` (empty = whatever the AS grants) on behalf of `subject`.
+    /// A token for `audience` with `scopes` (empty = whatever the AS grants) on behalf of `subject`;
+    /// `fresh` skips the cache (the upstream refused the cached token).
     pub async fn exchange(
         &self,
         subject: &Secret,
         audience: &str,
         scopes: &[String],
         ttl: Option<Duration>,
+        fresh: bool,
     ) -> Result<Secret, CredentialError> {
         let scope = scopes.join(" ");
         let key: Key = (
@@ -92,7 +94,8 @@ impl TokenExchange {
         }
         let slot = self.cache.entry(key).or_default().clone();
         let mut held = slot.lock().await;
-        if let Some(c) = held.as_ref()
+        if !fresh
+            && let Some(c) = held.as_ref()
             && c.until > Instant::now()
         {
             return Ok(c.token.clone());

@@ -122,11 +122,22 @@ impl Credentials {
         caller: &Caller,
         tool: Option<&str>,
     ) -> Result<Credential, CredentialError> {
+        self.resolve_with(auth, caller, tool, false).await
+    }
+
+    /// [`Self::resolve`]; `fresh` bypasses the caches (after an upstream refused the credential).
+    pub async fn resolve_with(
+        &self,
+        auth: &UpstreamAuth,
+        caller: &Caller,
+        tool: Option<&str>,
+        fresh: bool,
+    ) -> Result<Credential, CredentialError> {
         match auth {
             UpstreamAuth::First(list) => {
                 let mut errors = Vec::new();
                 for a in list {
-                    match Box::pin(self.resolve(a, caller, tool)).await {
+                    match Box::pin(self.resolve_with(a, caller, tool, fresh)).await {
                         Ok(c) => return Ok(c),
                         Err(e) => errors.push(e.to_string()),
                     }
@@ -164,7 +175,7 @@ impl Credentials {
                 }
                 wanted.sort();
                 wanted.dedup();
-                let token = ex.exchange(subject, audience, &wanted, *ttl).await?;
+                let token = ex.exchange(subject, audience, &wanted, *ttl, fresh).await?;
                 Ok(Credential {
                     headers: vec![(
                         "Authorization".into(),
@@ -185,7 +196,7 @@ impl Credentials {
                     .get(store)
                     .ok_or_else(|| CredentialError::UnknownStore(store.clone()))?;
                 let path = fill_template(path, caller)?;
-                let value = v.read_field(&path, field, caller).await?;
+                let value = v.read_field(&path, field, caller, fresh).await?;
                 let mut c = Credential {
                     kind: "vault",
                     ..Default::default()

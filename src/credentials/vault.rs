@@ -79,7 +79,12 @@ impl VaultClient {
         path: &str,
         field: &str,
         caller: &Caller,
+        fresh: bool,
     ) -> Result<Secret, CredentialError> {
+        if fresh {
+            self.cache
+                .remove(&(self.token_key(caller), path.to_string()));
+        }
         let data = self.read(path, caller).await?;
         match data.get(field) {
             Some(Value::String(s)) => Ok(Secret::new(s.clone())),
@@ -229,7 +234,7 @@ impl VaultClient {
                     .as_ref()
                     .ok_or(CredentialError::NoSubjectToken)?;
                 // Vault gets a token minted for Vault, never the caller's broker-audience token.
-                let jwt = ex.exchange(subject, audience, &[], None).await?;
+                let jwt = ex.exchange(subject, audience, &[], None, false).await?;
                 (
                     mount.clone(),
                     serde_json::json!({ "role": role, "jwt": jwt.expose() }),
