@@ -39,9 +39,7 @@ use crate::catalog::{Catalog, Collision, Listing, Namespace};
 use crate::config::Config;
 use crate::credentials::{CredentialError, Credentials};
 use crate::policy::{Decision, Kind, Policy, PolicyError, RegoPolicy};
-use crate::upstream::{
-    Connection, ListKind, ProgressRouter, Secrets, Upstream, UpstreamError, UpstreamEvent,
-};
+use crate::upstream::{Connection, ListKind, Secrets, Upstream, UpstreamError, UpstreamEvent};
 
 /// The downstream side of one request: where its progress and server-to-client requests go.
 #[derive(Clone)]
@@ -722,20 +720,29 @@ impl Broker {
             // One connection per (caller, credential): servers bind sessions to the token that
             // opened them, so a new or narrower token gets its own session.
             use sha2::Digest;
-            let mut h = sha2::Sha256::new();
-            h.update(caller.sub.as_bytes());
-            for (k, v) in cred.headers.iter().chain(&cred.env) {
-                h.update([0u8]);
-                h.update(k.as_bytes());
-                h.update([0u8]);
-                h.update(v.expose().as_bytes());
+            let hex = |h: sha2::Sha256| -> String {
+                h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+            };
+            let mut k = sha2::Sha256::new();
+            k.update(caller.sub.as_bytes());
+            k.update([0u8]);
+            k.update(cred.slot.as_bytes());
+            let mut v = sha2::Sha256::new();
+            for (name, value) in cred.headers.iter().chain(&cred.env) {
+                v.update(name.as_bytes());
+                v.update([0u8]);
+                v.update(value.expose().as_bytes());
+                v.update([0u8]);
             }
-            let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            let (key, version) = (hex(k), hex(v));
             let secrets = Secrets {
                 headers: cred.headers,
                 env: cred.env,
             };
-            match up.connection_for(&key, &secrets, &self.events_tx).await {
+            match up
+                .connection_for(&key, &version, &secrets, &self.events_tx)
+                .await
+            {
                 Ok(c) => return Ok(c),
                 Err(e) => {
                     tracing::warn!(server = %server, sub = %caller.sub, fresh, error = %e, "per-caller connection failed");
@@ -1039,7 +1046,7 @@ pub fn build_policy(config: &Config) -> Result<Policy, PolicyError> {
 /// Removes a call's progress and in-flight routes when the call ends, is cancelled or is dropped.
 struct RouteGuard<'a> {
     broker: &'a Broker,
-    router: Arc<ProgressRouter>,
+    conn: Arc<Connection>,
     progress: ProgressToken,
     inflight: InflightKey,
 }
@@ -1050,14 +1057,15 @@ impl<'a> RouteGuard<'a> {
         server: &Arc<str>,
         id: &RequestId,
         token: &ProgressToken,
-        conn: &Connection,
+        conn: &Arc<Connection>,
         down: &Downstream,
     ) -> Self {
         let inflight = (server.clone(), conn.id, id.clone());
         broker.inflight.insert(inflight.clone(), down.clone());
+        conn.active.fetch_add(1, Ordering::Relaxed);
         Self {
             broker,
-            router: conn.progress.clone(),
+            conn: conn.clone(),
             progress: token.clone(),
             inflight,
         }
@@ -1066,7 +1074,8 @@ impl<'a> RouteGuard<'a> {
 
 impl Drop for RouteGuard<'_> {
     fn drop(&mut self) {
-        self.router.unroute(&self.progress);
+        self.conn.progress.unroute(&self.progress);
+        self.conn.active.fetch_sub(1, Ordering::Relaxed);
         self.broker.inflight.remove(&self.inflight);
     }
 }

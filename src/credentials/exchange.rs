@@ -28,7 +28,17 @@ type Key = ([u8; 32], String, String);
 #[derive(Clone)]
 struct Cached {
     token: Secret,
+    issued: Instant,
+    /// The token's own expiry minus the safety margin.
     until: Instant,
+}
+
+impl Cached {
+    /// Usable now by a server whose `ttl` caps reuse (servers sharing an audience may differ).
+    fn fresh_for(&self, ttl: Option<Duration>) -> bool {
+        let now = Instant::now();
+        self.until > now && ttl.is_none_or(|t| self.issued + t > now)
+    }
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
@@ -96,7 +106,7 @@ impl TokenExchange {
         let mut held = slot.lock().await;
         if !fresh
             && let Some(c) = held.as_ref()
-            && c.until > Instant::now()
+            && c.fresh_for(ttl)
         {
             return Ok(c.token.clone());
         }
@@ -120,15 +130,11 @@ impl TokenExchange {
             form.push(("actor_token_type", ACCESS_TOKEN.into()));
         }
         let (token, lifetime) = self.post(form, audience).await?;
-        let mut keep = lifetime
-            .saturating_sub(SAFETY_MARGIN.min(lifetime / 10))
-            .min(lifetime);
-        if let Some(cap) = ttl {
-            keep = keep.min(cap);
-        }
+        let now = Instant::now();
         *held = Some(Cached {
             token: token.clone(),
-            until: Instant::now() + keep,
+            issued: now,
+            until: now + lifetime.saturating_sub(SAFETY_MARGIN.min(lifetime / 10)),
         });
         Ok(token)
     }
@@ -137,7 +143,7 @@ impl TokenExchange {
     async fn actor_token(&self) -> Result<Secret, CredentialError> {
         let mut held = self.actor.lock().await;
         if let Some(c) = held.as_ref()
-            && c.until > Instant::now()
+            && c.fresh_for(None)
         {
             return Ok(c.token.clone());
         }
@@ -147,9 +153,11 @@ impl TokenExchange {
                 "the broker's own token",
             )
             .await?;
+        let now = Instant::now();
         *held = Some(Cached {
             token: token.clone(),
-            until: Instant::now() + lifetime.saturating_sub(SAFETY_MARGIN.min(lifetime / 10)),
+            issued: now,
+            until: now + lifetime.saturating_sub(SAFETY_MARGIN.min(lifetime / 10)),
         });
         Ok(token)
     }

@@ -56,6 +56,9 @@ pub struct Credential {
     pub env: Vec<(String, Secret)>,
     /// For audit: `token_exchange`, `vault` or `static` (never the value).
     pub kind: &'static str,
+    /// What was asked for, without secrets (`exchange <audience> <scope>`, `vault <path>`): a
+    /// caller's connection for one slot is replaced when the slot's secret changes.
+    pub slot: String,
 }
 
 impl Credential {
@@ -147,6 +150,7 @@ impl Credentials {
             UpstreamAuth::Static(values) => {
                 let mut c = Credential {
                     kind: "static",
+                    slot: "static".into(),
                     ..Default::default()
                 };
                 for (target, value) in values {
@@ -175,8 +179,10 @@ impl Credentials {
                 }
                 wanted.sort();
                 wanted.dedup();
+                let slot = format!("exchange {client} {audience} {}", wanted.join(" "));
                 let token = ex.exchange(subject, audience, &wanted, *ttl, fresh).await?;
                 Ok(Credential {
+                    slot,
                     headers: vec![(
                         "Authorization".into(),
                         Secret::new(format!("Bearer {}", token.expose())),
@@ -199,6 +205,7 @@ impl Credentials {
                 let value = v.read_field(&path, field, caller, fresh).await?;
                 let mut c = Credential {
                     kind: "vault",
+                    slot: format!("vault {store} {path} {field}"),
                     ..Default::default()
                 };
                 c.put(target, value.expose());

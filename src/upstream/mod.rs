@@ -135,11 +135,15 @@ pub struct Connection {
     pub listing: Mutex<Listing>,
     /// Where this connection's progress notifications go, in wire order.
     pub progress: Arc<ProgressRouter>,
+    /// Requests in flight on it (a superseded connection closes when this reaches 0).
+    pub active: std::sync::atomic::AtomicUsize,
 }
 
 /// A connection opened for one caller (per-caller credentials).
 struct SubjectConn {
     conn: Arc<Connection>,
+    /// Fingerprint of the secrets it was opened with: a different one replaces the connection.
+    version: String,
     /// Ends the connection (the watcher task then closes it: stdin, SIGTERM, SIGKILL for stdio).
     stop: CancellationToken,
     last_used: Mutex<Instant>,
@@ -161,6 +165,8 @@ pub struct Upstream {
     latest_listing: Mutex<Option<Listing>>,
     /// Watchers of per-caller connections, waited for on shutdown.
     watchers: tokio_util::task::TaskTracker,
+    /// Connections replaced by a refreshed credential, closing once their calls finish.
+    retired: Mutex<Vec<CancellationToken>>,
     /// Poked when a call saw the transport fail, so the supervisor checks at once.
     suspect: Notify,
     /// Connections made after the first; a metric and a test hook.
@@ -186,6 +192,7 @@ impl Upstream {
             subject_connect: tokio::sync::Mutex::new(()),
             latest_listing: Mutex::new(None),
             watchers: tokio_util::task::TaskTracker::new(),
+            retired: Mutex::new(Vec::new()),
             suspect: Notify::new(),
             reconnects: AtomicU64::new(0),
             http,
@@ -230,24 +237,26 @@ impl Upstream {
             .map(|e| e.value().conn.clone())
     }
 
-    /// The connection for one caller: `key` identifies (caller, credential), `secrets` are presented
-    /// when it is opened. Opened on first use; closed after `subject_idle_timeout` idle, or when
-    /// more than `max_subjects` are open (least recently used first).
+    /// The connection for one caller: `key` identifies (caller, credential slot), `version` the
+    /// secrets presented when it is opened. Opened on first use; replaced when the slot's secrets
+    /// change (the old one closes once its calls finish); closed after `subject_idle_timeout` idle,
+    /// or when more than `max_subjects` are open (least recently used first).
     pub async fn connection_for(
         &self,
         key: &str,
+        version: &str,
         secrets: &Secrets,
         events: &EventSender,
     ) -> Result<Arc<Connection>, UpstreamError> {
-        if let Some(s) = self.subjects.get(key) {
-            if let Ok(mut t) = s.last_used.lock() {
-                *t = Instant::now();
-            }
-            return Ok(s.conn.clone());
+        if let Some(s) = self.current(key, version) {
+            return Ok(s);
         }
         let _one = self.subject_connect.lock().await;
-        if let Some(s) = self.subjects.get(key) {
-            return Ok(s.conn.clone());
+        if let Some(s) = self.current(key, version) {
+            return Ok(s);
+        }
+        if let Some((_, old)) = self.subjects.remove(key) {
+            self.retire(old);
         }
         while self.subjects.len() >= self.config.max_subjects {
             let oldest = self
@@ -291,12 +300,14 @@ impl Upstream {
             info,
             listing: Mutex::new(listing),
             progress: router,
+            active: Default::default(),
         });
         let stop = CancellationToken::new();
         self.subjects.insert(
             key.to_string(),
             Arc::new(SubjectConn {
                 conn: conn.clone(),
+                version: version.to_string(),
                 stop: stop.clone(),
                 last_used: Mutex::new(Instant::now()),
             }),
@@ -319,6 +330,34 @@ impl Upstream {
             server: self.name.clone(),
         });
         Ok(conn)
+    }
+
+    /// The open connection for `key` if it was opened with these secrets (touching it).
+    fn current(&self, key: &str, version: &str) -> Option<Arc<Connection>> {
+        let s = self.subjects.get(key)?;
+        if s.version != version {
+            return None;
+        }
+        if let Ok(mut t) = s.last_used.lock() {
+            *t = Instant::now();
+        }
+        Some(s.conn.clone())
+    }
+
+    /// Close a superseded connection once no call is using it (at most `timeout` from now).
+    fn retire(&self, old: Arc<SubjectConn>) {
+        if let Ok(mut r) = self.retired.lock() {
+            r.retain(|t| !t.is_cancelled());
+            r.push(old.stop.clone());
+        }
+        let limit = self.config.timeout;
+        tokio::spawn(async move {
+            let since = Instant::now();
+            while old.conn.active.load(Ordering::Relaxed) > 0 && since.elapsed() < limit {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            old.stop.cancel();
+        });
     }
 
     /// Close per-caller connections idle longer than `subject_idle_timeout`.
@@ -352,6 +391,9 @@ impl Upstream {
     async fn close_subjects(&self) {
         for e in self.subjects.iter() {
             e.value().stop.cancel();
+        }
+        if let Ok(r) = self.retired.lock() {
+            r.iter().for_each(CancellationToken::cancel);
         }
         self.subjects.clear();
         self.watchers.close();
@@ -430,6 +472,7 @@ impl Upstream {
                         info,
                         listing: Mutex::new(listing),
                         progress: router,
+                        active: Default::default(),
                     })));
                     let _ = events.send(UpstreamEvent::StateChanged {
                         server: self.name.clone(),

@@ -801,3 +801,146 @@ class RawSession:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------- outbound credentials (test_credentials.py)
+
+FIXTURES_DIR = ROOT / "tests" / "fixtures"
+PROTECTED_SERVER_PY = FIXTURES_DIR / "protected_server.py"
+TOKEN_ECHO_PY = FIXTURES_DIR / "token_echo_stdio.py"
+VAULT_STANDIN_PY = FIXTURES_DIR / "vault_standin.py"
+VENV_PYTHON = HARNESS_DIR / "venv" / "bin" / "python"
+VAULT_LISTEN_RE = re.compile(r"^vault listening on (http://\S+)\s*$")
+TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+
+
+def sha256_prefix(value: str) -> str:
+    """What the credential fixtures report instead of a credential: the first 16 hex digits of its SHA-256."""
+    import hashlib
+
+    return hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
+def start_protected_server(log_dir: Path, issuer: str, name: str = "protected", api_key_header: str | None = None,
+                           api_keys_file: Path | None = None, record_tokens: Path | None = None) -> Upstream:
+    """tests/fixtures/protected_server.py on a free port: a JWT-protected MCP server (aud = its own /mcp URL)."""
+    argv = [str(VENV_PYTHON), str(PROTECTED_SERVER_PY), "0", issuer]
+    if api_key_header:
+        argv += ["--api-key-header", api_key_header, "--api-keys-file", str(api_keys_file)]
+    if record_tokens:
+        argv += ["--record-tokens", str(record_tokens)]
+    proc = Proc(name, argv, log_dir, env={"PYTHONUNBUFFERED": "1"})
+    try:
+        m = proc.wait_line(EXAMPLE_LISTEN_RE, 30)
+    except BaseException:
+        proc.stop()
+        raise
+    url = m.group(1)
+    return Upstream(proc, url, int(url.rsplit(":", 1)[1].split("/")[0]))
+
+
+def token_echo_stdio_spec(label: str, **extra: Any) -> dict[str, Any]:
+    """tests/fixtures/token_echo_stdio.py as a stdio upstream; `label` shows in its command line and results."""
+    spec = {"transport": "stdio", "command": str(VENV_PYTHON), "args": [str(TOKEN_ECHO_PY), label]}
+    spec.update(extra)
+    return spec
+
+
+def start_vault_standin(log_dir: Path, root_token: str, name: str = "vault") -> tuple[Proc, str]:
+    """tests/fixtures/vault_standin.py on a free port; returns (process, address)."""
+    proc = Proc(name, [str(VENV_PYTHON), str(VAULT_STANDIN_PY), "--port", "0", "--root-token", root_token], log_dir)
+    try:
+        m = proc.wait_line(VAULT_LISTEN_RE, 30)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, m.group(1)
+
+
+class VaultAdmin:
+    """Seeds a Vault (real, or the stand-in) through Vault's documented HTTP API with a privileged token."""
+
+    def __init__(self, address: str, token: str, standin: bool):
+        self.address = address.rstrip("/")
+        self.token = token
+        self.standin = standin
+        self.client = httpx2.Client(timeout=20, headers={"X-Vault-Token": token})
+
+    def request(self, method: str, path: str, body: dict | None = None, ok=(200, 204)) -> dict:
+        r = self.client.request(method, f"{self.address}/v1/{path}", json=body)
+        if r.status_code not in ok:
+            raise RuntimeError(f"vault {method} {path}: HTTP {r.status_code} {r.text[:500]}")
+        return r.json() if r.content else {}
+
+    def kv2_put(self, path: str, data: dict) -> None:
+        """path is the API path after /v1/ (with data/), e.g. secret/data/mcp/alice/keyed."""
+        self.request("POST", path, {"data": data})
+
+    def kv2_delete_all(self, mount: str, path: str) -> None:
+        self.request("DELETE", f"{mount}/metadata/{path}", ok=(200, 204, 404))
+
+    def enable_approle(self) -> None:
+        r = self.client.get(f"{self.address}/v1/sys/auth")
+        mounts = r.json().get("data", r.json()) if r.status_code == 200 else {}
+        if "approle/" not in mounts:
+            self.request("POST", "sys/auth/approle", {"type": "approle"}, ok=(200, 204, 400))
+
+    def put_policy(self, name: str, hcl: str) -> None:
+        self.request("PUT", f"sys/policies/acl/{name}", {"policy": hcl})
+
+    def create_approle(self, role: str, policies: list[str], token_ttl: str = "1h") -> tuple[str, str]:
+        self.request("POST", f"auth/approle/role/{role}",
+                     {"token_policies": policies, "token_ttl": token_ttl, "token_max_ttl": "4h"})
+        role_id = self.request("GET", f"auth/approle/role/{role}/role-id")["data"]["role_id"]
+        secret_id = self.request("POST", f"auth/approle/role/{role}/secret-id", {})["data"]["secret_id"]
+        return role_id, secret_id
+
+    def approle_token_accessors(self, role: str) -> list[str]:
+        """Accessors of the live tokens an AppRole login to `role` created (what the broker holds)."""
+        keys = self.request("LIST", "auth/token/accessors").get("data", {}).get("keys", [])
+        out = []
+        for acc in keys:
+            r = self.client.post(f"{self.address}/v1/auth/token/lookup-accessor", json={"accessor": acc})
+            if r.status_code != 200:
+                continue  # revoked meanwhile
+            d = r.json()["data"]
+            if str(d.get("path", "")).startswith("auth/approle/login") and (d.get("meta") or {}).get("role_name") == role:
+                out.append(acc)
+        return out
+
+    def revoke_accessors(self, accessors: list[str]) -> None:
+        for acc in accessors:
+            self.request("POST", "auth/token/revoke-accessor", {"accessor": acc})
+
+    def stats(self) -> dict:
+        """The stand-in's request counters (not a Vault API)."""
+        assert self.standin, "stats exist on the stand-in only"
+        return self.client.get(f"{self.address}/__standin/stats").json()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def tool_json(result: Any) -> dict:
+    """The JSON object a fixture tool returned (structuredContent, else the first text block)."""
+    sc = getattr(result, "structured_content", None) or getattr(result, "structuredContent", None)
+    if isinstance(sc, dict) and "result" not in sc:
+        return sc
+    for c in result.content or []:
+        text = getattr(c, "text", None)
+        if text:
+            return json.loads(text)
+    raise AssertionError(f"tool result without JSON: {result!r}")
+
+
+def tool_text(result: Any) -> str:
+    return "\n".join(getattr(c, "text", "") or "" for c in (result.content or []))
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
