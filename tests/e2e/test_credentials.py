@@ -836,6 +836,52 @@ async def test_per_caller_tools_are_listed_for_every_caller(xb):
 # --------------------------------------------------------------------------- 8. no secrets in logs (keep last)
 
 
+def test_vault_jwt_login_uses_an_exchanged_token(tmp_path, auth_server, vault, secrets):
+    """VK-7/VK-8: per-user Vault login. The broker exchanges the caller's token for Vault's audience
+    ("vault") and logs in to auth/jwt with that; each user reads only their own path through a templated
+    policy. The caller's own broker-audience token is refused by the same Vault role."""
+    admin = vault.admin
+    mounts = admin.request("GET", "sys/auth")
+    mounts = mounts.get("data", mounts)
+    if "jwt/" not in mounts:
+        admin.request("POST", "sys/auth/jwt", {"type": "jwt"}, ok=(200, 204, 400))
+        mounts = admin.request("GET", "sys/auth")
+        mounts = mounts.get("data", mounts)
+    accessor = mounts["jwt/"]["accessor"]
+    admin.request("POST", "auth/jwt/config", {"jwks_url": auth_server.jwks_uri, "bound_issuer": auth_server.issuer})
+    role = f"mcp-broker-jwt-{RUN}"
+    admin.put_policy(role, f'path "secret/data/{VAULT_PREFIX}/users/{{{{identity.entity.aliases.{accessor}.name}}}}/*" {{\n'
+                           '  capabilities = ["read"]\n}\n')
+    admin.request("POST", f"auth/jwt/role/{role}", {"role_type": "jwt", "bound_audiences": ["vault"],
+                                                     "user_claim": "sub", "token_policies": [role], "token_ttl": "60s"})
+    keys = {who: f"jwt-key-{who}-{uuid.uuid4().hex}" for who in CALLERS}
+    remember(*keys.values())
+    for who in CALLERS:
+        admin.kv2_put(f"secret/data/{VAULT_PREFIX}/users/{SUBJECT[who]}/api", {"token": keys[who]})
+
+    store = {"kind": "vault", "address": admin.address, "cache_ttl": "1s",
+             "login": {"method": "jwt", "mount": "jwt", "role": role,
+                       "exchange": {"use": "idp", "audience": "vault"}}}
+    servers = {"vj": H.token_echo_stdio_spec("vj", upstream_auth={
+        "use": "vjwt", "path": f"secret/data/{VAULT_PREFIX}/users/{{sub}}/api", "field": "token", "env": "API_KEY"})}
+    env = broker_env("broker-vjwt", tmp_path, auth_server, servers,
+                     {"idp": idp_store(auth_server), "vjwt": store}, ["vj__getenv"]).ready()
+    try:
+        async def read_keys():
+            for who in CALLERS:
+                async with env.session(who) as s:
+                    g = await call_json(s, "vj__getenv", {"name": "API_KEY"})
+                assert g["present"] and g["sha256_prefix"] == H.sha256_prefix(keys[who]), f"{who}: {g}"
+
+        anyio.run(read_keys)
+        # The same Vault role refuses the caller's broker-audience token: only the exchanged one works.
+        r = httpx2.post(f"{admin.address}/v1/auth/jwt/login", json={"role": role, "jwt": env.token("alice")}, timeout=10)
+        assert r.status_code == 400, r.text
+        assert "aud" in r.text
+    finally:
+        env.broker.stop()
+
+
 def test_no_tokens_or_secrets_in_logs(cred_dirs, xb_state, vb_state, sb_state, hb_state, protected, vault):
     """RS-20, VK-5: every token issued in this module (callers', exchanged, minted), every Vault secret and Vault
     credential is absent from the brokers' logs and the upstreams' and Vault's logs."""
