@@ -882,6 +882,46 @@ def test_vault_jwt_login_uses_an_exchanged_token(tmp_path, auth_server, vault, s
         env.broker.stop()
 
 
+def test_vault_kv1_and_soft_deleted_secrets(tmp_path, auth_server, vault):
+    """VK-2/VK-3 with Vault-token login: a KV v1 read (`kv_version = 1` reads `data`, not `data.data`)
+    reaches a shared stdio upstream's environment; a KV v2 secret whose latest version was soft-deleted
+    is "not found" (Vault answers 404 with data:null) and is not silently replaced by an older version,
+    so that server stays unavailable with the reason in the log."""
+    admin = vault.admin
+    if not admin.standin:
+        admin.request("POST", "sys/mounts/kv", {"type": "kv", "options": {"version": "1"}}, ok=(200, 204, 400))
+    v1_key = f"v1-key-{uuid.uuid4().hex}"
+    old_key = f"old-key-{uuid.uuid4().hex}"
+    remember(v1_key, old_key)
+    admin.request("POST", f"kv/{VAULT_PREFIX}/static", {"token": v1_key})
+    admin.kv2_put(f"secret/data/{VAULT_PREFIX}/gone", {"token": old_key})
+    admin.kv2_put(f"secret/data/{VAULT_PREFIX}/gone", {"token": old_key + "-v2"})
+    admin.request("DELETE", f"secret/data/{VAULT_PREFIX}/gone")
+    login = {"method": "token", "token": admin.token}
+    stores = {"kv1": {"kind": "vault", "address": admin.address, "kv_version": 1, "login": login},
+              "kv2": {"kind": "vault", "address": admin.address, "login": login}}
+    servers = {
+        "v1": H.token_echo_stdio_spec("v1", upstream_auth={
+            "use": "kv1", "path": f"kv/{VAULT_PREFIX}/static", "field": "token", "env": "API_KEY"}),
+        "gone": H.token_echo_stdio_spec("gone", upstream_auth={
+            "use": "kv2", "path": f"secret/data/{VAULT_PREFIX}/gone", "field": "token", "env": "API_KEY"}),
+    }
+    env = broker_env("broker-kv", tmp_path, auth_server, servers, stores, ["v1__getenv"]).ready()
+    try:
+        async def check():
+            async with env.session("alice") as s:
+                g = await call_json(s, "v1__getenv", {"name": "API_KEY"})
+                assert g["present"] and g["sha256_prefix"] == H.sha256_prefix(v1_key), g
+                names = {t.name for t in await H.list_all_tools(s)}
+                assert not any(n.startswith("gone__") for n in names), names
+
+        anyio.run(check)
+        H.poll_until(lambda: "no secret at" in env.broker.proc.stderr_tail(400), 15,
+                     "the broker to log that the deleted secret was not found")
+    finally:
+        env.broker.stop()
+
+
 def test_no_tokens_or_secrets_in_logs(cred_dirs, xb_state, vb_state, sb_state, hb_state, protected, vault):
     """RS-20, VK-5: every token issued in this module (callers', exchanged, minted), every Vault secret and Vault
     credential is absent from the brokers' logs and the upstreams' and Vault's logs."""
