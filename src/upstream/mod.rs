@@ -275,33 +275,11 @@ impl Upstream {
                 None => break,
             }
         }
-        let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
-        let handler = UpstreamHandler {
-            server: self.name.clone(),
-            conn: id,
-            events: events.clone(),
-        };
-        let router = Arc::new(ProgressRouter::default());
-        let running = tokio::time::timeout(
-            self.config.connect_timeout,
-            self.connect(handler, router.clone(), secrets),
-        )
-        .await
-        .unwrap_or(Err(UpstreamError::Timeout(self.config.connect_timeout)))?;
-        let peer = running.peer().clone();
-        let info = peer.peer_info();
-        let listing = fetch_listing(&self.name, &peer, info.as_deref()).await;
+        let (running, conn) = self.open(secrets, events).await?;
         if let Ok(mut l) = self.latest_listing.lock() {
-            *l = Some(listing.clone());
+            *l = conn.listing.lock().ok().map(|l| l.clone());
         }
-        let conn = Arc::new(Connection {
-            id,
-            peer,
-            info,
-            listing: Mutex::new(listing),
-            progress: router,
-            active: Default::default(),
-        });
+        let id = conn.id;
         let stop = CancellationToken::new();
         self.subjects.insert(
             key.to_string(),
@@ -312,7 +290,6 @@ impl Upstream {
                 last_used: Mutex::new(Instant::now()),
             }),
         );
-        tracing::info!(server = %self.name, connection = id, "per-caller upstream connection opened");
         let server = self.name.clone();
         let ct = running.cancellation_token();
         self.watchers.spawn(async move {
@@ -429,13 +406,6 @@ impl Upstream {
         let mut backoff = BACKOFF_START;
         let mut connected_before = false;
         loop {
-            let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
-            let handler = UpstreamHandler {
-                server: self.name.clone(),
-                conn: id,
-                events: events.clone(),
-            };
-            let router = Arc::new(ProgressRouter::default());
             let secrets = match self.secrets.get() {
                 Some(source) => source().await,
                 None => Ok(Secrets::default()),
@@ -443,37 +413,18 @@ impl Upstream {
             let attempt = match secrets {
                 Err(e) => Err(UpstreamError::Credential(e)),
                 Ok(secrets) => tokio::select! {
-                    r = tokio::time::timeout(self.config.connect_timeout, self.connect(handler, router.clone(), &secrets)) => {
-                        r.unwrap_or(Err(UpstreamError::Timeout(self.config.connect_timeout)))
-                    }
+                    r = self.open(&secrets, &events) => r,
                     _ = shutdown.cancelled() => return,
                 },
             };
             match attempt {
-                Ok(running) => {
-                    let peer = running.peer().clone();
-                    let info = peer.peer_info();
-                    let listing = fetch_listing(&self.name, &peer, info.as_deref()).await;
+                Ok((running, conn)) => {
                     if connected_before {
                         self.reconnects.fetch_add(1, Ordering::Relaxed);
                     }
                     connected_before = true;
-                    tracing::info!(
-                        server = %self.name,
-                        transport = self.config.transport.kind(),
-                        tools = listing.tools.len(),
-                        prompts = listing.prompts.len(),
-                        resources = listing.resources.len(),
-                        "upstream connected"
-                    );
-                    self.set(Some(Arc::new(Connection {
-                        id,
-                        peer: peer.clone(),
-                        info,
-                        listing: Mutex::new(listing),
-                        progress: router,
-                        active: Default::default(),
-                    })));
+                    let peer = conn.peer.clone();
+                    self.set(Some(conn));
                     let _ = events.send(UpstreamEvent::StateChanged {
                         server: self.name.clone(),
                     });
@@ -550,6 +501,48 @@ impl Upstream {
             tracing::warn!(server = %self.name, "upstream did not close in time");
         }
         stop
+    }
+
+    /// Connect, `initialize` (within `connect_timeout`) and list everything: a ready connection.
+    async fn open(
+        &self,
+        secrets: &Secrets,
+        events: &EventSender,
+    ) -> Result<(RunningService<RoleClient, UpstreamHandler>, Arc<Connection>), UpstreamError> {
+        let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
+        let handler = UpstreamHandler {
+            server: self.name.clone(),
+            conn: id,
+            events: events.clone(),
+        };
+        let router = Arc::new(ProgressRouter::default());
+        let running = tokio::time::timeout(
+            self.config.connect_timeout,
+            self.connect(handler, router.clone(), secrets),
+        )
+        .await
+        .unwrap_or(Err(UpstreamError::Timeout(self.config.connect_timeout)))?;
+        let peer = running.peer().clone();
+        let info = peer.peer_info();
+        let listing = fetch_listing(&self.name, &peer, info.as_deref()).await;
+        tracing::info!(
+            server = %self.name,
+            connection = id,
+            transport = self.config.transport.kind(),
+            tools = listing.tools.len(),
+            prompts = listing.prompts.len(),
+            resources = listing.resources.len(),
+            "upstream connected"
+        );
+        let conn = Arc::new(Connection {
+            id,
+            peer,
+            info,
+            listing: Mutex::new(listing),
+            progress: router,
+            active: Default::default(),
+        });
+        Ok((running, conn))
     }
 
     async fn connect(
