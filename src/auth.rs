@@ -490,8 +490,15 @@ impl Authenticator {
             "bearer_methods_supported": ["header"],
             "resource_name": "mcp-broker",
         });
-        if !self.config.scopes_supported.is_empty() {
-            doc["scopes_supported"] = serde_json::json!(self.config.scopes_supported);
+        // RS-8: `offline_access` is not advertised (clients would ask for refresh tokens they need not hold).
+        let scopes: Vec<&String> = self
+            .config
+            .scopes_supported
+            .iter()
+            .filter(|s| *s != "offline_access")
+            .collect();
+        if !scopes.is_empty() {
+            doc["scopes_supported"] = serde_json::json!(scopes);
         }
         doc
     }
@@ -614,6 +621,23 @@ mod tests {
             want
         ));
         assert!(!audience_matches(None, want));
+    }
+
+    #[test]
+    fn metadata_omits_offline_access() {
+        let a = Authenticator::new(crate::config::AuthConfig {
+            issuer: "https://idp".into(),
+            jwks_uri: None,
+            audience: "https://mcp/mcp".into(),
+            required_scopes: vec![],
+            scopes_supported: vec!["mcp:tools".into(), "offline_access".into()],
+            introspection: None,
+            group_claims: vec![],
+        })
+        .unwrap();
+        let doc = a.metadata_document("https://mcp/mcp");
+        assert_eq!(doc["scopes_supported"], serde_json::json!(["mcp:tools"]));
+        assert_eq!(doc["resource"], "https://mcp/mcp");
     }
 
     #[test]

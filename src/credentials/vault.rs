@@ -16,6 +16,12 @@ use crate::auth::Caller;
 use crate::config::{Secret, VaultConfig, VaultLogin};
 
 const CACHE_MAX: usize = 10_000;
+/// Waits between attempts at a read Vault answered with a transient status (3 attempts in all).
+const RETRIES: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(400),
+    Duration::ZERO,
+];
 
 /// A read secret's data and until when it may be reused.
 type CachedSecret = (Arc<serde_json::Map<String, Value>>, Instant);
@@ -141,18 +147,30 @@ impl VaultClient {
             self.cfg.address.as_str().trim_end_matches('/'),
             path
         );
-        let mut req = self
-            .http
-            .get(&url)
-            .header("X-Vault-Token", token.expose())
-            .header("X-Vault-Request", "true");
-        if let Some(ns) = &self.cfg.namespace {
-            req = req.header("X-Vault-Namespace", ns);
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| CredentialError::Vault(format!("unreachable: {}", e.without_url())))?;
+        // 412 (eventual consistency), 429/472/473 (standby), 5xx (sealed, internal, upstream):
+        // transient by Vault's documentation, so a few spaced retries before giving up.
+        let mut attempt = 0;
+        let resp = loop {
+            let mut req = self
+                .http
+                .get(&url)
+                .header("X-Vault-Token", token.expose())
+                .header("X-Vault-Request", "true");
+            if let Some(ns) = &self.cfg.namespace {
+                req = req.header("X-Vault-Namespace", ns);
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| CredentialError::Vault(format!("unreachable: {}", e.without_url())))?;
+            let status = resp.status().as_u16();
+            let transient = matches!(status, 412 | 429 | 472 | 473) || status >= 500;
+            if !transient || attempt + 1 >= RETRIES.len() {
+                break resp;
+            }
+            tokio::time::sleep(RETRIES[attempt]).await;
+            attempt += 1;
+        };
         match resp.status().as_u16() {
             200 => {
                 let body: Value = resp

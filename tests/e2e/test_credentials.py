@@ -634,6 +634,24 @@ async def test_vault_relogin_once_after_token_revoked(vb, vault, secrets):
         assert vault.approle_logins() - logins == 1, f"expected exactly one re-login: {stats['logins']}"
 
 
+async def test_vault_transient_errors_are_retried(vb, vault, secrets):
+    """VK-11: Vault answers 503 (sealed/standby) twice; the broker retries the read (bounded: 3 attempts) and
+    the call succeeds with the right secret, without a re-login."""
+    if not vault.standin:
+        pytest.skip("failure injection needs the stand-in")
+    await anyio.sleep(1.2)  # past cache_ttl (1 s): the next call reads Vault again
+    logins_before = vault.approle_logins()
+    r = vault.admin.client.post(f"{vault.admin.address}/__standin/fail",
+                                json={"status": 503, "count": 2, "path_prefix": f"/v1/secret/data/{VAULT_PREFIX}/"})
+    assert r.status_code in (200, 204), r.text
+    async with vb.session("alice") as s:
+        w = await call_json(s, "keyed__whoami")
+    assert w["api_key_sha256_prefix"] == H.sha256_prefix(secrets.keyed["alice"]), w
+    stats = vault.admin.stats()
+    assert stats["injected_failures"] >= 2, stats
+    assert vault.approle_logins() == logins_before, "a 503 is not a reason to log in again"
+
+
 async def test_vault_fallback_chain(vb, vault, secrets, protected):
     """first = [vault, exchange]: alice has a chain secret -> X-Api-Key; bob has none (404) -> the exchange."""
     async with vb.session("alice") as s:
