@@ -333,6 +333,30 @@ impl Broker {
             .collect()
     }
 
+    /// (server, upstream name) for an exposed tool or prompt name: the catalog's entry, else an
+    /// unprefixed server that may answer for itself; otherwise -32602.
+    fn resolve_name(&self, kind: Kind, exposed: &str) -> Result<(Arc<str>, String), ErrorData> {
+        let cat = self.catalog();
+        let entry = match kind {
+            Kind::Tool => cat
+                .tools
+                .get(exposed)
+                .map(|e| (e.server.clone(), e.original.clone())),
+            _ => cat
+                .prompts
+                .get(exposed)
+                .map(|e| (e.server.clone(), e.original.clone())),
+        };
+        entry
+            .or_else(|| {
+                self.unlisted(exposed, kind == Kind::Tool)
+                    .map(|s| (s, exposed.to_string()))
+            })
+            .ok_or_else(|| {
+                ErrorData::invalid_params(format!("unknown {} `{exposed}`", kind.as_str()), None)
+            })
+    }
+
     /// Where a name the catalog does not list goes: to the one connected server that exposes names
     /// unchanged (`prefix = ""`) and whose `tools` filter admits it, so that server answers for itself
     /// exactly as it would directly (it may have tools it does not list, or answer its own error).
@@ -412,20 +436,7 @@ impl Broker {
         down: Downstream,
         ct: CancellationToken,
     ) -> Result<CallToolResponse, ErrorData> {
-        let cat = self.catalog();
-        let (server, original) = match cat.tools.get(&params.name) {
-            Some(e) => (e.server.clone(), e.original.clone()),
-            None => match self.unlisted(&params.name, true) {
-                Some(server) => (server, params.name.to_string()),
-                None => {
-                    return Err(ErrorData::invalid_params(
-                        format!("unknown tool `{}`", params.name),
-                        None,
-                    ));
-                }
-            },
-        };
-        drop(cat);
+        let (server, original) = self.resolve_name(Kind::Tool, &params.name)?;
         let decision = self.policy.decide_call(
             caller,
             &server,
@@ -460,20 +471,7 @@ impl Broker {
         down: Downstream,
         ct: CancellationToken,
     ) -> Result<GetPromptResponse, ErrorData> {
-        let cat = self.catalog();
-        let (server, original) = match cat.prompts.get(&params.name) {
-            Some(e) => (e.server.clone(), e.original.clone()),
-            None => match self.unlisted(&params.name, false) {
-                Some(server) => (server, params.name.clone()),
-                None => {
-                    return Err(ErrorData::invalid_params(
-                        format!("unknown prompt `{}`", params.name),
-                        None,
-                    ));
-                }
-            },
-        };
-        drop(cat);
+        let (server, original) = self.resolve_name(Kind::Prompt, &params.name)?;
         let decision = self.policy.decide(caller, &server, Kind::Prompt, &original);
         if !decision.allow {
             return Err(ErrorData::invalid_request(decision.reason, None));
