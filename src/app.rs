@@ -7,6 +7,7 @@ use std::time::Duration;
 use rmcp::ServiceExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::Audit;
 use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::cli::Command;
@@ -15,7 +16,7 @@ use crate::front::{http, mcp::Front};
 
 pub async fn run(command: Command) -> ExitCode {
     let result = match command {
-        Command::Check { config } => check(&config),
+        Command::Check { config, stdio } => check(&config, stdio),
         Command::Serve {
             config,
             insecure_no_auth,
@@ -26,6 +27,7 @@ pub async fn run(command: Command) -> ExitCode {
             json,
             token,
         } => tools(&config, json, token.as_deref()).await,
+        Command::Audit(args) => crate::audit_query::run(&args),
     };
     match result {
         Ok(code) => code,
@@ -40,10 +42,13 @@ fn load(path: &std::path::Path) -> anyhow::Result<Arc<Config>> {
     Ok(Arc::new(Config::load(path)?))
 }
 
-fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+fn check(path: &std::path::Path, for_stdio: bool) -> anyhow::Result<ExitCode> {
     let config = load(path)?;
     // The Rego policy file is part of the configuration: compile it too.
     crate::broker::build_policy(&config)?;
+    if for_stdio {
+        refuse_stdout_audit(path, &config)?;
+    }
     println!(
         "{}: ok ({} server{})",
         path.display(),
@@ -51,6 +56,107 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         if config.servers.len() == 1 { "" } else { "s" }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Under `mcp-broker stdio`, stdout is the MCP channel: audit records cannot go there.
+fn refuse_stdout_audit(path: &std::path::Path, config: &Config) -> anyhow::Result<()> {
+    if config.audit.stdout {
+        anyhow::bail!(
+            "{}: `audit.stdout` = true cannot be used with `mcp-broker stdio`: stdout carries the MCP messages (use `audit.file`)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Reload on SIGHUP, and when the file's contents change (polled each second, if `watch_config`).
+/// An invalid file is logged and ignored: the broker keeps running on the configuration it has.
+async fn watch_reloads(path: std::path::PathBuf, initial: Arc<Config>, broker: Arc<Broker>) {
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut last = std::fs::read(&path).ok();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        #[cfg(unix)]
+        let hup_fired = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup_fired = std::future::pending::<()>();
+        let why = tokio::select! {
+            _ = hup_fired => "SIGHUP",
+            _ = tick.tick() => {
+                if !initial.broker.watch_config {
+                    continue;
+                }
+                let now = std::fs::read(&path).ok();
+                if now.is_none() || now == last {
+                    continue;
+                }
+                "the file changed"
+            }
+        };
+        last = std::fs::read(&path).ok();
+        reload(&path, &initial, &broker, why);
+    }
+}
+
+fn reload(path: &std::path::Path, initial: &Config, broker: &Broker, why: &str) {
+    let loaded = Config::load(path)
+        .map_err(anyhow::Error::from)
+        .and_then(|c| {
+            crate::broker::build_policy(&c)?;
+            Ok(c)
+        });
+    let mut new = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            crate::metrics::global().reload(false);
+            tracing::error!(reason = why, error = %format!("{e:#}"), "configuration reload rejected; still running the previous configuration");
+            return;
+        }
+    };
+    // The listener, identity and audit sinks are fixed for the process: keep the running ones.
+    let running = broker.config();
+    for (section, changed) in [
+        (
+            "broker",
+            format!("{:?}", new.broker) != format!("{:?}", initial.broker),
+        ),
+        (
+            "auth",
+            format!("{:?}", new.auth) != format!("{:?}", initial.auth),
+        ),
+        ("audit", new.audit != initial.audit),
+    ] {
+        if changed {
+            tracing::warn!(
+                section,
+                "[{section}] changed: it takes effect only after a restart"
+            );
+        }
+    }
+    new.broker = running.broker.clone();
+    new.auth = running.auth.clone();
+    new.audit = running.audit.clone();
+    match broker.reload(Arc::new(new)) {
+        Ok(s) => tracing::info!(
+            reason = why,
+            added = ?s.added,
+            removed = ?s.removed,
+            changed = ?s.changed,
+            "configuration reloaded"
+        ),
+        Err(e) => {
+            tracing::error!(reason = why, error = %e, "configuration reload rejected; still running the previous configuration")
+        }
+    }
 }
 
 /// Resolves on ctrl-c or SIGTERM.
@@ -104,8 +210,25 @@ async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result
         }
         config = Arc::new(c);
     }
-    let broker = Broker::new(config.clone())?;
+    let (audit, audit_task) = Audit::start(&config.audit)?;
+    let broker = Broker::new(config.clone(), audit.clone())?;
     broker.start();
+    let metrics_server = match config.broker.metrics_listen {
+        Some(addr) => {
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "metrics_listen is not a loopback address: /metrics is served without a token");
+            }
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (metrics_listen): {e}"))?;
+            tracing::info!(addr = %l.local_addr()?, "serving /metrics, /healthz and /readyz");
+            let ops = http::ops_router(&broker);
+            Some(tokio::spawn(async move { axum::serve(l, ops).await }))
+        }
+        None => None,
+    };
+    let initial = load(path)?;
+    let reloads = tokio::spawn(watch_reloads(path.to_path_buf(), initial, broker.clone()));
     let sessions = CancellationToken::new();
     let auth = match &config.auth {
         Some(a) => Some(Arc::new(Authenticator::new(a.clone())?)),
@@ -125,36 +248,62 @@ async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result
         stop_rx.cancelled().await
     }));
     shutdown_signal().await;
-    tracing::info!("shutting down");
-    // Order: end sessions (their SSE streams would hold graceful shutdown open), stop accepting,
-    // then stop upstreams so no child outlives the broker.
-    sessions.cancel();
+    reloads.abort();
+    // Drain: stop accepting connections and new calls, let calls in flight finish up to the
+    // deadline, then cancel the rest (audited); end sessions (their SSE streams would hold the
+    // server open); stop upstreams so no child outlives the broker; flush the audit trail.
+    let deadline = config.broker.drain_timeout;
+    tracing::info!(?deadline, "shutting down: draining calls in flight");
     stop.cancel();
+    let cancelled = broker.drain(deadline).await;
+    sessions.cancel();
     if tokio::time::timeout(Duration::from_secs(10), server)
         .await
         .is_err()
     {
         tracing::warn!("HTTP server did not stop in time");
     }
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     broker.shutdown().await;
+    audit.flush(Duration::from_secs(5)).await;
+    drop(audit);
+    drop(broker);
+    let _ = tokio::time::timeout(Duration::from_secs(1), audit_task).await;
+    tracing::info!(cancelled, "stopped");
     Ok(ExitCode::SUCCESS)
 }
 
 async fn stdio(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = load(path)?;
-    let broker = Broker::new(config)?;
+    refuse_stdout_audit(path, &config)?;
+    let (audit, audit_task) = Audit::start(&config.audit)?;
+    let initial = config.clone();
+    let broker = Broker::new(config.clone(), audit.clone())?;
     broker.start();
+    let reloads = tokio::spawn(watch_reloads(path.to_path_buf(), initial, broker.clone()));
     let running = Front::new(broker.clone())
         .serve(rmcp::transport::stdio())
         .await
         .map_err(|e| anyhow::anyhow!("stdio session failed to start: {e}"))?;
     let ct = running.cancellation_token();
+    let mut waiting = std::pin::pin!(running.waiting());
     tokio::select! {
         // stdin closed: the client is gone.
-        _ = running.waiting() => {}
-        _ = shutdown_signal() => ct.cancel(),
+        _ = &mut waiting => {}
+        _ = shutdown_signal() => {
+            // Drain as `serve` does: calls in flight may finish (and answer) before the session ends.
+            broker.drain(config.broker.drain_timeout).await;
+            ct.cancel();
+        }
     }
+    reloads.abort();
     broker.shutdown().await;
+    audit.flush(Duration::from_secs(5)).await;
+    drop(audit);
+    drop(broker);
+    let _ = tokio::time::timeout(Duration::from_secs(1), audit_task).await;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -184,7 +333,7 @@ async fn tools(
         .map(|s| s.connect_timeout)
         .max()
         .unwrap_or(Duration::from_secs(30));
-    let broker = Broker::new(config)?;
+    let broker = Broker::new(config, Audit::disabled())?;
     broker.start();
     broker.wait_connected(wait).await;
     if let Some(c) = &caller {
@@ -194,7 +343,7 @@ async fn tools(
     let catalog = broker.catalog();
     let visible: Option<std::collections::HashSet<String>> = caller.as_ref().map(|c| {
         broker
-            .list_tools(c)
+            .list_tools(c, None)
             .into_iter()
             .map(|t| t.name.to_string())
             .collect()

@@ -291,34 +291,41 @@ impl Catalog {
         expose_uri(prefix, original)
     }
 
-    /// A fingerprint per kind, so a rebuild notifies sessions only when their view really changed.
+    /// A fingerprint per kind (tools, prompts, resources with templates), so a rebuild notifies
+    /// sessions only when their view really changed.
     pub fn fingerprint(&self) -> [u64; 3] {
+        self.fingerprint_where(&|_, _, _| true)
+    }
+
+    /// [`Self::fingerprint`] over the entries `keep(kind, server, original)` admits; `kind` is 0 for
+    /// tools, 1 for prompts, 2 for resources and templates.
+    pub fn fingerprint_where(&self, keep: &dyn Fn(u8, &str, &str) -> bool) -> [u64; 3] {
         use std::hash::{Hash, Hasher};
-        let h = |f: &dyn Fn(&mut std::collections::hash_map::DefaultHasher)| {
-            let mut s = std::collections::hash_map::DefaultHasher::new();
-            f(&mut s);
-            s.finish()
-        };
-        [
-            h(&|s| {
-                for e in &self.tools.entries {
-                    serde_json::to_string(&e.item).unwrap_or_default().hash(s);
-                }
-            }),
-            h(&|s| {
-                for e in &self.prompts.entries {
-                    serde_json::to_string(&e.item).unwrap_or_default().hash(s);
-                }
-            }),
-            h(&|s| {
-                for e in &self.resources.entries {
-                    serde_json::to_string(&e.item).unwrap_or_default().hash(s);
-                }
-                for e in &self.templates.entries {
-                    serde_json::to_string(&e.item).unwrap_or_default().hash(s);
-                }
-            }),
-        ]
+        fn section<T: serde::Serialize>(
+            s: &mut std::collections::hash_map::DefaultHasher,
+            entries: &[Entry<T>],
+            kind: u8,
+            keep: &dyn Fn(u8, &str, &str) -> bool,
+        ) {
+            for e in entries
+                .iter()
+                .filter(|e| keep(kind, &e.server, &e.original))
+            {
+                serde_json::to_string(&e.item).unwrap_or_default().hash(s);
+            }
+        }
+        let mut out = [0u64; 3];
+        let mut t = std::collections::hash_map::DefaultHasher::new();
+        section(&mut t, &self.tools.entries, 0, keep);
+        out[0] = t.finish();
+        let mut p = std::collections::hash_map::DefaultHasher::new();
+        section(&mut p, &self.prompts.entries, 1, keep);
+        out[1] = p.finish();
+        let mut r = std::collections::hash_map::DefaultHasher::new();
+        section(&mut r, &self.resources.entries, 2, keep);
+        section(&mut r, &self.templates.entries, 2, keep);
+        out[2] = r.finish();
+        out
     }
 }
 

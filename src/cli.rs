@@ -37,6 +37,9 @@ pub enum Command {
     Check {
         #[arg(long, short, default_value = "servers.toml")]
         config: PathBuf,
+        /// Validate for `mcp-broker stdio` (where stdout is the MCP channel).
+        #[arg(long)]
+        stdio: bool,
     },
     /// Connect to every upstream and print the namespaced catalog.
     Tools {
@@ -49,6 +52,41 @@ pub enum Command {
         #[arg(long)]
         token: Option<String>,
     },
+    /// Read the audit trail: a table of records, filtered (or the raw JSON lines with --json).
+    Audit(AuditArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AuditArgs {
+    /// The audit file; defaults to `[audit] file` of the configuration.
+    #[arg(long, short)]
+    pub file: Option<PathBuf>,
+    #[arg(long, short, default_value = "servers.toml")]
+    pub config: PathBuf,
+    /// Only this subject.
+    #[arg(long)]
+    pub sub: Option<String>,
+    /// Only this tool (or prompt/resource) name, exposed or upstream; `*` globs allowed.
+    #[arg(long)]
+    pub tool: Option<String>,
+    /// Only this server.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Only records newer than this (`90s`, `15m`, `1h`, `2d`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only denied or rate-limited requests.
+    #[arg(long)]
+    pub denied: bool,
+    /// Only this outcome (ok, tool_error, error, timeout, cancelled, denied, rate_limited).
+    #[arg(long)]
+    pub outcome: Option<String>,
+    /// Print the matching records as JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Show at most the last N matching records.
+    #[arg(long)]
+    pub last: Option<usize>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -78,6 +78,65 @@ pub struct Config {
     pub rego: Option<RegoConfig>,
     /// `[credentials.NAME]`: named token-exchange clients and Vault stores servers `use`.
     pub credentials: IndexMap<String, CredentialStore>,
+    pub audit: AuditConfig,
+    /// `[limits]`: limits across servers.
+    pub limits: GlobalLimits,
+    /// Identifies the `[credentials]` section, so a reload keeps the credential caches when it is unchanged.
+    pub credentials_fingerprint: String,
+}
+
+/// `[audit]`: where decision records go and how arguments appear in them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditConfig {
+    /// A JSONL file (resolved against the config file's folder), rotated at `max_file_bytes`.
+    pub file: Option<PathBuf>,
+    pub stdout: bool,
+    pub arguments: AuditArguments,
+    pub max_file_bytes: u64,
+    /// Rotated files kept: `audit.jsonl.1` … `audit.jsonl.N`.
+    pub keep_files: usize,
+    /// Records waiting to be written; when full, new records are counted as dropped, never waited for.
+    pub queue: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            file: None,
+            stdout: false,
+            arguments: AuditArguments::Hash,
+            max_file_bytes: 100 * 1024 * 1024,
+            keep_files: 5,
+            queue: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditArguments {
+    None,
+    Hash,
+    Full,
+}
+
+/// A token bucket: `rate` tokens per second, at most `burst` saved up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GlobalLimits {
+    /// Per caller (`sub`), across every server.
+    pub per_caller: Option<RateLimit>,
+}
+
+/// `[servers.NAME.tool_limits.TOOL]`: overrides for one upstream tool.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ToolLimits {
+    pub timeout: Option<Duration>,
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// A named source of outbound credentials.
@@ -238,6 +297,12 @@ pub struct BrokerConfig {
     pub separator: String,
     pub session_idle_timeout: Duration,
     pub max_request_body: usize,
+    /// Serve `/metrics` (and the health endpoints) on this address instead of the MCP listener.
+    pub metrics_listen: Option<SocketAddr>,
+    /// On SIGTERM/ctrl-c, how long in-flight calls may run before they are cancelled.
+    pub drain_timeout: Duration,
+    /// Reload when the config file changes (SIGHUP always reloads).
+    pub watch_config: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -256,6 +321,17 @@ pub struct ServerConfig {
     pub max_subjects: usize,
     /// Per-caller connections idle this long are closed (stdio children stopped).
     pub subject_idle_timeout: Duration,
+    /// `/readyz` reports not ready while this server is down.
+    pub required: bool,
+    /// Calls to this server, from all callers together.
+    pub rate_limit: Option<RateLimit>,
+    /// Calls in flight to this server at once; more wait (up to the call's timeout) for a slot.
+    pub max_concurrent: Option<usize>,
+    /// Keyed by the upstream's own tool name.
+    pub tool_limits: BTreeMap<String, ToolLimits>,
+    /// Identifies this server's configuration (its table and the credential stores), so a reload can
+    /// tell a changed server from an unchanged one.
+    pub fingerprint: String,
 }
 
 #[derive(Debug, Clone)]
@@ -320,6 +396,8 @@ impl NameFilter {
 struct RawConfig {
     #[serde(default)]
     broker: RawBroker,
+    audit: Option<RawAudit>,
+    limits: Option<RawLimits>,
     #[serde(default)]
     servers: IndexMap<String, RawServer>,
     auth: Option<RawAuth>,
@@ -328,6 +406,37 @@ struct RawConfig {
     policy_engine: Option<RawPolicyEngine>,
     #[serde(default)]
     credentials: IndexMap<String, RawCredentialStore>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    file: Option<String>,
+    stdout: Option<bool>,
+    arguments: Option<String>,
+    max_file_size: Option<String>,
+    keep_files: Option<usize>,
+    queue: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    per_caller: Option<RawRateLimit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    rate: String,
+    burst: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToolLimits {
+    timeout: Option<String>,
+    rate_limit: Option<RawRateLimit>,
 }
 
 #[derive(Deserialize)]
@@ -445,6 +554,9 @@ struct RawBroker {
     separator: Option<String>,
     session_idle_timeout: Option<String>,
     max_request_body: Option<usize>,
+    metrics_listen: Option<String>,
+    drain_timeout: Option<String>,
+    watch_config: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -465,6 +577,10 @@ struct RawServer {
     upstream_auth: Option<RawUpstreamAuth>,
     max_subjects: Option<usize>,
     subject_idle_timeout: Option<String>,
+    required: Option<bool>,
+    rate_limit: Option<RawRateLimit>,
+    max_concurrent: Option<usize>,
+    tool_limits: Option<BTreeMap<String, RawToolLimits>>,
 }
 
 #[derive(Deserialize)]
@@ -532,10 +648,39 @@ impl Config {
                 ));
             }
         }
+        // Fingerprints for reload: a server's own table, plus the credential stores when it uses any.
+        let doc: toml::Table = toml::from_str(text).unwrap_or_default();
+        let section = |name: &str| -> String {
+            doc.get(name)
+                .map(|v| toml::to_string(v).unwrap_or_default())
+                .unwrap_or_default()
+        };
+        let stores_text = section("credentials");
+        let servers_doc = doc.get("servers").and_then(|v| v.as_table());
         let mut servers = Vec::with_capacity(raw.servers.len());
         for (name, s) in raw.servers {
-            servers.push(ctx.server(&name, s, &base, &credentials)?);
+            let mut server = ctx.server(&name, s, &base, &credentials)?;
+            let own = servers_doc
+                .and_then(|t| t.get(&name))
+                .map(|v| toml::to_string(v).unwrap_or_default())
+                .unwrap_or_default();
+            server.fingerprint = if server.upstream_auth.is_some() {
+                format!("{own}\n{}", stores_text)
+            } else {
+                own
+            };
+            servers.push(server);
         }
+        let audit = match raw.audit {
+            Some(a) => ctx.audit(a, &base)?,
+            None => AuditConfig::default(),
+        };
+        let limits = GlobalLimits {
+            per_caller: match raw.limits.and_then(|l| l.per_caller) {
+                Some(r) => Some(ctx.rate_limit(&["limits"], "per_caller", r)?),
+                None => None,
+            },
+        };
         // Two servers with one non-empty prefix would shadow each other's names wholesale.
         for (i, a) in servers.iter().enumerate() {
             if let Some(b) = servers[..i]
@@ -588,6 +733,9 @@ impl Config {
             policy,
             rego,
             credentials,
+            audit,
+            limits,
+            credentials_fingerprint: stores_text,
         })
     }
 
@@ -717,12 +865,31 @@ impl Ctx<'_> {
         if max_request_body < 1024 {
             return Err(self.invalid(t, "max_request_body", "must be at least 1024 bytes".into()));
         }
+        let metrics_listen = match raw.metrics_listen {
+            Some(m) => Some(m.parse().map_err(|_| {
+                self.invalid(
+                    t,
+                    "metrics_listen",
+                    format!("\"{m}\" is not an address (use e.g. \"127.0.0.1:9090\")"),
+                )
+            })?),
+            None => None,
+        };
+        let drain_timeout = self.duration(
+            t,
+            "drain_timeout",
+            raw.drain_timeout,
+            Duration::from_secs(30),
+        )?;
         Ok(BrokerConfig {
             listen,
             public_url,
             separator,
             session_idle_timeout,
             max_request_body,
+            metrics_listen,
+            drain_timeout,
+            watch_config: raw.watch_config.unwrap_or(true),
         })
     }
 
@@ -877,6 +1044,32 @@ impl Ctx<'_> {
             raw.subject_idle_timeout,
             Duration::from_secs(300),
         )?;
+        let rate_limit = match raw.rate_limit {
+            Some(r) => Some(self.rate_limit(t, "rate_limit", r)?),
+            None => None,
+        };
+        if raw.max_concurrent == Some(0) {
+            return Err(self.invalid(t, "max_concurrent", "must be at least 1".into()));
+        }
+        let mut tool_limits = BTreeMap::new();
+        for (tool, l) in raw.tool_limits.unwrap_or_default() {
+            let tt = &["servers", name, "tool_limits", &tool];
+            let timeout = match l.timeout {
+                Some(v) => Some(self.duration(tt, "timeout", Some(v), Duration::ZERO)?),
+                None => None,
+            };
+            let rate_limit = match l.rate_limit {
+                Some(r) => Some(self.rate_limit(tt, "rate_limit", r)?),
+                None => None,
+            };
+            tool_limits.insert(
+                tool,
+                ToolLimits {
+                    timeout,
+                    rate_limit,
+                },
+            );
+        }
         Ok(ServerConfig {
             name: name.to_string(),
             prefix,
@@ -887,6 +1080,80 @@ impl Ctx<'_> {
             upstream_auth,
             max_subjects,
             subject_idle_timeout,
+            required: raw.required.unwrap_or(false),
+            rate_limit,
+            max_concurrent: raw.max_concurrent,
+            tool_limits,
+            fingerprint: String::new(),
+        })
+    }
+
+    /// `{ rate = "10/s", burst = 20 }`; `burst` defaults to one second's worth (at least 1).
+    fn rate_limit(
+        &self,
+        table: &[&str],
+        key: &str,
+        raw: RawRateLimit,
+    ) -> Result<RateLimit, ConfigError> {
+        let per_second = parse_rate(&raw.rate).ok_or_else(|| {
+            self.invalid(
+                table,
+                key,
+                format!(
+                    "rate \"{}\" is not a rate (use e.g. \"10/s\", \"600/m\", \"1000/h\")",
+                    raw.rate
+                ),
+            )
+        })?;
+        let burst = raw
+            .burst
+            .unwrap_or_else(|| per_second.ceil().max(1.0) as u32);
+        if burst == 0 {
+            return Err(self.invalid(table, key, "burst must be at least 1".into()));
+        }
+        Ok(RateLimit { per_second, burst })
+    }
+
+    fn audit(&self, raw: RawAudit, base: &Path) -> Result<AuditConfig, ConfigError> {
+        let t = &["audit"];
+        let d = AuditConfig::default();
+        let arguments = match raw.arguments.as_deref() {
+            None | Some("hash") => AuditArguments::Hash,
+            Some("none") => AuditArguments::None,
+            Some("full") => AuditArguments::Full,
+            Some(other) => {
+                return Err(self.invalid(
+                    t,
+                    "arguments",
+                    format!("\"{other}\" is not one of \"none\", \"hash\", \"full\""),
+                ));
+            }
+        };
+        let file = match raw.file {
+            Some(f) => Some(base.join(self.expand(t, "file", &f)?)),
+            None => None,
+        };
+        let max_file_bytes = match raw.max_file_size {
+            Some(v) => parse_size(&v).filter(|n| *n >= 4096).ok_or_else(|| {
+                self.invalid(
+                    t,
+                    "max_file_size",
+                    format!("\"{v}\" is not a size of at least 4KB (use e.g. \"100MB\")"),
+                )
+            })?,
+            None => d.max_file_bytes,
+        };
+        let queue = raw.queue.unwrap_or(d.queue);
+        if queue == 0 {
+            return Err(self.invalid(t, "queue", "must be at least 1".into()));
+        }
+        Ok(AuditConfig {
+            file,
+            stdout: raw.stdout.unwrap_or(false),
+            arguments,
+            max_file_bytes,
+            keep_files: raw.keep_files.unwrap_or(d.keep_files),
+            queue,
         })
     }
 
@@ -1337,6 +1604,35 @@ impl Ctx<'_> {
 
 fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_' || c == '-'
+}
+
+/// `"10/s"`, `"600/m"`, `"1000/h"` (also `"1.5/s"`) → events per second.
+pub fn parse_rate(s: &str) -> Option<f64> {
+    let (n, unit) = s.trim().split_once('/')?;
+    let n: f64 = n.trim().parse().ok()?;
+    let per = match unit.trim() {
+        "s" | "sec" | "second" => 1.0,
+        "m" | "min" | "minute" => 60.0,
+        "h" | "hour" => 3600.0,
+        _ => return None,
+    };
+    (n.is_finite() && n > 0.0).then_some(n / per)
+}
+
+/// `"4096"`, `"512KB"`, `"100MB"`, `"1GB"` (powers of 1024) → bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "KB" | "K" | "KIB" => 1024,
+        "MB" | "M" | "MIB" => 1024 * 1024,
+        "GB" | "G" | "GIB" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 /// `"250ms"`, `"30s"`, `"5m"`, `"1h"`, or a bare number of seconds.

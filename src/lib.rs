@@ -15,6 +15,8 @@
 //! | 5 | [`app`], [`cli`] | wiring, subcommands, shutdown order |
 
 pub mod app;
+pub mod audit;
+pub mod audit_query;
 pub mod auth;
 pub mod broker;
 pub mod catalog;
@@ -22,5 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod front;
+pub mod limits;
+pub mod metrics;
 pub mod policy;
 pub mod upstream;

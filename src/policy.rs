@@ -119,6 +119,18 @@ pub struct Decision {
     pub rule: Option<usize>,
     /// Refused by a `step_up` rule: the scopes to ask the user for (HTTP 403 insufficient_scope).
     pub step_up: Option<Vec<String>>,
+    /// For audit: `rule N`, `rego` or `default`.
+    pub decided_by: &'static str,
+}
+
+impl Decision {
+    /// What decided, for audit: `rule N`, `rego` or `default`.
+    pub fn label(&self) -> String {
+        match self.rule {
+            Some(n) => format!("rule {n}"),
+            None => self.decided_by.to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -190,6 +202,7 @@ impl Policy {
                         reason: "allowed by the Rego policy".into(),
                         rule: None,
                         step_up: None,
+                        decided_by: "rego",
                     }),
                     Ok((false, message)) => Decision {
                         allow: false,
@@ -198,6 +211,7 @@ impl Policy {
                         }),
                         rule: None,
                         step_up: None,
+                        decided_by: "rego",
                     },
                     Err(e) => {
                         tracing::warn!(error = %e, "Rego policy failed; refusing");
@@ -206,6 +220,7 @@ impl Policy {
                             reason: "the access policy could not be evaluated".into(),
                             rule: None,
                             step_up: None,
+                            decided_by: "rego",
                         }
                     }
                 }
@@ -226,6 +241,7 @@ impl Policy {
                         reason: format!("allowed by policy rule {}", r.number),
                         rule: Some(r.number),
                         step_up: None,
+                        decided_by: "rule",
                     });
                 }
                 (Effect::Allow, false) | (Effect::Deny, true) => {
@@ -238,6 +254,7 @@ impl Policy {
                         rule: Some(r.number),
                         step_up: (r.step_up && r.effect == Effect::Allow)
                             .then(|| r.require_scopes.clone()),
+                        decided_by: "rule",
                     });
                 }
                 (Effect::Deny, false) => continue,
@@ -256,6 +273,7 @@ impl Policy {
                 ),
                 rule: None,
                 step_up: None,
+                decided_by: "default",
             }
         } else {
             Decision {
@@ -263,6 +281,7 @@ impl Policy {
                 reason: "allowed: no policy rule applies and inbound auth is off".into(),
                 rule: None,
                 step_up: None,
+                decided_by: "default",
             }
         }
     }

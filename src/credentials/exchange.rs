@@ -108,8 +108,10 @@ impl TokenExchange {
             && let Some(c) = held.as_ref()
             && c.fresh_for(ttl)
         {
+            crate::metrics::global().credential_cache("token_exchange", true);
             return Ok(c.token.clone());
         }
+        crate::metrics::global().credential_cache("token_exchange", false);
         let mut form: Vec<(&str, String)> = vec![
             ("grant_type", GRANT.into()),
             ("subject_token", subject.expose().to_string()),

@@ -112,8 +112,10 @@ impl VaultClient {
         if let Some(hit) = self.cache.get(&ckey)
             && hit.1 > Instant::now()
         {
+            crate::metrics::global().credential_cache("vault", true);
             return Ok(hit.0.clone());
         }
+        crate::metrics::global().credential_cache("vault", false);
         let mut relogged = false;
         loop {
             let token = self.token(&who, caller, relogged).await?;

@@ -36,7 +36,8 @@ pub fn router(
     auth: Option<Arc<Authenticator>>,
     ct: CancellationToken,
 ) -> Router {
-    let cfg = &broker.config().broker;
+    let config = broker.config();
+    let cfg = &config.broker;
     let public = &cfg.public_url;
     let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "::1"]
         .iter()
@@ -83,8 +84,7 @@ pub fn router(
         metadata_url: Arc::from(metadata_url),
         limit: cfg.max_request_body,
     };
-    let mut app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+    let mut app = ops_routes(Router::new(), &broker, cfg.metrics_listen.is_none())
         .route_service(MCP_PATH, mcp);
     if let Some(auth) = auth {
         let doc = auth.metadata_document(public.as_str());
@@ -116,6 +116,55 @@ pub fn router(
 }
 
 const MCP_PATH: &str = "/mcp";
+
+/// `/healthz` (the process answers), `/readyz` (every `required` server is up and the broker is not
+/// draining) and, with `metrics`, `/metrics` (Prometheus text). None of them needs a token.
+pub fn ops_routes(app: Router, broker: &Arc<Broker>, metrics: bool) -> Router {
+    let b = broker.clone();
+    let app = app.route("/healthz", get(|| async { "ok\n" })).route(
+        "/readyz",
+        get(move || {
+            let b = b.clone();
+            async move {
+                let down = b.required_down();
+                if b.is_draining() {
+                    (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_string())
+                } else if down.is_empty() {
+                    (StatusCode::OK, "ready\n".to_string())
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: required server(s) down: {}\n", down.join(", ")),
+                    )
+                }
+            }
+        }),
+    );
+    if !metrics {
+        return app;
+    }
+    let b = broker.clone();
+    app.route(
+        "/metrics",
+        get(move || {
+            let b = b.clone();
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    b.render_metrics(),
+                )
+            }
+        }),
+    )
+}
+
+/// The router for `[broker] metrics_listen`: the operational endpoints only.
+pub fn ops_router(broker: &Arc<Broker>) -> Router {
+    ops_routes(Router::new(), broker, true)
+}
 
 /// What the identity gate needs.
 #[derive(Clone)]

@@ -42,9 +42,22 @@ impl Front {
     }
 
     fn session_id(&self, ctx: &RequestContext<RoleServer>) -> u64 {
-        *self
-            .session
-            .get_or_init(|| self.broker.register_session(ctx.peer.clone()))
+        *self.session.get_or_init(|| {
+            self.broker
+                .register_session(ctx.peer.clone(), Some(caller_of(ctx)))
+        })
+    }
+
+    fn downstream(&self, ctx: &RequestContext<RoleServer>) -> Downstream {
+        Downstream {
+            peer: ctx.peer.clone(),
+            request_id: ctx.id.clone(),
+            progress_token: ctx.meta.get_progress_token(),
+            capabilities: ctx.client_capabilities(),
+            // 2026-07-28 requests carry their protocol version in `_meta`.
+            stateless: ctx.meta.protocol_version() == Some(ProtocolVersion::V_2026_07_28),
+            session: self.session.get().copied(),
+        }
     }
 }
 
@@ -58,17 +71,6 @@ pub fn caller_of(ctx: &RequestContext<RoleServer>) -> Caller {
             .cloned()
             .unwrap_or_else(Caller::anonymous),
         None => Caller::local(),
-    }
-}
-
-fn downstream(ctx: &RequestContext<RoleServer>) -> Downstream {
-    Downstream {
-        peer: ctx.peer.clone(),
-        request_id: ctx.id.clone(),
-        progress_token: ctx.meta.get_progress_token(),
-        capabilities: ctx.client_capabilities(),
-        // 2026-07-28 requests carry their protocol version in `_meta`.
-        stateless: ctx.meta.protocol_version() == Some(ProtocolVersion::V_2026_07_28),
     }
 }
 
@@ -105,9 +107,13 @@ impl ServerHandler for Front {
     }
 
     async fn on_initialized(&self, ctx: NotificationContext<RoleServer>) {
-        let _ = self
-            .session
-            .get_or_init(|| self.broker.register_session(ctx.peer.clone()));
+        let _ = self.session.get_or_init(|| {
+            let caller = match ctx.extensions.get::<http::request::Parts>() {
+                Some(parts) => parts.extensions.get::<Caller>().cloned(),
+                None => Some(Caller::local()),
+            };
+            self.broker.register_session(ctx.peer.clone(), caller)
+        });
     }
 
     async fn list_tools(
@@ -119,7 +125,8 @@ impl ServerHandler for Front {
         let caller = caller_of(&ctx);
         self.broker.prepare(&caller).await;
         Ok(ListToolsResult::with_all_items(
-            self.broker.list_tools(&caller),
+            self.broker
+                .list_tools(&caller, Some(&self.downstream(&ctx))),
         ))
     }
 
@@ -130,7 +137,7 @@ impl ServerHandler for Front {
     ) -> Result<CallToolResponse, ErrorData> {
         let caller = caller_of(&ctx);
         self.broker
-            .call_tool(&caller, p, downstream(&ctx), ctx.ct.clone())
+            .call_tool(&caller, p, self.downstream(&ctx), ctx.ct.clone())
             .await
     }
 
@@ -143,7 +150,8 @@ impl ServerHandler for Front {
         let caller = caller_of(&ctx);
         self.broker.prepare(&caller).await;
         Ok(ListPromptsResult::with_all_items(
-            self.broker.list_prompts(&caller),
+            self.broker
+                .list_prompts(&caller, Some(&self.downstream(&ctx))),
         ))
     }
 
@@ -154,7 +162,7 @@ impl ServerHandler for Front {
     ) -> Result<GetPromptResponse, ErrorData> {
         let caller = caller_of(&ctx);
         self.broker
-            .get_prompt(&caller, p, downstream(&ctx), ctx.ct.clone())
+            .get_prompt(&caller, p, self.downstream(&ctx), ctx.ct.clone())
             .await
     }
 
@@ -167,7 +175,8 @@ impl ServerHandler for Front {
         let caller = caller_of(&ctx);
         self.broker.prepare(&caller).await;
         Ok(ListResourcesResult::with_all_items(
-            self.broker.list_resources(&caller),
+            self.broker
+                .list_resources(&caller, Some(&self.downstream(&ctx))),
         ))
     }
 
@@ -180,7 +189,8 @@ impl ServerHandler for Front {
         let caller = caller_of(&ctx);
         self.broker.prepare(&caller).await;
         Ok(ListResourceTemplatesResult::with_all_items(
-            self.broker.list_resource_templates(&caller),
+            self.broker
+                .list_resource_templates(&caller, Some(&self.downstream(&ctx))),
         ))
     }
 
@@ -191,7 +201,7 @@ impl ServerHandler for Front {
     ) -> Result<ReadResourceResponse, ErrorData> {
         let caller = caller_of(&ctx);
         self.broker
-            .read_resource(&caller, p, downstream(&ctx), ctx.ct.clone())
+            .read_resource(&caller, p, self.downstream(&ctx), ctx.ct.clone())
             .await
     }
 
@@ -202,7 +212,7 @@ impl ServerHandler for Front {
     ) -> Result<CompleteResult, ErrorData> {
         let caller = caller_of(&ctx);
         self.broker
-            .complete(&caller, p, downstream(&ctx), ctx.ct.clone())
+            .complete(&caller, p, self.downstream(&ctx), ctx.ct.clone())
             .await
     }
 

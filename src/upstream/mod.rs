@@ -208,6 +208,11 @@ impl Upstream {
         self.connection().is_some() || !self.subjects.is_empty()
     }
 
+    /// Open connections: the shared one (0 or 1) plus per-caller ones. For stdio, live children.
+    pub fn open_connections(&self) -> usize {
+        usize::from(self.connection().is_some()) + self.subjects.len()
+    }
+
     /// Set where the shared connection's secrets come from (before `supervise`).
     pub fn set_secrets(&self, source: SecretsSource) {
         let _ = self.secrets.set(source);

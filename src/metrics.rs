@@ -1,0 +1,354 @@
+//! Prometheus metrics: process-wide counters and histograms, rendered in the text exposition format
+//! (version 0.0.4) at `/metrics`.
+//!
+//! Call counters and latency histograms are derived from audit records ([`Metrics::audit_record`]),
+//! so `/metrics` and the audit trail always agree. Gauges that describe live state (upstreams up,
+//! sessions, child processes) are read from the broker at scrape time. Labels never carry a
+//! subject or any secret: only server names, exposed tool names and fixed values.
+
+use std::collections::hash_map::DefaultHasher;
+use std::fmt::Write;
+use std::hash::{Hash, Hasher};
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+
+use crate::audit::{Outcome, Record};
+
+/// Histogram bucket upper bounds, in seconds.
+const BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+struct Counter {
+    labels: Vec<(&'static str, String)>,
+    value: AtomicU64,
+}
+
+struct Histogram {
+    labels: Vec<(&'static str, String)>,
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    /// Microseconds.
+    sum_us: AtomicU64,
+}
+
+/// One counter family: label values → count. Keyed by a hash of the label values so that the hot
+/// path does not allocate once a series exists.
+#[derive(Default)]
+struct Family(DashMap<u64, Counter>);
+
+impl Family {
+    fn inc(&self, labels: &[(&'static str, &str)], by: u64) {
+        let key = key_of(labels);
+        if let Some(c) = self.0.get(&key) {
+            c.value.fetch_add(by, Ordering::Relaxed);
+            return;
+        }
+        self.0
+            .entry(key)
+            .or_insert_with(|| Counter {
+                labels: owned(labels),
+                value: AtomicU64::new(0),
+            })
+            .value
+            .fetch_add(by, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        let mut rows: Vec<(String, u64)> = self
+            .0
+            .iter()
+            .map(|e| (label_text(&e.labels, None), e.value.load(Ordering::Relaxed)))
+            .collect();
+        rows.sort();
+        for (l, v) in rows {
+            let _ = writeln!(out, "{name}{l} {v}");
+        }
+    }
+}
+
+#[derive(Default)]
+struct HistogramFamily(DashMap<u64, Histogram>);
+
+impl HistogramFamily {
+    fn observe(&self, labels: &[(&'static str, &str)], seconds: f64) {
+        let key = key_of(labels);
+        let record = |h: &Histogram| {
+            for (i, b) in BUCKETS.iter().enumerate() {
+                if seconds <= *b {
+                    h.buckets[i].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            h.count.fetch_add(1, Ordering::Relaxed);
+            h.sum_us
+                .fetch_add((seconds * 1e6).max(0.0) as u64, Ordering::Relaxed);
+        };
+        if let Some(h) = self.0.get(&key) {
+            record(&h);
+            return;
+        }
+        let h = self.0.entry(key).or_insert_with(|| Histogram {
+            labels: owned(labels),
+            buckets: Default::default(),
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        });
+        record(&h);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut series: Vec<(String, String)> = Vec::new();
+        for h in self.0.iter() {
+            let mut s = String::new();
+            for (i, b) in BUCKETS.iter().enumerate() {
+                let le = format!("{b}");
+                let _ = writeln!(
+                    s,
+                    "{name}_bucket{} {}",
+                    label_text(&h.labels, Some(&le)),
+                    h.buckets[i].load(Ordering::Relaxed)
+                );
+            }
+            let count = h.count.load(Ordering::Relaxed);
+            let _ = writeln!(
+                s,
+                "{name}_bucket{} {count}",
+                label_text(&h.labels, Some("+Inf"))
+            );
+            let plain = label_text(&h.labels, None);
+            let sum = h.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+            let _ = writeln!(s, "{name}_sum{plain} {sum}");
+            let _ = writeln!(s, "{name}_count{plain} {count}");
+            series.push((plain, s));
+        }
+        series.sort();
+        for (_, s) in series {
+            out.push_str(&s);
+        }
+    }
+}
+
+fn key_of(labels: &[(&'static str, &str)]) -> u64 {
+    let mut h = DefaultHasher::new();
+    for (k, v) in labels {
+        k.hash(&mut h);
+        v.hash(&mut h);
+    }
+    h.finish()
+}
+
+fn owned(labels: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+    labels.iter().map(|(k, v)| (*k, v.to_string())).collect()
+}
+
+/// `{a="x",b="y"}` (with `le` last for buckets), values escaped per the exposition format.
+fn label_text(labels: &[(&'static str, String)], le: Option<&str>) -> String {
+    let mut parts: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+        .collect();
+    if let Some(le) = le {
+        parts.push(format!("le=\"{le}\""));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("{{{}}}", parts.join(","))
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The process-wide registry.
+#[derive(Default)]
+pub struct Metrics {
+    requests: Family,
+    duration: HistogramFamily,
+    upstream_duration: HistogramFamily,
+    policy_denies: Family,
+    rate_limited: Family,
+    credential_cache: Family,
+    reloads: Family,
+    audit_records: AtomicU64,
+    audit_dropped: AtomicU64,
+}
+
+static GLOBAL: LazyLock<Metrics> = LazyLock::new(Metrics::default);
+
+pub fn global() -> &'static Metrics {
+    &GLOBAL
+}
+
+impl Metrics {
+    /// Count a finished request from its audit record.
+    pub fn audit_record(&self, r: &Record) {
+        self.audit_records.fetch_add(1, Ordering::Relaxed);
+        let server = r.server.as_deref().unwrap_or("");
+        self.requests.inc(
+            &[
+                ("kind", r.kind),
+                ("server", server),
+                ("name", &r.name),
+                ("outcome", r.outcome.as_str()),
+            ],
+            1,
+        );
+        self.duration
+            .observe(&[("kind", r.kind), ("server", server)], r.latency_ms / 1e3);
+        if let Some(up) = r.upstream_ms {
+            self.upstream_duration
+                .observe(&[("server", server)], up / 1e3);
+        }
+        if r.outcome == Outcome::Denied {
+            self.policy_denies
+                .inc(&[("kind", r.kind), ("server", server)], 1);
+        }
+    }
+
+    pub fn audit_dropped(&self) {
+        self.audit_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A call refused by a limit: `scope` is `caller`, `server`, `tool` or `concurrency`.
+    pub fn rate_limited(&self, scope: &'static str, server: &str) {
+        self.rate_limited
+            .inc(&[("scope", scope), ("server", server)], 1);
+    }
+
+    /// A credential lookup: `store` is `token_exchange` or `vault`.
+    pub fn credential_cache(&self, store: &'static str, hit: bool) {
+        self.credential_cache.inc(
+            &[
+                ("store", store),
+                ("result", if hit { "hit" } else { "miss" }),
+            ],
+            1,
+        );
+    }
+
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .inc(&[("result", if ok { "ok" } else { "error" })], 1);
+    }
+
+    /// The exposition text: these counters, then `gauges` (already formatted by the caller).
+    pub fn render(&self, gauges: &str) -> String {
+        let mut out = String::with_capacity(4096);
+        self.requests.render(
+            &mut out,
+            "mcp_broker_requests_total",
+            "Requests by kind (tool, prompt, resource, completion, list), server, exposed name and outcome.",
+        );
+        self.duration.render(
+            &mut out,
+            "mcp_broker_request_duration_seconds",
+            "Total request latency at the broker, by kind and server.",
+        );
+        self.upstream_duration.render(
+            &mut out,
+            "mcp_broker_upstream_duration_seconds",
+            "Time waiting for the upstream, by server.",
+        );
+        self.policy_denies.render(
+            &mut out,
+            "mcp_broker_policy_denies_total",
+            "Requests refused by policy, by kind and server.",
+        );
+        self.rate_limited.render(
+            &mut out,
+            "mcp_broker_rate_limited_total",
+            "Calls refused by a limit, by scope (caller, server, tool, concurrency) and server.",
+        );
+        self.credential_cache.render(
+            &mut out,
+            "mcp_broker_credential_cache_total",
+            "Outbound credential lookups by store (token_exchange, vault) and result (hit, miss).",
+        );
+        self.reloads.render(
+            &mut out,
+            "mcp_broker_config_reloads_total",
+            "Configuration reloads by result (ok, error).",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mcp_broker_audit_records_total Audit records produced.\n# TYPE mcp_broker_audit_records_total counter\nmcp_broker_audit_records_total {}",
+            self.audit_records.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mcp_broker_audit_dropped_total Audit records lost because the queue was full or the sink failed.\n# TYPE mcp_broker_audit_dropped_total counter\nmcp_broker_audit_dropped_total {}",
+            self.audit_dropped.load(Ordering::Relaxed)
+        );
+        out.push_str(gauges);
+        out
+    }
+}
+
+/// A gauge family with one sample per label set, for the broker's scrape-time gauges.
+pub fn gauge(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    samples: &[(Vec<(&'static str, String)>, f64)],
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{} {v}", label_text(labels, None));
+    }
+}
+
+/// A counter family read at scrape time (e.g. an upstream's reconnects).
+pub fn counter(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    samples: &[(Vec<(&'static str, String)>, f64)],
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{} {v}", label_text(labels, None));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histograms() {
+        let m = Metrics::default();
+        let r = Record {
+            kind: "tool",
+            server: Some("ledger".into()),
+            name: "ledger__x\"y".into(),
+            outcome: Outcome::Ok,
+            latency_ms: 3.0,
+            upstream_ms: Some(2.0),
+            ..Record::default()
+        };
+        m.audit_record(&r);
+        m.audit_record(&r);
+        let text = m.render("");
+        assert!(text.contains(
+            "mcp_broker_requests_total{kind=\"tool\",server=\"ledger\",name=\"ledger__x\\\"y\",outcome=\"ok\"} 2"
+        ));
+        assert!(text.contains(
+            "mcp_broker_request_duration_seconds_bucket{kind=\"tool\",server=\"ledger\",le=\"0.0025\"} 0"
+        ));
+        assert!(text.contains(
+            "mcp_broker_request_duration_seconds_bucket{kind=\"tool\",server=\"ledger\",le=\"0.005\"} 2"
+        ));
+        assert!(text.contains(
+            "mcp_broker_request_duration_seconds_count{kind=\"tool\",server=\"ledger\"} 2"
+        ));
+    }
+}
