@@ -210,7 +210,8 @@ async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result
         }
         config = Arc::new(c);
     }
-    let (audit, audit_task) = Audit::start(&config.audit)?;
+    // The writer task outlives nothing that matters: `flush` at the end waits for every record.
+    let (audit, _writer) = Audit::start(&config.audit)?;
     let broker = Broker::new(config.clone(), audit.clone())?;
     broker.start();
     let metrics_server = match config.broker.metrics_listen {
@@ -268,9 +269,6 @@ async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result
     }
     broker.shutdown().await;
     audit.flush(Duration::from_secs(5)).await;
-    drop(audit);
-    drop(broker);
-    let _ = tokio::time::timeout(Duration::from_secs(1), audit_task).await;
     tracing::info!(cancelled, "stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -278,7 +276,8 @@ async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result
 async fn stdio(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = load(path)?;
     refuse_stdout_audit(path, &config)?;
-    let (audit, audit_task) = Audit::start(&config.audit)?;
+    // The writer task outlives nothing that matters: `flush` at the end waits for every record.
+    let (audit, _writer) = Audit::start(&config.audit)?;
     let initial = config.clone();
     let broker = Broker::new(config.clone(), audit.clone())?;
     broker.start();
@@ -301,9 +300,6 @@ async fn stdio(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     reloads.abort();
     broker.shutdown().await;
     audit.flush(Duration::from_secs(5)).await;
-    drop(audit);
-    drop(broker);
-    let _ = tokio::time::timeout(Duration::from_secs(1), audit_task).await;
     Ok(ExitCode::SUCCESS)
 }
 

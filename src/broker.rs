@@ -556,7 +556,12 @@ impl Broker {
 
     /// For the HTTP front's step-up answer: the policy decision on a `tools/call` of `exposed`, when a
     /// `step_up` rule refuses it (then the call gets HTTP 403 instead of an `isError` result).
-    pub fn step_up_refusal(&self, caller: &Caller, exposed: &str) -> Option<Decision> {
+    pub fn step_up_refusal(
+        &self,
+        caller: &Caller,
+        exposed: &str,
+        request_id: &serde_json::Value,
+    ) -> Option<Decision> {
         let st = self.state();
         if !st.policy.has_step_up() {
             return None;
@@ -564,7 +569,24 @@ impl Broker {
         let cat = self.catalog();
         let e = cat.tools.get(exposed)?;
         let d = st.policy.decide(caller, &e.server, Kind::Tool, &e.original);
-        (d.step_up.is_some() && !d.allow).then_some(d)
+        if d.step_up.is_none() || d.allow {
+            return None;
+        }
+        // The elevation request is a decision too (SB-7): record what was asked and what was held.
+        let mut rec = self.audit.begin(caller, "tool", exposed);
+        rec.request(request_id.clone(), None);
+        rec.route(&e.server, &e.original);
+        let wanted = d.step_up.as_deref().unwrap_or_default().join(" ");
+        rec.decision(
+            false,
+            &format!(
+                "step-up required: scope \"{wanted}\" (token has \"{}\"): {}",
+                caller.scopes.join(" "),
+                d.reason
+            ),
+            Some(d.label()),
+        );
+        Some(d)
     }
 
     pub fn has_step_up(&self) -> bool {

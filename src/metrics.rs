@@ -193,11 +193,17 @@ impl Metrics {
     pub fn audit_record(&self, r: &Record) {
         self.audit_records.fetch_add(1, Ordering::Relaxed);
         let server = r.server.as_deref().unwrap_or("");
+        // Names a client made up (unknown tools) or unbounded ones (resource URIs) would let a
+        // caller create series without limit: only catalog tool/prompt names and list kinds label.
+        let name = match (r.kind, r.server.is_some()) {
+            ("tool" | "prompt", true) | ("list", _) => r.name.as_str(),
+            _ => "",
+        };
         self.requests.inc(
             &[
                 ("kind", r.kind),
                 ("server", server),
-                ("name", &r.name),
+                ("name", name),
                 ("outcome", r.outcome.as_str()),
             ],
             1,

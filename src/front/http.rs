@@ -254,7 +254,7 @@ async fn gate(State(g): State<Gate>, mut req: Request, next: Next) -> Response {
             .await
             .unwrap_or_default();
         if let Some((id, name)) = peek_tool_call(&bytes)
-            && let Some(d) = g.broker.step_up_refusal(&caller, &name)
+            && let Some(d) = g.broker.step_up_refusal(&caller, &name, &id)
         {
             let scopes = d.step_up.unwrap_or_default();
             let mut resp = challenge(
