@@ -84,6 +84,8 @@ impl std::fmt::Display for Collision {
 pub struct Section<T> {
     pub entries: Vec<Entry<T>>,
     index: HashMap<String, usize>,
+    /// A hash of each entry's serialized item, computed once on first use (view fingerprints).
+    hashes: std::sync::OnceLock<Vec<u64>>,
 }
 
 impl<T> Default for Section<T> {
@@ -91,6 +93,7 @@ impl<T> Default for Section<T> {
         Self {
             entries: Vec::new(),
             index: HashMap::new(),
+            hashes: std::sync::OnceLock::new(),
         }
     }
 }
@@ -303,27 +306,38 @@ impl Catalog {
         use std::hash::{Hash, Hasher};
         fn section<T: serde::Serialize>(
             s: &mut std::collections::hash_map::DefaultHasher,
-            entries: &[Entry<T>],
+            sec: &Section<T>,
             kind: u8,
             keep: &dyn Fn(u8, &str, &str) -> bool,
         ) {
-            for e in entries
-                .iter()
-                .filter(|e| keep(kind, &e.server, &e.original))
-            {
-                serde_json::to_string(&e.item).unwrap_or_default().hash(s);
+            let hashes = sec.hashes.get_or_init(|| {
+                sec.entries
+                    .iter()
+                    .map(|e| {
+                        let mut h = std::collections::hash_map::DefaultHasher::new();
+                        serde_json::to_string(&e.item)
+                            .unwrap_or_default()
+                            .hash(&mut h);
+                        h.finish()
+                    })
+                    .collect()
+            });
+            for (e, h) in sec.entries.iter().zip(hashes) {
+                if keep(kind, &e.server, &e.original) {
+                    h.hash(s);
+                }
             }
         }
         let mut out = [0u64; 3];
         let mut t = std::collections::hash_map::DefaultHasher::new();
-        section(&mut t, &self.tools.entries, 0, keep);
+        section(&mut t, &self.tools, 0, keep);
         out[0] = t.finish();
         let mut p = std::collections::hash_map::DefaultHasher::new();
-        section(&mut p, &self.prompts.entries, 1, keep);
+        section(&mut p, &self.prompts, 1, keep);
         out[1] = p.finish();
         let mut r = std::collections::hash_map::DefaultHasher::new();
-        section(&mut r, &self.resources.entries, 2, keep);
-        section(&mut r, &self.templates.entries, 2, keep);
+        section(&mut r, &self.resources, 2, keep);
+        section(&mut r, &self.templates, 2, keep);
         out[2] = r.finish();
         out
     }
