@@ -131,6 +131,24 @@ pub struct Authenticator {
     /// One JWKS fetch at a time; waiters re-check the cache after it.
     refresh: tokio::sync::Mutex<()>,
     introspected: DashMap<[u8; 32], (Caller, Instant)>,
+    /// JWTs already verified (by SHA-256 of the token) → their caller, until the token expires or
+    /// [`VERIFIED_TTL`] passes, whichever is first: a client's repeated calls skip the signature check.
+    verified: DashMap<[u8; 32], (Caller, Instant)>,
+}
+
+/// How long a verified JWT is trusted without checking its signature again; bounds how long a
+/// token keeps working after its key is withdrawn from the JWKS.
+const VERIFIED_TTL: Duration = Duration::from_secs(60);
+const VERIFIED_MAX: usize = 10_000;
+
+/// Whole seconds until the token's `exp` (None when absent or already past).
+fn seconds_left(claims: &Map<String, Value>) -> Option<u64> {
+    let exp = claims.get("exp").and_then(Value::as_u64)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    exp.checked_sub(now).filter(|s| *s > 0)
 }
 
 impl Authenticator {
@@ -148,6 +166,7 @@ impl Authenticator {
             http,
             refresh: tokio::sync::Mutex::new(()),
             introspected: DashMap::new(),
+            verified: DashMap::new(),
         })
     }
 
@@ -157,7 +176,18 @@ impl Authenticator {
 
     /// Validate a bearer token and check the broker-wide required scopes.
     pub async fn authenticate(&self, token: &str) -> Result<Caller, AuthError> {
-        let caller = if token.split('.').count() == 3 {
+        use sha2::Digest;
+        let is_jwt = token.split('.').count() == 3;
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        if is_jwt
+            && let Some(hit) = self.verified.get(&digest)
+            && hit.1 > Instant::now()
+        {
+            let mut caller = hit.0.clone();
+            caller.token = Some(Secret::new(token));
+            return Ok(caller);
+        }
+        let caller = if is_jwt {
             self.validate_jwt(token).await?
         } else if self.config.introspection.is_some() {
             self.introspect(token).await?
@@ -179,6 +209,19 @@ impl Authenticator {
             return Err(AuthError::InsufficientScope(
                 self.config.required_scopes.clone(),
             ));
+        }
+        if is_jwt && let Some(left) = seconds_left(&caller.claims) {
+            if self.verified.len() >= VERIFIED_MAX {
+                let now = Instant::now();
+                self.verified.retain(|_, (_, until)| *until > now);
+                if self.verified.len() >= VERIFIED_MAX {
+                    self.verified.clear();
+                }
+            }
+            let mut cached = caller.clone();
+            cached.token = None;
+            let until = Instant::now() + VERIFIED_TTL.min(Duration::from_secs(left));
+            self.verified.insert(digest, (cached, until));
         }
         Ok(caller)
     }
