@@ -38,13 +38,14 @@ PY_PKGS=(
   "pytest-timeout==2.4.0"
   "pyjwt[crypto]==2.15.1"
   "cryptography==50.0.2"
+  "prometheus-client==0.26.0"
 )
 
 export HARNESS_DIR="${HARNESS_DIR:-$ROOT/target/harness}"
 mkdir -p "$HARNESS_DIR"
 HARNESS_DIR="$(cd "$HARNESS_DIR" && pwd)"
 STAMP="$HARNESS_DIR/.stamp"
-WANT_STAMP="v2 npm:${NPM_PKGS[*]} py:${PY_PKGS[*]}"
+WANT_STAMP="v3 npm:${NPM_PKGS[*]} py:${PY_PKGS[*]}"
 
 log() { printf '\n== %s\n' "$*" >&2; }
 

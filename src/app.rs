@@ -235,7 +235,8 @@ async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result
         Some(a) => Some(Arc::new(Authenticator::new(a.clone())?)),
         None => None,
     };
-    let app = http::router(broker.clone(), auth, sessions.clone());
+    let posts = http::Posts::default();
+    let app = http::router(broker.clone(), auth, sessions.clone(), posts.clone());
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
@@ -257,6 +258,12 @@ async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result
     tracing::info!(?deadline, "shutting down: draining calls in flight");
     stop.cancel();
     let cancelled = broker.drain(deadline).await;
+    // Results (or cancellation errors) of the drained calls are on their way to the clients:
+    // let those responses finish before the sessions (and their streams) end.
+    let open = posts.wait_idle(Duration::from_secs(5)).await;
+    if open > 0 {
+        tracing::warn!(open, "responses still open after the drain; closing them");
+    }
     sessions.cancel();
     if tokio::time::timeout(Duration::from_secs(10), server)
         .await
@@ -294,6 +301,9 @@ async fn stdio(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         _ = shutdown_signal() => {
             // Drain as `serve` does: calls in flight may finish (and answer) before the session ends.
             broker.drain(config.broker.drain_timeout).await;
+            // The last results are queued for stdout in rmcp's session task; give it a moment to
+            // write them before the session ends (there is no signal for "written" to wait on).
+            tokio::time::sleep(Duration::from_millis(250)).await;
             ct.cancel();
         }
     }

@@ -109,7 +109,12 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    rt.block_on(crate::app::run(cli.command))
+    let code = rt.block_on(crate::app::run(cli.command));
+    // Do not wait for blocking tasks: under `stdio`, one is parked in a read of stdin that cannot
+    // be cancelled, and would keep the process alive after a SIGTERM until the client closes stdin.
+    // Everything that matters (the audit trail) is flushed before `run` returns.
+    rt.shutdown_background();
+    code
 }
 
 fn init_tracing(format: LogFormat) {

@@ -35,6 +35,7 @@ pub fn router(
     broker: Arc<Broker>,
     auth: Option<Arc<Authenticator>>,
     ct: CancellationToken,
+    posts: Posts,
 ) -> Router {
     let config = broker.config();
     let cfg = &config.broker;
@@ -113,6 +114,59 @@ pub fn router(
     app.layer(middleware::from_fn_with_state(state, gate))
         .layer(middleware::from_fn_with_state(limit, jsonrpc_errors))
         .layer(middleware::from_fn(normalize_accept))
+        .layer(middleware::from_fn_with_state(posts, track_posts))
+}
+
+/// POST requests to `/mcp` whose responses are still being written (an SSE response stream counts
+/// until it ends). Draining waits for these before it ends the sessions, so a call that finished
+/// during the drain still reaches its client.
+#[derive(Clone, Default)]
+pub struct Posts(Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>);
+
+impl Posts {
+    /// Wait until no POST response is open, at most `deadline`; returns how many were left.
+    pub async fn wait_idle(&self, deadline: std::time::Duration) -> usize {
+        use std::sync::atomic::Ordering;
+        let wait = async {
+            loop {
+                let idle = self.0.1.notified();
+                if self.0.0.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        let _ = tokio::time::timeout(deadline, wait).await;
+        self.0.0.load(Ordering::SeqCst)
+    }
+}
+
+struct PostGuard(Posts);
+
+impl Drop for PostGuard {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        if self.0.0.0.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.0.1.notify_waiters();
+        }
+    }
+}
+
+async fn track_posts(State(posts): State<Posts>, req: Request, next: Next) -> Response {
+    use futures::StreamExt;
+    if req.method() != Method::POST {
+        return next.run(req).await;
+    }
+    posts.0.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let guard = PostGuard(posts);
+    let resp = next.run(req).await;
+    let (parts, body) = resp.into_parts();
+    // The guard lives as long as the body stream: dropped when it ends or the client goes away.
+    let stream = body.into_data_stream().map(move |chunk| {
+        let _held = &guard;
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(stream))
 }
 
 const MCP_PATH: &str = "/mcp";

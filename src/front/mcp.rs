@@ -49,14 +49,17 @@ impl Front {
     }
 
     fn downstream(&self, ctx: &RequestContext<RoleServer>) -> Downstream {
+        // 2026-07-28 requests carry their protocol version in `_meta`.
+        let stateless = ctx.meta.protocol_version() == Some(ProtocolVersion::V_2026_07_28);
         Downstream {
             peer: ctx.peer.clone(),
             request_id: ctx.id.clone(),
             progress_token: ctx.meta.get_progress_token(),
             capabilities: ctx.client_capabilities(),
-            // 2026-07-28 requests carry their protocol version in `_meta`.
-            stateless: ctx.meta.protocol_version() == Some(ProtocolVersion::V_2026_07_28),
-            session: self.session.get().copied(),
+            stateless,
+            // rmcp runs each message in its own task: a request may be handled before
+            // `notifications/initialized`, so register the session here if that has not happened.
+            session: (!stateless).then(|| self.session_id(ctx)),
         }
     }
 }
