@@ -1710,6 +1710,89 @@ mod tests {
     }
 
     #[test]
+    fn audit_limits_and_operations_keys() {
+        let c = parse(
+            "[broker]\nmetrics_listen = \"127.0.0.1:9100\"\ndrain_timeout = \"5s\"\nwatch_config = false\n\
+             [audit]\nfile = \"logs/audit.jsonl\"\narguments = \"full\"\nmax_file_size = \"1MB\"\n\
+             [limits]\nper_caller = { rate = \"600/m\", burst = 20 }\n\
+             [servers.a]\ntransport = \"stdio\"\ncommand = \"x\"\nrequired = true\nmax_concurrent = 4\n\
+             rate_limit = { rate = \"2.5/s\" }\n\
+             [servers.a.tool_limits.slow]\ntimeout = \"10m\"\nrate_limit = { rate = \"1/h\", burst = 2 }\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.broker.metrics_listen.unwrap().to_string(),
+            "127.0.0.1:9100"
+        );
+        assert_eq!(c.broker.drain_timeout, Duration::from_secs(5));
+        assert!(!c.broker.watch_config);
+        assert_eq!(
+            c.audit.file.as_deref(),
+            Some(Path::new("conf/logs/audit.jsonl"))
+        );
+        assert_eq!(c.audit.arguments, AuditArguments::Full);
+        assert_eq!(c.audit.max_file_bytes, 1024 * 1024);
+        let caller = c.limits.per_caller.unwrap();
+        assert!((caller.per_second - 10.0).abs() < 1e-9 && caller.burst == 20);
+        let a = &c.servers[0];
+        assert!(a.required);
+        assert_eq!(a.max_concurrent, Some(4));
+        // burst defaults to one second's worth, rounded up
+        assert_eq!(a.rate_limit.unwrap().burst, 3);
+        let slow = &a.tool_limits["slow"];
+        assert_eq!(slow.timeout, Some(Duration::from_secs(600)));
+        assert_eq!(slow.rate_limit.unwrap().burst, 2);
+        // unchanged text, same fingerprint; a changed server table, a different one
+        let again = parse("[servers.a]\ntransport = \"stdio\"\ncommand = \"x\"\n").unwrap();
+        let changed = parse("[servers.a]\ntransport = \"stdio\"\ncommand = \"y\"\n").unwrap();
+        let same = parse("[servers.a]\ntransport = \"stdio\"\ncommand = \"x\"\n").unwrap();
+        assert_eq!(again.servers[0].fingerprint, same.servers[0].fingerprint);
+        assert_ne!(again.servers[0].fingerprint, changed.servers[0].fingerprint);
+    }
+
+    #[test]
+    fn bad_operations_values_name_their_key_and_line() {
+        let e = parse("[servers.a]\ntransport = \"stdio\"\ncommand = \"x\"\nrate_limit = { rate = \"fast\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("conf/servers.toml:4: `servers.a.rate_limit`"),
+            "{e}"
+        );
+        assert!(e.contains("\"10/s\""), "{e}");
+        let e = parse("[audit]\narguments = \"some\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("conf/servers.toml:2: `audit.arguments`"),
+            "{e}"
+        );
+        let e = parse("[limits]\nper_caller = { rate = \"1/s\", burst = 0 }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`limits.per_caller`") && e.contains("burst"),
+            "{e}"
+        );
+        let e = parse("[broker]\nmetrics_listen = \"nowhere\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("conf/servers.toml:2: `broker.metrics_listen`"),
+            "{e}"
+        );
+        let e = parse("[servers.a]\ntransport = \"stdio\"\ncommand = \"x\"\nmax_concurrent = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`servers.a.max_concurrent`"), "{e}");
+        let e = parse("[audit]\nbogus = 1\n").unwrap_err().to_string();
+        assert!(
+            e.starts_with("conf/servers.toml:2:1: unknown field `bogus`"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn defaults() {
         let c = parse("[servers.a]\ntransport = \"stdio\"\ncommand = \"x\"\n").unwrap();
         assert_eq!(c.broker.listen.to_string(), "127.0.0.1:8080");
