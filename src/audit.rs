@@ -328,7 +328,7 @@ pub fn arguments_value(mode: AuditArguments, args: Option<&Map<String, Value>>) 
         AuditArguments::Hash => {
             let canonical = args.map(canonical_json).unwrap_or_else(|| "{}".into());
             let digest = sha2::Sha256::digest(canonical.as_bytes());
-            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            let hex = crate::hex(&digest);
             Some(Value::String(format!("sha256:{hex}")))
         }
         AuditArguments::Full => Some(mask(&Value::Object(args.cloned().unwrap_or_default()))),

@@ -1288,9 +1288,7 @@ impl Broker {
             // One connection per (caller, credential): servers bind sessions to the token that
             // opened them, so a new or narrower token gets its own session.
             use sha2::Digest;
-            let hex = |h: sha2::Sha256| -> String {
-                h.finalize().iter().map(|b| format!("{b:02x}")).collect()
-            };
+            let hex = |h: sha2::Sha256| crate::hex(&h.finalize());
             let mut k = sha2::Sha256::new();
             k.update(caller.sub.as_bytes());
             k.update([0u8]);

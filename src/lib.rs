@@ -28,3 +28,14 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod upstream;
+
+/// Lower-case hex of `bytes` (one allocation).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    out
+}
