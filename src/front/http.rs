@@ -67,11 +67,11 @@ pub fn router(
         .with_max_request_body_bytes(cfg.max_request_body)
         .with_cancellation_token(ct);
     let b = broker.clone();
-    let mcp = StreamableHttpService::new(
+    let mcp = Arc::new(StreamableHttpService::new(
         move || Ok(Front::new(b.clone())),
         Arc::new(sessions),
         server_cfg,
-    );
+    ));
     let public_path = public.path().trim_end_matches('/').to_string();
     let metadata_url = format!(
         "{}/.well-known/oauth-protected-resource{}",
@@ -85,8 +85,15 @@ pub fn router(
         metadata_url: Arc::from(metadata_url),
         limit: cfg.max_request_body,
     };
-    let mut app = ops_routes(Router::new(), &broker, cfg.metrics_listen.is_none())
-        .route_service(MCP_PATH, mcp);
+    let mut app = ops_routes(Router::new(), &broker, cfg.metrics_listen.is_none()).route(
+        MCP_PATH,
+        axum::routing::any(move |req: Request| {
+            // One shared service: `route_service` would clone it (and its host/origin lists) for
+            // every request; `handle` takes `&self`.
+            let mcp = mcp.clone();
+            async move { mcp.handle(req).await }
+        }),
+    );
     if let Some(auth) = auth {
         let doc = auth.metadata_document(public.as_str());
         let serve_doc = move || {
