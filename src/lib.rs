@@ -9,7 +9,7 @@
 //! | 1 | [`upstream`] | supervised MCP client connections over stdio, legacy SSE and Streamable HTTP |
 //! | 1 | [`catalog`] | pure: the namespaced, collision-checked view of every upstream's lists |
 //! | 1 | [`auth`] | the [`auth::Caller`] behind a request |
-//! | 0 | [`audit`], [`metrics`] | decision records (JSONL sinks), Prometheus counters |
+//! | 1 | [`audit`], [`metrics`] | decision records (JSONL sinks), Prometheus counters |
 //! | 2 | [`policy`] | pure: one decision for what is listed and what is called |
 //! | 2 | [`limits`] | token-bucket rate limits and concurrency caps |
 //! | 3 | [`broker`] | transport-free core: list, call, route progress/cancel/server requests, fan out changes |
