@@ -886,14 +886,9 @@ impl Broker {
             return Ok(tool_error(msg).into());
         }
         let st = self.state();
-        let (server, original) = match self.resolve_name(&st, Kind::Tool, &params.name) {
-            Ok(r) => r,
-            Err(e) => {
-                rec.decision(false, &e.message, Some("catalog".into()));
-                rec.finish(Outcome::Error, Some(e.message.to_string()));
-                return Err(e);
-            }
-        };
+        let (server, original) = self
+            .resolve_name(&st, Kind::Tool, &params.name)
+            .map_err(|e| unknown(&mut rec, e))?;
         rec.route(&server, &original);
         let decision = st.policy.decide_call(
             caller,
@@ -978,14 +973,9 @@ impl Broker {
             return Err(ErrorData::internal_error(msg, None));
         }
         let st = self.state();
-        let (server, original) = match self.resolve_name(&st, Kind::Prompt, &params.name) {
-            Ok(r) => r,
-            Err(e) => {
-                rec.decision(false, &e.message, Some("catalog".into()));
-                rec.finish(Outcome::Error, Some(e.message.to_string()));
-                return Err(e);
-            }
-        };
+        let (server, original) = self
+            .resolve_name(&st, Kind::Prompt, &params.name)
+            .map_err(|e| unknown(&mut rec, e))?;
         rec.route(&server, &original);
         let decision = st.policy.decide(caller, &server, Kind::Prompt, &original);
         rec.decision(decision.allow, &decision.reason, Some(decision.label()));
@@ -1035,9 +1025,7 @@ impl Broker {
                 format!("no server offers resource `{}`", params.uri),
                 None,
             );
-            rec.decision(false, &e.message, Some("catalog".into()));
-            rec.finish(Outcome::Error, Some(e.message.to_string()));
-            return Err(e);
+            return Err(unknown(&mut rec, e));
         };
         drop(cat);
         rec.route(&route.server, &route.original);
@@ -1716,6 +1704,13 @@ fn credential_kind(auth: &UpstreamAuth) -> &'static str {
         UpstreamAuth::Static(_) => "static",
         UpstreamAuth::First(list) => list.first().map_or("none", credential_kind),
     }
+}
+
+/// A name no server offers: recorded as a catalog denial with outcome `error`.
+fn unknown(rec: &mut CallRecord, e: ErrorData) -> ErrorData {
+    rec.decision(false, &e.message, Some("catalog".into()));
+    rec.finish(Outcome::Error, Some(e.message.to_string()));
+    e
 }
 
 fn server_timeout(st: &State, server: &str) -> Duration {
