@@ -211,6 +211,40 @@ pub enum UpstreamAuth {
     First(Vec<UpstreamAuth>),
 }
 
+impl UpstreamAuth {
+    /// Whether the credential depends on the caller (so one connection cannot serve everyone).
+    pub fn per_caller(&self) -> bool {
+        match self {
+            Self::Exchange { .. } => true,
+            Self::Vault { path, .. } => path.contains('{'),
+            Self::Static(_) => false,
+            Self::First(list) => list.iter().any(Self::per_caller),
+        }
+    }
+}
+
+/// Who shares an upstream connection (and, for stdio, its child process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// One connection for every caller and session.
+    Shared,
+    /// One connection per caller identity (and credential).
+    Caller,
+    /// One connection per downstream session, closed with the session.
+    Session,
+}
+
+impl Isolation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Shared => "shared",
+            Self::Caller => "caller",
+            Self::Session => "session",
+        }
+    }
+}
+
 /// Where a secret goes: an HTTP header (with a format around the value) or a stdio child's env var.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretTarget {
@@ -303,6 +337,11 @@ pub struct BrokerConfig {
     pub drain_timeout: Duration,
     /// Reload when the config file changes (SIGHUP always reloads).
     pub watch_config: bool,
+    /// How long a session's first list waits for upstreams that are still starting.
+    pub startup_wait: Duration,
+    /// Open downstream sessions at most, in total and per subject.
+    pub max_sessions: usize,
+    pub max_sessions_per_subject: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -317,6 +356,8 @@ pub struct ServerConfig {
     /// How long connecting plus `initialize` may take before the attempt counts as failed.
     pub connect_timeout: Duration,
     pub upstream_auth: Option<UpstreamAuth>,
+    /// Who shares a connection: `caller` by default where the credential is per caller, else `shared`.
+    pub isolation: Isolation,
     /// Per-caller connections: at most this many open (least recently used closed first).
     pub max_subjects: usize,
     /// Per-caller connections idle this long are closed (stdio children stopped).
@@ -557,6 +598,9 @@ struct RawBroker {
     metrics_listen: Option<String>,
     drain_timeout: Option<String>,
     watch_config: Option<bool>,
+    startup_wait: Option<String>,
+    max_sessions: Option<usize>,
+    max_sessions_per_subject: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -575,6 +619,7 @@ struct RawServer {
     timeout: Option<String>,
     connect_timeout: Option<String>,
     upstream_auth: Option<RawUpstreamAuth>,
+    isolation: Option<Isolation>,
     max_subjects: Option<usize>,
     subject_idle_timeout: Option<String>,
     required: Option<bool>,
@@ -881,6 +926,16 @@ impl Ctx<'_> {
             raw.drain_timeout,
             Duration::from_secs(30),
         )?;
+        let startup_wait =
+            self.duration(t, "startup_wait", raw.startup_wait, Duration::from_secs(10))?;
+        let max_sessions = raw.max_sessions.unwrap_or(10_000);
+        if max_sessions == 0 {
+            return Err(self.invalid(t, "max_sessions", "must be at least 1".into()));
+        }
+        let max_sessions_per_subject = raw.max_sessions_per_subject.unwrap_or(1_000);
+        if max_sessions_per_subject == 0 {
+            return Err(self.invalid(t, "max_sessions_per_subject", "must be at least 1".into()));
+        }
         Ok(BrokerConfig {
             listen,
             public_url,
@@ -890,6 +945,9 @@ impl Ctx<'_> {
             metrics_listen,
             drain_timeout,
             watch_config: raw.watch_config.unwrap_or(true),
+            startup_wait,
+            max_sessions,
+            max_sessions_per_subject,
         })
     }
 
@@ -1034,6 +1092,19 @@ impl Ctx<'_> {
             Some(a) => Some(self.upstream_auth(t, a, stdio, stores, 0)?),
             None => None,
         };
+        let per_caller = upstream_auth.as_ref().is_some_and(UpstreamAuth::per_caller);
+        let isolation = match raw.isolation {
+            Some(Isolation::Shared) if per_caller => {
+                return Err(self.invalid(
+                    t,
+                    "isolation",
+                    "\"shared\" cannot be used with a per-caller credential (token exchange or a templated Vault path): one connection would carry one caller's credential for everyone; use \"caller\" or \"session\"".into(),
+                ));
+            }
+            Some(i) => i,
+            None if per_caller => Isolation::Caller,
+            None => Isolation::Shared,
+        };
         let max_subjects = raw.max_subjects.unwrap_or(64);
         if max_subjects == 0 {
             return Err(self.invalid(t, "max_subjects", "must be at least 1".into()));
@@ -1078,6 +1149,7 @@ impl Ctx<'_> {
             timeout,
             connect_timeout,
             upstream_auth,
+            isolation,
             max_subjects,
             subject_idle_timeout,
             required: raw.required.unwrap_or(false),

@@ -109,12 +109,7 @@ impl Credentials {
 
     /// Whether `auth` depends on who is calling (then connections must be per caller).
     pub fn per_caller(auth: &UpstreamAuth) -> bool {
-        match auth {
-            UpstreamAuth::Exchange { .. } => true,
-            UpstreamAuth::Vault { path, .. } => path.contains('{'),
-            UpstreamAuth::Static(_) => false,
-            UpstreamAuth::First(list) => list.iter().any(Self::per_caller),
-        }
+        auth.per_caller()
     }
 
     /// The credential for a request by `caller` to the server configured with `auth`, for `tool`
