@@ -342,18 +342,12 @@ async fn tools(
     let broker = Broker::new(config, Audit::disabled())?;
     broker.start();
     broker.wait_connected(wait).await;
-    if let Some(c) = &caller {
-        broker.prepare(c).await;
-    }
+    let visible = match &caller {
+        Some(c) => Some(broker.visible_tools(c).await),
+        None => None,
+    };
     let collisions = broker.collisions();
     let catalog = broker.catalog();
-    let visible: Option<std::collections::HashSet<String>> = caller.as_ref().map(|c| {
-        broker
-            .list_tools(c, None)
-            .into_iter()
-            .map(|t| t.name.to_string())
-            .collect()
-    });
     let entries: Vec<_> = catalog
         .tools
         .entries

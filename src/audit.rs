@@ -296,6 +296,12 @@ impl CallRecord {
     pub fn outcome(&self) -> Outcome {
         self.record.outcome
     }
+
+    /// Drop the record without writing it (a repeated limit refusal, throttled so that a flooding
+    /// caller cannot rotate everyone else's records out of the trail).
+    pub fn discard(mut self) {
+        self.done = true;
+    }
 }
 
 impl Drop for CallRecord {

@@ -25,6 +25,15 @@ pub struct Listing {
     pub templates: Vec<ResourceTemplate>,
 }
 
+impl Listing {
+    pub fn is_empty(&self) -> bool {
+        self.tools.is_empty()
+            && self.prompts.is_empty()
+            && self.resources.is_empty()
+            && self.templates.is_empty()
+    }
+}
+
 /// The naming rules for one server, taken from its config.
 #[derive(Debug, Clone)]
 pub struct Namespace {

@@ -13,24 +13,39 @@ use rmcp::{
     ErrorData, RoleServer, ServerHandler,
     model::{
         CallToolRequestParams, CallToolResponse, CompleteRequestParams, CompleteResult,
-        CustomRequest, CustomResult, GetPromptRequestParams, GetPromptResponse, Implementation,
-        ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
-        PaginatedRequestParams, ProtocolVersion, ReadResourceRequestParams, ReadResourceResponse,
-        ServerCapabilities, ServerConfig, SetLevelRequestParams, SubscribeRequestParams,
-        SubscriptionFilter, UnsubscribeRequestParams,
+        CustomRequest, CustomResult, ErrorCode, GetPromptRequestParams, GetPromptResponse,
+        Implementation, InitializeRequestParams, InitializeResult, ListPromptsResult,
+        ListResourceTemplatesResult, ListResourcesResult, ListToolsResult, PaginatedRequestParams,
+        ProtocolVersion, ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities,
+        ServerConfig, SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter,
+        UnsubscribeRequestParams,
     },
-    service::{NotificationContext, RequestContext, SubscriptionContext},
+    service::{RequestContext, SubscriptionContext},
 };
 
 use crate::auth::Caller;
-use crate::broker::{Broker, Downstream};
+use crate::broker::lists::{ListOf, Listed};
+use crate::broker::{Broker, Downstream, Op, Reply};
 use crate::upstream::ListKind;
 
 #[derive(Clone)]
 pub struct Front {
     broker: Arc<Broker>,
-    /// The broker's id for this session, set on `notifications/initialized` (legacy sessions only).
-    session: Arc<OnceLock<u64>>,
+    /// This session's registration, set at `initialize` (legacy sessions only). When the last
+    /// handle of the session is dropped (the session closed or idled out), it is unregistered.
+    session: Arc<OnceLock<SessionGuard>>,
+}
+
+/// Unregisters a session from the broker when dropped.
+struct SessionGuard {
+    broker: Arc<Broker>,
+    id: u64,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.broker.close_session(self.id);
+    }
 }
 
 impl Front {
@@ -41,11 +56,27 @@ impl Front {
         }
     }
 
-    fn session_id(&self, ctx: &RequestContext<RoleServer>) -> u64 {
-        *self.session.get_or_init(|| {
-            self.broker
-                .register_session(ctx.peer.clone(), Some(caller_of(ctx)))
-        })
+    /// Register this session (once), within the broker's session caps.
+    fn open_session(
+        &self,
+        peer: &rmcp::service::Peer<RoleServer>,
+        caller: Caller,
+    ) -> Result<u64, ErrorData> {
+        if let Some(g) = self.session.get() {
+            return Ok(g.id);
+        }
+        let id = self
+            .broker
+            .open_session(peer.clone(), caller)
+            .map_err(|e| ErrorData::new(ErrorCode(SESSION_LIMIT), e.to_string(), None))?;
+        if let Err(dup) = self.session.set(SessionGuard {
+            broker: self.broker.clone(),
+            id,
+        }) {
+            // Registered concurrently: keep the first, drop ours.
+            drop(dup);
+        }
+        Ok(self.session.get().map_or(id, |g| g.id))
     }
 
     fn downstream(&self, ctx: &RequestContext<RoleServer>) -> Downstream {
@@ -57,11 +88,30 @@ impl Front {
             progress_token: ctx.meta.get_progress_token(),
             capabilities: ctx.client_capabilities(),
             stateless,
-            // rmcp runs each message in its own task: a request may be handled before
-            // `notifications/initialized`, so register the session here if that has not happened.
-            session: (!stateless).then(|| self.session_id(ctx)),
+            session: if stateless {
+                None
+            } else {
+                // stdio sessions and sessions that skipped `initialize` register on first use.
+                self.session
+                    .get()
+                    .map(|g| g.id)
+                    .or_else(|| self.open_session(&ctx.peer, caller_of(ctx)).ok())
+            },
         }
     }
+
+    async fn run(&self, op: Op, ctx: RequestContext<RoleServer>) -> Result<Reply, ErrorData> {
+        let caller = caller_of(&ctx);
+        let down = self.downstream(&ctx);
+        self.broker.handle(&caller, op, down, ctx.ct.clone()).await
+    }
+}
+
+/// JSON-RPC error code for "session limit reached" (implementation-defined server error range).
+pub const SESSION_LIMIT: i32 = -32030;
+
+fn unexpected_reply() -> ErrorData {
+    ErrorData::internal_error("mcp-broker: unexpected reply kind", None)
 }
 
 /// The caller behind a request: set by the HTTP front's middleware in the request's extensions; a
@@ -109,14 +159,14 @@ impl ServerHandler for Front {
             ))
     }
 
-    async fn on_initialized(&self, ctx: NotificationContext<RoleServer>) {
-        let _ = self.session.get_or_init(|| {
-            let caller = match ctx.extensions.get::<http::request::Parts>() {
-                Some(parts) => parts.extensions.get::<Caller>().cloned(),
-                None => Some(Caller::local()),
-            };
-            self.broker.register_session(ctx.peer.clone(), caller)
-        });
+    async fn initialize(
+        &self,
+        request: InitializeRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<InitializeResult, ErrorData> {
+        self.open_session(&ctx.peer, caller_of(&ctx))?;
+        ctx.peer.set_peer_info(request.clone());
+        self.negotiate_initialize(&request)
     }
 
     async fn list_tools(
@@ -125,12 +175,10 @@ impl ServerHandler for Front {
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
         no_cursor(&p)?;
-        let caller = caller_of(&ctx);
-        self.broker.prepare(&caller).await;
-        Ok(ListToolsResult::with_all_items(
-            self.broker
-                .list_tools(&caller, Some(&self.downstream(&ctx))),
-        ))
+        match self.run(Op::List(ListOf::Tools), ctx).await? {
+            Reply::Listed(Listed::Tools(t)) => Ok(ListToolsResult::with_all_items(t)),
+            _ => Err(unexpected_reply()),
+        }
     }
 
     async fn call_tool(
@@ -138,10 +186,10 @@ impl ServerHandler for Front {
         p: CallToolRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        let caller = caller_of(&ctx);
-        self.broker
-            .call_tool(&caller, p, self.downstream(&ctx), ctx.ct.clone())
-            .await
+        match self.run(Op::CallTool(p), ctx).await? {
+            Reply::Tool(r) => Ok(r),
+            _ => Err(unexpected_reply()),
+        }
     }
 
     async fn list_prompts(
@@ -150,12 +198,10 @@ impl ServerHandler for Front {
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, ErrorData> {
         no_cursor(&p)?;
-        let caller = caller_of(&ctx);
-        self.broker.prepare(&caller).await;
-        Ok(ListPromptsResult::with_all_items(
-            self.broker
-                .list_prompts(&caller, Some(&self.downstream(&ctx))),
-        ))
+        match self.run(Op::List(ListOf::Prompts), ctx).await? {
+            Reply::Listed(Listed::Prompts(t)) => Ok(ListPromptsResult::with_all_items(t)),
+            _ => Err(unexpected_reply()),
+        }
     }
 
     async fn get_prompt(
@@ -163,10 +209,10 @@ impl ServerHandler for Front {
         p: GetPromptRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<GetPromptResponse, ErrorData> {
-        let caller = caller_of(&ctx);
-        self.broker
-            .get_prompt(&caller, p, self.downstream(&ctx), ctx.ct.clone())
-            .await
+        match self.run(Op::GetPrompt(p), ctx).await? {
+            Reply::Prompt(r) => Ok(r),
+            _ => Err(unexpected_reply()),
+        }
     }
 
     async fn list_resources(
@@ -175,12 +221,10 @@ impl ServerHandler for Front {
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, ErrorData> {
         no_cursor(&p)?;
-        let caller = caller_of(&ctx);
-        self.broker.prepare(&caller).await;
-        Ok(ListResourcesResult::with_all_items(
-            self.broker
-                .list_resources(&caller, Some(&self.downstream(&ctx))),
-        ))
+        match self.run(Op::List(ListOf::Resources), ctx).await? {
+            Reply::Listed(Listed::Resources(t)) => Ok(ListResourcesResult::with_all_items(t)),
+            _ => Err(unexpected_reply()),
+        }
     }
 
     async fn list_resource_templates(
@@ -189,12 +233,12 @@ impl ServerHandler for Front {
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, ErrorData> {
         no_cursor(&p)?;
-        let caller = caller_of(&ctx);
-        self.broker.prepare(&caller).await;
-        Ok(ListResourceTemplatesResult::with_all_items(
-            self.broker
-                .list_resource_templates(&caller, Some(&self.downstream(&ctx))),
-        ))
+        match self.run(Op::List(ListOf::Templates), ctx).await? {
+            Reply::Listed(Listed::Templates(t)) => {
+                Ok(ListResourceTemplatesResult::with_all_items(t))
+            }
+            _ => Err(unexpected_reply()),
+        }
     }
 
     async fn read_resource(
@@ -202,10 +246,10 @@ impl ServerHandler for Front {
         p: ReadResourceRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, ErrorData> {
-        let caller = caller_of(&ctx);
-        self.broker
-            .read_resource(&caller, p, self.downstream(&ctx), ctx.ct.clone())
-            .await
+        match self.run(Op::ReadResource(p), ctx).await? {
+            Reply::Resource(r) => Ok(r),
+            _ => Err(unexpected_reply()),
+        }
     }
 
     async fn complete(
@@ -213,10 +257,10 @@ impl ServerHandler for Front {
         p: CompleteRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CompleteResult, ErrorData> {
-        let caller = caller_of(&ctx);
-        self.broker
-            .complete(&caller, p, self.downstream(&ctx), ctx.ct.clone())
-            .await
+        match self.run(Op::Complete(p), ctx).await? {
+            Reply::Complete(r) => Ok(r),
+            _ => Err(unexpected_reply()),
+        }
     }
 
     async fn subscribe(
@@ -224,8 +268,7 @@ impl ServerHandler for Front {
         p: SubscribeRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<(), ErrorData> {
-        let id = self.session_id(&ctx);
-        self.broker.subscribe(id, &p.uri).await
+        self.run(Op::Subscribe(p.uri), ctx).await.map(|_| ())
     }
 
     async fn unsubscribe(
@@ -233,8 +276,7 @@ impl ServerHandler for Front {
         p: UnsubscribeRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<(), ErrorData> {
-        let id = self.session_id(&ctx);
-        self.broker.unsubscribe(id, &p.uri).await
+        self.run(Op::Unsubscribe(p.uri), ctx).await.map(|_| ())
     }
 
     async fn set_level(
@@ -242,8 +284,7 @@ impl ServerHandler for Front {
         p: SetLevelRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<(), ErrorData> {
-        let id = self.session_id(&ctx);
-        self.broker.set_level(id, p.level).await
+        self.run(Op::SetLevel(p.level), ctx).await.map(|_| ())
     }
 
     async fn on_custom_request(

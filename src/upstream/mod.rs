@@ -88,12 +88,16 @@ pub enum UpstreamEvent {
         conn: u64,
         kind: ListKind,
     },
+    /// `conn` is the connection it came on: a per-caller or per-session connection's events belong
+    /// to its owner only.
     Log {
         server: Arc<str>,
+        conn: u64,
         params: LoggingMessageNotificationParam,
     },
     ResourceUpdated {
         server: Arc<str>,
+        conn: u64,
         params: ResourceUpdatedNotificationParam,
     },
     /// A server-to-client request (sampling, elicitation, roots). `origin` is the upstream request id
@@ -139,9 +143,11 @@ pub struct Connection {
     pub active: std::sync::atomic::AtomicUsize,
 }
 
-/// A connection opened for one caller (per-caller credentials).
+/// A connection opened for one owner (a caller, or one session): `isolation = "caller" | "session"`.
 struct SubjectConn {
     conn: Arc<Connection>,
+    /// Whose it is (`sub:NAME` or `session:ID`): its events go to that owner's sessions only.
+    owner: Arc<str>,
     /// Fingerprint of the secrets it was opened with: a different one replaces the connection.
     version: String,
     /// Ends the connection (the watcher task then closes it: stdin, SIGTERM, SIGKILL for stdio).
@@ -171,6 +177,10 @@ pub struct Upstream {
     suspect: Notify,
     /// Connections made after the first; a metric and a test hook.
     pub reconnects: AtomicU64,
+    /// Set once the first connect attempt ended (either way): start-up waiting stops here.
+    attempted: std::sync::atomic::AtomicBool,
+    /// Why the last connect failed or the connection ended, for "unavailable" answers.
+    last_error: Mutex<Option<String>>,
     http: reqwest::Client,
 }
 
@@ -195,6 +205,8 @@ impl Upstream {
             retired: Mutex::new(Vec::new()),
             suspect: Notify::new(),
             reconnects: AtomicU64::new(0),
+            attempted: std::sync::atomic::AtomicBool::new(false),
+            last_error: Mutex::new(None),
             http,
         }))
     }
@@ -219,12 +231,61 @@ impl Upstream {
     }
 
     /// What the catalog shows for this server: the shared connection's listing, or for a per-caller
-    /// server the latest one a caller's connection fetched.
+    /// server the latest one a caller's connection fetched. While a server reconnects, its last-known
+    /// listing stays (calls to it then answer "unavailable", not "unknown tool").
     pub fn listing(&self) -> Option<Listing> {
         if let Some(c) = self.connection() {
             return c.listing.lock().ok().map(|l| l.clone());
         }
         self.latest_listing.lock().ok().and_then(|l| l.clone())
+    }
+
+    /// Has the first connect attempt ended (connected or failed)? Per-caller servers have none.
+    pub fn attempted(&self) -> bool {
+        self.per_caller || self.attempted.load(Ordering::Acquire)
+    }
+
+    /// Why the server is not connected, if known.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    fn set_error(&self, e: impl Into<String>) {
+        if let Ok(mut l) = self.last_error.lock() {
+            *l = Some(e.into());
+        }
+    }
+
+    /// The owner of a per-caller or per-session connection (`None`: the shared one, or gone).
+    pub fn owner_of(&self, id: u64) -> Option<Arc<str>> {
+        self.subjects
+            .iter()
+            .find(|e| e.value().conn.id == id)
+            .map(|e| e.value().owner.clone())
+    }
+
+    /// The open per-owner connections of `owner`.
+    pub fn connections_of(&self, owner: &str) -> Vec<Arc<Connection>> {
+        self.subjects
+            .iter()
+            .filter(|e| e.value().owner.as_ref() == owner)
+            .map(|e| e.value().conn.clone())
+            .collect()
+    }
+
+    /// Close every connection of `owner` (a session that ended): stdio children are stopped.
+    pub fn close_owner(&self, owner: &str) {
+        let keys: Vec<String> = self
+            .subjects
+            .iter()
+            .filter(|e| e.value().owner.as_ref() == owner)
+            .map(|e| e.key().clone())
+            .collect();
+        for k in keys {
+            if let Some((_, s)) = self.subjects.remove(&k) {
+                s.stop.cancel();
+            }
+        }
     }
 
     /// Has any caller's connection listed this per-caller server yet?
@@ -248,6 +309,7 @@ impl Upstream {
     /// or when more than `max_subjects` are open (least recently used first).
     pub async fn connection_for(
         &self,
+        owner: &str,
         key: &str,
         version: &str,
         secrets: &Secrets,
@@ -290,6 +352,7 @@ impl Upstream {
             key.to_string(),
             Arc::new(SubjectConn {
                 conn: conn.clone(),
+                owner: Arc::from(owner),
                 version: version.to_string(),
                 stop: stop.clone(),
                 last_used: Mutex::new(Instant::now()),
@@ -422,8 +485,12 @@ impl Upstream {
                     _ = shutdown.cancelled() => return,
                 },
             };
+            self.attempted.store(true, Ordering::Release);
             match attempt {
                 Ok((running, conn)) => {
+                    if let Ok(mut l) = self.latest_listing.lock() {
+                        *l = conn.listing.lock().ok().map(|l| l.clone());
+                    }
                     if connected_before {
                         self.reconnects.fetch_add(1, Ordering::Relaxed);
                     }
@@ -442,12 +509,14 @@ impl Upstream {
                     if stop {
                         return;
                     }
+                    self.set_error("the connection ended");
                     tracing::warn!(server = %self.name, "upstream disconnected; reconnecting");
                     if since.elapsed() > STABLE_AFTER {
                         backoff = BACKOFF_START;
                     }
                 }
                 Err(e) => {
+                    self.set_error(e.to_string());
                     tracing::warn!(server = %self.name, error = %e, retry_in = ?backoff, "upstream unavailable");
                 }
             }
@@ -662,9 +731,7 @@ impl Upstream {
                 l.templates = fresh.templates;
             }
         }
-        if self.per_caller
-            && let Ok(mut latest) = self.latest_listing.lock()
-        {
+        if let Ok(mut latest) = self.latest_listing.lock() {
             *latest = Some(l.clone());
         }
         true
@@ -809,6 +876,7 @@ impl ClientHandler for UpstreamHandler {
     ) {
         self.emit(UpstreamEvent::Log {
             server: self.server.clone(),
+            conn: self.conn,
             params,
         });
     }
@@ -820,6 +888,7 @@ impl ClientHandler for UpstreamHandler {
     ) {
         self.emit(UpstreamEvent::ResourceUpdated {
             server: self.server.clone(),
+            conn: self.conn,
             params,
         });
     }

@@ -1,0 +1,245 @@
+//! Upstream events → the sessions entitled to them. One router asks, for every event and every
+//! session: may this session's caller see it? The router never awaits a session: it queues.
+//!
+//! - `notifications/message`: sessions that set a log level the message meets, whose caller may see
+//!   the server; for a per-caller or per-session connection, only its owner's sessions.
+//! - `notifications/resources/updated`: sessions subscribed through that connection whose caller
+//!   may (still) see the resource.
+//! - list changes: re-list, rebuild, and queue list_changed only where a session's view changed.
+//! - server-to-client requests: only to the session whose call caused them.
+
+// Sampling, elicitation, roots and logging are deprecated by SEP-2577 in 2026-07-28, but live in
+// 2025-11-25.
+#![allow(deprecated)]
+
+use std::sync::Arc;
+
+use rmcp::{
+    ErrorData,
+    model::{
+        CancelledNotificationParam, ClientCapabilities, ClientResult, GetExtensions,
+        ListRootsResult, LoggingMessageNotificationParam, RequestId,
+        ResourceUpdatedNotificationParam, ServerRequest,
+    },
+    service::{OriginatingRequestId, PeerRequestOptions},
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::policy::Kind;
+use crate::upstream::UpstreamEvent;
+
+use super::Broker;
+use super::errors::service_error;
+use super::sessions::{Outbound, Session};
+
+impl Broker {
+    pub(super) async fn route_events(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<UpstreamEvent>,
+    ) {
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                UpstreamEvent::StateChanged { .. } => {
+                    self.rebuild();
+                    self.state_changed.notify_waiters();
+                }
+                UpstreamEvent::ListChanged { server, conn, kind } => {
+                    // Re-list off the router so a slow upstream does not hold up anyone else.
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        if let Some(up) = me.state().upstream(&server).cloned()
+                            && up.refresh(conn, kind).await
+                        {
+                            me.rebuild();
+                        }
+                    });
+                }
+                UpstreamEvent::Log {
+                    server,
+                    conn,
+                    mut params,
+                } => {
+                    params.logger = Some(match params.logger.take() {
+                        Some(l) => format!("{server}/{l}"),
+                        None => server.to_string(),
+                    });
+                    self.route_log(&server, conn, params);
+                }
+                UpstreamEvent::ResourceUpdated {
+                    server,
+                    conn,
+                    params,
+                } => self.route_update(&server, conn, params),
+                UpstreamEvent::Request {
+                    server,
+                    conn,
+                    request,
+                    origin,
+                    cancel,
+                    reply,
+                } => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let r = me
+                            .route_request(&server, conn, request, origin, cancel)
+                            .await;
+                        let _ = reply.send(r);
+                    });
+                }
+            }
+        }
+    }
+
+    /// May `s` receive what connection `conn` of `server` says on its own? Shared connections speak
+    /// to everyone who may see the server; per-owner connections to their owner only.
+    fn hears(&self, s: &Session, server: &str, owner: Option<&str>) -> bool {
+        if !s.sees_server(server) {
+            return false;
+        }
+        match owner {
+            None => true,
+            Some(o) => {
+                o == Session::owner_key(s.id)
+                    || o.strip_prefix("sub:") == Some(s.caller.sub.as_str())
+            }
+        }
+    }
+
+    fn owner_of(&self, server: &str, conn: u64) -> Option<Arc<str>> {
+        let up = self.state().upstream(server).cloned()?;
+        if up.per_caller {
+            // A per-owner connection that is already gone speaks to no one.
+            Some(up.owner_of(conn).unwrap_or_else(|| Arc::from("gone:")))
+        } else {
+            None
+        }
+    }
+
+    fn route_log(&self, server: &Arc<str>, conn: u64, params: LoggingMessageNotificationParam) {
+        let owner = self.owner_of(server, conn);
+        for s in self.sessions.all() {
+            if s.wants_log(params.level) && self.hears(&s, server, owner.as_deref()) {
+                self.sessions.send(&s, Outbound::Log(params.clone()));
+            }
+        }
+    }
+
+    fn route_update(&self, server: &Arc<str>, conn: u64, params: ResourceUpdatedNotificationParam) {
+        let ids: Vec<u64> = match self.subscriptions.lock() {
+            Ok(subs) => subs
+                .get(&(server.clone(), conn, params.uri.clone()))
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default(),
+            Err(_) => return,
+        };
+        if ids.is_empty() {
+            return;
+        }
+        let st = self.state();
+        let exposed = self.catalog().expose_uri_of(server, &params.uri);
+        let owner = self.owner_of(server, conn);
+        for id in ids {
+            let Some(s) = self.sessions.get(id) else {
+                continue;
+            };
+            // Checked again on delivery: a reload may have taken the resource away.
+            let allowed = st
+                .policy
+                .decide(&s.caller, server, Kind::Resource, &params.uri)
+                .allow;
+            if allowed && self.hears(&s, server, owner.as_deref()) {
+                let mut p = params.clone();
+                p.uri = exposed.clone();
+                self.sessions.send(&s, Outbound::Updated(p));
+            }
+        }
+    }
+
+    /// Route an upstream's sampling/elicitation/roots request to the downstream call that caused it.
+    async fn route_request(
+        &self,
+        server: &Arc<str>,
+        conn: u64,
+        mut request: ServerRequest,
+        origin: Option<RequestId>,
+        cancel: CancellationToken,
+    ) -> Result<ClientResult, ErrorData> {
+        let target = origin
+            .and_then(|id| {
+                self.inflight
+                    .get(&(server.clone(), conn, id))
+                    .map(|d| d.clone())
+            })
+            .or_else(|| {
+                // stdio and SSE carry no link to the call: route only when it cannot be ambiguous.
+                let mut it = self
+                    .inflight
+                    .iter()
+                    .filter(|e| &e.key().0 == server && e.key().1 == conn);
+                match (it.next(), it.next()) {
+                    (Some(only), None) => Some(only.value().clone()),
+                    _ => None,
+                }
+            });
+        let (method, declared): (&str, fn(&ClientCapabilities) -> bool) = match &request {
+            ServerRequest::CreateMessageRequest(_) => {
+                ("sampling/createMessage", |c| c.sampling.is_some())
+            }
+            ServerRequest::ElicitRequest(_) => ("elicitation/create", |c| c.elicitation.is_some()),
+            ServerRequest::ListRootsRequest(_) => ("roots/list", |c| c.roots.is_some()),
+            ServerRequest::PingRequest(_) => return Ok(ClientResult::empty(())),
+            _ => ("a custom request", |_| false),
+        };
+        let is_roots = matches!(request, ServerRequest::ListRootsRequest(_));
+        let Some(down) = target else {
+            if is_roots {
+                return Ok(ClientResult::ListRootsResult(ListRootsResult::default()));
+            }
+            return Err(ErrorData::invalid_request(
+                format!(
+                    "mcp-broker cannot tell which client `{server}`'s {method} is for (it is not tied to exactly one call in flight)"
+                ),
+                None,
+            ));
+        };
+        if down.stateless {
+            return Err(ErrorData::invalid_request(
+                format!(
+                    "the client uses protocol 2026-07-28, which has no server-to-client requests; {method} from `{server}` is not supported through mcp-broker yet"
+                ),
+                None,
+            ));
+        }
+        if !down.capabilities.as_ref().is_some_and(declared) {
+            if is_roots {
+                return Ok(ClientResult::ListRootsResult(ListRootsResult::default()));
+            }
+            return Err(ErrorData::invalid_request(
+                format!(
+                    "the client did not declare the capability for {method}, so `{server}`'s request was not forwarded"
+                ),
+                None,
+            ));
+        }
+        // Ride the originating call's response stream, not the session's standalone one.
+        request
+            .extensions_mut()
+            .insert(OriginatingRequestId(down.request_id.clone()));
+        let handle = down
+            .peer
+            .send_request_with_option(request, PeerRequestOptions::no_options())
+            .await
+            .map_err(service_error)?;
+        let (id, peer) = (handle.id.clone(), handle.peer.clone());
+        tokio::select! {
+            r = handle.await_response() => r.map_err(service_error),
+            // The upstream gave up on its request: tell the client, with the client-side id.
+            _ = cancel.cancelled() => {
+                let p = CancelledNotificationParam::new(Some(id), Some(format!("cancelled by server `{server}`")));
+                let _ = peer.notify_cancelled(p).await;
+                Err(ErrorData::internal_error("cancelled by the upstream", None))
+            }
+        }
+    }
+}

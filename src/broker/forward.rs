@@ -1,0 +1,308 @@
+//! The upstream leg of a request: the connection it goes on (shared, or the owner's under
+//! `isolation = "caller" | "session"`, opened with the caller's credential), then the request itself
+//! with progress relayed, cancellation forwarded and server-to-client routes held while it runs.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rmcp::model::{
+    CancelledNotificationParam, ClientRequest, ProgressNotificationParam, ProgressToken, RequestId,
+    ServerResult,
+};
+use rmcp::service::{PeerRequestOptions, ServiceError};
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::CallRecord;
+use crate::auth::Caller;
+use crate::config::{Isolation, UpstreamAuth};
+use crate::upstream::{Connection, Secrets, Upstream};
+
+use super::errors::{Failure, unexpected};
+use super::sessions::Session;
+use super::state::State;
+use super::{Broker, Downstream, InflightKey};
+
+/// One forwarded request: where it goes, for whom, and how long it may stay silent.
+pub(super) struct Call<'a> {
+    pub server: &'a Arc<str>,
+    pub caller: &'a Caller,
+    pub tool: Option<&'a str>,
+    pub down: &'a Downstream,
+    pub ct: &'a CancellationToken,
+    pub timeout: Duration,
+}
+
+impl Broker {
+    /// Who owns the connection a request by `caller` from session `session` goes on.
+    pub(super) fn owner_for(up: &Upstream, caller: &Caller, session: Option<u64>) -> String {
+        match (up.config.isolation, session) {
+            (Isolation::Session, Some(id)) => Session::owner_key(id),
+            // A request without a session (2026-07-28 stateless, the `tools` command) is the caller's.
+            _ => format!("sub:{}", caller.sub),
+        }
+    }
+
+    /// The connection a request goes on, and the credential kind used (for audit).
+    pub(super) async fn connection_for(
+        &self,
+        st: &State,
+        up: &Upstream,
+        caller: &Caller,
+        owner: &str,
+        tool: Option<&str>,
+    ) -> Result<(Arc<Connection>, &'static str), Failure> {
+        let server = &up.name;
+        if !up.per_caller {
+            let kind = up
+                .config
+                .upstream_auth
+                .as_ref()
+                .map_or("none", credential_kind);
+            return up
+                .connection()
+                .map(|c| (c, kind))
+                .ok_or_else(|| Failure::Unavailable(unavailable(up)));
+        }
+        // A refused connect (an upstream 401/403 surfaces here) gets one retry with a fresh
+        // credential (re-exchange, Vault re-read), then a clear error.
+        let mut last = None;
+        for fresh in [false, true] {
+            let (secrets, kind, slot) = match &up.config.upstream_auth {
+                Some(auth) => {
+                    let cred = st
+                        .credentials
+                        .resolve_with(auth, caller, tool, fresh)
+                        .await
+                        .map_err(|e| {
+                            tracing::warn!(server = %server, sub = %caller.sub, error = %e, "no upstream credential");
+                            Failure::Unavailable(format!("server `{server}`: {e}"))
+                        })?;
+                    let secrets = Secrets {
+                        headers: cred.headers,
+                        env: cred.env,
+                    };
+                    (secrets, cred.kind, cred.slot)
+                }
+                None => (Secrets::default(), "none", String::new()),
+            };
+            // One connection per (owner, credential): servers bind sessions to the token that
+            // opened them, so a new or narrower token gets its own session.
+            use sha2::Digest;
+            let hex = |h: sha2::Sha256| crate::hex(&h.finalize());
+            let mut k = sha2::Sha256::new();
+            k.update(owner.as_bytes());
+            k.update([0u8]);
+            k.update(slot.as_bytes());
+            let mut v = sha2::Sha256::new();
+            for (name, value) in secrets.headers.iter().chain(&secrets.env) {
+                v.update(name.as_bytes());
+                v.update([0u8]);
+                v.update(value.expose().as_bytes());
+                v.update([0u8]);
+            }
+            let (key, version) = (hex(k), hex(v));
+            match up
+                .connection_for(owner, &key, &version, &secrets, &self.events_tx)
+                .await
+            {
+                Ok(c) => return Ok((c, kind)),
+                Err(e) => {
+                    tracing::warn!(server = %server, sub = %caller.sub, fresh, error = %e, "per-owner connection failed");
+                    last = Some(e);
+                }
+            }
+            if up.config.upstream_auth.is_none() {
+                break;
+            }
+        }
+        Err(Failure::Unavailable(format!(
+            "server `{server}` is unavailable (could not connect for this caller: {})",
+            last.map(|e| e.to_string()).unwrap_or_default()
+        )))
+    }
+
+    /// Send `req` to `call.server` and wait for its result, forwarding progress and cancellation.
+    /// The call's timeout is an idle timeout: each progress notification from the upstream restarts it.
+    pub(super) async fn forward(
+        &self,
+        st: &State,
+        call: Call<'_>,
+        req: ClientRequest,
+        rec: &mut CallRecord,
+    ) -> Result<ServerResult, Failure> {
+        let Call {
+            server,
+            caller,
+            tool,
+            down,
+            ct,
+            timeout,
+        } = call;
+        let up = st
+            .upstream(server)
+            .ok_or_else(|| Failure::Rpc(unexpected(server)))?;
+        let _active = ActiveCall::new(self);
+        let owner = Self::owner_for(up, caller, down.session);
+        let (conn, kind) = self.connection_for(st, up, caller, &owner, tool).await?;
+        rec.credential(kind);
+        let opts = PeerRequestOptions::with_timeout(timeout).reset_timeout_on_progress();
+        rec.upstream_started();
+        let handle = conn
+            .peer
+            .send_request_with_option(req, opts)
+            .await
+            .map_err(|e| {
+                up.report_failure();
+                up.drop_connection(conn.id);
+                tracing::warn!(server = %server, error = %e, "could not send the request upstream");
+                Failure::Unavailable(format!(
+                    "server `{server}` is unavailable (reconnecting; last error: {e})"
+                ))
+            })?;
+        // Routes registered before the first await on the response; removed when this call ends, however.
+        let mut progress = conn.progress.route(&handle.progress_token);
+        let _routes = RouteGuard::new(
+            self,
+            server,
+            &handle.id,
+            &handle.progress_token,
+            &conn,
+            down,
+        );
+        let (id, upeer) = (handle.id.clone(), handle.peer.clone());
+        let mut response = std::pin::pin!(handle.await_response());
+        let result = loop {
+            tokio::select! {
+                biased;
+                Some(p) = progress.recv() => relay_progress(down, p).await,
+                r = &mut response => {
+                    // Progress that preceded the response on the wire is already queued: send it first.
+                    while let Ok(p) = progress.try_recv() {
+                        relay_progress(down, p).await;
+                    }
+                    break r;
+                }
+                _ = ct.cancelled() => {
+                    let p = CancelledNotificationParam::new(Some(id), Some("cancelled by the client".into()));
+                    let _ = upeer.notify_cancelled(p).await;
+                    return Err(Failure::Cancelled("request cancelled by the client".into()));
+                }
+                _ = self.drain_cancel.cancelled() => {
+                    let p = CancelledNotificationParam::new(Some(id), Some("mcp-broker is shutting down".into()));
+                    let _ = upeer.notify_cancelled(p).await;
+                    return Err(Failure::Cancelled(
+                        "cancelled: mcp-broker is shutting down and the drain deadline passed".into(),
+                    ));
+                }
+            }
+        };
+        rec.upstream_finished();
+        match result {
+            Ok(r) => Ok(r),
+            Err(ServiceError::McpError(e)) => Err(Failure::Rpc(e)),
+            Err(ServiceError::Timeout { timeout }) => {
+                let p = CancelledNotificationParam::new(
+                    Some(id),
+                    Some("timed out at mcp-broker".into()),
+                );
+                let _ = upeer.notify_cancelled(p).await;
+                Err(Failure::Timeout(format!(
+                    "server `{server}` did not answer within {timeout:?} (no result or progress in that time)"
+                )))
+            }
+            Err(e) => {
+                up.report_failure();
+                up.drop_connection(conn.id);
+                tracing::warn!(server = %server, error = %e, "upstream connection failed during a request");
+                Err(Failure::Unavailable(format!(
+                    "server `{server}` is unavailable (the connection failed during the request; reconnecting)"
+                )))
+            }
+        }
+    }
+}
+
+/// "server X is unavailable (reconnecting; last error: …)".
+fn unavailable(up: &Upstream) -> String {
+    match up.last_error() {
+        Some(e) => format!(
+            "server `{}` is unavailable (reconnecting; last error: {e})",
+            up.name
+        ),
+        None => format!("server `{}` is unavailable (still connecting)", up.name),
+    }
+}
+
+/// The credential kind a configured `upstream_auth` sends (for audit; a chain reports its first).
+fn credential_kind(auth: &UpstreamAuth) -> &'static str {
+    match auth {
+        UpstreamAuth::Exchange { .. } => "token_exchange",
+        UpstreamAuth::Vault { .. } => "vault",
+        UpstreamAuth::Static(_) => "static",
+        UpstreamAuth::First(list) => list.first().map_or("none", credential_kind),
+    }
+}
+
+/// Progress from upstream, re-addressed to the caller's own token; dropped if it asked for none.
+async fn relay_progress(down: &Downstream, mut p: ProgressNotificationParam) {
+    if let Some(token) = &down.progress_token {
+        p.progress_token = token.clone();
+        let _ = down.peer.notify_progress(p).await;
+    }
+}
+
+/// Counts a call in flight for draining; notifies the drain when the last one ends.
+struct ActiveCall<'a>(&'a Broker);
+
+impl<'a> ActiveCall<'a> {
+    fn new(b: &'a Broker) -> Self {
+        b.active_calls.fetch_add(1, Ordering::SeqCst);
+        Self(b)
+    }
+}
+
+impl Drop for ActiveCall<'_> {
+    fn drop(&mut self) {
+        if self.0.active_calls.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Removes a call's progress and in-flight routes when the call ends, is cancelled or is dropped.
+struct RouteGuard<'a> {
+    broker: &'a Broker,
+    conn: Arc<Connection>,
+    progress: ProgressToken,
+    inflight: InflightKey,
+}
+
+impl<'a> RouteGuard<'a> {
+    fn new(
+        broker: &'a Broker,
+        server: &Arc<str>,
+        id: &RequestId,
+        token: &ProgressToken,
+        conn: &Arc<Connection>,
+        down: &Downstream,
+    ) -> Self {
+        let inflight = (server.clone(), conn.id, id.clone());
+        broker.inflight.insert(inflight.clone(), down.clone());
+        conn.active.fetch_add(1, Ordering::Relaxed);
+        Self {
+            broker,
+            conn: conn.clone(),
+            progress: token.clone(),
+            inflight,
+        }
+    }
+}
+
+impl Drop for RouteGuard<'_> {
+    fn drop(&mut self) {
+        self.conn.progress.unroute(&self.progress);
+        self.conn.active.fetch_sub(1, Ordering::Relaxed);
+        self.broker.inflight.remove(&self.inflight);
+    }
+}

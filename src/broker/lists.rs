@@ -1,0 +1,289 @@
+//! The catalog and what each caller is shown of it: rebuilt from the upstreams' listings, filtered
+//! by the same policy decision that admits calls, announced to a session only when its own view
+//! changed. A session's first list waits (up to `startup_wait`) for upstreams still starting.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rmcp::model::{Prompt, Resource, ResourceTemplate, Tool};
+
+use crate::audit::CallRecord;
+use crate::auth::Caller;
+use crate::catalog::{Catalog, Collision, Entry, Listing};
+use crate::policy::{Decision, Kind};
+use crate::upstream::ListKind;
+
+use super::Broker;
+use super::sessions::View;
+use super::state::State;
+
+const KINDS: [ListKind; 3] = [ListKind::Tools, ListKind::Prompts, ListKind::Resources];
+
+/// A list method's answer: the items the caller may see.
+pub enum Listed {
+    Tools(Vec<Tool>),
+    Prompts(Vec<Prompt>),
+    Resources(Vec<Resource>),
+    Templates(Vec<ResourceTemplate>),
+}
+
+/// Which list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListOf {
+    Tools,
+    Prompts,
+    Resources,
+    Templates,
+}
+
+impl ListOf {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tools => "tools",
+            Self::Prompts => "prompts",
+            Self::Resources => "resources",
+            Self::Templates => "resource_templates",
+        }
+    }
+}
+
+impl Broker {
+    /// What `caller` is shown of `cat`: a fingerprint per list kind, and the servers it may see.
+    pub(super) fn view_of(&self, st: &State, cat: &Catalog, caller: &Caller) -> View {
+        let servers = RefCell::new(HashSet::new());
+        let lists = cat.fingerprint_where(&|kind, server, original| {
+            let kind = match kind {
+                0 => Kind::Tool,
+                1 => Kind::Prompt,
+                _ => Kind::Resource,
+            };
+            let allow = st.policy.decide(caller, server, kind, original).allow;
+            if allow {
+                let mut s = servers.borrow_mut();
+                if !s.contains(server) {
+                    s.insert(Arc::from(server));
+                }
+            }
+            allow
+        });
+        let mut servers = servers.into_inner();
+        // A server that lists nothing is seen by whoever the policy admits to it as a whole.
+        for up in &st.upstreams {
+            let listed = up.listing().is_some_and(|l| !l.is_empty());
+            if !listed && st.policy.decide(caller, &up.name, Kind::Tool, "").allow {
+                servers.insert(up.name.clone());
+            }
+        }
+        View { lists, servers }
+    }
+
+    /// The items of one list `caller` may see, recorded on `rec`.
+    pub(super) fn listed(&self, caller: &Caller, which: ListOf, rec: &mut CallRecord) -> Listed {
+        let st = self.state();
+        let cat = self.catalog();
+        fn keep<T: Clone>(
+            st: &State,
+            caller: &Caller,
+            kind: Kind,
+            entries: &[Entry<T>],
+            rec: &mut CallRecord,
+        ) -> Vec<T> {
+            let shown: Vec<T> = entries
+                .iter()
+                .filter(|e| st.policy.decide(caller, &e.server, kind, &e.original).allow)
+                .map(|e| e.item.clone())
+                .collect();
+            let hidden = entries.len() - shown.len();
+            rec.decision(
+                true,
+                &format!("{} shown, {hidden} hidden by policy", shown.len()),
+                None,
+            );
+            rec.listed(shown.len(), hidden);
+            shown
+        }
+        match which {
+            ListOf::Tools => Listed::Tools(keep(&st, caller, Kind::Tool, &cat.tools.entries, rec)),
+            ListOf::Prompts => {
+                Listed::Prompts(keep(&st, caller, Kind::Prompt, &cat.prompts.entries, rec))
+            }
+            ListOf::Resources => Listed::Resources(keep(
+                &st,
+                caller,
+                Kind::Resource,
+                &cat.resources.entries,
+                rec,
+            )),
+            ListOf::Templates => Listed::Templates(keep(
+                &st,
+                caller,
+                Kind::Resource,
+                &cat.templates.entries,
+                rec,
+            )),
+        }
+    }
+
+    /// Wait (up to `limit` after start) until every upstream's first connect attempt has ended.
+    pub(super) async fn wait_started(&self, limit: Duration) {
+        let end = tokio::time::Instant::from_std(self.started + limit);
+        loop {
+            let changed = self.state_changed.notified();
+            if self.upstreams().iter().all(|u| u.attempted()) {
+                break;
+            }
+            // Polled as well: a notification between the check and the wait would be missed.
+            let tick = tokio::time::Instant::now() + Duration::from_millis(50);
+            if tokio::time::timeout_at(end.min(tick), changed)
+                .await
+                .is_err()
+                && tokio::time::Instant::now() >= end
+            {
+                break;
+            }
+        }
+        self.rebuild();
+    }
+
+    /// Before a list: wait for upstreams still starting, and for per-caller servers no caller has
+    /// listed yet, connect with this caller's credential so the catalog can show their items.
+    pub(super) async fn prepare_list(&self, caller: &Caller) {
+        let wait = self.config().broker.startup_wait;
+        if self.started.elapsed() < wait && !self.upstreams().iter().all(|u| u.attempted()) {
+            self.wait_started(wait).await;
+        }
+        let st = self.state();
+        let mut listed = false;
+        for up in st.upstreams.iter().filter(|u| u.per_caller && !u.listed()) {
+            let owner = format!("sub:{}", caller.sub);
+            match tokio::time::timeout(
+                up.config.connect_timeout,
+                self.connection_for(&st, up, caller, &owner, None),
+            )
+            .await
+            {
+                Ok(Ok(_)) => listed = true,
+                Ok(Err(_)) => {}
+                Err(_) => {
+                    tracing::warn!(server = %up.name, "listing a per-caller server timed out")
+                }
+            }
+        }
+        if listed {
+            self.rebuild();
+        }
+    }
+
+    /// Rebuild the catalog from the upstreams' listings; queue list_changed for the sessions whose
+    /// own view changed (a reload can change the policy without changing the catalog, so always
+    /// check).
+    pub(super) fn rebuild(&self) -> Vec<Collision> {
+        let st = self.state();
+        let mut listings: HashMap<Arc<str>, Listing> = HashMap::new();
+        for up in &st.upstreams {
+            if let Some(l) = up.listing() {
+                listings.insert(up.name.clone(), l);
+            }
+        }
+        let old = self.catalog();
+        let (new, collisions) = Catalog::build(
+            &st.namespaces,
+            &listings,
+            &st.config.broker.separator,
+            Some(&old),
+        );
+        for c in &collisions {
+            tracing::warn!(kind = c.kind, name = %c.name, kept = %c.kept, dropped = %c.dropped, "name collision: entry left out");
+        }
+        let (before, after) = (old.fingerprint(), new.fingerprint());
+        let new = Arc::new(new);
+        if let Ok(mut slot) = self.catalog.write() {
+            *slot = new.clone();
+        }
+        for (i, k) in KINDS.iter().enumerate() {
+            if before[i] != after[i] {
+                let _ = self.changes.send(*k);
+            }
+        }
+        for s in self.sessions.all() {
+            let view = self.view_of(&st, &new, &s.caller);
+            let Ok(mut seen) = s.view.lock() else {
+                continue;
+            };
+            let changed: Vec<ListKind> = (0..3)
+                .filter(|&i| seen.lists[i] != view.lists[i])
+                .map(|i| KINDS[i])
+                .collect();
+            *seen = view;
+            drop(seen);
+            for k in changed {
+                self.sessions.list_changed(&s, k);
+            }
+        }
+        collisions
+    }
+
+    /// Collisions in the current view (for `mcp-broker tools`).
+    pub fn collisions(&self) -> Vec<Collision> {
+        self.rebuild()
+    }
+
+    /// For the HTTP front's step-up answer: the policy decision on a `tools/call` of `exposed`, when a
+    /// `step_up` rule refuses it (then the call gets HTTP 403 instead of an `isError` result).
+    pub fn step_up_refusal(
+        &self,
+        caller: &Caller,
+        exposed: &str,
+        request_id: &serde_json::Value,
+    ) -> Option<Decision> {
+        let st = self.state();
+        if !st.policy.has_step_up() {
+            return None;
+        }
+        let cat = self.catalog();
+        let e = cat.tools.get(exposed)?;
+        let d = st.policy.decide(caller, &e.server, Kind::Tool, &e.original);
+        if d.step_up.is_none() || d.allow {
+            return None;
+        }
+        // The elevation request is a decision too (SB-7): record what was asked and what was held.
+        let mut rec = self.audit.begin(caller, "tool", exposed);
+        rec.request(request_id.clone(), None);
+        rec.route(&e.server, &e.original);
+        let wanted = d.step_up.as_deref().unwrap_or_default().join(" ");
+        rec.decision(
+            false,
+            &format!(
+                "step-up required: scope \"{wanted}\" (token has \"{}\"): {}",
+                caller.scopes.join(" "),
+                d.reason
+            ),
+            Some(d.label()),
+        );
+        Some(d)
+    }
+
+    /// The exposed tool names `caller` may see, after connecting per-caller servers for it (for
+    /// `mcp-broker tools --token`; not audited).
+    pub async fn visible_tools(&self, caller: &Caller) -> HashSet<String> {
+        self.prepare_list(caller).await;
+        let st = self.state();
+        self.catalog()
+            .tools
+            .entries
+            .iter()
+            .filter(|e| {
+                st.policy
+                    .decide(caller, &e.server, Kind::Tool, &e.original)
+                    .allow
+            })
+            .map(|e| e.item.name.to_string())
+            .collect()
+    }
+
+    pub fn has_step_up(&self) -> bool {
+        self.state().policy.has_step_up()
+    }
+}

@@ -1,0 +1,672 @@
+//! The one path every client request takes, in one order:
+//!
+//! caller limit → resolve (catalog) → decide (the policy decision lists use) → server and tool
+//! limits → audit decision → credential and connection → forward → result mapping.
+//!
+//! The audit record is opened first and written when it is dropped, however the request ends.
+//! A new method is an arm of [`Op`], not a copy of this path.
+
+// logging/setLevel and resources/subscribe are deprecated by SEP-2577 in 2026-07-28, but live in
+// 2025-11-25, which Claude and most clients speak.
+#![allow(deprecated)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rmcp::{
+    ErrorData,
+    model::{
+        CallToolRequest, CallToolRequestParams, CallToolResponse, ClientRequest, CompleteRequest,
+        CompleteRequestParams, CompleteResult, GetPromptRequest, GetPromptRequestParams,
+        GetPromptResponse, LoggingLevel, ReadResourceRequest, ReadResourceRequestParams,
+        ReadResourceResponse, Reference, RequestId, RequestMetaObject, ResourceContents,
+        ServerResult, SetLevelRequest, SetLevelRequestParams, SubscribeRequest,
+        SubscribeRequestParams, UnsubscribeRequest, UnsubscribeRequestParams,
+    },
+};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{CallRecord, Outcome};
+use crate::auth::Caller;
+use crate::limits::{Refusal, retry_hint, tool_key};
+use crate::metrics;
+use crate::policy::Kind;
+
+use super::errors::{Failure, service_error, tool_error_text, unexpected};
+use super::forward::Call;
+use super::lists::{ListOf, Listed};
+use super::sessions::rank;
+use super::state::State;
+use super::{Broker, Downstream};
+
+/// A client request the broker serves.
+pub enum Op {
+    List(ListOf),
+    CallTool(CallToolRequestParams),
+    GetPrompt(GetPromptRequestParams),
+    ReadResource(ReadResourceRequestParams),
+    Subscribe(String),
+    Unsubscribe(String),
+    Complete(CompleteRequestParams),
+    SetLevel(LoggingLevel),
+}
+
+/// Its answer.
+pub enum Reply {
+    Listed(Listed),
+    Tool(CallToolResponse),
+    Prompt(GetPromptResponse),
+    Resource(ReadResourceResponse),
+    Complete(CompleteResult),
+    Empty,
+}
+
+impl Op {
+    /// The audit record's `kind`.
+    fn kind(&self) -> &'static str {
+        match self {
+            Op::List(_) => "list",
+            Op::CallTool(_) => "tool",
+            Op::GetPrompt(_) => "prompt",
+            Op::ReadResource(_) => "resource",
+            Op::Subscribe(_) => "subscribe",
+            Op::Unsubscribe(_) => "unsubscribe",
+            Op::Complete(_) => "completion",
+            Op::SetLevel(_) => "set_level",
+        }
+    }
+
+    /// The name the client used (the audit record's `name`).
+    fn name(&self) -> String {
+        match self {
+            Op::List(w) => w.as_str().to_string(),
+            Op::CallTool(p) => p.name.to_string(),
+            Op::GetPrompt(p) => p.name.clone(),
+            Op::ReadResource(p) => p.uri.clone(),
+            Op::Subscribe(u) | Op::Unsubscribe(u) => u.clone(),
+            Op::Complete(p) => match &p.r#ref {
+                Reference::Prompt(p) => p.name.clone(),
+                Reference::Resource(r) => r.uri.clone(),
+                _ => String::new(),
+            },
+            Op::SetLevel(l) => format!("{l:?}").to_lowercase(),
+        }
+    }
+
+    /// Requests that reach an upstream: refused once the broker drains, counted by the caller's
+    /// rate limit.
+    fn forwards(&self) -> bool {
+        !matches!(self, Op::List(_) | Op::SetLevel(_) | Op::Unsubscribe(_))
+    }
+}
+
+/// Where a request goes once resolved.
+struct Target {
+    server: Arc<str>,
+    kind: Kind,
+    original: String,
+}
+
+impl Broker {
+    /// Serve one client request: the whole pipeline. Refusals of tool calls are `isError` results;
+    /// of anything else, JSON-RPC errors.
+    pub async fn handle(
+        &self,
+        caller: &Caller,
+        op: Op,
+        down: Downstream,
+        ct: CancellationToken,
+    ) -> Result<Reply, ErrorData> {
+        let is_tool = matches!(op, Op::CallTool(_));
+        let mut rec = self.audit.begin(caller, op.kind(), &op.name());
+        rec.request(request_id_value(&down.request_id), down.session);
+        match &op {
+            Op::CallTool(p) => rec.arguments(p.arguments.as_ref()),
+            Op::GetPrompt(p) => rec.arguments(p.arguments.as_ref()),
+            _ => {}
+        }
+        let r = self.run(caller, op, &down, &ct, &mut rec).await;
+        match r {
+            Ok(reply) => Ok(reply),
+            Err(f) => {
+                f.record(&mut rec);
+                if matches!(f, Failure::Limited(_)) && self.limit_record_throttled(&caller.sub) {
+                    rec.discard();
+                }
+                if is_tool {
+                    f.into_tool_result().map(|r| Reply::Tool(r.into()))
+                } else {
+                    Err(f.into_error())
+                }
+            }
+        }
+    }
+
+    async fn run(
+        &self,
+        caller: &Caller,
+        mut op: Op,
+        down: &Downstream,
+        ct: &CancellationToken,
+        rec: &mut CallRecord,
+    ) -> Result<Reply, Failure> {
+        if op.forwards() && self.is_draining() {
+            let msg = "mcp-broker is shutting down and accepts no new calls; retry shortly";
+            rec.decision(false, msg, Some("drain".into()));
+            rec.finish(Outcome::Error, Some(msg.into()));
+            return Err(Failure::Refused(msg.into()));
+        }
+        let st = self.state();
+        // Every request that names an upstream item counts against the caller's limit, denied and
+        // unknown ones too. Lists and setLevel are answered locally and are not counted: clients send
+        // several at connect, and a limit meant for calls must not break connecting.
+        if op.forwards()
+            && let Err(r) = self.limit_caller(&st, caller)
+        {
+            // The metric names the server the request was for, where it names a known one.
+            let server = self.resolve(&st, &mut op).map(|t| t.server).ok();
+            return Err(self.refused(rec, server.as_deref().unwrap_or_default(), r));
+        }
+        let target = match &mut op {
+            Op::List(which) => {
+                let which = *which;
+                self.prepare_list(caller).await;
+                return Ok(Reply::Listed(self.listed(caller, which, rec)));
+            }
+            Op::SetLevel(level) => return self.set_level(&st, caller, *level, down, rec).await,
+            op => self.resolve(&st, op).inspect_err(|f| {
+                if let Failure::Rpc(e) = f {
+                    rec.decision(false, &e.message, Some("catalog".into()));
+                }
+            })?,
+        };
+        let Target {
+            server,
+            kind,
+            original,
+        } = target;
+        rec.route(&server, &original);
+        let args = match &op {
+            Op::CallTool(p) => p.arguments.as_ref(),
+            _ => None,
+        };
+        let d = st
+            .policy
+            .decide_call(caller, &server, kind, &original, args);
+        rec.decision(d.allow, &d.reason, Some(d.label()));
+        if !d.allow {
+            // A completion for something hidden completes nothing, as if it did not exist.
+            if matches!(op, Op::Complete(_)) {
+                rec.finish(Outcome::Denied, None);
+                return Ok(Reply::Complete(CompleteResult::default()));
+            }
+            return Err(Failure::Refused(d.reason));
+        }
+        let tool = matches!(op, Op::CallTool(_)).then_some(original.as_str());
+        let timeout = call_timeout(&st, &server, tool);
+        let _permit = self.admit(&st, caller, &server, tool, timeout, rec).await?;
+        let call = Call {
+            server: &server,
+            caller,
+            tool,
+            down,
+            ct,
+            timeout,
+        };
+        let reply = match op {
+            Op::Subscribe(_) => return self.subscribe(&st, call, &original, rec).await,
+            Op::Unsubscribe(_) => return self.unsubscribe(&st, call, &original, rec).await,
+            op => {
+                let what = op.kind();
+                let req = upstream_request(op, &original);
+                let result = self.forward(&st, call, req, rec).await?;
+                self.map_result(&server, what, result)?
+            }
+        };
+        match &reply {
+            Reply::Tool(CallToolResponse::Complete(r)) if r.is_error == Some(true) => {
+                rec.finish(Outcome::ToolError, tool_error_text(r))
+            }
+            _ => rec.finish(Outcome::Ok, None),
+        }
+        Ok(reply)
+    }
+
+    /// Which server and upstream name a request is for; unknown names are -32602 (resources:
+    /// resource not found), as a server would answer itself.
+    fn resolve(&self, st: &State, op: &mut Op) -> Result<Target, Failure> {
+        let cat = self.catalog();
+        let named = |kind: Kind, exposed: &str| -> Result<Target, Failure> {
+            let entry = match kind {
+                Kind::Tool => cat.tools.get(exposed).map(|e| (&e.server, &e.original)),
+                _ => cat.prompts.get(exposed).map(|e| (&e.server, &e.original)),
+            };
+            let (server, original) = match entry {
+                Some((s, o)) => (s.clone(), o.clone()),
+                None => match unlisted(st, exposed, kind == Kind::Tool) {
+                    Some(s) => (s, exposed.to_string()),
+                    None => {
+                        return Err(Failure::Rpc(ErrorData::invalid_params(
+                            format!("unknown {} `{exposed}`", kind.as_str()),
+                            None,
+                        )));
+                    }
+                },
+            };
+            Ok(Target {
+                server,
+                kind,
+                original,
+            })
+        };
+        let uri = |uri: &str| -> Result<Target, Failure> {
+            let route = cat.route_uri(uri).ok_or_else(|| {
+                Failure::Rpc(ErrorData::resource_not_found(
+                    format!("no server offers resource `{uri}`"),
+                    None,
+                ))
+            })?;
+            Ok(Target {
+                server: route.server,
+                kind: Kind::Resource,
+                original: route.original,
+            })
+        };
+        match op {
+            Op::CallTool(p) => named(Kind::Tool, &p.name),
+            Op::GetPrompt(p) => named(Kind::Prompt, &p.name),
+            Op::ReadResource(p) => uri(&p.uri),
+            Op::Subscribe(u) | Op::Unsubscribe(u) => uri(u),
+            Op::Complete(p) => match &p.r#ref {
+                Reference::Prompt(p) => named(Kind::Prompt, &p.name),
+                Reference::Resource(r) => match cat.templates.get(&r.uri) {
+                    Some(e) => Ok(Target {
+                        server: e.server.clone(),
+                        kind: Kind::Resource,
+                        original: e.original.clone(),
+                    }),
+                    None => uri(&r.uri),
+                },
+                _ => Err(Failure::Rpc(ErrorData::invalid_params(
+                    "unsupported completion reference",
+                    None,
+                ))),
+            },
+            Op::List(_) | Op::SetLevel(_) => Err(Failure::Rpc(ErrorData::internal_error(
+                "not a routed request",
+                None,
+            ))),
+        }
+    }
+
+    /// The upstream's result, with the URIs the broker namespaces rewritten.
+    fn map_result(
+        &self,
+        server: &Arc<str>,
+        what: &str,
+        result: ServerResult,
+    ) -> Result<Reply, Failure> {
+        Ok(match result {
+            ServerResult::CallToolResult(r) => Reply::Tool(CallToolResponse::Complete(r)),
+            ServerResult::CreateTaskResult(r) => Reply::Tool(CallToolResponse::Task(r)),
+            ServerResult::GetPromptResult(r) => Reply::Prompt(GetPromptResponse::Complete(r)),
+            ServerResult::ReadResourceResult(mut r) => {
+                let cat = self.catalog();
+                for c in &mut r.contents {
+                    match c {
+                        ResourceContents::TextResourceContents { uri, .. }
+                        | ResourceContents::BlobResourceContents { uri, .. } => {
+                            *uri = cat.expose_uri_of(server, uri);
+                        }
+                        _ => {}
+                    }
+                }
+                Reply::Resource(ReadResourceResponse::Complete(r))
+            }
+            ServerResult::CompleteResult(r) => Reply::Complete(r),
+            // 2026-07-28 multi-round-trip: the request it answers decides the wrapper.
+            ServerResult::InputRequiredResult(r) => match what {
+                "tool" => Reply::Tool(CallToolResponse::InputRequired(r)),
+                "prompt" => Reply::Prompt(GetPromptResponse::InputRequired(r)),
+                "resource" => Reply::Resource(ReadResourceResponse::InputRequired(r)),
+                _ => return Err(Failure::Rpc(unexpected(server))),
+            },
+            _ => return Err(Failure::Rpc(unexpected(server))),
+        })
+    }
+
+    // -- limits -----------------------------------------------------------------------------------
+
+    /// The caller's own rate limit (`[limits] per_caller`), before anything else is done.
+    fn limit_caller(&self, st: &State, caller: &Caller) -> Result<(), Refusal> {
+        let Some(limit) = st.config.limits.per_caller.as_ref() else {
+            return Ok(());
+        };
+        self.limiter
+            .take("caller", &caller.sub, limit, Instant::now())
+            .map_err(|wait| Refusal {
+                scope: "caller",
+                message: format!(
+                    "rate limit exceeded for caller `{}` ({:.3}/s, burst {}); {}",
+                    caller.sub,
+                    limit.per_second,
+                    limit.burst,
+                    retry_hint(wait)
+                ),
+                retry_after: wait,
+            })
+    }
+
+    /// Server and tool rate limits, then the server's concurrency cap. The permit, if any, is held
+    /// until the call ends.
+    async fn admit(
+        &self,
+        st: &State,
+        caller: &Caller,
+        server: &Arc<str>,
+        tool: Option<&str>,
+        timeout: Duration,
+        rec: &mut CallRecord,
+    ) -> Result<Option<OwnedSemaphorePermit>, Failure> {
+        let _ = caller;
+        let now = Instant::now();
+        let Some(cfg) = st.config.server(server) else {
+            return Ok(None);
+        };
+        let tool_limit = tool
+            .and_then(|t| cfg.tool_limits.get(t))
+            .and_then(|l| l.rate_limit.as_ref());
+        let checks = [
+            ("server", server.to_string(), cfg.rate_limit.as_ref()),
+            (
+                "tool",
+                tool_key(server, tool.unwrap_or_default()),
+                tool_limit,
+            ),
+        ];
+        for (scope, key, limit) in checks {
+            let Some(limit) = limit else { continue };
+            if let Err(wait) = self.limiter.take(scope, &key, limit, now) {
+                let what = match scope {
+                    "server" => format!("server `{server}`"),
+                    _ => format!("tool `{}` on server `{server}`", tool.unwrap_or_default()),
+                };
+                return Err(self.refused(
+                    rec,
+                    server,
+                    Refusal {
+                        scope,
+                        message: format!(
+                            "rate limit exceeded for {what} ({:.3}/s, burst {}); {}",
+                            limit.per_second,
+                            limit.burst,
+                            retry_hint(wait)
+                        ),
+                        retry_after: wait,
+                    },
+                ));
+            }
+        }
+        let Some(slots) = st.concurrency.get(server) else {
+            return Ok(None);
+        };
+        match slots.acquire(timeout).await {
+            Some(p) => Ok(Some(p)),
+            None => Err(self.refused(
+                rec,
+                server,
+                Refusal {
+                    scope: "concurrency",
+                    message: format!(
+                        "server `{server}` already has {} calls in flight (max_concurrent) and none finished within {timeout:?}; retry after 1 s",
+                        slots.max
+                    ),
+                    retry_after: Duration::from_secs(1),
+                },
+            )),
+        }
+    }
+
+    fn refused(&self, rec: &mut CallRecord, server: &str, r: Refusal) -> Failure {
+        metrics::global().rate_limited(r.scope, server);
+        rec.rate_limited(&r.message);
+        Failure::Limited(r)
+    }
+
+    /// At most one limit-refusal record per caller per second: a flooding caller cannot rotate
+    /// everyone else's records out of the trail. True = this one is not written.
+    fn limit_record_throttled(&self, sub: &str) -> bool {
+        let now = Instant::now();
+        let mut throttled = false;
+        self.limit_audited
+            .entry(sub.to_string())
+            .and_modify(|t| {
+                if now.duration_since(*t) < Duration::from_secs(1) {
+                    throttled = true;
+                } else {
+                    *t = now;
+                }
+            })
+            .or_insert(now);
+        if self.limit_audited.len() > 10_000 {
+            self.limit_audited
+                .retain(|_, t| now.duration_since(*t) < Duration::from_secs(1));
+        }
+        throttled
+    }
+
+    // -- session-scoped methods -------------------------------------------------------------------
+
+    /// `resources/subscribe`: subscribe upstream once per (connection, URI); the session is
+    /// remembered so updates reach it (and only it, among sessions on that connection).
+    async fn subscribe(
+        &self,
+        st: &State,
+        call: Call<'_>,
+        original: &str,
+        rec: &mut CallRecord,
+    ) -> Result<Reply, Failure> {
+        let session = call.down.session.ok_or_else(no_session)?;
+        let up = st
+            .upstream(call.server)
+            .ok_or_else(|| Failure::Rpc(unexpected(call.server)))?;
+        let owner = Self::owner_for(up, call.caller, Some(session));
+        let (conn, kind) = self
+            .connection_for(st, up, call.caller, &owner, None)
+            .await?;
+        rec.credential(kind);
+        let key = (call.server.clone(), conn.id, original.to_string());
+        let first = {
+            let mut subs = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+            let set = subs.entry(key.clone()).or_default();
+            let first = set.is_empty();
+            set.insert(session);
+            first
+        };
+        if first {
+            let req = ClientRequest::SubscribeRequest(SubscribeRequest::new(
+                SubscribeRequestParams::new(original.to_string()),
+            ));
+            rec.upstream_started();
+            if let Err(e) = conn.peer.send_request(req).await {
+                if let Ok(mut subs) = self.subscriptions.lock() {
+                    subs.remove(&key);
+                }
+                return Err(Failure::Rpc(service_error(e)));
+            }
+            rec.upstream_finished();
+        }
+        rec.finish(Outcome::Ok, None);
+        Ok(Reply::Empty)
+    }
+
+    async fn unsubscribe(
+        &self,
+        st: &State,
+        call: Call<'_>,
+        original: &str,
+        rec: &mut CallRecord,
+    ) -> Result<Reply, Failure> {
+        let session = call.down.session.ok_or_else(no_session)?;
+        let mut last_on = Vec::new();
+        if let Ok(mut subs) = self.subscriptions.lock() {
+            subs.retain(|(server, conn, uri), ids| {
+                if server == call.server
+                    && uri == original
+                    && ids.remove(&session)
+                    && ids.is_empty()
+                {
+                    last_on.push(*conn);
+                }
+                !ids.is_empty()
+            });
+        }
+        if let Some(up) = st.upstream(call.server) {
+            for conn in last_on {
+                let c = up.connection().filter(|c| c.id == conn).or_else(|| {
+                    let owner = Self::owner_for(up, call.caller, Some(session));
+                    up.connections_of(&owner).into_iter().find(|c| c.id == conn)
+                });
+                if let Some(c) = c {
+                    let req = ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(
+                        UnsubscribeRequestParams::new(original.to_string()),
+                    ));
+                    let _ = c.peer.send_request(req).await;
+                }
+            }
+        }
+        rec.finish(Outcome::Ok, None);
+        Ok(Reply::Empty)
+    }
+
+    /// `logging/setLevel`: the session's own level, applied by the broker to what it forwards (one
+    /// session never changes what another receives). Upstream connections this session may hear
+    /// from are asked for the most verbose level any of their listeners wants.
+    async fn set_level(
+        &self,
+        st: &State,
+        caller: &Caller,
+        level: LoggingLevel,
+        down: &Downstream,
+        rec: &mut CallRecord,
+    ) -> Result<Reply, Failure> {
+        let id = down.session.ok_or_else(no_session)?;
+        let session = self.sessions.get(id).ok_or_else(no_session)?;
+        session.set_level(level);
+        rec.decision(true, "the session's own log level", None);
+        for up in &st.upstreams {
+            if !session.sees_server(&up.name) {
+                continue;
+            }
+            let conns = if up.per_caller {
+                up.connections_of(&Self::owner_for(up, caller, Some(id)))
+            } else {
+                up.connection().into_iter().collect()
+            };
+            for conn in conns {
+                let declares = conn
+                    .info
+                    .as_ref()
+                    .is_none_or(|i| i.capabilities.logging.is_some());
+                if !declares {
+                    continue;
+                }
+                let want = rank(level);
+                let lower = match self.upstream_levels.get(&conn.id) {
+                    Some(have) => want < *have,
+                    None => true,
+                };
+                if !lower {
+                    continue;
+                }
+                self.upstream_levels.insert(conn.id, want);
+                let req = ClientRequest::SetLevelRequest(SetLevelRequest::new(
+                    SetLevelRequestParams::new(level),
+                ));
+                if let Err(e) = conn.peer.send_request(req).await {
+                    tracing::debug!(server = %up.name, error = %e, "logging/setLevel not accepted upstream");
+                }
+            }
+        }
+        rec.finish(Outcome::Ok, None);
+        Ok(Reply::Empty)
+    }
+}
+
+/// The request to send upstream, with the exposed name replaced by the upstream's own.
+fn upstream_request(op: Op, original: &str) -> ClientRequest {
+    match op {
+        Op::CallTool(mut p) => {
+            p.name = original.to_string().into();
+            p.meta = forwardable_meta(p.meta.take());
+            ClientRequest::CallToolRequest(CallToolRequest::new(p))
+        }
+        Op::GetPrompt(mut p) => {
+            p.name = original.to_string();
+            p.meta = forwardable_meta(p.meta.take());
+            ClientRequest::GetPromptRequest(GetPromptRequest::new(p))
+        }
+        Op::ReadResource(mut p) => {
+            p.uri = original.to_string();
+            p.meta = forwardable_meta(p.meta.take());
+            ClientRequest::ReadResourceRequest(ReadResourceRequest::new(p))
+        }
+        Op::Complete(mut p) => {
+            match &mut p.r#ref {
+                Reference::Prompt(r) => r.name = original.to_string(),
+                Reference::Resource(r) => r.uri = original.to_string(),
+                _ => {}
+            }
+            p.meta = forwardable_meta(p.meta.take());
+            ClientRequest::CompleteRequest(CompleteRequest::new(p))
+        }
+        // Not forwarded as such (handled before this point).
+        Op::List(_) | Op::Subscribe(_) | Op::Unsubscribe(_) | Op::SetLevel(_) => {
+            ClientRequest::PingRequest(Default::default())
+        }
+    }
+}
+
+fn no_session() -> Failure {
+    Failure::Rpc(ErrorData::invalid_request(
+        "this method needs a session (2025-11-25 `initialize`); it is not available statelessly",
+        None,
+    ))
+}
+
+/// Where a name the catalog does not list goes: to the one connected server that exposes names
+/// unchanged (`prefix = ""`) and whose `tools` filter admits it, so that server answers for itself
+/// exactly as it would directly. Prefixed names are never split to guess a server.
+fn unlisted(st: &State, name: &str, is_tool: bool) -> Option<Arc<str>> {
+    let mut candidates = st.namespaces.iter().filter(|ns| {
+        ns.prefix.is_empty()
+            && (!is_tool || ns.tools.admits(name))
+            && st.upstream(&ns.server).is_some_and(|u| u.is_up())
+    });
+    match (candidates.next(), candidates.next()) {
+        (Some(only), None) => Some(only.server.clone()),
+        _ => None,
+    }
+}
+
+/// A tool's own timeout, else its server's.
+fn call_timeout(st: &State, server: &str, tool: Option<&str>) -> Duration {
+    let cfg = st.config.server(server);
+    tool.and_then(|t| cfg.and_then(|c| c.tool_limits.get(t)))
+        .and_then(|l| l.timeout)
+        .or_else(|| cfg.map(|c| c.timeout))
+        .unwrap_or(Duration::from_secs(60))
+}
+
+fn request_id_value(id: &RequestId) -> serde_json::Value {
+    serde_json::to_value(id).unwrap_or(serde_json::Value::Null)
+}
+
+/// The downstream `_meta` minus what belongs to the downstream hop: its progress token (rmcp sets its
+/// own upstream) and the 2026-07-28 protocol keys (rmcp re-adds them on modern connections).
+fn forwardable_meta(meta: Option<RequestMetaObject>) -> Option<RequestMetaObject> {
+    let mut meta = meta?;
+    meta.retain(|k, _| k != "progressToken" && !k.starts_with("io.modelcontextprotocol/"));
+    if meta.is_empty() { None } else { Some(meta) }
+}

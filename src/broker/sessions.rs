@@ -1,0 +1,269 @@
+//! Downstream sessions: who owns each, what it may see, and a bounded outbound queue per session.
+//!
+//! The event router never awaits a session: it puts a message in the session's queue (`try_send`)
+//! and a writer task per session sends it. A session whose client stops reading fills only its own
+//! queue; further notifications for it are dropped and counted. A session is removed when it closes
+//! (its front handle is dropped) or its transport is found closed.
+
+// Logging is deprecated by SEP-2577 in 2026-07-28, but 2025-11-25 clients use it.
+#![allow(deprecated)]
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use rmcp::{
+    RoleServer,
+    model::{LoggingLevel, LoggingMessageNotificationParam, ResourceUpdatedNotificationParam},
+    service::Peer,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Caller;
+use crate::upstream::ListKind;
+
+/// Messages a session's queue holds before new ones are dropped.
+const QUEUE: usize = 256;
+/// At most one list_changed per kind per this interval per session.
+const LIST_CHANGED_EVERY: Duration = Duration::from_millis(100);
+
+/// A notification waiting for a session's writer.
+pub(super) enum Outbound {
+    Log(LoggingMessageNotificationParam),
+    Updated(ResourceUpdatedNotificationParam),
+    ListChanged(ListKind),
+}
+
+/// What a session's caller is shown, recomputed when the catalog or the policy changes.
+#[derive(Default)]
+pub(super) struct View {
+    /// Fingerprint of what the caller is shown, per list kind.
+    pub lists: [u64; 3],
+    /// Servers with at least one entry the caller may see: their logs may reach it.
+    pub servers: HashSet<Arc<str>>,
+}
+
+pub(super) struct Session {
+    pub id: u64,
+    pub caller: Caller,
+    pub peer: Peer<RoleServer>,
+    queue: mpsc::Sender<Outbound>,
+    /// The level set by this session's `logging/setLevel`; `None` = no logs forwarded.
+    level: Mutex<Option<LoggingLevel>>,
+    pub view: Mutex<View>,
+    /// A list_changed of that kind is queued and not yet sent (coalescing).
+    pending: [AtomicBool; 3],
+    /// Cancelled when the session is removed: stops its writer.
+    closed: CancellationToken,
+}
+
+impl Session {
+    /// The owner key of connections opened for this session (`isolation = "session"`).
+    pub fn owner_key(id: u64) -> String {
+        format!("session:{id}")
+    }
+
+    pub fn level(&self) -> Option<LoggingLevel> {
+        self.level.lock().ok().and_then(|l| *l)
+    }
+
+    pub fn set_level(&self, level: LoggingLevel) {
+        if let Ok(mut l) = self.level.lock() {
+            *l = Some(level);
+        }
+    }
+
+    /// Does a log message at `level` pass this session's own filter?
+    pub fn wants_log(&self, level: LoggingLevel) -> bool {
+        self.level().is_some_and(|min| rank(level) >= rank(min))
+    }
+
+    pub fn sees_server(&self, server: &str) -> bool {
+        self.view.lock().is_ok_and(|v| v.servers.contains(server))
+    }
+
+    /// Queue a message without waiting; false if the queue is full (the message is dropped).
+    fn offer(&self, m: Outbound) -> bool {
+        self.queue.try_send(m).is_ok()
+    }
+}
+
+/// Severity order of MCP log levels (RFC 5424 names, debug lowest).
+pub(super) fn rank(l: LoggingLevel) -> u8 {
+    match l {
+        LoggingLevel::Debug => 0,
+        LoggingLevel::Info => 1,
+        LoggingLevel::Notice => 2,
+        LoggingLevel::Warning => 3,
+        LoggingLevel::Error => 4,
+        LoggingLevel::Critical => 5,
+        LoggingLevel::Alert => 6,
+        LoggingLevel::Emergency => 7,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(
+        "mcp-broker session limit reached: {0} sessions are open (broker.max_sessions); close one or retry later"
+    )]
+    Total(usize),
+    #[error(
+        "mcp-broker session limit reached: `{sub}` already has {max} sessions open (broker.max_sessions_per_subject); close one or retry later"
+    )]
+    Subject { sub: String, max: usize },
+}
+
+/// Every open downstream session.
+#[derive(Default)]
+pub(super) struct Sessions {
+    map: DashMap<u64, Arc<Session>>,
+    /// Open sessions per subject; the lock also makes check-then-insert atomic for the caps.
+    per_subject: Mutex<std::collections::HashMap<String, usize>>,
+    next: AtomicU64,
+    /// Notifications dropped because a session's queue was full.
+    pub dropped: AtomicU64,
+}
+
+impl Sessions {
+    /// Register a session, within the caps; starts its writer.
+    pub fn open(
+        &self,
+        peer: Peer<RoleServer>,
+        caller: Caller,
+        view: View,
+        max_total: usize,
+        max_per_subject: usize,
+    ) -> Result<Arc<Session>, SessionError> {
+        let mut per = self.per_subject.lock().unwrap_or_else(|p| p.into_inner());
+        if self.map.len() >= max_total {
+            return Err(SessionError::Total(max_total));
+        }
+        let count = per.entry(caller.sub.clone()).or_default();
+        if *count >= max_per_subject {
+            return Err(SessionError::Subject {
+                sub: caller.sub.clone(),
+                max: max_per_subject,
+            });
+        }
+        *count += 1;
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let s = Arc::new(Session {
+            id,
+            caller,
+            peer,
+            queue: tx,
+            level: Mutex::new(None),
+            view: Mutex::new(view),
+            pending: Default::default(),
+            closed: CancellationToken::new(),
+        });
+        self.map.insert(id, s.clone());
+        drop(per);
+        tokio::spawn(write(s.clone(), rx));
+        Ok(s)
+    }
+
+    /// Forget a session and stop its writer. Returns it if it was registered.
+    pub fn remove(&self, id: u64) -> Option<Arc<Session>> {
+        let (_, s) = self.map.remove(&id)?;
+        s.closed.cancel();
+        let mut per = self.per_subject.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per.get_mut(&s.caller.sub) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per.remove(&s.caller.sub);
+            }
+        }
+        Some(s)
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<Session>> {
+        self.map.get(&id).map(|s| s.clone())
+    }
+
+    /// A snapshot of every registered session.
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.map.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// Entries held (open or not yet found closed).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Ids of sessions whose transport is closed (for the sweeper).
+    pub fn closed(&self) -> Vec<u64> {
+        self.map
+            .iter()
+            .filter(|e| e.value().peer.is_transport_closed())
+            .map(|e| *e.key())
+            .collect()
+    }
+
+    /// Queue `m` for `s`; a full queue drops it and counts the drop.
+    pub fn send(&self, s: &Session, m: Outbound) {
+        if !s.offer(m) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Queue a list_changed of `kind` unless one is already waiting (coalesced).
+    pub fn list_changed(&self, s: &Session, kind: ListKind) {
+        let i = kind_index(kind);
+        if s.pending[i].swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if !s.offer(Outbound::ListChanged(kind)) {
+            s.pending[i].store(false, Ordering::Release);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+pub(super) fn kind_index(k: ListKind) -> usize {
+    match k {
+        ListKind::Tools => 0,
+        ListKind::Prompts => 1,
+        ListKind::Resources => 2,
+    }
+}
+
+/// A session's writer: sends its queue in order; waits only on this session's client.
+async fn write(s: Arc<Session>, mut rx: mpsc::Receiver<Outbound>) {
+    let mut last_list: [Option<Instant>; 3] = [None; 3];
+    loop {
+        let m = tokio::select! {
+            _ = s.closed.cancelled() => return,
+            m = rx.recv() => match m { Some(m) => m, None => return },
+        };
+        let sent = async {
+            match m {
+                Outbound::Log(p) => s.peer.notify_logging_message(p).await,
+                Outbound::Updated(p) => s.peer.notify_resource_updated(p).await,
+                Outbound::ListChanged(kind) => {
+                    let i = kind_index(kind);
+                    if let Some(t) = last_list[i] {
+                        tokio::time::sleep_until((t + LIST_CHANGED_EVERY).into()).await;
+                    }
+                    // Changes that arrive from here on queue another notification.
+                    s.pending[i].store(false, Ordering::Release);
+                    last_list[i] = Some(Instant::now());
+                    match kind {
+                        ListKind::Tools => s.peer.notify_tool_list_changed().await,
+                        ListKind::Prompts => s.peer.notify_prompt_list_changed().await,
+                        ListKind::Resources => s.peer.notify_resource_list_changed().await,
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = s.closed.cancelled() => return,
+            r = sent => if r.is_err() && s.peer.is_transport_closed() { return },
+        }
+    }
+}

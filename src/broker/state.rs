@@ -1,0 +1,89 @@
+//! What a configuration reload replaces at once: servers, namespaces, policy, credentials, limits.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::catalog::Namespace;
+use crate::config::{Config, Isolation};
+use crate::credentials::Credentials;
+use crate::limits::Concurrency;
+use crate::policy::{Policy, PolicyError, RegoPolicy};
+use crate::upstream::Upstream;
+
+use super::BrokerError;
+
+/// Requests take a snapshot (`Arc`) and use it throughout, so a reload never changes the rules
+/// under a request in flight.
+pub(super) struct State {
+    pub config: Arc<Config>,
+    /// In config order.
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub namespaces: Vec<Namespace>,
+    pub policy: Policy,
+    pub credentials: Arc<Credentials>,
+    /// Per-server caps on calls in flight (`max_concurrent`).
+    pub concurrency: HashMap<Arc<str>, Arc<Concurrency>>,
+}
+
+impl State {
+    /// The state for `config`; servers whose configuration is unchanged from `old` keep their
+    /// [`Upstream`] (and so their connections, children and concurrency slots).
+    pub fn build(config: Arc<Config>, old: Option<&State>) -> Result<Self, BrokerError> {
+        let policy = build_policy(&config)?;
+        let credentials = match old {
+            Some(o) if o.config.credentials_fingerprint == config.credentials_fingerprint => {
+                o.credentials.clone()
+            }
+            _ => Arc::new(Credentials::new(&config)?),
+        };
+        let mut upstreams = Vec::with_capacity(config.servers.len());
+        let mut concurrency = HashMap::new();
+        for s in &config.servers {
+            // Connections per owner (caller or session) rather than one shared connection.
+            let per_owner = s.isolation != Isolation::Shared;
+            let kept = old.and_then(|o| {
+                o.upstream(&s.name)
+                    .filter(|u| u.config.fingerprint == s.fingerprint && u.per_caller == per_owner)
+                    .map(|u| (u.clone(), o.concurrency.get(&u.name).cloned()))
+            });
+            let (up, slots) = match kept {
+                Some((u, slots)) => (u, slots),
+                None => (Upstream::new(s.clone(), per_owner)?, None),
+            };
+            if let Some(max) = s.max_concurrent {
+                let slots = slots.unwrap_or_else(|| Arc::new(Concurrency::new(max)));
+                concurrency.insert(up.name.clone(), slots);
+            }
+            upstreams.push(up);
+        }
+        Ok(Self {
+            namespaces: Namespace::from_config(&config),
+            config,
+            upstreams,
+            policy,
+            credentials,
+            concurrency,
+        })
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| u.name.as_ref() == name)
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, Default)]
+pub struct ReloadSummary {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+}
+
+/// The rules plus, when configured, the Rego policy (loaded and checked here).
+pub fn build_policy(config: &Config) -> Result<Policy, PolicyError> {
+    let p = Policy::new(config.policy.clone(), config.auth.is_some());
+    Ok(match &config.rego {
+        Some(r) => p.with_rego(RegoPolicy::load(r)?),
+        None => p,
+    })
+}
