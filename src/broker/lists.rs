@@ -149,7 +149,7 @@ impl Broker {
 
     /// Before a list: wait for upstreams still starting, and for per-caller servers no caller has
     /// listed yet, connect with this caller's credential so the catalog can show their items.
-    pub(super) async fn prepare_list(&self, caller: &Caller) {
+    pub(super) async fn prepare_list(&self, caller: &Caller, session: Option<u64>) {
         let wait = self.config().broker.startup_wait;
         if self.started.elapsed() < wait && !self.upstreams().iter().all(|u| u.attempted()) {
             self.wait_started(wait).await;
@@ -157,7 +157,7 @@ impl Broker {
         let st = self.state();
         let mut listed = false;
         for up in st.upstreams.iter().filter(|u| u.per_caller && !u.listed()) {
-            let owner = format!("sub:{}", caller.sub);
+            let owner = Self::owner_for(up, caller, session);
             match tokio::time::timeout(
                 up.config.connect_timeout,
                 self.connection_for(&st, up, caller, &owner, None),
@@ -268,7 +268,7 @@ impl Broker {
     /// The exposed tool names `caller` may see, after connecting per-caller servers for it (for
     /// `mcp-broker tools --token`; not audited).
     pub async fn visible_tools(&self, caller: &Caller) -> HashSet<String> {
-        self.prepare_list(caller).await;
+        self.prepare_list(caller, None).await;
         let st = self.state();
         self.catalog()
             .tools

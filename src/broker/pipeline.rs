@@ -168,10 +168,14 @@ impl Broker {
             let server = self.resolve(&st, &mut op).map(|t| t.server).ok();
             return Err(self.refused(rec, server.as_deref().unwrap_or_default(), r));
         }
+        // A name asked for while upstreams are still starting may belong to one of them.
+        if op.forwards() && !self.upstreams().iter().all(|u| u.attempted()) {
+            self.wait_started(st.config.broker.startup_wait).await;
+        }
         let target = match &mut op {
             Op::List(which) => {
                 let which = *which;
-                self.prepare_list(caller).await;
+                self.prepare_list(caller, down.session).await;
                 return Ok(Reply::Listed(self.listed(caller, which, rec)));
             }
             Op::SetLevel(level) => return self.set_level(&st, caller, *level, down, rec).await,

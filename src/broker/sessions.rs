@@ -26,7 +26,7 @@ use crate::auth::Caller;
 use crate::upstream::ListKind;
 
 /// Messages a session's queue holds before new ones are dropped.
-const QUEUE: usize = 256;
+const QUEUE: usize = 1024;
 /// At most one list_changed per kind per this interval per session.
 const LIST_CHANGED_EVERY: Duration = Duration::from_millis(100);
 
