@@ -410,9 +410,14 @@ def test_a_session_that_stops_reading_never_delays_another(tmp_path):
                                    ("everything__trigger-sampling-request", {"prompt": "p", "maxTokens": 5}),
                                    (EV_ECHO, {"message": "t-echo-2"})):
                     t0 = time.monotonic()
-                    with anyio.fail_after(10):
+                    key = f"{name}#{len(timings)}"
+                    r = None
+                    with anyio.move_on_after(5):
                         r = await t.call_tool(name, args)
-                    timings[f"{name}#{len(timings)}"] = time.monotonic() - t0
+                    timings[key] = time.monotonic() - t0
+                    if r is None:
+                        timings[key] = float("inf")  # no answer within 5 s
+                        return
                     assert not r.is_error, H.dump(r)
                     if "sampling" in name:
                         assert "core-v2-sampled" in str(H.dump(r)), H.dump(r)
@@ -421,7 +426,8 @@ def test_a_session_that_stops_reading_never_delays_another(tmp_path):
 
         anyio.run(t_session)
         slow = {k: round(v, 3) for k, v in timings.items() if v >= 1.0}
-        assert not slow, f"session T was delayed by S's full stream: {timings}"
+        assert len(timings) == 3 and not slow, \
+            f"session T was delayed while S did not read its stream (seconds per call, inf = no answer in 5 s): {timings}"
         dropped = C.metric_sum(O.scrape(b.base), "mcp_broker_notifications_dropped_total")
         assert dropped is not None, "mcp_broker_notifications_dropped_total is not in /metrics"
         assert dropped > 0, f"{sent} large log messages for a session that never reads, yet nothing was dropped"
