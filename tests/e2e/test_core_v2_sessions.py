@@ -66,17 +66,25 @@ def test_closed_sessions_are_freed(tmp_path):
         open_close_sessions(b.url, 1000, caps)
         first = time.monotonic() - t0
 
-        def entries():
-            v = C.metric_sum(O.scrape(b.base), "mcp_broker_session_entries")
-            assert v is not None, "mcp_broker_session_entries is not in /metrics"
-            return v
-        try:
-            H.poll_until(lambda: entries() == 0, 5, "mcp_broker_session_entries to reach 0")
-        except TimeoutError:
-            raise AssertionError(f"after 1,000 closed sessions the registry holds {entries()} entries") from None
+        assert C.metric_sum(O.scrape(b.base), "mcp_broker_session_entries") is not None, \
+            "the gauge mcp_broker_session_entries is not in /metrics"
+
+        def registry_empty(round_no: int) -> None:
+            left = None
+
+            def empty():
+                nonlocal left
+                left = C.metric_sum(O.scrape(b.base), "mcp_broker_session_entries")
+                return left == 0
+            try:
+                H.poll_until(empty, 5, "mcp_broker_session_entries to reach 0")
+            except TimeoutError:
+                raise AssertionError(f"5 s after round {round_no} of 1,000 closed sessions the registry still holds "
+                                     f"{left} entries") from None
+        registry_empty(1)
         rss1 = C.vm_rss_kb(b.proc.pid)
         open_close_sessions(b.url, 1000, caps)
-        H.poll_until(lambda: entries() == 0, 5, "mcp_broker_session_entries to reach 0 after round 2")
+        registry_empty(2)
         rss2 = C.vm_rss_kb(b.proc.pid)
         assert rss2 - rss1 <= 3 * 1024, \
             f"VmRSS grew by {(rss2 - rss1) / 1024:.1f} MB over a second round of 1,000 closed sessions " \
@@ -320,11 +328,20 @@ def data_uri(text: str) -> str:
     return "data:text/plain;base64," + base64.b64encode(text.encode()).decode()
 
 
+def assert_coalesced(listener: C.SseListener) -> None:
+    """At most one list_changed per kind per 100 ms (10 ms of slack for scheduling)."""
+    for kind in LIST_CHANGED:
+        ts = listener.times(kind)
+        gaps = [round(y - x, 3) for x, y in zip(ts, ts[1:])]
+        assert all(g >= 0.09 for g in gaps), f"{listener.name}'s {kind} are not coalesced (gaps in s: {gaps})"
+
+
 def test_list_changed_only_when_the_sessions_own_view_changed(tmp_path):
-    """bob sees only the ledger. (a) server-everything changes its resource list (gzip-file-as-resource registers a
-    resource): alice gets resources/list_changed, bob nothing. (b) server-everything's child is killed and restarts:
+    """bob sees only the ledger. (a) server-everything changes its resource list five times in quick succession
+    (gzip-file-as-resource registers a resource each time): alice gets resources/list_changed, coalesced to at most
+    one per 100 ms, bob nothing. (b) server-everything's child is killed and restarts:
     bob gets no list_changed. (c) a reload adds `everything2` (hidden from bob): alice gets tools/list_changed, bob
-    nothing; alice's notifications of one kind are at least 100 ms apart (coalesced)."""
+    nothing; alice's notifications of one kind are at least 100 ms apart throughout."""
     C.require(H.LEDGER_BIN)
     minter = O.Minter()
     b = None
@@ -341,14 +358,16 @@ def test_list_changed_only_when_the_sessions_own_view_changed(tmp_path):
             for s in (sa, sb):
                 s.request("tools/list", {})
                 s.request("resources/list", {})
-            # (a) the upstream's own list changes
-            r = C.call(sa, "everything__gzip-file-as-resource",
-                       {"name": f"core-v2-{uuid.uuid4().hex[:6]}.txt.gz", "data": data_uri("core v2 " * 50)})["result"]
-            assert not r.get("isError"), r
+            # (a) the upstream's own list changes, five times in quick succession
+            for i in range(5):
+                r = C.call(sa, "everything__gzip-file-as-resource",
+                           {"name": f"core-v2-{i}-{uuid.uuid4().hex[:6]}.txt.gz", "data": data_uri("core v2 " * 50)})
+                assert not r["result"].get("isError"), r
             H.poll_until(lambda: "notifications/resources/list_changed" in list_changed(la), 10,
                          "alice's resources/list_changed after server-everything registered a resource")
             C.hold_for(1.0, lambda: bool(list_changed(lb)))
             assert not list_changed(lb), f"(a) bob, who cannot see server-everything, was told {list_changed(lb)}"
+            assert_coalesced(la)
 
             # (b) server-everything restarts
             restarts0 = O.scrape(b.base).get("mcp_broker_upstream_restarts_total", server="everything")
@@ -374,10 +393,52 @@ def test_list_changed_only_when_the_sessions_own_view_changed(tmp_path):
                          30, "everything2's tools for alice")
             C.hold_for(1.0, lambda: bool(list_changed(lb)))
             assert not list_changed(lb), f"(c) bob was told {list_changed(lb)} when a hidden server was added"
-            for kind in LIST_CHANGED:
-                ts = la.times(kind)
-                gaps = [round(y - x, 3) for x, y in zip(ts, ts[1:])]
-                assert all(g >= 0.09 for g in gaps), f"alice's {kind} not coalesced (gaps in s: {gaps})"
+            assert_coalesced(la)
+        finally:
+            for x in (la, lb):
+                x.stop()
+            sa.close()
+            sb.close()
+    finally:
+        if b:
+            b.stop()
+        minter.stop()
+
+
+def test_a_restart_with_an_unchanged_list_notifies_nobody(tmp_path):
+    """Items 8 and 12 together: a killed stdio server stays listed while it is down, so when server-everything's
+    child is killed and comes back with the same tools, no session's view changed: neither alice (who sees it) nor
+    bob (who does not) gets a list_changed, and alice's tools/list is the same before and after."""
+    C.require(H.LEDGER_BIN)
+    minter = O.Minter()
+    b = None
+    policies = [{**C.BOB_ONLY_LEDGER[0], "servers": ["everything*"]}, C.BOB_ONLY_LEDGER[1]]
+    try:
+        b = H.start_broker(tmp_path, {"everything": C.everything(), "ledger": C.ledger()}, name="broker-restart-quiet",
+                           auth=minter.auth_config(), policies=policies)
+        alice, bob = minter.token(b, "alice"), minter.token(b, "bob")
+        H.wait_for_tools(b.url, ["everything__echo", "ledger__list_accounts"], 30, headers=H.bearer(alice))
+        sa, sb = C.open_session(b.url, alice), C.open_session(b.url, bob)
+        la, lb = C.SseListener(sa, "alice"), C.SseListener(sb, "bob")
+        try:
+            before = sorted(t["name"] for t in sa.request("tools/list", {})["result"]["tools"])
+            sb.request("tools/list", {})
+            restarts0 = O.scrape(b.base).get("mcp_broker_upstream_restarts_total", server="everything")
+            kids = C.children_matching(b.proc.pid, "mcp-server-everything")
+            assert kids, "no server-everything child"
+            for k in kids:
+                C.kill_pid(k)
+            H.poll_until(lambda: O.scrape(b.base).get("mcp_broker_upstream_restarts_total", server="everything")
+                         > restarts0 and O.scrape(b.base).get("mcp_broker_upstream_up", server="everything") == 1,
+                         30, "server-everything to restart")
+            H.poll_until(lambda: not C.call(sa, "everything__echo", {"message": "back"})["result"].get("isError"),
+                         30, "server-everything to answer again")
+            C.hold_for(1.0, lambda: bool(list_changed(la) or list_changed(lb)))
+            after = sorted(t["name"] for t in sa.request("tools/list", {})["result"]["tools"])
+            assert after == before, f"alice's tools differ after the restart: {set(before) ^ set(after)}"
+            assert not list_changed(lb), f"bob was told {list_changed(lb)} when server-everything restarted"
+            assert not list_changed(la), \
+                f"alice was told {list_changed(la)} although her list is the same before and after the restart"
         finally:
             for x in (la, lb):
                 x.stop()
