@@ -206,3 +206,22 @@ def kill_pid(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def req(s: H.RawSession, listener: SseListener | None, method: str, params: dict | None = None) -> dict:
+    """A request over a raw session; notifications the broker put on this request's own SSE response (rather than on
+    the GET stream) are added to `listener`, so a test counts them wherever the broker chose to send them."""
+    r, rid = s.post(method, params)
+    assert r.status_code == 200, f"{method}: HTTP {r.status_code} {r.text[:300]}"
+    msgs = H.sse_or_json_messages(r)
+    if listener is not None:
+        now = time.monotonic()
+        listener.messages.extend((now, m) for m in msgs if "method" in m and "id" not in m)
+    for m in msgs:
+        if m.get("id") == rid and ("result" in m or "error" in m):
+            return m
+    raise AssertionError(f"no response to {method} in: {r.text[:1000]}")
+
+
+def tool(s: H.RawSession, listener: SseListener | None, name: str, args: dict | None = None) -> dict:
+    return req(s, listener, "tools/call", {"name": name, "arguments": args or {}})

@@ -249,7 +249,7 @@ def test_session_isolation_stops_the_child_when_the_session_closes(tmp_path):
             H.poll_until(lambda: not (kids() & mine), 10, "the closed session's child to stop")
         except TimeoutError:
             raise AssertionError(f"the closed session's child {mine} is still running") from None
-        assert kids() == before, (before, kids())
+        assert not (kids() - before), f"children left after the session closed: {kids() - before}"
     finally:
         b.stop()
 
@@ -303,11 +303,20 @@ def test_sessions_per_subject_are_capped(tmp_path):
             text = r.text
         assert "session limit" in text, f"the refusal does not say `session limit`: {text[:300]}"
         opened.append(C.open_session(b.url, bob))
-        opened[0].close()
-        opened.append(C.open_session(b.url, alice))
+        opened.pop(0).close()
+
+        def reopen():
+            s = H.RawSession(b.url, alice)
+            opened.append(s)
+            r = s.client.post(b.url, headers=s.headers(session=False), json=H.init_body())
+            return r.status_code == 200 and "result" in H.final_response(r, 1)
+        H.poll_until(reopen, 5, "alice to open a session again after closing one")
     finally:
         for s in opened:
-            s.close()
+            try:
+                s.close()
+            except Exception:  # noqa: BLE001 - a refused session has nothing to close
+                pass
         if b:
             b.stop()
         minter.stop()
