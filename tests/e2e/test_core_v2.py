@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import math
 import signal
-import threading
 import time
-from pathlib import Path
 
 import anyio
 import pytest
