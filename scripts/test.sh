@@ -31,6 +31,9 @@ NPM_PKGS=(
   "oidc-provider@9.13.3"
   "jose@6.2.17"
   "mcp-remote@0.15.1"
+  "@modelcontextprotocol/server-memory@2026.8.31"
+  "@modelcontextprotocol/server-sequential-thinking@2026.8.31"
+  "@modelcontextprotocol/server-filesystem@2026.8.31"
 )
 PY_PKGS=(
   "mcp==2.3.0"
@@ -45,7 +48,7 @@ export HARNESS_DIR="${HARNESS_DIR:-$ROOT/target/harness}"
 mkdir -p "$HARNESS_DIR"
 HARNESS_DIR="$(cd "$HARNESS_DIR" && pwd)"
 STAMP="$HARNESS_DIR/.stamp"
-WANT_STAMP="v3 npm:${NPM_PKGS[*]} py:${PY_PKGS[*]}"
+WANT_STAMP="v4 npm:${NPM_PKGS[*]} py:${PY_PKGS[*]}"
 
 log() { printf '\n== %s\n' "$*" >&2; }
 
@@ -71,6 +74,9 @@ install_harness() {
     "$HARNESS_DIR/node_modules/oidc-provider/package.json"
     "$HARNESS_DIR/node_modules/jose/package.json"
     "$HARNESS_DIR/node_modules/.bin/mcp-remote"
+    "$HARNESS_DIR/node_modules/.bin/mcp-server-memory"
+    "$HARNESS_DIR/node_modules/.bin/mcp-server-sequential-thinking"
+    "$HARNESS_DIR/node_modules/.bin/mcp-server-filesystem"
   )
   for f in "${need[@]}"; do
     [[ -e "$f" ]] || { echo "test.sh: harness install incomplete, missing $f" >&2; exit 1; }
