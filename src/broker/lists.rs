@@ -265,6 +265,12 @@ impl Broker {
         Some(d)
     }
 
+    /// A fingerprint per list kind (tools, prompts, resources) of what `caller` is shown: a 2026-07-28
+    /// `subscriptions/listen` stream announces a change only when its caller's own view changed.
+    pub fn list_view(&self, caller: &Caller) -> [u64; 3] {
+        self.view_of(&self.state(), &self.catalog(), caller).lists
+    }
+
     /// The exposed tool names `caller` may see, after connecting per-caller servers for it (for
     /// `mcp-broker tools --token`; not audited).
     pub async fn visible_tools(&self, caller: &Caller) -> HashSet<String> {

@@ -315,24 +315,34 @@ impl ServerHandler for Front {
     }
 
     async fn listen(&self, ctx: SubscriptionContext) -> Result<(), ErrorData> {
+        // Announce a change only where this caller's own view changed (a change hidden from it is
+        // not its business).
+        let caller = caller_of(ctx.request_context());
+        let mut seen = self.broker.list_view(&caller);
         let mut changes = self.broker.subscribe_changes();
         loop {
             tokio::select! {
                 _ = ctx.cancelled() => return Ok(()),
                 ev = changes.recv() => {
-                    let sent = match ev {
-                        Ok(ListKind::Tools) => ctx.sink().notify_tool_list_changed().await,
-                        Ok(ListKind::Prompts) => ctx.sink().notify_prompt_list_changed().await,
-                        Ok(ListKind::Resources) => ctx.sink().notify_resource_list_changed().await,
-                        // Missed some: say everything changed, the client re-lists.
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            ctx.sink().notify_tool_list_changed().await
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
-                    };
-                    if sent.is_err() {
+                    if let Err(tokio::sync::broadcast::error::RecvError::Closed) = ev {
                         return Ok(());
                     }
+                    // A lagged receiver re-checks everything, like any other change.
+                    let view = self.broker.list_view(&caller);
+                    for (i, kind) in [ListKind::Tools, ListKind::Prompts, ListKind::Resources].into_iter().enumerate() {
+                        if view[i] == seen[i] {
+                            continue;
+                        }
+                        let sent = match kind {
+                            ListKind::Tools => ctx.sink().notify_tool_list_changed().await,
+                            ListKind::Prompts => ctx.sink().notify_prompt_list_changed().await,
+                            ListKind::Resources => ctx.sink().notify_resource_list_changed().await,
+                        };
+                        if sent.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    seen = view;
                 }
             }
         }
