@@ -1273,7 +1273,10 @@ impl Ctx<'_> {
                     backticked(m).unwrap_or_default(),
                     rest.split_once(", ").map_or("", |(_, e)| e)
                 ),
-                None => format!("`{store}` is a {kind} store: {m}"),
+                None => match m.strip_prefix("missing field ") {
+                    Some(key) => format!("`{store}` is a {kind} store: it needs {key}"),
+                    None => format!("`{store}` is a {kind} store: {m}"),
+                },
             })
         };
         let rest = toml::Value::Table(rest);
@@ -1833,7 +1836,7 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains("`idp` is a token_exchange store: missing field `audience`"),
+            e.contains("`idp` is a token_exchange store: it needs `audience`"),
             "{e}"
         );
         let e = parse(&format!(

@@ -399,42 +399,20 @@ impl Ctx<'_> {
         raw: &Spanned<KeyedTable>,
         tag: &str,
     ) -> Result<(V, S), ConfigError> {
-        let entries = &raw.get_ref().0;
-        let line_of = |key: &str| {
-            let span = entries
-                .iter()
-                .find(|(k, _)| k.get_ref() == key)
-                .map_or(raw.span(), |(k, _)| k.span());
-            line_col(self.text, span.start).0
+        let at = Place {
+            ctx: self,
+            table,
+            raw,
         };
-        let at = |key: &str, line: usize, message: String| ConfigError::Invalid {
-            path: self.path.to_path_buf(),
-            line,
-            key: format!("{}.{key}", table.join(".")),
-            message,
-        };
-        let variants = serde_names::<V>();
-        let listed = |names: &[&str]| {
-            names
-                .iter()
-                .map(|n| format!("`{n}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let shared = serde_names::<S>();
-        let mut own = toml::Table::new();
-        let mut common = toml::Table::new();
-        let mut variant = None;
-        for (k, v) in entries {
+        let (variants, shared) = (serde_names::<V>(), serde_names::<S>());
+        let (mut own, mut common, mut variant) = (toml::Table::new(), toml::Table::new(), None);
+        for (k, v) in &raw.get_ref().0 {
             let k = k.get_ref();
             if k == tag {
-                variant = Some(v.as_str().ok_or_else(|| {
-                    at(
-                        tag,
-                        line_of(tag),
-                        format!("must be one of {}", listed(variants)),
-                    )
-                })?);
+                let name = v
+                    .as_str()
+                    .ok_or_else(|| at.error(tag, format!("must be one of {}", listed(variants))))?;
+                variant = Some(name);
             } else if shared.contains(&k.as_str()) {
                 common.insert(k.clone(), v.clone());
             } else {
@@ -442,51 +420,25 @@ impl Ctx<'_> {
             }
         }
         let Some(variant) = variant else {
-            return Err(at(
-                tag,
-                line_of(""),
-                format!("missing: give one of {}", listed(variants)),
-            ));
+            return Err(at.error(tag, format!("missing: give one of {}", listed(variants))));
         };
-        let keys_of = |e: &serde_path_to_error::Error<toml::de::Error>| -> Vec<String> {
-            e.path()
-                .iter()
-                .filter_map(|s| match s {
-                    serde_path_to_error::Segment::Map { key } => Some(key.clone()),
-                    serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
-                    _ => None,
-                })
-                .collect()
-        };
-        let value = toml::Value::Table(toml::Table::from_iter([(
-            variant.to_string(),
-            toml::Value::Table(own),
-        )]));
-        let own: V = serde_path_to_error::deserialize(value).map_err(|e| {
-            let keys = keys_of(&e);
-            let message = e.inner().message();
-            if keys.is_empty() {
+        // Externally tagged (`{ stdio = { ... } }`) so serde picks the variant and the path names the key.
+        let value = toml::Table::from_iter([(variant.to_string(), toml::Value::Table(own))]);
+        let own = typed::<V>(value).map_err(|(keys, message)| {
+            let Some(key) = keys.first() else {
                 if message.starts_with("unknown variant") {
-                    return at(
-                        tag,
-                        line_of(tag),
-                        format!(
-                            "\"{variant}\" is not a {tag}; use one of {}",
-                            listed(variants)
-                        ),
+                    let m = format!(
+                        "\"{variant}\" is not a {tag}; use one of {}",
+                        listed(variants)
                     );
+                    return at.error(tag, m);
                 }
-                let missing = backticked(message).unwrap_or_default();
-                return at(
-                    missing,
-                    line_of(""),
-                    format!("{tag} \"{variant}\" needs `{missing}`"),
-                );
-            }
-            let key = &keys[0];
+                let missing = backticked(&message).unwrap_or_default();
+                return at.error(missing, format!("{tag} \"{variant}\" needs `{missing}`"));
+            };
             let message = match message.strip_prefix("unknown field ") {
                 // An unknown key of the variant itself (not one inside a value of it).
-                Some(rest) if keys.len() == 1 && backticked(message) == Some(key) => {
+                Some(rest) if keys.len() == 1 && backticked(&message) == Some(key) => {
                     let expected = rest.split_once(", ").map_or("", |(_, e)| e);
                     let also = if shared.is_empty() {
                         String::new()
@@ -495,20 +447,62 @@ impl Ctx<'_> {
                     };
                     format!("`{key}` does not apply to {tag} \"{variant}\"; {expected}{also}")
                 }
-                _ => message.to_string(),
+                _ => message,
             };
-            at(&keys.join("."), line_of(key), message)
+            at.error(&keys.join("."), message)
         })?;
-        let common: S =
-            serde_path_to_error::deserialize(toml::Value::Table(common)).map_err(|e| {
-                let keys = keys_of(&e);
-                let key = keys.first().map_or("", String::as_str);
-                at(
-                    &keys.join("."),
-                    line_of(key),
-                    e.inner().message().to_string(),
-                )
-            })?;
+        let common = typed::<S>(common).map_err(|(keys, m)| at.error(&keys.join("."), m))?;
         Ok((own, common))
     }
+}
+
+/// A [`KeyedTable`] being typed, to place its errors: the dotted key and the line of its first part.
+struct Place<'a, 'c> {
+    ctx: &'a Ctx<'c>,
+    table: &'a [&'a str],
+    raw: &'a Spanned<KeyedTable>,
+}
+
+impl Place<'_, '_> {
+    fn error(&self, key: &str, message: String) -> ConfigError {
+        let first = key.split('.').next().unwrap_or_default();
+        let span = self
+            .raw
+            .get_ref()
+            .0
+            .iter()
+            .find(|(k, _)| k.get_ref() == first)
+            .map_or(self.raw.span(), |(k, _)| k.span());
+        ConfigError::Invalid {
+            path: self.ctx.path.to_path_buf(),
+            line: line_col(self.ctx.text, span.start).0,
+            key: format!("{}.{key}", self.table.join(".")),
+            message,
+        }
+    }
+}
+
+/// Deserialize `table` as `T`; an error comes with the keys that lead to it and serde's message.
+fn typed<T: serde::de::DeserializeOwned>(table: toml::Table) -> Result<T, (Vec<String>, String)> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let keys = e
+            .path()
+            .iter()
+            .filter_map(|s| match s {
+                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                _ => None,
+            })
+            .collect();
+        (keys, e.inner().message().to_string())
+    })
+}
+
+/// `` `a`, `b`, `c` ``
+fn listed(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
