@@ -1,48 +1,31 @@
 //! Wiring: load config, build the broker, run a front, drain in order on shutdown.
+//!
+//! [`run`] is the HTTP broker as a library call (a listener in, a shutdown future in), so tests serve it
+//! in-process; the subcommand functions (`serve`, `stdio`, `check`, `tools`) are what `cli` calls.
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rmcp::ServiceExt;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::Audit;
 use crate::auth::Authenticator;
 use crate::broker::Broker;
-use crate::cli::Command;
 use crate::config::Config;
 use crate::front::{http, mcp::Front};
-
-pub async fn run(command: Command) -> ExitCode {
-    let result = match command {
-        Command::Check { config, stdio } => check(&config, stdio),
-        Command::Serve {
-            config,
-            insecure_no_auth,
-        } => serve(&config, insecure_no_auth).await,
-        Command::Stdio { config } => stdio(&config).await,
-        Command::Tools {
-            config,
-            json,
-            token,
-        } => tools(&config, json, token.as_deref()).await,
-        Command::Audit(args) => crate::audit_query::run(&args),
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("mcp-broker: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
 
 fn load(path: &std::path::Path) -> anyhow::Result<Arc<Config>> {
     Ok(Arc::new(Config::load(path)?))
 }
 
-fn check(path: &std::path::Path, for_stdio: bool) -> anyhow::Result<ExitCode> {
+/// `mcp-broker check`: validate the configuration (and compile its Rego policy).
+pub fn check(path: &std::path::Path, for_stdio: bool) -> anyhow::Result<ExitCode> {
     let config = load(path)?;
     // The Rego policy file is part of the configuration: compile it too.
     crate::broker::build_policy(&config)?;
@@ -181,8 +164,10 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result<ExitCode> {
-    let mut config = load(path)?;
+/// `mcp-broker serve`: check the listen address is safe to expose, bind it, announce the URL on stdout
+/// (tests and scripts read that line), and [`run`] until ctrl-c or SIGTERM.
+pub async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result<ExitCode> {
+    let config = load(path)?;
     let listen = config.broker.listen;
     if !listen.ip().is_loopback() && config.auth.is_none() {
         if !insecure_no_auth {
@@ -197,19 +182,47 @@ async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let options = ServeOptions {
+        config_path: Some(path.to_path_buf()),
+        on_ready: Some(Box::new(|addr| {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "mcp-broker listening on http://{addr}/mcp");
+            let _ = out.flush();
+        })),
+    };
+    run(config, listener, shutdown_signal(), options).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What [`run`] needs besides the configuration, the listener and the shutdown trigger.
+#[derive(Default)]
+pub struct ServeOptions {
+    /// The file the configuration came from: reloaded on SIGHUP and (with `watch_config`) when it
+    /// changes. `None` (in-process tests) = no reloads.
+    pub config_path: Option<PathBuf>,
+    /// Called with the bound address once everything is built and requests are about to be served:
+    /// the CLI announces the URL here, so a failed start never looks like a started broker.
+    pub on_ready: Option<Box<dyn FnOnce(SocketAddr) + Send>>,
+}
+
+/// Serve `config` on `listener` until `shutdown` resolves, then drain in order.
+///
+/// Builds the broker and starts its upstreams, serves `/mcp` and the ops routes (`/metrics`,
+/// `/healthz`, `/readyz`; on `[broker] metrics_listen` instead, when set), and on shutdown: stops
+/// accepting, lets calls in flight finish up to `drain_timeout` (then cancels them, audited), ends the
+/// sessions, stops the upstreams (no child outlives this) and flushes the audit trail. The caller
+/// chooses the trigger: a signal for the CLI, a channel for a test.
+pub async fn run(
+    config: Arc<Config>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    options: ServeOptions,
+) -> anyhow::Result<()> {
+    // Reloads compare against the file as written, before the port-0 fix-up below.
+    let initial = config.clone();
     let addr = listener.local_addr()?;
-    if config.broker.public_url.port() == Some(0) {
-        // `listen` on port 0 (tests): the default public URL names the port actually bound.
-        let mut c = (*config).clone();
-        let old = c.broker.public_url.to_string();
-        c.broker.public_url = url::Url::parse(&format!("http://{addr}/mcp"))?;
-        if let Some(a) = c.auth.as_mut()
-            && a.audience == old
-        {
-            a.audience = c.broker.public_url.to_string();
-        }
-        config = Arc::new(c);
-    }
+    let config = with_bound_port(config, addr)?;
     // The writer task outlives nothing that matters: `flush` at the end waits for every record.
     let (audit, _writer) = Audit::start(&config.audit)?;
     let broker = Broker::new(config.clone(), audit.clone())?;
@@ -219,7 +232,7 @@ async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result
             if !addr.ip().is_loopback() {
                 tracing::warn!(%addr, "metrics_listen is not a loopback address: /metrics is served without a token");
             }
-            let l = tokio::net::TcpListener::bind(addr)
+            let l = TcpListener::bind(addr)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (metrics_listen): {e}"))?;
             tracing::info!(addr = %l.local_addr()?, "serving /metrics, /healthz and /readyz");
@@ -228,8 +241,9 @@ async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result
         }
         None => None,
     };
-    let initial = load(path)?;
-    let reloads = tokio::spawn(watch_reloads(path.to_path_buf(), initial, broker.clone()));
+    let reloads = options
+        .config_path
+        .map(|path| tokio::spawn(watch_reloads(path, initial, broker.clone())));
     let sessions = CancellationToken::new();
     let auth = match &config.auth {
         Some(a) => Some(Arc::new(Authenticator::new(a.clone())?)),
@@ -237,11 +251,8 @@ async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result
     };
     let posts = http::Posts::default();
     let app = http::router(broker.clone(), auth, sessions.clone(), posts.clone());
-    {
-        use std::io::Write;
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "mcp-broker listening on http://{addr}/mcp");
-        let _ = out.flush();
+    if let Some(ready) = options.on_ready {
+        ready(addr);
     }
     tracing::info!(%addr, public_url = %config.broker.public_url, servers = config.servers.len(), "serving");
     let stop = CancellationToken::new();
@@ -249,8 +260,10 @@ async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result
     let server = tokio::spawn(http::serve(listener, app, async move {
         stop_rx.cancelled().await
     }));
-    shutdown_signal().await;
-    reloads.abort();
+    shutdown.await;
+    if let Some(r) = reloads {
+        r.abort();
+    }
     // Drain: stop accepting connections and new calls, let calls in flight finish up to the
     // deadline, then cancel the rest (audited); end sessions (their SSE streams would hold the
     // server open); stop upstreams so no child outlives the broker; flush the audit trail.
@@ -277,10 +290,28 @@ async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Result
     broker.shutdown().await;
     audit.flush(Duration::from_secs(5)).await;
     tracing::info!(cancelled, "stopped");
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
-async fn stdio(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+/// `listen` on port 0 (tests): the default public URL (and the audience derived from it) names the
+/// port actually bound.
+fn with_bound_port(config: Arc<Config>, addr: SocketAddr) -> anyhow::Result<Arc<Config>> {
+    if config.broker.public_url.port() != Some(0) {
+        return Ok(config);
+    }
+    let mut c = (*config).clone();
+    let old = c.broker.public_url.to_string();
+    c.broker.public_url = url::Url::parse(&format!("http://{addr}/mcp"))?;
+    if let Some(a) = c.auth.as_mut()
+        && a.audience == old
+    {
+        a.audience = c.broker.public_url.to_string();
+    }
+    Ok(Arc::new(c))
+}
+
+/// `mcp-broker stdio`: serve one MCP session over stdin/stdout.
+pub async fn stdio(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = load(path)?;
     refuse_stdout_audit(path, &config)?;
     // The writer task outlives nothing that matters: `flush` at the end waits for every record.
@@ -313,7 +344,8 @@ async fn stdio(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn tools(
+/// `mcp-broker tools`: connect to every upstream and print the namespaced catalog.
+pub async fn tools(
     path: &std::path::Path,
     json: bool,
     token: Option<&str>,

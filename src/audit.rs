@@ -157,7 +157,14 @@ impl Audit {
     }
 
     fn submit(&self, record: Record) {
-        metrics::global().audit_record(&record);
+        metrics::global().audit_record(&metrics::Finished {
+            kind: record.kind,
+            server: record.server.as_deref(),
+            name: &record.name,
+            outcome: record.outcome.as_str(),
+            latency_ms: record.latency_ms,
+            upstream_ms: record.upstream_ms,
+        });
         match self.tx.try_send(Msg::Record(Box::new(record))) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => metrics::global().audit_dropped(),

@@ -6,8 +6,41 @@ use std::process::ExitCode;
 
 use serde_json::Value;
 
-use crate::cli::AuditArgs;
 use crate::config::Config;
+
+/// The `audit` subcommand's arguments: defined here, where they are used, so `cli` only parses them.
+#[derive(clap::Args, Debug)]
+pub struct AuditArgs {
+    /// The audit file; defaults to `[audit] file` of the configuration.
+    #[arg(long, short)]
+    pub file: Option<PathBuf>,
+    #[arg(long, short, default_value = "servers.toml")]
+    pub config: PathBuf,
+    /// Only this subject.
+    #[arg(long)]
+    pub sub: Option<String>,
+    /// Only this tool (or prompt/resource) name, exposed or upstream; `*` globs allowed.
+    #[arg(long)]
+    pub tool: Option<String>,
+    /// Only this server.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Only records newer than this (`90s`, `15m`, `1h`, `2d`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only denied or rate-limited requests.
+    #[arg(long)]
+    pub denied: bool,
+    /// Only this outcome (ok, tool_error, error, timeout, cancelled, denied, rate_limited).
+    #[arg(long)]
+    pub outcome: Option<String>,
+    /// Print the matching records as JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Show at most the last N matching records.
+    #[arg(long)]
+    pub last: Option<usize>,
+}
 
 pub fn run(args: &AuditArgs) -> anyhow::Result<ExitCode> {
     let file = match &args.file {

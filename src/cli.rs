@@ -1,8 +1,12 @@
-//! Command-line surface: parse arguments, set up logging, hand over to [`crate::app`].
+//! Command-line surface: parse arguments, set up logging, call [`crate::app`] (or
+//! [`crate::audit_query`]) with plain values. Nothing imports this module back: `app` owns the run.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::app;
+use crate::audit_query::AuditArgs;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -56,39 +60,6 @@ pub enum Command {
     Audit(AuditArgs),
 }
 
-#[derive(clap::Args, Debug)]
-pub struct AuditArgs {
-    /// The audit file; defaults to `[audit] file` of the configuration.
-    #[arg(long, short)]
-    pub file: Option<PathBuf>,
-    #[arg(long, short, default_value = "servers.toml")]
-    pub config: PathBuf,
-    /// Only this subject.
-    #[arg(long)]
-    pub sub: Option<String>,
-    /// Only this tool (or prompt/resource) name, exposed or upstream; `*` globs allowed.
-    #[arg(long)]
-    pub tool: Option<String>,
-    /// Only this server.
-    #[arg(long)]
-    pub server: Option<String>,
-    /// Only records newer than this (`90s`, `15m`, `1h`, `2d`).
-    #[arg(long)]
-    pub since: Option<String>,
-    /// Only denied or rate-limited requests.
-    #[arg(long)]
-    pub denied: bool,
-    /// Only this outcome (ok, tool_error, error, timeout, cancelled, denied, rate_limited).
-    #[arg(long)]
-    pub outcome: Option<String>,
-    /// Print the matching records as JSON lines instead of a table.
-    #[arg(long)]
-    pub json: bool,
-    /// Show at most the last N matching records.
-    #[arg(long)]
-    pub last: Option<usize>,
-}
-
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -109,7 +80,26 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let code = rt.block_on(crate::app::run(cli.command));
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Check { config, stdio } => app::check(&config, stdio),
+            Command::Serve {
+                config,
+                insecure_no_auth,
+            } => app::serve(&config, insecure_no_auth).await,
+            Command::Stdio { config } => app::stdio(&config).await,
+            Command::Tools {
+                config,
+                json,
+                token,
+            } => app::tools(&config, json, token.as_deref()).await,
+            Command::Audit(args) => crate::audit_query::run(&args),
+        }
+    });
+    let code = result.unwrap_or_else(|e| {
+        eprintln!("mcp-broker: {e:#}");
+        std::process::ExitCode::FAILURE
+    });
     // Do not wait for blocking tasks: under `stdio`, one is parked in a read of stdin that cannot
     // be cancelled, and would keep the process alive after a SIGTERM until the client closes stdin.
     // Everything that matters (the audit trail) is flushed before `run` returns.

@@ -1,7 +1,11 @@
 //! `servers.toml` → a validated [`Config`].
 //!
-//! Two stages, as in agentgateway: raw serde types (`Raw*`, `deny_unknown_fields` everywhere) are the
-//! user's surface; [`Config::parse`] normalises them into the internal types the rest of the broker uses.
+//! Two stages, as in agentgateway: raw serde types (`Raw*` in the `raw` submodule, `deny_unknown_fields`
+//! everywhere) are the user's surface; [`Config::parse`] normalises them into the internal types the
+//! rest of the broker uses.
+//! Where the keys a table takes depend on one of its values, the raw type is an enum with one variant per
+//! value (a server's `transport`, a store's `kind`, a vault `login`'s `method`, the shape of
+//! `upstream_auth`), so a key that does not apply cannot be written rather than being checked by hand.
 //! Every error names the file, the line and the key, so `mcp-broker check` output can be acted on.
 
 use std::collections::BTreeMap;
@@ -13,6 +17,10 @@ use std::time::Duration;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use indexmap::IndexMap;
 use serde::Deserialize;
+use toml::Spanned;
+
+mod raw;
+use raw::*;
 
 /// Environment variables a stdio child gets from the broker when `inherit_env` is not set.
 pub const DEFAULT_INHERIT_ENV: &[&str] = &["PATH", "HOME", "LANG", "TMPDIR"];
@@ -430,214 +438,6 @@ impl NameFilter {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Raw, user-facing types.
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    broker: RawBroker,
-    audit: Option<RawAudit>,
-    limits: Option<RawLimits>,
-    #[serde(default)]
-    servers: IndexMap<String, RawServer>,
-    auth: Option<RawAuth>,
-    #[serde(default)]
-    policy: Vec<RawPolicy>,
-    policy_engine: Option<RawPolicyEngine>,
-    #[serde(default)]
-    credentials: IndexMap<String, RawCredentialStore>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAudit {
-    file: Option<String>,
-    stdout: Option<bool>,
-    arguments: Option<String>,
-    max_file_size: Option<String>,
-    keep_files: Option<usize>,
-    queue: Option<usize>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLimits {
-    per_caller: Option<RawRateLimit>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRateLimit {
-    rate: String,
-    burst: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawToolLimits {
-    timeout: Option<String>,
-    rate_limit: Option<RawRateLimit>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawCredentialStore {
-    kind: String,
-    // token_exchange
-    token_endpoint: Option<String>,
-    client_id: Option<String>,
-    client_secret: Option<String>,
-    auth_method: Option<String>,
-    actor: Option<String>,
-    // vault
-    address: Option<String>,
-    kv_version: Option<u8>,
-    login: Option<RawVaultLogin>,
-    cache_ttl: Option<String>,
-    namespace: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawVaultLogin {
-    method: String,
-    token: Option<String>,
-    role_id: Option<String>,
-    secret_id: Option<String>,
-    mount: Option<String>,
-    role: Option<String>,
-    exchange: Option<RawVaultExchange>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawVaultExchange {
-    #[serde(rename = "use")]
-    use_: String,
-    audience: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawUpstreamAuth {
-    #[serde(rename = "use")]
-    use_: Option<String>,
-    kind: Option<String>,
-    // exchange
-    audience: Option<String>,
-    scopes: Option<Vec<String>>,
-    tool_scopes: Option<BTreeMap<String, Vec<String>>>,
-    ttl: Option<String>,
-    // vault
-    path: Option<String>,
-    field: Option<String>,
-    // targets (vault, static)
-    header: Option<String>,
-    format: Option<String>,
-    value: Option<String>,
-    env: Option<toml::Value>,
-    // chain
-    first: Option<Vec<RawUpstreamAuth>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPolicyEngine {
-    rego: String,
-    query: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAuth {
-    issuer: String,
-    jwks_uri: Option<String>,
-    audience: Option<String>,
-    #[serde(default)]
-    required_scopes: Vec<String>,
-    #[serde(default)]
-    scopes_supported: Vec<String>,
-    introspection: Option<RawIntrospection>,
-    group_claims: Option<Vec<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawIntrospection {
-    endpoint: String,
-    client_id: String,
-    client_secret: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPolicy {
-    servers: Option<Vec<String>>,
-    tools: Option<Vec<String>>,
-    prompts: Option<Vec<String>>,
-    resources: Option<Vec<String>>,
-    #[serde(default)]
-    require_scopes: Vec<String>,
-    #[serde(default)]
-    claims: BTreeMap<String, String>,
-    effect: Option<String>,
-    message: Option<String>,
-    #[serde(default)]
-    step_up: bool,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawBroker {
-    listen: Option<String>,
-    public_url: Option<String>,
-    separator: Option<String>,
-    session_idle_timeout: Option<String>,
-    max_request_body: Option<usize>,
-    metrics_listen: Option<String>,
-    drain_timeout: Option<String>,
-    watch_config: Option<bool>,
-    startup_wait: Option<String>,
-    max_sessions: Option<usize>,
-    max_sessions_per_subject: Option<usize>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawServer {
-    transport: String,
-    command: Option<String>,
-    args: Option<Vec<String>>,
-    env: Option<BTreeMap<String, String>>,
-    cwd: Option<String>,
-    inherit_env: Option<Vec<String>>,
-    url: Option<String>,
-    headers: Option<BTreeMap<String, String>>,
-    prefix: Option<String>,
-    tools: Option<RawFilter>,
-    timeout: Option<String>,
-    connect_timeout: Option<String>,
-    upstream_auth: Option<RawUpstreamAuth>,
-    isolation: Option<Isolation>,
-    max_subjects: Option<usize>,
-    subject_idle_timeout: Option<String>,
-    required: Option<bool>,
-    rate_limit: Option<RawRateLimit>,
-    max_concurrent: Option<usize>,
-    tool_limits: Option<BTreeMap<String, RawToolLimits>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFilter {
-    #[serde(default)]
-    include: Vec<String>,
-    #[serde(default)]
-    exclude: Vec<String>,
-}
-
-// ---------------------------------------------------------------------------------------------
 
 impl Config {
     /// Read and validate a config file.
@@ -673,7 +473,7 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from("."));
         let mut credentials = IndexMap::new();
         for (name, c) in raw.credentials {
-            let store = ctx.credential_store(&name, c)?;
+            let store = ctx.credential_store(&name, &c)?;
             credentials.insert(name, store);
         }
         for (name, c) in &credentials {
@@ -704,7 +504,7 @@ impl Config {
         let servers_doc = doc.get("servers").and_then(|v| v.as_table());
         let mut servers = Vec::with_capacity(raw.servers.len());
         for (name, s) in raw.servers {
-            let mut server = ctx.server(&name, s, &base, &credentials)?;
+            let mut server = ctx.server(&name, &s, &base, &credentials)?;
             let own = servers_doc
                 .and_then(|t| t.get(&name))
                 .map(|v| toml::to_string(v).unwrap_or_default())
@@ -954,7 +754,7 @@ impl Ctx<'_> {
     fn server(
         &self,
         name: &str,
-        raw: RawServer,
+        raw: &Spanned<KeyedTable>,
         base: &Path,
         stores: &IndexMap<String, CredentialStore>,
     ) -> Result<ServerConfig, ConfigError> {
@@ -966,102 +766,40 @@ impl Ctx<'_> {
                 "server names are 1-32 characters of A-Z a-z 0-9 _ -".into(),
             ));
         }
-        let only = |key: &str, present: bool, transport: &str| -> Result<(), ConfigError> {
-            if present {
-                Err(self.invalid(
-                    t,
-                    key,
-                    format!("`{key}` does not apply to transport \"{transport}\""),
-                ))
-            } else {
-                Ok(())
-            }
-        };
-        let transport = match raw.transport.as_str() {
-            "stdio" => {
-                only("url", raw.url.is_some(), "stdio")?;
-                only("headers", raw.headers.is_some(), "stdio")?;
-                let command = raw.command.ok_or_else(|| {
-                    self.invalid(t, "command", "stdio servers need a `command`".into())
-                })?;
-                let command = self.expand(t, "command", &command)?;
-                let args = raw
-                    .args
+        let (transport, raw): (RawTransport, RawServer) = self.tagged(t, raw, "transport")?;
+        let transport = match transport {
+            RawTransport::Stdio {
+                command,
+                args,
+                env,
+                cwd,
+                inherit_env,
+            } => TransportConfig::Stdio {
+                command: self.expand(t, "command", &command)?,
+                args: args
                     .unwrap_or_default()
                     .iter()
                     .map(|a| self.expand(t, "args", a))
-                    .collect::<Result<_, _>>()?;
-                let env = raw
-                    .env
+                    .collect::<Result<_, _>>()?,
+                env: env
                     .unwrap_or_default()
                     .into_iter()
                     .map(|(k, v)| Ok((k, Secret::new(self.expand(t, "env", &v)?))))
-                    .collect::<Result<_, _>>()?;
-                let cwd = match raw.cwd {
+                    .collect::<Result<_, _>>()?,
+                cwd: match cwd {
                     Some(c) => base.join(self.expand(t, "cwd", &c)?),
                     None => base.to_path_buf(),
-                };
-                let inherit_env = raw
-                    .inherit_env
-                    .unwrap_or_else(|| DEFAULT_INHERIT_ENV.iter().map(|s| s.to_string()).collect());
-                TransportConfig::Stdio {
-                    command,
-                    args,
-                    env,
-                    cwd,
-                    inherit_env,
-                }
+                },
+                inherit_env: inherit_env
+                    .unwrap_or_else(|| DEFAULT_INHERIT_ENV.iter().map(|s| s.to_string()).collect()),
+            },
+            RawTransport::Http { url, headers } => {
+                let (url, headers) = self.remote(t, &url, headers)?;
+                TransportConfig::Http { url, headers }
             }
-            kind @ ("sse" | "http") => {
-                for (key, present) in [
-                    ("command", raw.command.is_some()),
-                    ("args", raw.args.is_some()),
-                    ("env", raw.env.is_some()),
-                    ("cwd", raw.cwd.is_some()),
-                    ("inherit_env", raw.inherit_env.is_some()),
-                ] {
-                    only(key, present, kind)?;
-                }
-                let url_s = raw.url.ok_or_else(|| {
-                    self.invalid(t, "url", format!("{kind} servers need a `url`"))
-                })?;
-                let url_s = self.expand(t, "url", &url_s)?;
-                let url = url::Url::parse(&url_s)
-                    .map_err(|e| self.invalid(t, "url", format!("\"{url_s}\": {e}")))?;
-                if !matches!(url.scheme(), "http" | "https") {
-                    return Err(self.invalid(t, "url", "must be an http or https URL".into()));
-                }
-                let mut headers = Vec::new();
-                for (k, v) in raw.headers.unwrap_or_default() {
-                    if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
-                        return Err(self.invalid(
-                            t,
-                            "headers",
-                            format!("`{k}` is not a header name"),
-                        ));
-                    }
-                    let v = self.expand(t, "headers", &v)?;
-                    if http::HeaderValue::from_str(&v).is_err() {
-                        return Err(self.invalid(
-                            t,
-                            "headers",
-                            format!("the value of `{k}` is not a valid header value"),
-                        ));
-                    }
-                    headers.push((k, Secret::new(v)));
-                }
-                if kind == "sse" {
-                    TransportConfig::Sse { url, headers }
-                } else {
-                    TransportConfig::Http { url, headers }
-                }
-            }
-            other => {
-                return Err(self.invalid(
-                    t,
-                    "transport",
-                    format!("\"{other}\" is not a transport; use \"stdio\", \"sse\" or \"http\""),
-                ));
+            RawTransport::Sse { url, headers } => {
+                let (url, headers) = self.remote(t, &url, headers)?;
+                TransportConfig::Sse { url, headers }
             }
         };
         let prefix = raw.prefix.unwrap_or_else(|| name.to_string());
@@ -1158,6 +896,37 @@ impl Ctx<'_> {
             tool_limits,
             fingerprint: String::new(),
         })
+    }
+
+    /// The `url` and `headers` of an http or sse server.
+    fn remote(
+        &self,
+        t: &[&str],
+        url: &str,
+        headers: Option<BTreeMap<String, String>>,
+    ) -> Result<(url::Url, Vec<(String, Secret)>), ConfigError> {
+        let url_s = self.expand(t, "url", url)?;
+        let url = url::Url::parse(&url_s)
+            .map_err(|e| self.invalid(t, "url", format!("\"{url_s}\": {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(self.invalid(t, "url", "must be an http or https URL".into()));
+        }
+        let mut out = Vec::new();
+        for (k, v) in headers.unwrap_or_default() {
+            if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
+                return Err(self.invalid(t, "headers", format!("`{k}` is not a header name")));
+            }
+            let v = self.expand(t, "headers", &v)?;
+            if http::HeaderValue::from_str(&v).is_err() {
+                return Err(self.invalid(
+                    t,
+                    "headers",
+                    format!("the value of `{k}` is not a valid header value"),
+                ));
+            }
+            out.push((k, Secret::new(v)));
+        }
+        Ok((url, out))
     }
 
     /// `{ rate = "10/s", burst = 20 }`; `burst` defaults to one second's worth (at least 1).
@@ -1289,16 +1058,13 @@ impl Ctx<'_> {
     fn credential_store(
         &self,
         name: &str,
-        raw: RawCredentialStore,
+        raw: &Spanned<KeyedTable>,
     ) -> Result<CredentialStore, ConfigError> {
         let t = &["credentials", name];
-        let need = |key: &str, v: Option<String>| -> Result<String, ConfigError> {
-            let v = v.ok_or_else(|| {
-                self.invalid(t, key, format!("`{key}` is required for this kind"))
-            })?;
-            self.expand(t, key, &v)
-        };
-        let url = |key: &str, v: String| -> Result<url::Url, ConfigError> {
+        let (raw, NoSharedKeys {}) =
+            self.tagged::<RawCredentialStore, NoSharedKeys>(t, raw, "kind")?;
+        let url = |key: &str, v: &str| -> Result<url::Url, ConfigError> {
+            let v = self.expand(t, key, v)?;
             let u =
                 url::Url::parse(&v).map_err(|e| self.invalid(t, key, format!("\"{v}\": {e}")))?;
             if !matches!(u.scheme(), "http" | "https") {
@@ -1306,24 +1072,15 @@ impl Ctx<'_> {
             }
             Ok(u)
         };
-        match raw.kind.as_str() {
-            "token_exchange" => {
-                for (k, present) in [
-                    ("address", raw.address.is_some()),
-                    ("kv_version", raw.kv_version.is_some()),
-                    ("login", raw.login.is_some()),
-                    ("cache_ttl", raw.cache_ttl.is_some()),
-                    ("namespace", raw.namespace.is_some()),
-                ] {
-                    if present {
-                        return Err(self.invalid(
-                            t,
-                            k,
-                            format!("`{k}` does not apply to kind \"token_exchange\""),
-                        ));
-                    }
-                }
-                let secret_in_body = match raw.auth_method.as_deref() {
+        match raw {
+            RawCredentialStore::TokenExchange {
+                token_endpoint,
+                client_id,
+                client_secret,
+                auth_method,
+                actor,
+            } => {
+                let secret_in_body = match auth_method.as_deref() {
                     None | Some("client_secret_basic") => false,
                     Some("client_secret_post") => true,
                     Some(o) => {
@@ -1336,7 +1093,7 @@ impl Ctx<'_> {
                         ));
                     }
                 };
-                let actor = match raw.actor.as_deref() {
+                let actor = match actor.as_deref() {
                     None => false,
                     Some("client_credentials") => true,
                     Some(o) => {
@@ -1348,93 +1105,64 @@ impl Ctx<'_> {
                     }
                 };
                 Ok(CredentialStore::TokenExchange(ExchangeConfig {
-                    token_endpoint: url(
-                        "token_endpoint",
-                        need("token_endpoint", raw.token_endpoint)?,
-                    )?,
-                    client_id: need("client_id", raw.client_id)?,
-                    client_secret: Secret::new(need("client_secret", raw.client_secret)?),
+                    token_endpoint: url("token_endpoint", &token_endpoint)?,
+                    client_id: self.expand(t, "client_id", &client_id)?,
+                    client_secret: Secret::new(self.expand(t, "client_secret", &client_secret)?),
                     secret_in_body,
                     actor,
                 }))
             }
-            "vault" => {
-                for (k, present) in [
-                    ("token_endpoint", raw.token_endpoint.is_some()),
-                    ("client_id", raw.client_id.is_some()),
-                    ("client_secret", raw.client_secret.is_some()),
-                    ("auth_method", raw.auth_method.is_some()),
-                    ("actor", raw.actor.is_some()),
-                ] {
-                    if present {
-                        return Err(self.invalid(
-                            t,
-                            k,
-                            format!("`{k}` does not apply to kind \"vault\""),
-                        ));
-                    }
-                }
-                let kv_version = raw.kv_version.unwrap_or(2);
+            RawCredentialStore::Vault {
+                address,
+                kv_version,
+                login,
+                cache_ttl,
+                namespace,
+            } => {
+                let kv_version = kv_version.unwrap_or(2);
                 if !matches!(kv_version, 1 | 2) {
                     return Err(self.invalid(t, "kv_version", "must be 1 or 2".into()));
                 }
-                let l = raw.login.ok_or_else(|| {
-                    self.invalid(t, "login", "a vault store needs `login`".into())
-                })?;
-                let lneed = |key: &str, v: Option<String>| -> Result<String, ConfigError> {
-                    let v = v.ok_or_else(|| {
-                        self.invalid(
-                            t,
-                            "login",
-                            format!("login method \"{}\" needs `{key}`", l.method),
-                        )
-                    })?;
-                    self.expand(t, "login", &v)
-                };
-                let login = match l.method.as_str() {
-                    "token" => VaultLogin::Token(Secret::new(lneed("token", l.token.clone())?)),
-                    "approle" => VaultLogin::AppRole {
-                        mount: l.mount.clone().unwrap_or_else(|| "approle".into()),
-                        role_id: lneed("role_id", l.role_id.clone())?,
-                        secret_id: Secret::new(lneed("secret_id", l.secret_id.clone())?),
+                let secret = |v: &str| self.expand(t, "login", v).map(Secret::new);
+                let login = match login {
+                    RawVaultLogin::Token { token } => VaultLogin::Token(secret(&token)?),
+                    RawVaultLogin::AppRole {
+                        mount,
+                        role_id,
+                        secret_id,
+                    } => VaultLogin::AppRole {
+                        mount: mount.unwrap_or_else(|| "approle".into()),
+                        role_id: self.expand(t, "login", &role_id)?,
+                        secret_id: secret(&secret_id)?,
                     },
-                    "jwt" => {
-                        let ex = l.exchange.as_ref().ok_or_else(|| {
+                    RawVaultLogin::Jwt {
+                        mount,
+                        role,
+                        exchange,
+                    } => {
+                        let ex = exchange.ok_or_else(|| {
                             self.invalid(t, "login", "login method \"jwt\" needs `exchange = { use = \"<token_exchange store>\", audience = \"<vault role's bound audience>\" }`: the caller's own token is never sent to Vault".into())
                         })?;
                         VaultLogin::Jwt {
-                            mount: l.mount.clone().unwrap_or_else(|| "jwt".into()),
-                            role: lneed("role", l.role.clone())?,
-                            exchange: ex.use_.clone(),
-                            audience: ex.audience.clone(),
+                            mount: mount.unwrap_or_else(|| "jwt".into()),
+                            role: self.expand(t, "login", &role)?,
+                            exchange: ex.use_,
+                            audience: ex.audience,
                         }
                     }
-                    o => {
-                        return Err(self.invalid(t, "login", format!("\"{o}\" is not a login method; use \"token\", \"approle\" or \"jwt\"")));
-                    }
                 };
-                let namespace = match raw.namespace {
+                let namespace = match namespace {
                     Some(n) => Some(self.expand(t, "namespace", &n)?),
                     None => None,
                 };
                 Ok(CredentialStore::Vault(VaultConfig {
-                    address: url("address", need("address", raw.address)?)?,
+                    address: url("address", &address)?,
                     kv_version,
                     login,
-                    cache_ttl: self.duration(
-                        t,
-                        "cache_ttl",
-                        raw.cache_ttl,
-                        Duration::from_secs(60),
-                    )?,
+                    cache_ttl: self.duration(t, "cache_ttl", cache_ttl, Duration::from_secs(60))?,
                     namespace,
                 }))
             }
-            o => Err(self.invalid(
-                t,
-                "kind",
-                format!("\"{o}\" is not a credential kind; use \"token_exchange\" or \"vault\""),
-            )),
         }
     }
 
@@ -1448,20 +1176,6 @@ impl Ctx<'_> {
     ) -> Result<UpstreamAuth, ConfigError> {
         let key = "upstream_auth";
         let bad = |m: String| self.invalid(t, key, m);
-        if let Some(first) = raw.first {
-            if depth > 0 {
-                return Err(bad("`first` chains cannot be nested".into()));
-            }
-            if first.is_empty() {
-                return Err(bad("`first` needs at least one entry".into()));
-            }
-            return Ok(UpstreamAuth::First(
-                first
-                    .into_iter()
-                    .map(|a| self.upstream_auth(t, a, stdio, stores, depth + 1))
-                    .collect::<Result<_, _>>()?,
-            ));
-        }
         let target = |header: Option<String>,
                       format: Option<String>,
                       env: Option<&toml::Value>|
@@ -1504,62 +1218,73 @@ impl Ctx<'_> {
                 }),
             }
         };
-        if raw.kind.as_deref() == Some("static") {
-            if raw.use_.is_some() {
-                return Err(bad(
-                    "give `use = \"<store>\"` or `kind = \"static\"`, not both".into(),
+        let (store, rest) = match raw {
+            RawUpstreamAuth::First(first) => {
+                if depth > 0 {
+                    return Err(bad("`first` chains cannot be nested".into()));
+                }
+                if first.is_empty() {
+                    return Err(bad("`first` needs at least one entry".into()));
+                }
+                return Ok(UpstreamAuth::First(
+                    first
+                        .into_iter()
+                        .map(|a| self.upstream_auth(t, a, stdio, stores, depth + 1))
+                        .collect::<Result<_, _>>()?,
                 ));
             }
-            // Either one `value` (into `header` or a single `env` name), or an `env` table of values.
-            if let Some(toml::Value::Table(tbl)) = &raw.env {
-                if raw.value.is_some() || raw.header.is_some() {
-                    return Err(bad(
-                        "an `env` table carries its own values; drop `value`/`header`".into(),
-                    ));
+            RawUpstreamAuth::Static(s) => {
+                // Either one `value` (into `header` or a single `env` name), or an `env` table of values.
+                if let Some(toml::Value::Table(tbl)) = &s.env {
+                    if s.value.is_some() || s.header.is_some() {
+                        return Err(bad(
+                            "an `env` table carries its own values; drop `value`/`header`".into(),
+                        ));
+                    }
+                    let mut out = Vec::new();
+                    for (k, v) in tbl {
+                        let v = v
+                            .as_str()
+                            .ok_or_else(|| bad(format!("env `{k}` must be a string")))?;
+                        out.push((
+                            SecretTarget::Env(k.clone()),
+                            Secret::new(self.expand(t, key, v)?),
+                        ));
+                    }
+                    return Ok(UpstreamAuth::Static(out));
                 }
-                let mut out = Vec::new();
-                for (k, v) in tbl {
-                    let v = v
-                        .as_str()
-                        .ok_or_else(|| bad(format!("env `{k}` must be a string")))?;
-                    out.push((
-                        SecretTarget::Env(k.clone()),
-                        Secret::new(self.expand(t, key, v)?),
-                    ));
-                }
-                return Ok(UpstreamAuth::Static(out));
+                let value = s.value.ok_or_else(|| {
+                    bad("a static credential needs `value` (or an `env` table)".into())
+                })?;
+                let target = target(s.header, s.format, s.env.as_ref())?;
+                return Ok(UpstreamAuth::Static(vec![(
+                    target,
+                    Secret::new(self.expand(t, key, &value)?),
+                )]));
             }
-            let value = raw.value.ok_or_else(|| {
-                bad("a static credential needs `value` (or an `env` table)".into())
-            })?;
-            let target = target(raw.header, raw.format, raw.env.as_ref())?;
-            return Ok(UpstreamAuth::Static(vec![(
-                target,
-                Secret::new(self.expand(t, key, &value)?),
-            )]));
-        }
-        if let Some(k) = &raw.kind {
-            return Err(bad(format!(
-                "\"{k}\" is not a kind here; use `kind = \"static\"` or `use = \"<store>\"`"
-            )));
-        }
-        let store = raw.use_.ok_or_else(|| {
-            bad(
-                "needs `use = \"<credentials store>\"`, `kind = \"static\"` or `first = [...]`"
-                    .into(),
-            )
-        })?;
+            RawUpstreamAuth::Store { store, rest } => (store, rest),
+        };
+        // The keys besides `use` are those of the store's kind.
+        let keys_of = |kind: &str, e: toml::de::Error| {
+            let m = e.message();
+            bad(match m.strip_prefix("unknown field ") {
+                Some(rest) => format!(
+                    "`{}` does not apply to `{store}`, a {kind} store; {}",
+                    backticked(m).unwrap_or_default(),
+                    rest.split_once(", ").map_or("", |(_, e)| e)
+                ),
+                None => match m.strip_prefix("missing field ") {
+                    Some(key) => format!("`{store}` is a {kind} store: it needs {key}"),
+                    None => format!("`{store}` is a {kind} store: {m}"),
+                },
+            })
+        };
+        let rest = toml::Value::Table(rest);
         match stores.get(&store) {
             None => Err(bad(format!("no [credentials.{store}] is configured"))),
             Some(CredentialStore::TokenExchange(_)) => {
-                if raw.path.is_some() || raw.field.is_some() || raw.value.is_some() {
-                    return Err(bad(format!(
-                        "`{store}` is a token_exchange store: `path`, `field` and `value` do not apply"
-                    )));
-                }
-                let audience = raw.audience.ok_or_else(|| {
-                    bad("a token exchange needs `audience` (the upstream's resource URI)".into())
-                })?;
+                let raw =
+                    RawExchangeAuth::deserialize(rest).map_err(|e| keys_of("token_exchange", e))?;
                 let ttl = match raw.ttl {
                     Some(v) => Some(
                         parse_duration(&v)
@@ -1568,34 +1293,24 @@ impl Ctx<'_> {
                     None => None,
                 };
                 Ok(UpstreamAuth::Exchange {
+                    audience: self.expand(t, key, &raw.audience)?,
                     client: store,
-                    audience: self.expand(t, key, &audience)?,
                     scopes: raw.scopes.unwrap_or_default(),
                     tool_scopes: raw.tool_scopes.unwrap_or_default(),
                     ttl,
                 })
             }
             Some(CredentialStore::Vault(_)) => {
-                if raw.audience.is_some()
-                    || raw.scopes.is_some()
-                    || raw.tool_scopes.is_some()
-                    || raw.ttl.is_some()
-                {
+                let raw = RawVaultAuth::deserialize(rest).map_err(|e| keys_of("vault", e))?;
+                if raw.path.starts_with('/') || raw.path.split('/').any(|seg| seg == "..") {
                     return Err(bad(format!(
-                        "`{store}` is a vault store: `audience`, `scopes`, `tool_scopes` and `ttl` do not apply"
-                    )));
-                }
-                let path = raw.path.ok_or_else(|| {
-                    bad("a vault credential needs `path` (the API path after /v1/)".into())
-                })?;
-                if path.starts_with('/') || path.split('/').any(|seg| seg == "..") {
-                    return Err(bad(format!(
-                        "path \"{path}\" must be relative to /v1/ and contain no `..`"
+                        "path \"{}\" must be relative to /v1/ and contain no `..`",
+                        raw.path
                     )));
                 }
                 Ok(UpstreamAuth::Vault {
                     store,
-                    path,
+                    path: raw.path,
                     field: raw.field.unwrap_or_else(|| "token".into()),
                     target: target(raw.header, raw.format, raw.env.as_ref())?,
                 })
@@ -1991,5 +1706,163 @@ mod tests {
         assert!(!s.tools.admits("delete_account"));
         assert!(parse_duration("1h") == Some(Duration::from_secs(3600)));
         assert!(parse_duration("abc").is_none());
+    }
+
+    #[test]
+    fn a_key_of_another_transport_is_named_with_what_applies() {
+        let e = parse("[servers.web]\ntransport = \"http\"\nurl = \"http://x\"\ncwd = \"/tmp\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("conf/servers.toml:4: `servers.web.cwd`: `cwd` does not apply to transport \"http\"; expected `url` or `headers`, or a key every transport takes: `prefix`"),
+            "{e}"
+        );
+        // the same key written before `transport`, and in an inline table
+        let e =
+            parse("[servers.web]\nenv = { A = \"b\" }\ntransport = \"sse\"\nurl = \"http://x\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.starts_with(
+                "conf/servers.toml:2: `servers.web.env`: `env` does not apply to transport \"sse\""
+            ),
+            "{e}"
+        );
+        let e = parse("[servers]\nweb = { transport = \"http\", url = \"http://x\", args = [] }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("conf/servers.toml:2: `servers.web.args`: `args` does not apply"),
+            "{e}"
+        );
+        // and a stdio server needs its own keys
+        let e = parse("[servers.a]\ntransport = \"stdio\"\nargs = []\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "conf/servers.toml:1: `servers.a.command`: transport \"stdio\" needs `command`"
+        );
+    }
+
+    #[test]
+    fn an_unknown_transport_lists_the_transports() {
+        let e = parse("[servers.web]\ntransport = \"carrier-pigeon\"\ncommand = \"y\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "conf/servers.toml:2: `servers.web.transport`: \"carrier-pigeon\" is not a transport; use one of `stdio`, `http`, `sse`"
+        );
+        let e = parse("[servers.web]\ncommand = \"y\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "conf/servers.toml:1: `servers.web.transport`: missing: give one of `stdio`, `http`, `sse`"
+        );
+        let e = parse("[credentials.v]\nkind = \"kms\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "conf/servers.toml:2: `credentials.v.kind`: \"kms\" is not a kind; use one of `token_exchange`, `vault`"
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_inside_a_variant_names_its_line() {
+        let e = parse("[servers.a]\ntransport = \"stdio\"\ncommand = \"x\"\nargs = \"y\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "conf/servers.toml:4: `servers.a.args`: invalid type: string \"y\", expected a sequence"
+        );
+        let e = parse("[servers.a]\ntransport = \"stdio\"\ncommand = \"x\"\n[servers.a.tool_limits.slow]\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "conf/servers.toml:4: `servers.a.tool_limits.slow.bogus`: unknown field `bogus`"
+            ),
+            "{e}"
+        );
+        let vault = "[credentials.v]\nkind = \"vault\"\naddress = \"https://v\"\n";
+        let e = parse(&format!(
+            "{vault}client_id = \"c\"\nlogin = {{ method = \"token\", token = \"t\" }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("conf/servers.toml:4: `credentials.v.client_id`: `client_id` does not apply to kind \"vault\"; expected one of `address`"), "{e}");
+        let e = parse(&format!(
+            "{vault}login = {{ method = \"token\", token = \"t\", role = \"r\" }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "conf/servers.toml:4: `credentials.v.login`: unknown field `role`, expected `token`"
+        );
+        let e = parse(&format!("{vault}login = {{ method = \"ldap\" }}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`credentials.v.login.method`: unknown variant `ldap`, expected one of `token`, `approle`, `jwt`"), "{e}");
+    }
+
+    #[test]
+    fn upstream_auth_takes_the_keys_of_its_stores_kind() {
+        let idp = "[credentials.idp]\nkind = \"token_exchange\"\ntoken_endpoint = \"https://x/t\"\nclient_id = \"c\"\nclient_secret = \"s\"\n[servers.a]\ntransport = \"stdio\"\ncommand = \"x\"\n";
+        let c = parse(&format!(
+            "{idp}upstream_auth = {{ use = \"idp\", audience = \"urn:a\", ttl = \"5s\" }}\n"
+        ))
+        .unwrap();
+        assert!(
+            matches!(&c.servers[0].upstream_auth, Some(UpstreamAuth::Exchange { client, ttl: Some(_), .. }) if client == "idp")
+        );
+        assert_eq!(c.servers[0].isolation, Isolation::Caller);
+        let e = parse(&format!(
+            "{idp}upstream_auth = {{ use = \"idp\", audience = \"urn:a\", path = \"p\" }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "conf/servers.toml:9: `servers.a.upstream_auth`: `path` does not apply to `idp`, a token_exchange store; expected one of `audience`, `scopes`, `tool_scopes`, `ttl`"
+        );
+        let e = parse(&format!(
+            "{idp}upstream_auth = {{ first = [{{ use = \"idp\" }}] }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`idp` is a token_exchange store: it needs `audience`"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{idp}upstream_auth = {{ kind = \"static\", use = \"idp\", value = \"v\" }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(":9: `servers.a.upstream_auth`: kind = \"static\": unknown field `use`"),
+            "{e}"
+        );
+        let c = parse(&format!(
+            "{idp}upstream_auth = {{ kind = \"static\", env = {{ KEY = \"v\" }} }}\n"
+        ))
+        .unwrap();
+        assert!(
+            matches!(&c.servers[0].upstream_auth, Some(UpstreamAuth::Static(v)) if v.len() == 1)
+        );
+        let e = parse(&format!("{idp}upstream_auth = {{ value = \"v\" }}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "needs `use = \"<credentials store>\"`, `kind = \"static\"` or `first = [...]`"
+            ),
+            "{e}"
+        );
     }
 }

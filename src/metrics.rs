@@ -1,8 +1,9 @@
 //! Prometheus metrics: process-wide counters and histograms, rendered in the text exposition format
 //! (version 0.0.4) at `/metrics`.
 //!
-//! Call counters and latency histograms are derived from audit records ([`Metrics::audit_record`]),
-//! so `/metrics` and the audit trail always agree. Gauges that describe live state (upstreams up,
+//! Call counters and latency histograms are derived from audit records: `audit` hands each record's
+//! labels and timings over as a [`Finished`] ([`Metrics::audit_record`]), so `/metrics` and the audit
+//! trail always agree, and this module needs nothing from `audit` (data flows one way, audit → metrics). Gauges that describe live state (upstreams up,
 //! sessions, child processes) are read from the broker at scrape time. Labels never carry a
 //! subject or any secret: only server names, exposed tool names and fixed values.
 
@@ -14,7 +15,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 
-use crate::audit::{Outcome, Record};
+/// What one finished request (one audit record) contributes to the metrics, as plain values.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Finished<'a> {
+    /// `tool`, `prompt`, `resource`, `completion` or `list`.
+    pub kind: &'a str,
+    pub server: Option<&'a str>,
+    /// The exposed name, or for lists what was listed.
+    pub name: &'a str,
+    /// The audit outcome (`ok`, `denied`, …).
+    pub outcome: &'a str,
+    pub latency_ms: f64,
+    pub upstream_ms: Option<f64>,
+}
 
 /// Histogram bucket upper bounds, in seconds.
 const BUCKETS: [f64; 16] = [
@@ -190,13 +203,13 @@ pub fn global() -> &'static Metrics {
 
 impl Metrics {
     /// Count a finished request from its audit record.
-    pub fn audit_record(&self, r: &Record) {
+    pub fn audit_record(&self, r: &Finished<'_>) {
         self.audit_records.fetch_add(1, Ordering::Relaxed);
-        let server = r.server.as_deref().unwrap_or("");
+        let server = r.server.unwrap_or("");
         // Names a client made up (unknown tools) or unbounded ones (resource URIs) would let a
         // caller create series without limit: only catalog tool/prompt names and list kinds label.
         let name = match (r.kind, r.server.is_some()) {
-            ("tool" | "prompt", true) | ("list", _) => r.name.as_str(),
+            ("tool" | "prompt", true) | ("list", _) => r.name,
             _ => "",
         };
         self.requests.inc(
@@ -204,7 +217,7 @@ impl Metrics {
                 ("kind", r.kind),
                 ("server", server),
                 ("name", name),
-                ("outcome", r.outcome.as_str()),
+                ("outcome", r.outcome),
             ],
             1,
         );
@@ -214,7 +227,7 @@ impl Metrics {
             self.upstream_duration
                 .observe(&[("server", server)], up / 1e3);
         }
-        if r.outcome == Outcome::Denied {
+        if r.outcome == "denied" {
             self.policy_denies
                 .inc(&[("kind", r.kind), ("server", server)], 1);
         }
@@ -332,14 +345,13 @@ mod tests {
     #[test]
     fn renders_counters_and_histograms() {
         let m = Metrics::default();
-        let r = Record {
+        let r = Finished {
             kind: "tool",
-            server: Some("ledger".into()),
-            name: "ledger__x\"y".into(),
-            outcome: Outcome::Ok,
+            server: Some("ledger"),
+            name: "ledger__x\"y",
+            outcome: "ok",
             latency_ms: 3.0,
             upstream_ms: Some(2.0),
-            ..Record::default()
         };
         m.audit_record(&r);
         m.audit_record(&r);
