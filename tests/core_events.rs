@@ -384,10 +384,11 @@ async fn a_session_that_never_reads_delays_no_one() {
         metric(&broker, "mcp_broker_notifications_dropped_total") > 0.0
     })
     .await;
-    // Meanwhile another session is served at full speed and gets everything it asked for.
-    set_level(&other, LoggingLevel::Debug).await;
+    // Meanwhile another session is served at full speed and gets everything it asked for (at
+    // `info`, so stragglers of the debug flood still in flight are not its business).
+    set_level(&other, LoggingLevel::Info).await;
     let t = Instant::now();
-    emit(&other, "debug", 500).await;
+    emit(&other, "info", 500).await;
     let got = drain_logs(&mut other.1, Duration::from_millis(500)).await;
     assert_eq!(got.len(), 500, "the reading session gets every line");
     assert!(
