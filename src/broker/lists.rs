@@ -207,8 +207,24 @@ impl Broker {
                 let _ = self.changes.send(*k);
             }
         }
+        // Sessions of the same caller share one computation (many sessions, few callers).
+        let mut views: HashMap<String, Vec<(Caller, View)>> = HashMap::new();
         for s in self.sessions.all() {
-            let view = self.view_of(&st, &new, &s.caller);
+            let known = views
+                .get(&s.caller.sub)
+                .and_then(|v| v.iter().find(|(c, _)| *c == s.caller))
+                .map(|(_, v)| v.clone());
+            let view = match known {
+                Some(v) => v,
+                None => {
+                    let v = self.view_of(&st, &new, &s.caller);
+                    views
+                        .entry(s.caller.sub.clone())
+                        .or_default()
+                        .push((s.caller.clone(), v.clone()));
+                    v
+                }
+            };
             let Ok(mut seen) = s.view.lock() else {
                 continue;
             };

@@ -38,7 +38,7 @@ pub(super) enum Outbound {
 }
 
 /// What a session's caller is shown, recomputed when the catalog or the policy changes.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(super) struct View {
     /// Fingerprint of what the caller is shown, per list kind.
     pub lists: [u64; 3],
