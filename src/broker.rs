@@ -22,12 +22,11 @@ use rmcp::{
         CancelledNotificationParam, ClientCapabilities, ClientRequest, ClientResult,
         CompleteRequest, CompleteRequestParams, CompleteResult, ContentBlock, GetExtensions,
         GetPromptRequest, GetPromptRequestParams, GetPromptResponse, ListRootsResult, LoggingLevel,
-        LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken, Prompt,
+        LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken,
         ReadResourceRequest, ReadResourceRequestParams, ReadResourceResponse, Reference, RequestId,
-        RequestMetaObject, Resource, ResourceContents, ResourceTemplate,
-        ResourceUpdatedNotificationParam, ServerRequest, ServerResult, SetLevelRequest,
-        SetLevelRequestParams, SubscribeRequest, SubscribeRequestParams, Tool, UnsubscribeRequest,
-        UnsubscribeRequestParams,
+        RequestMetaObject, ResourceContents, ResourceUpdatedNotificationParam, ServerRequest,
+        ServerResult, SetLevelRequest, SetLevelRequestParams, SubscribeRequest,
+        SubscribeRequestParams, UnsubscribeRequest, UnsubscribeRequestParams,
     },
     service::{OriginatingRequestId, Peer, PeerRequestOptions, ServiceError},
 };
@@ -37,7 +36,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::audit::{Audit, CallRecord, Outcome};
 use crate::auth::Caller;
-use crate::catalog::{Catalog, Collision, Listing, Namespace};
+use crate::catalog::{Catalog, Collision, Item, Listing, Namespace};
 use crate::config::{Config, UpstreamAuth};
 use crate::credentials::{CredentialError, Credentials};
 use crate::limits::{Concurrency, RateLimiter, Refusal, retry_hint, tool_key};
@@ -624,17 +623,17 @@ impl Broker {
         shown
     }
 
-    pub fn list_tools(&self, caller: &Caller, down: Option<&Downstream>) -> Vec<Tool> {
+    pub fn list_tools(&self, caller: &Caller, down: Option<&Downstream>) -> Vec<Item> {
         let cat = self.catalog();
         self.visible(caller, down, "tools", Kind::Tool, &cat.tools.entries)
     }
 
-    pub fn list_prompts(&self, caller: &Caller, down: Option<&Downstream>) -> Vec<Prompt> {
+    pub fn list_prompts(&self, caller: &Caller, down: Option<&Downstream>) -> Vec<Item> {
         let cat = self.catalog();
         self.visible(caller, down, "prompts", Kind::Prompt, &cat.prompts.entries)
     }
 
-    pub fn list_resources(&self, caller: &Caller, down: Option<&Downstream>) -> Vec<Resource> {
+    pub fn list_resources(&self, caller: &Caller, down: Option<&Downstream>) -> Vec<Item> {
         let cat = self.catalog();
         self.visible(
             caller,
@@ -645,11 +644,7 @@ impl Broker {
         )
     }
 
-    pub fn list_resource_templates(
-        &self,
-        caller: &Caller,
-        down: Option<&Downstream>,
-    ) -> Vec<ResourceTemplate> {
+    pub fn list_resource_templates(&self, caller: &Caller, down: Option<&Downstream>) -> Vec<Item> {
         let cat = self.catalog();
         self.visible(
             caller,

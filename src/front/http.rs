@@ -461,6 +461,9 @@ async fn normalize_accept(mut req: Request, next: Next) -> Response {
 #[derive(Clone, Copy)]
 struct BodyLimit(usize);
 
+/// SEP-2243's header naming the JSON-RPC method (must agree with the body).
+const MCP_METHOD: &str = "mcp-method";
+
 /// Malformed bodies get JSON-RPC errors (rmcp answers them with a plain-text 415): invalid JSON is a
 /// -32700 parse error, JSON that is not one JSON-RPC message (a batch, a bare object) is -32600.
 /// The body is read once here, bounded, and handed on as bytes.
@@ -497,9 +500,20 @@ async fn jsonrpc_errors(State(limit): State<BodyLimit>, req: Request, next: Next
                 .starts_with("application/json")
         });
     let batch = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
-    let resp = next
-        .run(Request::from_parts(parts, Body::from(bytes)))
-        .await;
+    // List requests go on under a private method, answered with the upstreams' raw JSON.
+    let (mut parts, body) = (parts, Body::from(bytes.clone()));
+    let body = match super::relay::rename_in_body(&bytes) {
+        Some((renamed, private)) => {
+            if parts.headers.contains_key(MCP_METHOD)
+                && let Ok(v) = HeaderValue::from_str(&private)
+            {
+                parts.headers.insert(MCP_METHOD, v);
+            }
+            Body::from(renamed)
+        }
+        None => body,
+    };
+    let resp = next.run(Request::from_parts(parts, body)).await;
     if resp.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE && is_json {
         let msg = if batch {
             "Invalid Request: JSON-RPC batches are not supported (removed in MCP 2025-06-18)"

@@ -24,6 +24,7 @@ use rmcp::{
 
 use crate::auth::Caller;
 use crate::broker::{Broker, Downstream};
+use crate::front::relay;
 use crate::upstream::ListKind;
 
 #[derive(Clone)]
@@ -77,14 +78,61 @@ pub fn caller_of(ctx: &RequestContext<RoleServer>) -> Caller {
     }
 }
 
-fn no_cursor(p: &Option<PaginatedRequestParams>) -> Result<(), ErrorData> {
+fn cursor_of(p: &Option<PaginatedRequestParams>) -> Option<String> {
+    p.as_ref().and_then(|p| p.cursor.clone())
+}
+
+fn no_cursor(cursor: Option<&str>) -> Result<(), ErrorData> {
     // Every list fits one page; a cursor can only be one the broker never issued.
-    match p.as_ref().and_then(|p| p.cursor.as_deref()) {
+    match cursor {
         Some(c) if !c.is_empty() => Err(ErrorData::invalid_params(
             format!("invalid cursor `{c}`"),
             None,
         )),
         _ => Ok(()),
+    }
+}
+
+/// A raw list result decoded into rmcp's type (loses what rmcp does not model).
+fn typed<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, ErrorData> {
+    serde_json::from_value(v).map_err(|e| ErrorData::internal_error(e.to_string(), None))
+}
+
+impl Front {
+    /// One list as JSON, every item as its upstream sent it (name or URI namespaced), filtered for
+    /// the caller (one audit record, kind `list`).
+    async fn list_raw(
+        &self,
+        method: &str,
+        cursor: Option<String>,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<serde_json::Value, ErrorData> {
+        no_cursor(cursor.as_deref())?;
+        let caller = caller_of(ctx);
+        self.broker.prepare(&caller).await;
+        let down = self.downstream(ctx);
+        let (field, items) = match method {
+            "tools/list" => ("tools", self.broker.list_tools(&caller, Some(&down))),
+            "prompts/list" => ("prompts", self.broker.list_prompts(&caller, Some(&down))),
+            "resources/list" => (
+                "resources",
+                self.broker.list_resources(&caller, Some(&down)),
+            ),
+            _ => (
+                "resourceTemplates",
+                self.broker.list_resource_templates(&caller, Some(&down)),
+            ),
+        };
+        let mut out = serde_json::Map::new();
+        if down.stateless {
+            // 2026-07-28 results say they are complete (rmcp's typed results do the same).
+            out.insert("resultType".into(), "complete".into());
+        }
+        out.insert(
+            field.into(),
+            serde_json::to_value(items).unwrap_or_else(|_| serde_json::Value::Array(Vec::new())),
+        );
+        Ok(serde_json::Value::Object(out))
     }
 }
 
@@ -119,18 +167,14 @@ impl ServerHandler for Front {
         });
     }
 
+    // The list methods normally arrive renamed, as custom requests (see `relay`), and are answered
+    // raw by `on_custom_request`; these typed forms serve a list that reached rmcp unrenamed.
     async fn list_tools(
         &self,
         p: Option<PaginatedRequestParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        no_cursor(&p)?;
-        let caller = caller_of(&ctx);
-        self.broker.prepare(&caller).await;
-        Ok(ListToolsResult::with_all_items(
-            self.broker
-                .list_tools(&caller, Some(&self.downstream(&ctx))),
-        ))
+        typed(self.list_raw("tools/list", cursor_of(&p), &ctx).await?)
     }
 
     async fn call_tool(
@@ -149,13 +193,7 @@ impl ServerHandler for Front {
         p: Option<PaginatedRequestParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, ErrorData> {
-        no_cursor(&p)?;
-        let caller = caller_of(&ctx);
-        self.broker.prepare(&caller).await;
-        Ok(ListPromptsResult::with_all_items(
-            self.broker
-                .list_prompts(&caller, Some(&self.downstream(&ctx))),
-        ))
+        typed(self.list_raw("prompts/list", cursor_of(&p), &ctx).await?)
     }
 
     async fn get_prompt(
@@ -174,13 +212,7 @@ impl ServerHandler for Front {
         p: Option<PaginatedRequestParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, ErrorData> {
-        no_cursor(&p)?;
-        let caller = caller_of(&ctx);
-        self.broker.prepare(&caller).await;
-        Ok(ListResourcesResult::with_all_items(
-            self.broker
-                .list_resources(&caller, Some(&self.downstream(&ctx))),
-        ))
+        typed(self.list_raw("resources/list", cursor_of(&p), &ctx).await?)
     }
 
     async fn list_resource_templates(
@@ -188,13 +220,10 @@ impl ServerHandler for Front {
         p: Option<PaginatedRequestParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, ErrorData> {
-        no_cursor(&p)?;
-        let caller = caller_of(&ctx);
-        self.broker.prepare(&caller).await;
-        Ok(ListResourceTemplatesResult::with_all_items(
-            self.broker
-                .list_resource_templates(&caller, Some(&self.downstream(&ctx))),
-        ))
+        typed(
+            self.list_raw("resources/templates/list", cursor_of(&p), &ctx)
+                .await?,
+        )
     }
 
     async fn read_resource(
@@ -249,8 +278,20 @@ impl ServerHandler for Front {
     async fn on_custom_request(
         &self,
         request: CustomRequest,
-        _ctx: RequestContext<RoleServer>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<CustomResult, ErrorData> {
+        if let Some(list) = relay::list_method(&request.method) {
+            let cursor = request
+                .params
+                .as_ref()
+                .and_then(|p| p.get("cursor"))
+                .map(|c| {
+                    c.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| c.to_string())
+                });
+            return Ok(CustomResult(self.list_raw(list, cursor, &ctx).await?));
+        }
         // A known method whose params did not decode lands here (rmcp's typed parse failed).
         let known = matches!(request.method.as_str(), "logging/setLevel");
         if known {
