@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use rmcp::{
     RoleClient,
     model::{
-        ClientRequest, CustomResult, JsonRpcMessage, JsonRpcResponse, JsonRpcVersion2_0, RequestId,
-        ServerResult,
+        ClientNotification, ClientRequest, CustomResult, JsonRpcMessage, JsonRpcResponse,
+        JsonRpcVersion2_0, RequestId, ServerResult,
     },
     service::{RxJsonRpcMessage, TxJsonRpcMessage},
 };
@@ -34,13 +34,23 @@ pub const RAW_MARK: &str = "\u{1}mcp-broker-raw\u{1}";
 pub struct RawIds(Arc<Mutex<HashSet<RequestId>>>);
 
 impl RawIds {
-    /// Remember `msg`'s id if it is a custom request.
+    /// Remember `msg`'s id if it is a custom request; forget a request the broker cancels (its
+    /// answer may never come).
     pub fn note(&self, msg: &TxJsonRpcMessage<RoleClient>) {
-        if let JsonRpcMessage::Request(r) = msg
-            && matches!(r.request, ClientRequest::CustomRequest(_))
-            && let Ok(mut ids) = self.0.lock()
-        {
-            ids.insert(r.id.clone());
+        match msg {
+            JsonRpcMessage::Request(r) if matches!(r.request, ClientRequest::CustomRequest(_)) => {
+                if let Ok(mut ids) = self.0.lock() {
+                    ids.insert(r.id.clone());
+                }
+            }
+            JsonRpcMessage::Notification(n) => {
+                if let ClientNotification::CancelledNotification(c) = &n.notification
+                    && let Some(id) = &c.params.request_id
+                {
+                    self.take(id);
+                }
+            }
+            _ => {}
         }
     }
 
