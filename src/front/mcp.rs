@@ -124,14 +124,17 @@ impl Front {
             ),
         };
         let mut out = serde_json::Map::new();
-        if down.stateless {
-            // 2026-07-28 results say they are complete (rmcp's typed results do the same).
-            out.insert("resultType".into(), "complete".into());
-        }
         out.insert(
             field.into(),
             serde_json::to_value(items).unwrap_or_else(|_| serde_json::Value::Array(Vec::new())),
         );
+        if down.stateless {
+            // What rmcp adds to its typed list results for 2026-07-28 peers: the result type and
+            // the most conservative SEP-2549 caching hints (the view is per caller).
+            out.insert("resultType".into(), "complete".into());
+            out.insert("ttlMs".into(), 0.into());
+            out.insert("cacheScope".into(), "private".into());
+        }
         Ok(serde_json::Value::Object(out))
     }
 }

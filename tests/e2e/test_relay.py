@@ -201,3 +201,24 @@ def test_official_node_servers_relayed_exactly(tmp_path, node_servers):
     seq = next(t for t in via_http["tools/list"] if t["name"] == "seq__sequentialthinking")
     props = list(seq["inputSchema"]["properties"])
     assert props != sorted(props), f"expected the upstream's (non-alphabetical) property order, got {props}"
+
+
+def test_stateless_lists_are_raw_with_2026_fields(broker):
+    """A 2026-07-28 stateless tools/list carries the same raw definitions as a legacy session, plus
+    the result type and SEP-2549 caching hints rmcp adds to its own typed results for that era."""
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "e2e-relay", "version": "0"},
+    }
+    legacy = http_lists(broker.url, ["tools/list"])["tools/list"]
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+               "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/list"}
+    body = {"jsonrpc": "2.0", "id": 5, "method": "tools/list", "params": {"_meta": meta}}
+    with H.httpx2.Client(timeout=30) as c:
+        r = c.post(broker.url, headers=headers, json=body)
+    assert r.status_code == 200, f"HTTP {r.status_code}: {r.text[:500]}"
+    res = H.final_response(r, 5)["result"]
+    assert res.get("resultType") == "complete", res.keys()
+    assert res.get("ttlMs") == 0 and res.get("cacheScope") == "private", {k: res[k] for k in res if k != "tools"}
+    assert ordered(res["tools"]) == ordered(legacy)
