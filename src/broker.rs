@@ -18,12 +18,11 @@ use dashmap::DashMap;
 use rmcp::{
     ErrorData, RoleServer,
     model::{
-        CallToolRequest, CallToolRequestParams, CallToolResponse, CallToolResult,
-        CancelledNotificationParam, ClientCapabilities, ClientRequest, ClientResult,
-        CompleteRequest, CompleteRequestParams, CompleteResult, ContentBlock, GetExtensions,
-        GetPromptRequest, GetPromptRequestParams, GetPromptResponse, ListRootsResult, LoggingLevel,
-        LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken,
-        ReadResourceRequest, ReadResourceRequestParams, ReadResourceResponse, Reference, RequestId,
+        CallToolRequestParams, CallToolResponse, CallToolResult, CancelledNotificationParam,
+        ClientCapabilities, ClientRequest, ClientResult, CompleteRequest, CompleteRequestParams,
+        CompleteResult, ContentBlock, GetExtensions, GetPromptRequestParams, GetPromptResponse,
+        ListRootsResult, LoggingLevel, LoggingMessageNotificationParam, ProgressNotificationParam,
+        ProgressToken, ReadResourceRequestParams, ReadResourceResponse, Reference, RequestId,
         RequestMetaObject, ResourceContents, ResourceUpdatedNotificationParam, ServerRequest,
         ServerResult, SetLevelRequest, SetLevelRequestParams, SubscribeRequest,
         SubscribeRequestParams, UnsubscribeRequest, UnsubscribeRequestParams,
@@ -42,7 +41,7 @@ use crate::credentials::{CredentialError, Credentials};
 use crate::limits::{Concurrency, RateLimiter, Refusal, retry_hint, tool_key};
 use crate::metrics;
 use crate::policy::{Decision, Kind, Policy, PolicyError, RegoPolicy};
-use crate::upstream::{Connection, ListKind, Secrets, Upstream, UpstreamError, UpstreamEvent};
+use crate::upstream::{Connection, ListKind, Secrets, Upstream, UpstreamError, UpstreamEvent, raw};
 
 /// The downstream side of one request: where its progress and server-to-client requests go.
 #[derive(Clone)]
@@ -913,7 +912,7 @@ impl Broker {
         let tool_name = original.clone();
         params.name = original.into();
         params.meta = forwardable_meta(params.meta.take());
-        let req = ClientRequest::CallToolRequest(CallToolRequest::new(params));
+        let req = raw::custom_request("tools/call", &params);
         let call = Call {
             server: &server,
             caller,
@@ -922,7 +921,7 @@ impl Broker {
             ct: &ct,
             timeout,
         };
-        match self.forward(&st, call, req, &mut rec).await {
+        match self.forward(&st, call, req, &mut rec).await.map(raw::typed) {
             Ok(ServerResult::CallToolResult(r)) => {
                 if r.is_error == Some(true) {
                     rec.finish(Outcome::ToolError, tool_error_text(&r));
@@ -984,7 +983,7 @@ impl Broker {
             .map_err(|r| rate_limited_error(&r))?;
         params.name = original;
         params.meta = forwardable_meta(params.meta.take());
-        let req = ClientRequest::GetPromptRequest(GetPromptRequest::new(params));
+        let req = raw::custom_request("prompts/get", &params);
         let call = Call {
             server: &server,
             caller,
@@ -993,7 +992,7 @@ impl Broker {
             ct: &ct,
             timeout,
         };
-        let r = match self.forward(&st, call, req, &mut rec).await {
+        let r = match self.forward(&st, call, req, &mut rec).await.map(raw::typed) {
             Ok(ServerResult::GetPromptResult(r)) => Ok(GetPromptResponse::Complete(r)),
             Ok(ServerResult::InputRequiredResult(r)) => Ok(GetPromptResponse::InputRequired(r)),
             Ok(_) => Err(Failure::Rpc(unexpected(&server))),
@@ -1038,7 +1037,7 @@ impl Broker {
             .map_err(|r| rate_limited_error(&r))?;
         params.uri = route.original.clone();
         params.meta = forwardable_meta(params.meta.take());
-        let req = ClientRequest::ReadResourceRequest(ReadResourceRequest::new(params));
+        let req = raw::custom_request("resources/read", &params);
         let call = Call {
             server: &route.server,
             caller,
@@ -1047,7 +1046,7 @@ impl Broker {
             ct: &ct,
             timeout,
         };
-        let r = match self.forward(&st, call, req, &mut rec).await {
+        let r = match self.forward(&st, call, req, &mut rec).await.map(raw::typed) {
             Ok(ServerResult::ReadResourceResult(mut r)) => {
                 let cat = self.catalog();
                 for c in &mut r.contents {

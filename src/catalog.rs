@@ -342,6 +342,19 @@ impl Catalog {
         expose_uri(prefix, original)
     }
 
+    /// Rewrite the URIs in a raw `resources/read` result from `server` (`contents[].uri`) to their
+    /// exposed form; everything else is left as the upstream sent it.
+    pub fn expose_read_result(&self, server: &str, result: &mut Value) {
+        let Some(contents) = result.get_mut("contents").and_then(Value::as_array_mut) else {
+            return;
+        };
+        for c in contents {
+            if let Some(Value::String(uri)) = c.get_mut("uri") {
+                *uri = self.expose_uri_of(server, uri);
+            }
+        }
+    }
+
     /// A fingerprint per kind (tools, prompts, resources with templates), so a rebuild notifies
     /// sessions only when their view really changed.
     pub fn fingerprint(&self) -> [u64; 3] {
@@ -710,5 +723,19 @@ mod tests {
         );
         assert!(cat.tools.get("st__sequentialthinking").is_some());
         assert!(cat.resources.get("st+demo://a").is_some());
+    }
+
+    #[test]
+    fn read_results_get_exposed_uris_only() {
+        let (cat, _) = Catalog::build(&[ns("ev", "ev")], &HashMap::new(), "__", None);
+        let mut r: Value = serde_json::from_str(
+            r#"{"contents":[{"uri":"demo://r/1","text":"t","mimeType":"text/plain","x":1},{"blob":"AA==","uri":"demo://r/2"}],"_meta":{"z":0}}"#,
+        )
+        .unwrap();
+        cat.expose_read_result("ev", &mut r);
+        assert_eq!(
+            r.to_string(),
+            r#"{"contents":[{"uri":"ev+demo://r/1","text":"t","mimeType":"text/plain","x":1},{"blob":"AA==","uri":"ev+demo://r/2"}],"_meta":{"z":0}}"#
+        );
     }
 }

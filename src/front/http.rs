@@ -118,7 +118,8 @@ pub fn router(
         }
     }
     let limit = BodyLimit(cfg.max_request_body);
-    app.layer(middleware::from_fn_with_state(state, gate))
+    app.layer(middleware::from_fn_with_state(limit, relay_rename))
+        .layer(middleware::from_fn_with_state(state, gate))
         .layer(middleware::from_fn_with_state(limit, jsonrpc_errors))
         .layer(middleware::from_fn(normalize_accept))
         .layer(middleware::from_fn_with_state(posts, track_posts))
@@ -461,9 +462,6 @@ async fn normalize_accept(mut req: Request, next: Next) -> Response {
 #[derive(Clone, Copy)]
 struct BodyLimit(usize);
 
-/// SEP-2243's header naming the JSON-RPC method (must agree with the body).
-const MCP_METHOD: &str = "mcp-method";
-
 /// Malformed bodies get JSON-RPC errors (rmcp answers them with a plain-text 415): invalid JSON is a
 /// -32700 parse error, JSON that is not one JSON-RPC message (a batch, a bare object) is -32600.
 /// The body is read once here, bounded, and handed on as bytes.
@@ -500,20 +498,9 @@ async fn jsonrpc_errors(State(limit): State<BodyLimit>, req: Request, next: Next
                 .starts_with("application/json")
         });
     let batch = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
-    // List requests go on under a private method, answered with the upstreams' raw JSON.
-    let (mut parts, body) = (parts, Body::from(bytes.clone()));
-    let body = match super::relay::rename_in_body(&bytes) {
-        Some((renamed, private)) => {
-            if parts.headers.contains_key(MCP_METHOD)
-                && let Ok(v) = HeaderValue::from_str(&private)
-            {
-                parts.headers.insert(MCP_METHOD, v);
-            }
-            Body::from(renamed)
-        }
-        None => body,
-    };
-    let resp = next.run(Request::from_parts(parts, body)).await;
+    let resp = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
     if resp.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE && is_json {
         let msg = if batch {
             "Invalid Request: JSON-RPC batches are not supported (removed in MCP 2025-06-18)"
@@ -523,6 +510,27 @@ async fn jsonrpc_errors(State(limit): State<BodyLimit>, req: Request, next: Next
         return rpc_error(-32600, msg);
     }
     resp
+}
+
+/// Lists and calls go on to rmcp under a private method, so the front can answer them with the
+/// upstreams' raw JSON (see `relay`). The innermost layer: the auth gate (step-up) sees the
+/// original request.
+async fn relay_rename(State(limit): State<BodyLimit>, req: Request, next: Next) -> Response {
+    if req.method() != Method::POST {
+        return next.run(req).await;
+    }
+    let (mut parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, limit.0).await else {
+        return plain(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body exceeds {} bytes", limit.0),
+        );
+    };
+    let body = match super::relay::rename_request(&bytes, &mut parts.headers) {
+        Some(renamed) => Body::from(renamed),
+        None => Body::from(bytes),
+    };
+    next.run(Request::from_parts(parts, body)).await
 }
 
 fn rpc_error(code: i64, message: &str) -> Response {

@@ -16,8 +16,8 @@ use rmcp::{
         CustomRequest, CustomResult, GetPromptRequestParams, GetPromptResponse, Implementation,
         ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
         PaginatedRequestParams, ProtocolVersion, ReadResourceRequestParams, ReadResourceResponse,
-        ServerCapabilities, ServerConfig, SetLevelRequestParams, SubscribeRequestParams,
-        SubscriptionFilter, UnsubscribeRequestParams,
+        ServerCapabilities, ServerConfig, ServerResult, SetLevelRequestParams,
+        SubscribeRequestParams, SubscriptionFilter, UnsubscribeRequestParams,
     },
     service::{NotificationContext, RequestContext, SubscriptionContext},
 };
@@ -26,6 +26,7 @@ use crate::auth::Caller;
 use crate::broker::{Broker, Downstream};
 use crate::front::relay;
 use crate::upstream::ListKind;
+use crate::upstream::raw;
 
 #[derive(Clone)]
 pub struct Front {
@@ -93,12 +94,118 @@ fn no_cursor(cursor: Option<&str>) -> Result<(), ErrorData> {
     }
 }
 
+/// Does the request speak 2026-07-28 or later (as rmcp decides before shaping typed results)?
+fn is_modern(ctx: &RequestContext<RoleServer>) -> bool {
+    ctx.protocol_version()
+        .is_some_and(|v| v.as_str() >= ProtocolVersion::V_2026_07_28.as_str())
+}
+
+fn params_of<T: serde::de::DeserializeOwned>(
+    method: &str,
+    params: Option<serde_json::Value>,
+) -> Result<T, ErrorData> {
+    serde_json::from_value(params.unwrap_or_default())
+        .map_err(|e| ErrorData::invalid_params(format!("invalid params for `{method}`: {e}"), None))
+}
+
+/// The JSON answer to a call: the upstream's own result when the broker relayed one unchanged
+/// (`raw`), else the broker's typed response shaped as rmcp shapes typed results.
+fn call_result(
+    typed: ServerResult,
+    raw: Option<serde_json::Value>,
+    modern: bool,
+) -> Result<serde_json::Value, ErrorData> {
+    let complete = matches!(
+        typed,
+        ServerResult::CallToolResult(_)
+            | ServerResult::GetPromptResult(_)
+            | ServerResult::ReadResourceResult(_)
+    );
+    if complete && let Some(serde_json::Value::Object(mut o)) = raw {
+        if modern {
+            o.entry("resultType").or_insert_with(|| "complete".into());
+            if matches!(typed, ServerResult::ReadResourceResult(_)) {
+                o.entry("ttlMs").or_insert_with(|| 0.into());
+                o.entry("cacheScope").or_insert_with(|| "private".into());
+            }
+        } else if o.get("resultType").and_then(|t| t.as_str()) == Some("complete") {
+            o.shift_remove("resultType");
+        }
+        return Ok(serde_json::Value::Object(o));
+    }
+    let mut typed = typed;
+    if matches!(typed, ServerResult::InputRequiredResult(_)) && !modern {
+        return Err(ErrorData::invalid_request(
+            "InputRequiredResult requires negotiated protocol version 2026-07-28 or newer",
+            None,
+        ));
+    }
+    if modern {
+        typed.fill_missing_cache_hints();
+    } else {
+        typed.strip_result_type_for_legacy_peer();
+    }
+    serde_json::to_value(typed).map_err(|e| ErrorData::internal_error(e.to_string(), None))
+}
+
 /// A raw list result decoded into rmcp's type (loses what rmcp does not model).
 fn typed<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, ErrorData> {
     serde_json::from_value(v).map_err(|e| ErrorData::internal_error(e.to_string(), None))
 }
 
 impl Front {
+    /// tools/call, prompts/get or resources/read through the broker (policy, credentials, audit,
+    /// progress and cancellation as for the typed methods), answered with the upstream's raw result.
+    async fn call_raw(
+        &self,
+        method: &str,
+        params: Option<serde_json::Value>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<serde_json::Value, ErrorData> {
+        let caller = caller_of(&ctx);
+        let modern = is_modern(&ctx);
+        let down = self.downstream(&ctx);
+        let ct = ctx.ct.clone();
+        match method {
+            "tools/call" => {
+                let p: CallToolRequestParams = params_of(method, params)?;
+                let declared_tasks = ctx
+                    .client_capabilities()
+                    .is_some_and(|c| c.supports_tasks());
+                let (r, raw) = raw::capture(self.broker.call_tool(&caller, p, down, ct)).await;
+                let r = r?;
+                // SEP-2663, as rmcp checks for typed calls.
+                if matches!(r, CallToolResponse::Task(_)) && !declared_tasks {
+                    return Err(ErrorData::missing_required_client_capability(
+                        rmcp::model::ClientCapabilities::builder()
+                            .enable_tasks()
+                            .build(),
+                    ));
+                }
+                call_result(ServerResult::from(r), raw, modern)
+            }
+            "prompts/get" => {
+                let p: GetPromptRequestParams = params_of(method, params)?;
+                let (r, raw) = raw::capture(self.broker.get_prompt(&caller, p, down, ct)).await;
+                call_result(ServerResult::from(r?), raw, modern)
+            }
+            _ => {
+                let p: ReadResourceRequestParams = params_of(method, params)?;
+                let exposed = p.uri.clone();
+                let (r, raw) = raw::capture(self.broker.read_resource(&caller, p, down, ct)).await;
+                // The broker rewrote the typed contents' URIs; the raw ones get the same.
+                let raw = raw.map(|mut v| {
+                    let cat = self.broker.catalog();
+                    if let Some(route) = cat.route_uri(&exposed) {
+                        cat.expose_read_result(&route.server, &mut v);
+                    }
+                    v
+                });
+                call_result(ServerResult::from(r?), raw, modern)
+            }
+        }
+    }
+
     /// One list as JSON, every item as its upstream sent it (name or URI namespaced), filtered for
     /// the caller (one audit record, kind `list`).
     async fn list_raw(
@@ -128,7 +235,7 @@ impl Front {
             field.into(),
             serde_json::to_value(items).unwrap_or_else(|_| serde_json::Value::Array(Vec::new())),
         );
-        if down.stateless {
+        if is_modern(ctx) {
             // What rmcp adds to its typed list results for 2026-07-28 peers: the result type and
             // the most conservative SEP-2549 caching hints (the view is per caller).
             out.insert("resultType".into(), "complete".into());
@@ -294,6 +401,12 @@ impl ServerHandler for Front {
                         .unwrap_or_else(|| c.to_string())
                 });
             return Ok(CustomResult(self.list_raw(list, cursor, &ctx).await?));
+        }
+        if let Some(call) = relay::call_method(&request.method) {
+            return self
+                .call_raw(call, request.params, ctx)
+                .await
+                .map(CustomResult);
         }
         // A known method whose params did not decode lands here (rmcp's typed parse failed).
         let known = matches!(request.method.as_str(), "logging/setLevel");

@@ -128,6 +128,50 @@ pub fn unmark(msg: &mut RxJsonRpcMessage<RoleClient>) {
     }
 }
 
+tokio::task_local! {
+    /// The raw result of the call made inside [`capture`].
+    static KEPT: std::cell::RefCell<Option<Value>>;
+}
+
+/// Run `f` (a broker call) and return its output with the raw JSON of the upstream result it
+/// received, if any (see [`typed`]).
+pub async fn capture<F: Future>(f: F) -> (F::Output, Option<Value>) {
+    KEPT.scope(std::cell::RefCell::new(None), async {
+        let out = f.await;
+        let raw = KEPT.with(|k| k.borrow_mut().take());
+        (out, raw)
+    })
+    .await
+}
+
+/// `method` with `params` as a custom request, so its result comes back raw.
+pub fn custom_request(method: &str, params: &impl serde::Serialize) -> ClientRequest {
+    ClientRequest::CustomRequest(rmcp::model::CustomRequest::new(
+        method,
+        serde_json::to_value(params).ok(),
+    ))
+}
+
+/// The typed form of a custom request's result, for the broker's decisions (audit, errors, tasks);
+/// inside [`capture`] the raw JSON is kept for the front to relay.
+pub fn typed(result: ServerResult) -> ServerResult {
+    let ServerResult::CustomResult(CustomResult(v)) = result else {
+        return result;
+    };
+    // Untagged: a result no typed variant matches decodes as `CustomResult` (the broker then
+    // reports an unexpected result, as it did when rmcp decoded it).
+    let decode = |v: Value| {
+        serde_json::from_value::<ServerResult>(v)
+            .unwrap_or(ServerResult::CustomResult(CustomResult(Value::Null)))
+    };
+    if KEPT.try_with(|_| ()).is_err() {
+        return decode(v);
+    }
+    let t = decode(v.clone());
+    let _ = KEPT.try_with(|k| *k.borrow_mut() = Some(v));
+    t
+}
+
 /// The result of a request sent as a custom request, as JSON: the raw object when the transport
 /// kept it (always, for responses it saw), else the typed result re-serialised (a response that
 /// reached rmcp another way, e.g. a resumed HTTP stream).

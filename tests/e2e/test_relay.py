@@ -222,3 +222,44 @@ def test_stateless_lists_are_raw_with_2026_fields(broker):
     assert res.get("resultType") == "complete", res.keys()
     assert res.get("ttlMs") == 0 and res.get("cacheScope") == "private", {k: res[k] for k in res if k != "tools"}
     assert ordered(res["tools"]) == ordered(legacy)
+
+
+# Calls whose results must arrive exactly as server-everything sends them (resources/read: only the
+# contents' URIs namespaced). Deterministic tools and prompts only.
+RAW_CALLS = [
+    ("tools/call", {"name": "echo", "arguments": {"message": "relay \u2713"}}),
+    ("tools/call", {"name": "get-sum", "arguments": {"a": 2, "b": 3.5}}),
+    ("tools/call", {"name": "get-structured-content", "arguments": {"location": "Chicago"}}),
+    ("tools/call", {"name": "get-annotated-message", "arguments": {"messageType": "error", "includeImage": True}}),
+    ("tools/call", {"name": "get-resource-reference", "arguments": {"resourceType": "Text", "resourceId": 2}}),
+    ("tools/call", {"name": "get-resource-links", "arguments": {"count": 2}}),
+    ("tools/call", {"name": "get-tiny-image", "arguments": {}}),
+    ("prompts/get", {"name": "args-prompt", "arguments": {"city": "Oslo", "state": "Viken"}}),
+    ("prompts/get", {"name": "resource-prompt", "arguments": {"resourceType": "Text", "resourceId": "1"}}),
+    ("resources/read", {"uri": "demo://resource/static/document/architecture.md"}),
+]
+
+
+def test_everything_results_relayed_exactly(broker, ev_http):
+    """tools/call, prompts/get and resources/read results through the broker equal the upstream's own
+    result JSON field by field and in key order; a read result's content URIs are namespaced."""
+    with H.RawSession(ev_http.url, None) as d, H.RawSession(broker.url, None) as b:
+        d.initialize()
+        b.initialize()
+        for method, params in RAW_CALLS:
+            direct = d.request(method, params)
+            assert "result" in direct, f"{method} {params} directly: {direct}"
+            via_params = dict(params)
+            expected = json.loads(json.dumps(direct["result"]))
+            if method == "resources/read":
+                via_params["uri"] = f"evhttp+{params['uri']}"
+                for c in expected["contents"]:
+                    c["uri"] = f"evhttp+{c['uri']}"
+            else:
+                via_params["name"] = f"evhttp__{params['name']}"
+            via = b.request(method, via_params)
+            assert "result" in via, f"{method} {via_params} through the broker: {via}"
+            assert ordered(via["result"]) == ordered(expected), (
+                f"{method} {params.get('name') or params.get('uri')}: result differs\n"
+                f"broker:   {json.dumps(via['result'])[:1500]}\nupstream: {json.dumps(expected)[:1500]}"
+            )
