@@ -64,47 +64,49 @@ def http_lists(url: str, methods: list[str]) -> dict[str, list[dict]]:
     return out
 
 
-def stdio_lists(cmd: list[str], methods: list[str], cwd: Path | None = None,
-                wait_tools: set[str] | None = None) -> dict[str, list[dict]]:
-    """The same over a stdio MCP server (newline-delimited JSON-RPC), every page of each list. With
-    `wait_tools`, first polls tools/list until those names are listed (a broker still connecting)."""
-    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                         text=True, start_new_session=True, cwd=cwd)
-    assert p.stdin is not None and p.stdout is not None
-    next_id = 0
+class StdioSession:
+    """A raw MCP session with a stdio server (newline-delimited JSON-RPC; json.loads keeps key order)."""
 
-    def request(method: str, params: dict | None = None) -> dict:
-        nonlocal next_id
-        next_id += 1
-        body: dict[str, Any] = {"jsonrpc": "2.0", "id": next_id, "method": method}
+    def __init__(self, cmd: list[str], cwd: Path | None = None):
+        self.cmd = cmd
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  text=True, start_new_session=True, cwd=cwd)
+        self.next_id = 0
+        try:
+            self.request("initialize", H.init_body()["params"])
+            self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        except BaseException:
+            self.close()
+            raise
+
+    def send(self, body: dict) -> None:
+        assert self.p.stdin is not None
+        self.p.stdin.write(json.dumps(body) + "\n")
+        self.p.stdin.flush()
+
+    def request(self, method: str, params: dict | None = None) -> dict:
+        assert self.p.stdout is not None
+        self.next_id += 1
+        body: dict[str, Any] = {"jsonrpc": "2.0", "id": self.next_id, "method": method}
         if params is not None:
             body["params"] = params
-        p.stdin.write(json.dumps(body) + "\n")
-        p.stdin.flush()
+        self.send(body)
         while True:
-            line = p.stdout.readline()
-            assert line, f"{cmd[0]} closed stdout while {method} was pending"
+            line = self.p.stdout.readline()
+            assert line, f"{self.cmd[0]} closed stdout while {method} was pending"
             msg = json.loads(line)
-            if msg.get("id") == next_id and ("result" in msg or "error" in msg):
+            if msg.get("id") == self.next_id and ("result" in msg or "error" in msg):
                 return msg
 
-    try:
-        request("initialize", H.init_body()["params"])
-        p.stdin.write(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}) + "\n")
-        p.stdin.flush()
-        if wait_tools:
-            def listed() -> bool:
-                names = {t["name"] for t in request("tools/list").get("result", {}).get("tools", [])}
-                return wait_tools <= names
-            H.poll_until(listed, 60, f"{sorted(wait_tools)} listed over stdio", interval=0.2)
+    def lists(self, methods: list[str]) -> dict[str, list[dict]]:
         out: dict[str, list[dict]] = {}
         for m in methods:
             field, _ = LISTS[m]
             items: list[dict] = []
             params = None
             for _ in range(100):
-                msg = request(m, params)
-                assert "result" in msg, f"{m} via {cmd[0]}: {msg}"
+                msg = self.request(m, params)
+                assert "result" in msg, f"{m} via {self.cmd[0]}: {msg}"
                 items += msg["result"].get(field, [])
                 cursor = msg["result"].get("nextCursor")
                 if not cursor:
@@ -112,13 +114,34 @@ def stdio_lists(cmd: list[str], methods: list[str], cwd: Path | None = None,
                 params = {"cursor": cursor}
             out[m] = items
         return out
-    finally:
-        p.stdin.close()
+
+    def wait_tools(self, names: set[str]) -> None:
+        """Poll tools/list until `names` are listed (a broker still connecting its upstreams)."""
+        def listed() -> bool:
+            return names <= {t["name"] for t in self.request("tools/list").get("result", {}).get("tools", [])}
+        H.poll_until(listed, 60, f"{sorted(names)} listed over stdio", interval=0.2)
+
+    def close(self) -> None:
+        if self.p.stdin:
+            self.p.stdin.close()
         try:
-            p.wait(timeout=5)
+            self.p.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+            self.p.kill()
+            self.p.wait()
+
+    def __enter__(self) -> "StdioSession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def stdio_lists(cmd: list[str], methods: list[str], wait_tools: set[str] | None = None) -> dict[str, list[dict]]:
+    with StdioSession(cmd) as s:
+        if wait_tools:
+            s.wait_tools(wait_tools)
+        return s.lists(methods)
 
 
 def assert_relayed(direct: dict[str, list[dict]], via: dict[str, list[dict]], server: str,
@@ -240,26 +263,41 @@ RAW_CALLS = [
 ]
 
 
+def compare_results(direct_session: Any, broker_session: Any, server: str) -> None:
+    for method, params in RAW_CALLS:
+        direct = direct_session.request(method, params)
+        assert "result" in direct, f"{method} {params} directly: {direct}"
+        via_params = dict(params)
+        expected = json.loads(json.dumps(direct["result"]))
+        if method == "resources/read":
+            via_params["uri"] = f"{server}+{params['uri']}"
+            for c in expected["contents"]:
+                c["uri"] = f"{server}+{c['uri']}"
+        else:
+            via_params["name"] = f"{server}__{params['name']}"
+        via = broker_session.request(method, via_params)
+        assert "result" in via, f"{method} {via_params} through the broker: {via}"
+        assert ordered(via["result"]) == ordered(expected), (
+            f"{method} {params.get('name') or params.get('uri')}: result differs\n"
+            f"broker:   {json.dumps(via['result'])[:1500]}\nupstream: {json.dumps(expected)[:1500]}"
+        )
+
+
 def test_everything_results_relayed_exactly(broker, ev_http):
-    """tools/call, prompts/get and resources/read results through the broker equal the upstream's own
-    result JSON field by field and in key order; a read result's content URIs are namespaced."""
+    """tools/call, prompts/get and resources/read results through the broker (HTTP front) equal the
+    upstream's own result JSON field by field and in key order; a read result's content URIs are
+    namespaced."""
     with H.RawSession(ev_http.url, None) as d, H.RawSession(broker.url, None) as b:
         d.initialize()
         b.initialize()
-        for method, params in RAW_CALLS:
-            direct = d.request(method, params)
-            assert "result" in direct, f"{method} {params} directly: {direct}"
-            via_params = dict(params)
-            expected = json.loads(json.dumps(direct["result"]))
-            if method == "resources/read":
-                via_params["uri"] = f"evhttp+{params['uri']}"
-                for c in expected["contents"]:
-                    c["uri"] = f"evhttp+{c['uri']}"
-            else:
-                via_params["name"] = f"evhttp__{params['name']}"
-            via = b.request(method, via_params)
-            assert "result" in via, f"{method} {via_params} through the broker: {via}"
-            assert ordered(via["result"]) == ordered(expected), (
-                f"{method} {params.get('name') or params.get('uri')}: result differs\n"
-                f"broker:   {json.dumps(via['result'])[:1500]}\nupstream: {json.dumps(expected)[:1500]}"
-            )
+        compare_results(d, b, "evhttp")
+
+
+def test_stdio_front_results_relayed_exactly(tmp_path):
+    """The same through the stdio front, with server-everything as a stdio upstream."""
+    cfg = tmp_path / "stdio.toml"
+    cfg.write_text(H.render_config({"ev": H.everything_stdio_spec()}))
+    with StdioSession([str(H.EVERYTHING_BIN), "stdio"]) as d, \
+            StdioSession([str(H.BROKER_BIN), "stdio", "--config", str(cfg)]) as b:
+        b.wait_tools({"ev__echo"})
+        compare_results(d, b, "ev")
