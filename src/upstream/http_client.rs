@@ -22,6 +22,8 @@ use super::raw::{RawIds, mark};
 const MAX_JSON: usize = 16 * 1024 * 1024;
 /// Bound on an error body kept for the message.
 const MAX_ERROR: usize = 64 * 1024;
+/// Bound on one SSE event when rmcp does not pass one (rmcp's default).
+const DEFAULT_MAX_EVENT: usize = 16 * 1024 * 1024;
 
 type HttpError = StreamableHttpError<reqwest::Error>;
 
@@ -37,6 +39,45 @@ fn custom_request_id(message: &ClientJsonRpcMessage) -> Option<RequestId> {
         }
         _ => None,
     }
+}
+
+/// The response body, failing once an SSE event (the bytes between blank lines) exceeds `max`, so
+/// an upstream cannot make the broker buffer an endless event.
+fn bounded_events<S, B, E>(
+    body: S,
+    max: usize,
+) -> impl futures::Stream<Item = Result<B, std::io::Error>> + Send + 'static
+where
+    S: futures::Stream<Item = Result<B, E>> + Send + 'static,
+    B: AsRef<[u8]>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let mut since = 0usize;
+    let mut newline = false;
+    body.map(move |chunk| {
+        let chunk = chunk.map_err(std::io::Error::other)?;
+        for &b in chunk.as_ref() {
+            match b {
+                b'\r' => {}
+                b'\n' => {
+                    if newline {
+                        since = 0;
+                    }
+                    newline = true;
+                }
+                _ => {
+                    newline = false;
+                    since += 1;
+                    if since > max {
+                        return Err(std::io::Error::other(format!(
+                            "an SSE event from the upstream exceeds {max} bytes"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(chunk)
+    })
 }
 
 async fn read_bounded(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, HttpError> {
@@ -55,11 +96,16 @@ impl RawHttpClient {
         &self,
         uri: Arc<str>,
         message: ClientJsonRpcMessage,
-        id: RequestId,
         session_id: Option<Arc<str>>,
         auth_token: Option<String>,
         custom_headers: HashMap<HeaderName, HeaderValue>,
+        max_event: usize,
     ) -> Result<StreamableHttpPostResponse, HttpError> {
+        let Some(id) = custom_request_id(&message) else {
+            return Err(StreamableHttpError::UnexpectedServerResponse(
+                Cow::Borrowed("not a custom request"),
+            ));
+        };
         let mut req = self
             .inner
             .post(uri.as_ref())
@@ -109,15 +155,15 @@ impl RawHttpClient {
         }
         match content_type.as_deref() {
             Some(ct) if ct.starts_with("text/event-stream") => {
-                let events =
-                    sse_stream::SseStream::from_byte_stream(resp.bytes_stream()).map(move |ev| {
-                        ev.map(|mut ev| {
-                            if let Some(marked) = ev.data.as_deref().and_then(|d| mark(d, &id)) {
-                                ev.data = Some(marked);
-                            }
-                            ev
-                        })
-                    });
+                let body = bounded_events(resp.bytes_stream(), max_event);
+                let events = sse_stream::SseStream::from_bytes_stream(body).map(move |ev| {
+                    ev.map(|mut ev| {
+                        if let Some(marked) = ev.data.as_deref().and_then(|d| mark(d, &id)) {
+                            ev.data = Some(marked);
+                        }
+                        ev
+                    })
+                });
                 let events: BoxStream<'static, Result<Sse, SseError>> = events.boxed();
                 Ok(StreamableHttpPostResponse::Sse(events, session))
             }
@@ -150,9 +196,16 @@ impl StreamableHttpClient for RawHttpClient {
         custom_headers: HashMap<HeaderName, HeaderValue>,
     ) -> Result<StreamableHttpPostResponse, HttpError> {
         match custom_request_id(&message) {
-            Some(id) => {
-                self.post_custom(uri, message, id, session_id, auth_header, custom_headers)
-                    .await
+            Some(_) => {
+                self.post_custom(
+                    uri,
+                    message,
+                    session_id,
+                    auth_header,
+                    custom_headers,
+                    DEFAULT_MAX_EVENT,
+                )
+                .await
             }
             None => {
                 self.inner
@@ -172,9 +225,16 @@ impl StreamableHttpClient for RawHttpClient {
         max_sse_event_size: usize,
     ) -> Result<StreamableHttpPostResponse, HttpError> {
         match custom_request_id(&message) {
-            Some(id) => {
-                self.post_custom(uri, message, id, session_id, auth_header, custom_headers)
-                    .await
+            Some(_) => {
+                self.post_custom(
+                    uri,
+                    message,
+                    session_id,
+                    auth_header,
+                    custom_headers,
+                    max_sse_event_size,
+                )
+                .await
             }
             None => {
                 self.inner
@@ -235,5 +295,27 @@ impl StreamableHttpClient for RawHttpClient {
                 max_sse_event_size,
             )
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sse_events_are_bounded() {
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+            Ok(b"data: 12345\n\n".to_vec()),
+            Ok(b"data: 1234".to_vec()),
+            Ok(b"5\r\n\r\ndata: 123456789012345".to_vec()),
+        ];
+        let out: Vec<_> = bounded_events(futures::stream::iter(chunks), 12)
+            .collect()
+            .await;
+        assert!(
+            out[0].is_ok() && out[1].is_ok(),
+            "events within the bound pass"
+        );
+        assert!(out[2].is_err(), "an event past the bound ends the stream");
     }
 }
