@@ -12,7 +12,7 @@ use futures::stream::BoxStream;
 use http::{HeaderName, HeaderValue};
 use rmcp::model::{ClientJsonRpcMessage, ClientRequest, JsonRpcMessage, RequestId};
 use rmcp::transport::streamable_http_client::{
-    StreamableHttpClient, StreamableHttpError, StreamableHttpPostResponse,
+    HttpStatusError, StreamableHttpClient, StreamableHttpError, StreamableHttpPostResponse,
 };
 use sse_stream::{Error as SseError, Sse};
 
@@ -142,12 +142,27 @@ impl RawHttpClient {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         if !status.is_success() {
+            // As rmcp's client: 429 and 5xx keep their status (and Retry-After) unless a JSON-RPC
+            // error in the body says more.
+            let status_error = (status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                || status.is_server_error())
+            .then(|| {
+                let retry_after = resp
+                    .headers()
+                    .get(http::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                HttpStatusError::new(status.as_u16(), retry_after)
+            });
             let body = read_bounded(resp, MAX_ERROR).await.unwrap_or_default();
             // A JSON-RPC error in the body is the answer (passed on as the upstream's error).
             if let Ok(m @ JsonRpcMessage::Error(_)) =
                 serde_json::from_slice::<rmcp::model::ServerJsonRpcMessage>(&body)
             {
                 return Ok(StreamableHttpPostResponse::Json(m, session));
+            }
+            if let Some(e) = status_error {
+                return Err(e.into());
             }
             return Err(StreamableHttpError::UnexpectedServerResponse(Cow::Owned(
                 format!("HTTP {status}: {}", String::from_utf8_lossy(&body)),
