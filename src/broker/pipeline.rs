@@ -16,12 +16,11 @@ use std::time::{Duration, Instant};
 use rmcp::{
     ErrorData,
     model::{
-        CallToolRequest, CallToolRequestParams, CallToolResponse, ClientRequest, CompleteRequest,
-        CompleteRequestParams, CompleteResult, GetPromptRequest, GetPromptRequestParams,
-        GetPromptResponse, LoggingLevel, ReadResourceRequest, ReadResourceRequestParams,
-        ReadResourceResponse, Reference, RequestId, RequestMetaObject, ResourceContents,
-        ServerResult, SetLevelRequest, SetLevelRequestParams, SubscribeRequest,
-        SubscribeRequestParams, UnsubscribeRequest, UnsubscribeRequestParams,
+        CallToolRequestParams, CallToolResponse, ClientRequest, CompleteRequest,
+        CompleteRequestParams, CompleteResult, GetPromptRequestParams, GetPromptResponse,
+        LoggingLevel, ReadResourceRequestParams, ReadResourceResponse, Reference, RequestId,
+        RequestMetaObject, ResourceContents, ServerResult, SetLevelRequest, SetLevelRequestParams,
+        SubscribeRequest, SubscribeRequestParams, UnsubscribeRequest, UnsubscribeRequestParams,
     },
 };
 use tokio::sync::OwnedSemaphorePermit;
@@ -29,13 +28,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{CallRecord, Outcome};
 use crate::auth::Caller;
+use crate::catalog::Item;
 use crate::limits::{Refusal, retry_hint, tool_key};
 use crate::metrics;
 use crate::policy::Kind;
+use crate::upstream::raw;
 
 use super::errors::{Failure, service_error, tool_error_text, unexpected};
 use super::forward::Call;
-use super::lists::{ListOf, Listed};
+use super::lists::ListOf;
 use super::sessions::rank;
 use super::state::State;
 use super::{Broker, Downstream};
@@ -54,7 +55,8 @@ pub enum Op {
 
 /// Its answer.
 pub enum Reply {
-    Listed(Listed),
+    /// The items of one list the caller may see, as the upstreams sent them (names/URIs namespaced).
+    Listed(Vec<Item>),
     Tool(CallToolResponse),
     Prompt(GetPromptResponse),
     Resource(ReadResourceResponse),
@@ -126,7 +128,9 @@ impl Broker {
             Op::GetPrompt(p) => rec.arguments(p.arguments.as_ref()),
             _ => {}
         }
-        let r = self.run(caller, op, &down, &ct, &mut rec).await;
+        // Boxed: the pipeline's state is large; on the heap it cannot overflow the stack of the task
+        // that polls it (seen with 2026-07-28 stateless calls in debug builds).
+        let r = Box::pin(self.run(caller, op, &down, &ct, &mut rec)).await;
         match r {
             Ok(reply) => Ok(reply),
             Err(f) => {
@@ -224,7 +228,7 @@ impl Broker {
             op => {
                 let what = op.kind();
                 let req = upstream_request(op, &original);
-                let result = self.forward(&st, call, req, rec).await?;
+                let result = raw::typed(self.forward(&st, call, req, rec).await?);
                 self.map_result(&server, what, result)?
             }
         };
@@ -601,20 +605,22 @@ impl Broker {
 /// The request to send upstream, with the exposed name replaced by the upstream's own.
 fn upstream_request(op: Op, original: &str) -> ClientRequest {
     match op {
+        // Sent as custom requests so their results come back as the upstream's JSON (see
+        // `upstream::raw`): the front relays that, the broker decides on its typed form.
         Op::CallTool(mut p) => {
             p.name = original.to_string().into();
             p.meta = forwardable_meta(p.meta.take());
-            ClientRequest::CallToolRequest(CallToolRequest::new(p))
+            raw::custom_request("tools/call", &p)
         }
         Op::GetPrompt(mut p) => {
             p.name = original.to_string();
             p.meta = forwardable_meta(p.meta.take());
-            ClientRequest::GetPromptRequest(GetPromptRequest::new(p))
+            raw::custom_request("prompts/get", &p)
         }
         Op::ReadResource(mut p) => {
             p.uri = original.to_string();
             p.meta = forwardable_meta(p.meta.take());
-            ClientRequest::ReadResourceRequest(ReadResourceRequest::new(p))
+            raw::custom_request("resources/read", &p)
         }
         Op::Complete(mut p) => {
             match &mut p.r#ref {

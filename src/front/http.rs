@@ -118,7 +118,8 @@ pub fn router(
         }
     }
     let limit = BodyLimit(cfg.max_request_body);
-    app.layer(middleware::from_fn_with_state(state, gate))
+    app.layer(middleware::from_fn_with_state(limit, relay_rename))
+        .layer(middleware::from_fn_with_state(state, gate))
         .layer(middleware::from_fn_with_state(limit, jsonrpc_errors))
         .layer(middleware::from_fn(normalize_accept))
         .layer(middleware::from_fn_with_state(posts, track_posts))
@@ -509,6 +510,27 @@ async fn jsonrpc_errors(State(limit): State<BodyLimit>, req: Request, next: Next
         return rpc_error(-32600, msg);
     }
     resp
+}
+
+/// Lists and calls go on to rmcp under a private method, so the front can answer them with the
+/// upstreams' raw JSON (see `relay`). The innermost layer: the auth gate (step-up) sees the
+/// original request.
+async fn relay_rename(State(limit): State<BodyLimit>, req: Request, next: Next) -> Response {
+    if req.method() != Method::POST {
+        return next.run(req).await;
+    }
+    let (mut parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, limit.0).await else {
+        return plain(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body exceeds {} bytes", limit.0),
+        );
+    };
+    let body = match super::relay::rename_request(&bytes, &mut parts.headers) {
+        Some(renamed) => Body::from(renamed),
+        None => Body::from(bytes),
+    };
+    next.run(Request::from_parts(parts, body)).await
 }
 
 fn rpc_error(code: i64, message: &str) -> Response {

@@ -17,16 +17,18 @@ use rmcp::{
         Implementation, InitializeRequestParams, InitializeResult, ListPromptsResult,
         ListResourceTemplatesResult, ListResourcesResult, ListToolsResult, PaginatedRequestParams,
         ProtocolVersion, ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities,
-        ServerConfig, SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter,
-        UnsubscribeRequestParams,
+        ServerConfig, ServerResult, SetLevelRequestParams, SubscribeRequestParams,
+        SubscriptionFilter, UnsubscribeRequestParams,
     },
     service::{RequestContext, SubscriptionContext},
 };
 
 use crate::auth::Caller;
-use crate::broker::lists::{ListOf, Listed};
+use crate::broker::lists::ListOf;
 use crate::broker::{Broker, Downstream, Op, Reply};
+use crate::front::relay;
 use crate::upstream::ListKind;
+use crate::upstream::raw;
 
 #[derive(Clone)]
 pub struct Front {
@@ -127,14 +129,164 @@ pub fn caller_of(ctx: &RequestContext<RoleServer>) -> Caller {
     }
 }
 
-fn no_cursor(p: &Option<PaginatedRequestParams>) -> Result<(), ErrorData> {
+fn cursor_of(p: &Option<PaginatedRequestParams>) -> Option<String> {
+    p.as_ref().and_then(|p| p.cursor.clone())
+}
+
+fn no_cursor(cursor: Option<&str>) -> Result<(), ErrorData> {
     // Every list fits one page; a cursor can only be one the broker never issued.
-    match p.as_ref().and_then(|p| p.cursor.as_deref()) {
+    match cursor {
         Some(c) if !c.is_empty() => Err(ErrorData::invalid_params(
             format!("invalid cursor `{c}`"),
             None,
         )),
         _ => Ok(()),
+    }
+}
+
+/// Does the request speak 2026-07-28 or later (as rmcp decides before shaping typed results)?
+fn is_modern(ctx: &RequestContext<RoleServer>) -> bool {
+    ctx.protocol_version()
+        .is_some_and(|v| v.as_str() >= ProtocolVersion::V_2026_07_28.as_str())
+}
+
+fn params_of<T: serde::de::DeserializeOwned>(
+    method: &str,
+    params: Option<serde_json::Value>,
+) -> Result<T, ErrorData> {
+    serde_json::from_value(params.unwrap_or_default())
+        .map_err(|e| ErrorData::invalid_params(format!("invalid params for `{method}`: {e}"), None))
+}
+
+/// The JSON answer to a call: the upstream's own result when the broker relayed one unchanged
+/// (`raw`), else the broker's typed response shaped as rmcp shapes typed results.
+fn call_result(
+    typed: ServerResult,
+    raw: Option<serde_json::Value>,
+    modern: bool,
+) -> Result<serde_json::Value, ErrorData> {
+    let complete = matches!(
+        typed,
+        ServerResult::CallToolResult(_)
+            | ServerResult::GetPromptResult(_)
+            | ServerResult::ReadResourceResult(_)
+    );
+    if complete && let Some(serde_json::Value::Object(mut o)) = raw {
+        if modern {
+            o.entry("resultType").or_insert_with(|| "complete".into());
+            if matches!(typed, ServerResult::ReadResourceResult(_)) {
+                o.entry("ttlMs").or_insert_with(|| 0.into());
+                o.entry("cacheScope").or_insert_with(|| "private".into());
+            }
+        } else if o.get("resultType").and_then(|t| t.as_str()) == Some("complete") {
+            o.shift_remove("resultType");
+        }
+        return Ok(serde_json::Value::Object(o));
+    }
+    let mut typed = typed;
+    if matches!(typed, ServerResult::InputRequiredResult(_)) && !modern {
+        return Err(ErrorData::invalid_request(
+            "InputRequiredResult requires negotiated protocol version 2026-07-28 or newer",
+            None,
+        ));
+    }
+    if modern {
+        typed.fill_missing_cache_hints();
+    } else {
+        typed.strip_result_type_for_legacy_peer();
+    }
+    serde_json::to_value(typed).map_err(|e| ErrorData::internal_error(e.to_string(), None))
+}
+
+/// A raw list result decoded into rmcp's type (loses what rmcp does not model).
+fn typed<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, ErrorData> {
+    serde_json::from_value(v).map_err(|e| ErrorData::internal_error(e.to_string(), None))
+}
+
+impl Front {
+    /// tools/call, prompts/get or resources/read through the broker's pipeline, answered with the
+    /// upstream's raw result.
+    async fn call_raw(
+        &self,
+        method: &str,
+        params: Option<serde_json::Value>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<serde_json::Value, ErrorData> {
+        let modern = is_modern(&ctx);
+        match method {
+            "tools/call" => {
+                let p: CallToolRequestParams = params_of(method, params)?;
+                let declared_tasks = ctx
+                    .client_capabilities()
+                    .is_some_and(|c| c.supports_tasks());
+                let (r, raw) = raw::capture(self.run(Op::CallTool(p), ctx)).await;
+                let Reply::Tool(r) = r? else {
+                    return Err(unexpected_reply());
+                };
+                // SEP-2663, as rmcp checks for typed calls.
+                if matches!(r, CallToolResponse::Task(_)) && !declared_tasks {
+                    return Err(ErrorData::missing_required_client_capability(
+                        rmcp::model::ClientCapabilities::builder()
+                            .enable_tasks()
+                            .build(),
+                    ));
+                }
+                call_result(ServerResult::from(r), raw, modern)
+            }
+            "prompts/get" => {
+                let p: GetPromptRequestParams = params_of(method, params)?;
+                let (r, raw) = raw::capture(self.run(Op::GetPrompt(p), ctx)).await;
+                let Reply::Prompt(r) = r? else {
+                    return Err(unexpected_reply());
+                };
+                call_result(ServerResult::from(r), raw, modern)
+            }
+            _ => {
+                let p: ReadResourceRequestParams = params_of(method, params)?;
+                let exposed = p.uri.clone();
+                let (r, raw) = raw::capture(self.run(Op::ReadResource(p), ctx)).await;
+                let Reply::Resource(r) = r? else {
+                    return Err(unexpected_reply());
+                };
+                // The broker rewrote the typed contents' URIs; the raw ones get the same.
+                let raw = raw.map(|mut v| {
+                    let cat = self.broker.catalog();
+                    if let Some(route) = cat.route_uri(&exposed) {
+                        cat.expose_read_result(&route.server, &mut v);
+                    }
+                    v
+                });
+                call_result(ServerResult::from(r), raw, modern)
+            }
+        }
+    }
+
+    /// One list as JSON, every item as its upstream sent it (name or URI namespaced), filtered for
+    /// the caller by the pipeline (one audit record, kind `list`).
+    async fn list_raw(
+        &self,
+        which: ListOf,
+        cursor: Option<String>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<serde_json::Value, ErrorData> {
+        no_cursor(cursor.as_deref())?;
+        let modern = is_modern(&ctx);
+        let Reply::Listed(items) = self.run(Op::List(which), ctx).await? else {
+            return Err(unexpected_reply());
+        };
+        let mut out = serde_json::Map::new();
+        out.insert(
+            which.field().into(),
+            serde_json::to_value(items).unwrap_or_else(|_| serde_json::Value::Array(Vec::new())),
+        );
+        if modern {
+            // What rmcp adds to its typed list results for 2026-07-28 peers: the result type and
+            // the most conservative SEP-2549 caching hints (the view is per caller).
+            out.insert("resultType".into(), "complete".into());
+            out.insert("ttlMs".into(), 0.into());
+            out.insert("cacheScope".into(), "private".into());
+        }
+        Ok(serde_json::Value::Object(out))
     }
 }
 
@@ -169,16 +321,14 @@ impl ServerHandler for Front {
         self.negotiate_initialize(&request)
     }
 
+    // The list and call methods normally arrive renamed, as custom requests (see `relay`), and are
+    // answered raw by `on_custom_request`; these typed forms serve one that reached rmcp unrenamed.
     async fn list_tools(
         &self,
         p: Option<PaginatedRequestParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        no_cursor(&p)?;
-        match self.run(Op::List(ListOf::Tools), ctx).await? {
-            Reply::Listed(Listed::Tools(t)) => Ok(ListToolsResult::with_all_items(t)),
-            _ => Err(unexpected_reply()),
-        }
+        typed(self.list_raw(ListOf::Tools, cursor_of(&p), ctx).await?)
     }
 
     async fn call_tool(
@@ -197,11 +347,7 @@ impl ServerHandler for Front {
         p: Option<PaginatedRequestParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, ErrorData> {
-        no_cursor(&p)?;
-        match self.run(Op::List(ListOf::Prompts), ctx).await? {
-            Reply::Listed(Listed::Prompts(t)) => Ok(ListPromptsResult::with_all_items(t)),
-            _ => Err(unexpected_reply()),
-        }
+        typed(self.list_raw(ListOf::Prompts, cursor_of(&p), ctx).await?)
     }
 
     async fn get_prompt(
@@ -220,11 +366,7 @@ impl ServerHandler for Front {
         p: Option<PaginatedRequestParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, ErrorData> {
-        no_cursor(&p)?;
-        match self.run(Op::List(ListOf::Resources), ctx).await? {
-            Reply::Listed(Listed::Resources(t)) => Ok(ListResourcesResult::with_all_items(t)),
-            _ => Err(unexpected_reply()),
-        }
+        typed(self.list_raw(ListOf::Resources, cursor_of(&p), ctx).await?)
     }
 
     async fn list_resource_templates(
@@ -232,13 +374,7 @@ impl ServerHandler for Front {
         p: Option<PaginatedRequestParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, ErrorData> {
-        no_cursor(&p)?;
-        match self.run(Op::List(ListOf::Templates), ctx).await? {
-            Reply::Listed(Listed::Templates(t)) => {
-                Ok(ListResourceTemplatesResult::with_all_items(t))
-            }
-            _ => Err(unexpected_reply()),
-        }
+        typed(self.list_raw(ListOf::Templates, cursor_of(&p), ctx).await?)
     }
 
     async fn read_resource(
@@ -290,8 +426,32 @@ impl ServerHandler for Front {
     async fn on_custom_request(
         &self,
         request: CustomRequest,
-        _ctx: RequestContext<RoleServer>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<CustomResult, ErrorData> {
+        if let Some(list) = relay::list_method(&request.method) {
+            let cursor = request
+                .params
+                .as_ref()
+                .and_then(|p| p.get("cursor"))
+                .map(|c| {
+                    c.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| c.to_string())
+                });
+            let which = match list {
+                "tools/list" => ListOf::Tools,
+                "prompts/list" => ListOf::Prompts,
+                "resources/list" => ListOf::Resources,
+                _ => ListOf::Templates,
+            };
+            return Ok(CustomResult(self.list_raw(which, cursor, ctx).await?));
+        }
+        if let Some(call) = relay::call_method(&request.method) {
+            return self
+                .call_raw(call, request.params, ctx)
+                .await
+                .map(CustomResult);
+        }
         // A known method whose params did not decode lands here (rmcp's typed parse failed).
         let known = matches!(request.method.as_str(), "logging/setLevel");
         if known {

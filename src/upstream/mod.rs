@@ -10,10 +10,12 @@
 // 2026-07-28 revision, but Claude and most clients speak 2025-11-25, where they are live.
 #![allow(deprecated)]
 
+mod http_client;
 mod progress;
+pub mod raw;
 mod sse;
+mod stdio;
 
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -29,7 +31,7 @@ use rmcp::{
     },
     service::{InboundStreamOrigin, NotificationContext, Peer, RequestContext, RunningService},
     transport::{
-        ConfigureCommandExt, StreamableHttpClientTransport, TokioChildProcess,
+        ConfigureCommandExt, StreamableHttpClientTransport,
         streamable_http_client::StreamableHttpClientTransportConfig,
     },
 };
@@ -37,7 +39,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::Listing;
+use crate::catalog::{Item, Listing};
 use crate::config::{Secret, ServerConfig, TransportConfig};
 
 pub use progress::ProgressRouter;
@@ -652,9 +654,7 @@ impl Upstream {
                 // Own process group, so stopping it reaches grandchildren (npx → sh → node).
                 wrap.wrap(process_wrap::tokio::ProcessGroup::leader());
                 wrap.wrap(process_wrap::tokio::KillOnDrop);
-                let (transport, stderr) = TokioChildProcess::builder(wrap)
-                    .stderr(Stdio::piped())
-                    .spawn()
+                let (transport, stderr) = stdio::StdioTransport::spawn(self.name.clone(), wrap)
                     .map_err(|source| UpstreamError::Spawn {
                         command: command.clone(),
                         source,
@@ -685,7 +685,10 @@ impl Upstream {
                 }
                 let cfg = StreamableHttpClientTransportConfig::with_uri(url.as_str())
                     .custom_headers(custom);
-                let transport = StreamableHttpClientTransport::with_client(self.http.clone(), cfg);
+                let client = http_client::RawHttpClient {
+                    inner: self.http.clone(),
+                };
+                let transport = StreamableHttpClientTransport::with_client(client, cfg);
                 handler
                     .serve(ProgressTap::new(transport, router))
                     .await
@@ -739,38 +742,115 @@ impl Upstream {
 }
 
 /// Everything the server lists, following pagination cursors. A kind the server does not declare,
-/// or fails to list, counts as empty (logged): one broken list must not hide the others.
+/// or fails to list, counts as empty (logged): one broken list must not hide the others. Items are
+/// kept as the upstream sent them ([`crate::catalog::Item`]).
 async fn fetch_listing(
     server: &str,
     peer: &Peer<RoleClient>,
     info: Option<&ServerPeerInfo>,
 ) -> Listing {
+    use crate::catalog::{PROMPT_KEY, RESOURCE_KEY, TEMPLATE_KEY, TOOL_KEY};
     let caps = info.map(|i| &i.capabilities);
     let has = |f: fn(&rmcp::model::ServerCapabilities) -> bool| caps.is_none_or(f);
     let mut l = Listing::default();
-    if has(|c| c.tools.is_some()) {
-        match peer.list_all_tools().await {
-            Ok(t) => l.tools = t,
-            Err(e) => tracing::warn!(server, error = %e, "tools/list failed"),
+    let lists: [(&str, &str, &str, &mut Vec<Item>, bool); 4] = [
+        (
+            "tools/list",
+            "tools",
+            TOOL_KEY,
+            &mut l.tools,
+            has(|c| c.tools.is_some()),
+        ),
+        (
+            "prompts/list",
+            "prompts",
+            PROMPT_KEY,
+            &mut l.prompts,
+            has(|c| c.prompts.is_some()),
+        ),
+        (
+            "resources/list",
+            "resources",
+            RESOURCE_KEY,
+            &mut l.resources,
+            has(|c| c.resources.is_some()),
+        ),
+        (
+            "resources/templates/list",
+            "resourceTemplates",
+            TEMPLATE_KEY,
+            &mut l.templates,
+            has(|c| c.resources.is_some()),
+        ),
+    ];
+    for (method, field, key, out, declared) in lists {
+        if !declared {
+            continue;
         }
-    }
-    if has(|c| c.prompts.is_some()) {
-        match peer.list_all_prompts().await {
-            Ok(p) => l.prompts = p,
-            Err(e) => tracing::warn!(server, error = %e, "prompts/list failed"),
-        }
-    }
-    if has(|c| c.resources.is_some()) {
-        match peer.list_all_resources().await {
-            Ok(r) => l.resources = r,
-            Err(e) => tracing::warn!(server, error = %e, "resources/list failed"),
-        }
-        match peer.list_all_resource_templates().await {
-            Ok(t) => l.templates = t,
-            Err(e) => tracing::warn!(server, error = %e, "resources/templates/list failed"),
+        match list_raw(server, peer, method, field, key).await {
+            Ok(items) => *out = items,
+            Err(e) => tracing::warn!(server, error = %e, "{method} failed"),
         }
     }
     l
+}
+
+/// The most pages one list may take (a server that keeps returning new cursors stops here).
+const MAX_PAGES: usize = 1000;
+
+/// One list, all pages, each item exactly as sent; an item without its string `key` is skipped.
+async fn list_raw(
+    server: &str,
+    peer: &Peer<RoleClient>,
+    method: &str,
+    field: &str,
+    key: &str,
+) -> Result<Vec<Item>, String> {
+    let mut items = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..MAX_PAGES {
+        let params = cursor.as_ref().map(|c| serde_json::json!({ "cursor": c }));
+        let request = rmcp::model::ClientRequest::CustomRequest(rmcp::model::CustomRequest::new(
+            method, params,
+        ));
+        let result = peer
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let serde_json::Value::Object(mut page) = raw::into_value(result) else {
+            return Err("the result is not an object".into());
+        };
+        match page.remove(field) {
+            Some(serde_json::Value::Array(list)) => {
+                for v in list {
+                    match v {
+                        serde_json::Value::Object(o)
+                            if o.get(key).is_some_and(|n| n.is_string()) =>
+                        {
+                            items.push(Item::new(o))
+                        }
+                        _ => tracing::warn!(
+                            server,
+                            "{method}: skipping an item without a string `{key}`"
+                        ),
+                    }
+                }
+            }
+            None => {}
+            Some(_) => return Err(format!("`{field}` is not an array")),
+        }
+        match page.get("nextCursor").and_then(|c| c.as_str()) {
+            Some(c) if !c.is_empty() && cursor.as_deref() != Some(c) => {
+                cursor = Some(c.to_string())
+            }
+            _ => return Ok(items),
+        }
+    }
+    tracing::warn!(
+        server,
+        "{method}: more than {MAX_PAGES} pages; keeping what was listed"
+    );
+    Ok(items)
 }
 
 /// The broker's client-side handler for one upstream connection: forwards what the upstream says.

@@ -106,7 +106,10 @@ impl<T: Transport<RoleClient>> Transport<RoleClient> for ProgressTap<T> {
     }
 
     async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleClient>> {
-        let msg = self.inner.receive().await;
+        let mut msg = self.inner.receive().await;
+        if let Some(m) = &mut msg {
+            super::raw::unmark(m);
+        }
         if let Some(JsonRpcMessage::Notification(n)) = &msg
             && let ServerNotification::ProgressNotification(p) = &n.notification
         {

@@ -14,6 +14,8 @@ use rmcp::{
 };
 use tokio::sync::mpsc;
 
+use super::raw::RawIds;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SseError {
     #[error("GET {url}: {source}")]
@@ -34,6 +36,8 @@ pub struct SseTransport {
     headers: reqwest::header::HeaderMap,
     rx: mpsc::Receiver<RxJsonRpcMessage<RoleClient>>,
     reader: tokio::task::JoinHandle<()>,
+    /// Requests sent as custom requests: their results are kept raw ([`super::raw`]).
+    ids: RawIds,
 }
 
 impl SseTransport {
@@ -77,12 +81,14 @@ impl SseTransport {
             return Err(SseError::ForeignEndpoint(post_url.to_string()));
         }
         let (tx, rx) = mpsc::channel(256);
+        let ids = RawIds::default();
+        let decode = ids.clone();
         let reader = tokio::spawn(async move {
             while let Some(ev) = events.next().await {
                 match ev {
                     Ok(ev) if ev.event.as_deref().unwrap_or("message") == "message" => {
                         let Some(data) = ev.data else { continue };
-                        match serde_json::from_str::<RxJsonRpcMessage<RoleClient>>(&data) {
+                        match decode.decode(&data) {
                             Ok(m) => {
                                 if tx.send(m).await.is_err() {
                                     break;
@@ -108,6 +114,7 @@ impl SseTransport {
             headers,
             rx,
             reader,
+            ids,
         })
     }
 }
@@ -119,6 +126,7 @@ impl Transport<RoleClient> for SseTransport {
         &mut self,
         item: TxJsonRpcMessage<RoleClient>,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static {
+        self.ids.note(&item);
         let req = self
             .http
             .post(self.post_url.as_ref())

@@ -1,0 +1,336 @@
+//! The Streamable HTTP client: rmcp's reqwest client, except that a custom request is POSTed here so
+//! its result reaches rmcp raw ([`super::raw`]): a JSON reply is decoded here, an SSE reply's
+//! response event is marked for the progress tap to unmark. Everything else (notifications,
+//! responses, typed requests, the GET stream, DELETE) goes through rmcp's own implementation.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use http::{HeaderName, HeaderValue};
+use rmcp::model::{ClientJsonRpcMessage, ClientRequest, JsonRpcMessage, RequestId};
+use rmcp::transport::streamable_http_client::{
+    HttpStatusError, StreamableHttpClient, StreamableHttpError, StreamableHttpPostResponse,
+};
+use sse_stream::{Error as SseError, Sse};
+
+use super::raw::{RawIds, mark};
+
+/// Bound on a JSON reply read here (rmcp's own limit for JSON replies).
+const MAX_JSON: usize = 16 * 1024 * 1024;
+/// Bound on an error body kept for the message.
+const MAX_ERROR: usize = 64 * 1024;
+/// Bound on one SSE event when rmcp does not pass one (rmcp's default).
+const DEFAULT_MAX_EVENT: usize = 16 * 1024 * 1024;
+
+type HttpError = StreamableHttpError<reqwest::Error>;
+
+#[derive(Clone)]
+pub struct RawHttpClient {
+    pub inner: reqwest::Client,
+}
+
+fn custom_request_id(message: &ClientJsonRpcMessage) -> Option<RequestId> {
+    match message {
+        JsonRpcMessage::Request(r) if matches!(r.request, ClientRequest::CustomRequest(_)) => {
+            Some(r.id.clone())
+        }
+        _ => None,
+    }
+}
+
+/// The response body, failing once an SSE event (the bytes between blank lines) exceeds `max`, so
+/// an upstream cannot make the broker buffer an endless event.
+fn bounded_events<S, B, E>(
+    body: S,
+    max: usize,
+) -> impl futures::Stream<Item = Result<B, std::io::Error>> + Send + 'static
+where
+    S: futures::Stream<Item = Result<B, E>> + Send + 'static,
+    B: AsRef<[u8]>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let mut since = 0usize;
+    let mut newline = false;
+    body.map(move |chunk| {
+        let chunk = chunk.map_err(std::io::Error::other)?;
+        for &b in chunk.as_ref() {
+            match b {
+                b'\r' => {}
+                b'\n' => {
+                    if newline {
+                        since = 0;
+                    }
+                    newline = true;
+                }
+                _ => {
+                    newline = false;
+                    since += 1;
+                    if since > max {
+                        return Err(std::io::Error::other(format!(
+                            "an SSE event from the upstream exceeds {max} bytes"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(chunk)
+    })
+}
+
+async fn read_bounded(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, HttpError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() + chunk.len() > max {
+            return Err(StreamableHttpError::ResponseBodyTooLarge { max_size: max });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+impl RawHttpClient {
+    async fn post_custom(
+        &self,
+        uri: Arc<str>,
+        message: ClientJsonRpcMessage,
+        session_id: Option<Arc<str>>,
+        auth_token: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+        max_event: usize,
+    ) -> Result<StreamableHttpPostResponse, HttpError> {
+        let Some(id) = custom_request_id(&message) else {
+            return Err(StreamableHttpError::UnexpectedServerResponse(
+                Cow::Borrowed("not a custom request"),
+            ));
+        };
+        let mut req = self
+            .inner
+            .post(uri.as_ref())
+            .header(http::header::ACCEPT, "text/event-stream, application/json");
+        if let Some(t) = auth_token {
+            req = req.bearer_auth(t);
+        }
+        for (k, v) in custom_headers {
+            req = req.header(k, v);
+        }
+        let had_session = session_id.is_some();
+        if let Some(s) = session_id {
+            req = req.header("mcp-session-id", s.as_ref());
+        }
+        let resp = req.json(&message).send().await?;
+        let status = resp.status();
+        if matches!(
+            status,
+            reqwest::StatusCode::ACCEPTED | reqwest::StatusCode::NO_CONTENT
+        ) {
+            return Ok(StreamableHttpPostResponse::Accepted);
+        }
+        if status == reqwest::StatusCode::NOT_FOUND && had_session {
+            return Err(StreamableHttpError::SessionExpired);
+        }
+        let content_type = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_ascii_lowercase);
+        let session = resp
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if !status.is_success() {
+            // As rmcp's client: 429 and 5xx keep their status (and Retry-After) unless a JSON-RPC
+            // error in the body says more.
+            let status_error = (status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                || status.is_server_error())
+            .then(|| {
+                let retry_after = resp
+                    .headers()
+                    .get(http::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                HttpStatusError::new(status.as_u16(), retry_after)
+            });
+            let body = read_bounded(resp, MAX_ERROR).await.unwrap_or_default();
+            // A JSON-RPC error in the body is the answer (passed on as the upstream's error).
+            if let Ok(m @ JsonRpcMessage::Error(_)) =
+                serde_json::from_slice::<rmcp::model::ServerJsonRpcMessage>(&body)
+            {
+                return Ok(StreamableHttpPostResponse::Json(m, session));
+            }
+            if let Some(e) = status_error {
+                return Err(e.into());
+            }
+            return Err(StreamableHttpError::UnexpectedServerResponse(Cow::Owned(
+                format!("HTTP {status}: {}", String::from_utf8_lossy(&body)),
+            )));
+        }
+        match content_type.as_deref() {
+            Some(ct) if ct.starts_with("text/event-stream") => {
+                let body = bounded_events(resp.bytes_stream(), max_event);
+                let events = sse_stream::SseStream::from_bytes_stream(body).map(move |ev| {
+                    ev.map(|mut ev| {
+                        if let Some(marked) = ev.data.as_deref().and_then(|d| mark(d, &id)) {
+                            ev.data = Some(marked);
+                        }
+                        ev
+                    })
+                });
+                let events: BoxStream<'static, Result<Sse, SseError>> = events.boxed();
+                Ok(StreamableHttpPostResponse::Sse(events, session))
+            }
+            Some(ct) if ct.starts_with("application/json") => {
+                let body = read_bounded(resp, MAX_JSON).await?;
+                let text = std::str::from_utf8(&body).map_err(|e| {
+                    StreamableHttpError::UnexpectedServerResponse(Cow::Owned(e.to_string()))
+                })?;
+                let ids = RawIds::default();
+                ids.note(&message);
+                let m = ids.decode(text)?;
+                Ok(StreamableHttpPostResponse::Json(m, session))
+            }
+            other => Err(StreamableHttpError::UnexpectedContentType(
+                other.map(str::to_string),
+            )),
+        }
+    }
+}
+
+impl StreamableHttpClient for RawHttpClient {
+    type Error = reqwest::Error;
+
+    async fn post_message(
+        &self,
+        uri: Arc<str>,
+        message: ClientJsonRpcMessage,
+        session_id: Option<Arc<str>>,
+        auth_header: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+    ) -> Result<StreamableHttpPostResponse, HttpError> {
+        match custom_request_id(&message) {
+            Some(_) => {
+                self.post_custom(
+                    uri,
+                    message,
+                    session_id,
+                    auth_header,
+                    custom_headers,
+                    DEFAULT_MAX_EVENT,
+                )
+                .await
+            }
+            None => {
+                self.inner
+                    .post_message(uri, message, session_id, auth_header, custom_headers)
+                    .await
+            }
+        }
+    }
+
+    async fn post_message_with_max_sse_event_size(
+        &self,
+        uri: Arc<str>,
+        message: ClientJsonRpcMessage,
+        session_id: Option<Arc<str>>,
+        auth_header: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+        max_sse_event_size: usize,
+    ) -> Result<StreamableHttpPostResponse, HttpError> {
+        match custom_request_id(&message) {
+            Some(_) => {
+                self.post_custom(
+                    uri,
+                    message,
+                    session_id,
+                    auth_header,
+                    custom_headers,
+                    max_sse_event_size,
+                )
+                .await
+            }
+            None => {
+                self.inner
+                    .post_message_with_max_sse_event_size(
+                        uri,
+                        message,
+                        session_id,
+                        auth_header,
+                        custom_headers,
+                        max_sse_event_size,
+                    )
+                    .await
+            }
+        }
+    }
+
+    async fn delete_session(
+        &self,
+        uri: Arc<str>,
+        session_id: Arc<str>,
+        auth_header: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+    ) -> Result<(), HttpError> {
+        self.inner
+            .delete_session(uri, session_id, auth_header, custom_headers)
+            .await
+    }
+
+    async fn get_stream(
+        &self,
+        uri: Arc<str>,
+        session_id: Option<Arc<str>>,
+        last_event_id: Option<String>,
+        auth_header: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+    ) -> Result<BoxStream<'static, Result<Sse, SseError>>, HttpError> {
+        self.inner
+            .get_stream(uri, session_id, last_event_id, auth_header, custom_headers)
+            .await
+    }
+
+    async fn get_stream_with_max_sse_event_size(
+        &self,
+        uri: Arc<str>,
+        session_id: Option<Arc<str>>,
+        last_event_id: Option<String>,
+        auth_header: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+        max_sse_event_size: usize,
+    ) -> Result<BoxStream<'static, Result<Sse, SseError>>, HttpError> {
+        self.inner
+            .get_stream_with_max_sse_event_size(
+                uri,
+                session_id,
+                last_event_id,
+                auth_header,
+                custom_headers,
+                max_sse_event_size,
+            )
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sse_events_are_bounded() {
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+            Ok(b"data: 12345\n\n".to_vec()),
+            Ok(b"data: 1234".to_vec()),
+            Ok(b"5\r\n\r\ndata: 123456789012345".to_vec()),
+        ];
+        let out: Vec<_> = bounded_events(futures::stream::iter(chunks), 12)
+            .collect()
+            .await;
+        assert!(
+            out[0].is_ok() && out[1].is_ok(),
+            "events within the bound pass"
+        );
+        assert!(out[2].is_err(), "an event past the bound ends the stream");
+    }
+}

@@ -1,0 +1,176 @@
+//! Stdio client transport: newline-delimited JSON-RPC over a child's stdin/stdout.
+//!
+//! Ours rather than rmcp's `TokioChildProcess` because the bytes must be seen to keep the results
+//! of custom requests raw ([`super::raw`]). Shutdown follows the MCP stdio sequence as rmcp's does:
+//! close stdin, wait, SIGTERM the process group, wait, kill.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use process_wrap::tokio::{ChildWrapper, CommandWrap};
+use rmcp::{
+    RoleClient,
+    service::{RxJsonRpcMessage, TxJsonRpcMessage},
+    transport::Transport,
+};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{ChildStderr, ChildStdin};
+use tokio::sync::mpsc;
+
+use super::raw::RawIds;
+
+/// How long a child gets to exit after stdin closes, and again after SIGTERM.
+const EXIT_WAIT: Duration = Duration::from_secs(3);
+/// The longest line read from a child (a bigger message ends the connection).
+const MAX_LINE: usize = 64 * 1024 * 1024;
+
+pub struct StdioTransport {
+    child: Option<Box<dyn ChildWrapper>>,
+    stdin: Arc<tokio::sync::Mutex<Option<ChildStdin>>>,
+    rx: mpsc::Receiver<RxJsonRpcMessage<RoleClient>>,
+    ids: RawIds,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl StdioTransport {
+    /// Spawn `cmd` with piped stdio; returns the transport and the child's stderr.
+    pub fn spawn(
+        server: Arc<str>,
+        mut cmd: CommandWrap,
+    ) -> std::io::Result<(Self, Option<ChildStderr>)> {
+        cmd.command_mut()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn()?;
+        let stdout = child
+            .stdout()
+            .take()
+            .ok_or_else(|| std::io::Error::other("no stdout"))?;
+        let stdin = child
+            .stdin()
+            .take()
+            .ok_or_else(|| std::io::Error::other("no stdin"))?;
+        let stderr = child.stderr().take();
+        let ids = RawIds::default();
+        let (tx, rx) = mpsc::channel(256);
+        let decode = ids.clone();
+        let reader = tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stdout);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match (&mut lines)
+                    .take(MAX_LINE as u64)
+                    .read_until(b'\n', &mut buf)
+                    .await
+                {
+                    Ok(0) => break,
+                    Ok(_) if buf.last() != Some(&b'\n') && buf.len() >= MAX_LINE => {
+                        tracing::warn!(server = %server, "upstream message exceeds {MAX_LINE} bytes");
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(server = %server, error = %e, "reading the upstream's stdout failed");
+                        break;
+                    }
+                }
+                let Ok(text) = std::str::from_utf8(&buf) else {
+                    tracing::warn!(server = %server, "upstream wrote a line that is not UTF-8");
+                    continue;
+                };
+                let text = text.trim();
+                if text.is_empty() {
+                    continue;
+                }
+                match decode.decode(text) {
+                    Ok(m) => {
+                        if tx.send(m).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(server = %server, error = %e, "unparsable message from upstream")
+                    }
+                }
+            }
+        });
+        Ok((
+            Self {
+                child: Some(child),
+                stdin: Arc::new(tokio::sync::Mutex::new(Some(stdin))),
+                rx,
+                ids,
+                reader,
+            },
+            stderr,
+        ))
+    }
+}
+
+impl Transport<RoleClient> for StdioTransport {
+    type Error = std::io::Error;
+
+    fn send(
+        &mut self,
+        item: TxJsonRpcMessage<RoleClient>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static {
+        self.ids.note(&item);
+        let line = serde_json::to_vec(&item).map(|mut v| {
+            v.push(b'\n');
+            v
+        });
+        let stdin = self.stdin.clone();
+        async move {
+            let line = line.map_err(std::io::Error::other)?;
+            let mut guard = stdin.lock().await;
+            let w = guard
+                .as_mut()
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "closed"))?;
+            w.write_all(&line).await?;
+            w.flush().await
+        }
+    }
+
+    fn receive(&mut self) -> impl Future<Output = Option<RxJsonRpcMessage<RoleClient>>> + Send {
+        self.rx.recv()
+    }
+
+    async fn close(&mut self) -> Result<(), Self::Error> {
+        self.stdin.lock().await.take();
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        if tokio::time::timeout(EXIT_WAIT, child.wait()).await.is_err() {
+            #[cfg(unix)]
+            {
+                const SIGTERM: i32 = 15;
+                let _ = child.signal(SIGTERM);
+                if tokio::time::timeout(EXIT_WAIT, child.wait()).await.is_ok() {
+                    self.reader.abort();
+                    return Ok(());
+                }
+            }
+            Box::into_pin(child.kill()).await?;
+        }
+        self.reader.abort();
+        Ok(())
+    }
+}
+
+impl Drop for StdioTransport {
+    fn drop(&mut self) {
+        self.reader.abort();
+        if let Some(mut child) = self.child.take() {
+            // `kill` (not `start_kill`) also reaps it, so no zombie is left.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = Box::into_pin(child.kill()).await;
+                });
+            } else {
+                let _ = child.start_kill();
+            }
+        }
+    }
+}
