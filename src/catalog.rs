@@ -13,6 +13,67 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Config, NameFilter};
 
+/// What an item is. One type for the catalog's sections, policy decisions, audit records and
+/// list-change events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Tool,
+    Prompt,
+    Resource,
+    Template,
+}
+
+impl Kind {
+    /// The kinds that have a list and a `list_changed` notification (templates change with resources).
+    pub const LISTED: [Kind; 3] = [Kind::Tool, Kind::Prompt, Kind::Resource];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Tool => "tool",
+            Kind::Prompt => "prompt",
+            Kind::Resource => "resource",
+            Kind::Template => "resource_template",
+        }
+    }
+
+    /// Templates are decided, listed-as-changed and fingerprinted with resources.
+    pub fn family(self) -> Kind {
+        match self {
+            Kind::Template => Kind::Resource,
+            k => k,
+        }
+    }
+
+    /// Position among [`Kind::LISTED`] (a template counts as a resource).
+    pub fn index(self) -> usize {
+        match self.family() {
+            Kind::Tool => 0,
+            Kind::Prompt => 1,
+            _ => 2,
+        }
+    }
+
+    /// The list method's result field that holds items of this kind.
+    pub fn list_field(self) -> &'static str {
+        match self {
+            Kind::Tool => "tools",
+            Kind::Prompt => "prompts",
+            Kind::Resource => "resources",
+            Kind::Template => "resourceTemplates",
+        }
+    }
+
+    /// The name of this kind's list (the audit record of a list names it).
+    pub fn list_name(self) -> &'static str {
+        match self {
+            Kind::Tool => "tools",
+            Kind::Prompt => "prompts",
+            Kind::Resource => "resources",
+            Kind::Template => "resource_templates",
+        }
+    }
+}
+
 /// The longest exposed name Claude accepts.
 pub const MAX_NAME: usize = 64;
 
@@ -370,15 +431,15 @@ impl Catalog {
         self.fingerprint_where(&|_, _, _| true)
     }
 
-    /// [`Self::fingerprint`] over the entries `keep(kind, server, original)` admits; `kind` is 0 for
-    /// tools, 1 for prompts, 2 for resources and templates.
-    pub fn fingerprint_where(&self, keep: &dyn Fn(u8, &str, &str) -> bool) -> [u64; 3] {
+    /// [`Self::fingerprint`] over the entries `keep(kind, server, original)` admits (templates count
+    /// with resources).
+    pub fn fingerprint_where(&self, keep: &dyn Fn(Kind, &str, &str) -> bool) -> [u64; 3] {
         use std::hash::{Hash, Hasher};
         fn section<T: serde::Serialize>(
             s: &mut std::collections::hash_map::DefaultHasher,
             sec: &Section<T>,
-            kind: u8,
-            keep: &dyn Fn(u8, &str, &str) -> bool,
+            kind: Kind,
+            keep: &dyn Fn(Kind, &str, &str) -> bool,
         ) {
             let hashes = sec.hashes.get_or_init(|| {
                 sec.entries
@@ -400,14 +461,14 @@ impl Catalog {
         }
         let mut out = [0u64; 3];
         let mut t = std::collections::hash_map::DefaultHasher::new();
-        section(&mut t, &self.tools, 0, keep);
+        section(&mut t, &self.tools, Kind::Tool, keep);
         out[0] = t.finish();
         let mut p = std::collections::hash_map::DefaultHasher::new();
-        section(&mut p, &self.prompts, 1, keep);
+        section(&mut p, &self.prompts, Kind::Prompt, keep);
         out[1] = p.finish();
         let mut r = std::collections::hash_map::DefaultHasher::new();
-        section(&mut r, &self.resources, 2, keep);
-        section(&mut r, &self.templates, 2, keep);
+        section(&mut r, &self.resources, Kind::Resource, keep);
+        section(&mut r, &self.templates, Kind::Template, keep);
         out[2] = r.finish();
         out
     }

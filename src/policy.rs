@@ -92,23 +92,8 @@ impl RegoPolicy {
     }
 }
 
-/// What is being decided on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Tool,
-    Prompt,
-    Resource,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Tool => "tool",
-            Kind::Prompt => "prompt",
-            Kind::Resource => "resource",
-        }
-    }
-}
+/// What is being decided on (a template is decided as a resource).
+pub use crate::catalog::Kind;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
@@ -298,7 +283,7 @@ fn applies(r: &PolicyRule, server: &str, kind: Kind, name: &str) -> bool {
     let selector = match kind {
         Kind::Tool => &r.tools,
         Kind::Prompt => &r.prompts,
-        Kind::Resource => &r.resources,
+        Kind::Resource | Kind::Template => &r.resources,
     };
     selector.as_ref().is_some_and(|g| g.matches(name))
 }

@@ -9,57 +9,23 @@ use std::time::Duration;
 
 use crate::audit::CallRecord;
 use crate::auth::Caller;
+use crate::catalog::Kind;
 use crate::catalog::{Catalog, Collision, Entry, Item, Listing};
-use crate::policy::{Decision, Kind};
-use crate::upstream::ListKind;
+use crate::policy::Decision;
 
 use super::Broker;
 use super::sessions::View;
 use super::state::State;
-
-const KINDS: [ListKind; 3] = [ListKind::Tools, ListKind::Prompts, ListKind::Resources];
-
-/// Which list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListOf {
-    Tools,
-    Prompts,
-    Resources,
-    Templates,
-}
-
-impl ListOf {
-    /// The result's field that holds the items.
-    pub fn field(self) -> &'static str {
-        match self {
-            Self::Tools => "tools",
-            Self::Prompts => "prompts",
-            Self::Resources => "resources",
-            Self::Templates => "resourceTemplates",
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Tools => "tools",
-            Self::Prompts => "prompts",
-            Self::Resources => "resources",
-            Self::Templates => "resource_templates",
-        }
-    }
-}
 
 impl Broker {
     /// What `caller` is shown of `cat`: a fingerprint per list kind, and the servers it may see.
     pub(super) fn view_of(&self, st: &State, cat: &Catalog, caller: &Caller) -> View {
         let servers = RefCell::new(HashSet::new());
         let lists = cat.fingerprint_where(&|kind, server, original| {
-            let kind = match kind {
-                0 => Kind::Tool,
-                1 => Kind::Prompt,
-                _ => Kind::Resource,
-            };
-            let allow = st.policy.decide(caller, server, kind, original).allow;
+            let allow = st
+                .policy
+                .decide(caller, server, kind.family(), original)
+                .allow;
             if allow {
                 let mut s = servers.borrow_mut();
                 if !s.contains(server) {
@@ -80,7 +46,7 @@ impl Broker {
     }
 
     /// The items of one list `caller` may see, recorded on `rec`.
-    pub(super) fn listed(&self, caller: &Caller, which: ListOf, rec: &mut CallRecord) -> Vec<Item> {
+    pub(super) fn listed(&self, caller: &Caller, which: Kind, rec: &mut CallRecord) -> Vec<Item> {
         let st = self.state();
         let cat = self.catalog();
         fn keep(
@@ -105,10 +71,10 @@ impl Broker {
             shown
         }
         match which {
-            ListOf::Tools => keep(&st, caller, Kind::Tool, &cat.tools.entries, rec),
-            ListOf::Prompts => keep(&st, caller, Kind::Prompt, &cat.prompts.entries, rec),
-            ListOf::Resources => keep(&st, caller, Kind::Resource, &cat.resources.entries, rec),
-            ListOf::Templates => keep(&st, caller, Kind::Resource, &cat.templates.entries, rec),
+            Kind::Tool => keep(&st, caller, Kind::Tool, &cat.tools.entries, rec),
+            Kind::Prompt => keep(&st, caller, Kind::Prompt, &cat.prompts.entries, rec),
+            Kind::Resource => keep(&st, caller, Kind::Resource, &cat.resources.entries, rec),
+            Kind::Template => keep(&st, caller, Kind::Resource, &cat.templates.entries, rec),
         }
     }
 
@@ -188,7 +154,7 @@ impl Broker {
         if let Ok(mut slot) = self.catalog.write() {
             *slot = new.clone();
         }
-        for (i, k) in KINDS.iter().enumerate() {
+        for (i, k) in Kind::LISTED.iter().enumerate() {
             if before[i] != after[i] {
                 let _ = self.changes.send(*k);
             }
@@ -214,9 +180,9 @@ impl Broker {
             let Ok(mut seen) = s.view.lock() else {
                 continue;
             };
-            let changed: Vec<ListKind> = (0..3)
+            let changed: Vec<Kind> = (0..3)
                 .filter(|&i| seen.lists[i] != view.lists[i])
-                .map(|i| KINDS[i])
+                .map(|i| Kind::LISTED[i])
                 .collect();
             *seen = view;
             drop(seen);

@@ -40,12 +40,13 @@ use tokio_util::task::TaskTracker;
 use crate::audit::Audit;
 use crate::auth::Caller;
 use crate::catalog::Catalog;
+use crate::catalog::Kind;
 use crate::config::Config;
 use crate::credentials::CredentialError;
 use crate::limits::RateLimiter;
 use crate::metrics;
 use crate::policy::PolicyError;
-use crate::upstream::{ListKind, Secrets, Upstream, UpstreamError, UpstreamEvent};
+use crate::upstream::{Secrets, Upstream, UpstreamError, UpstreamEvent};
 
 pub use errors::RATE_LIMITED;
 pub use pipeline::{Op, Reply};
@@ -109,7 +110,7 @@ pub struct Broker {
     active_calls: AtomicUsize,
     idle: Notify,
     /// Fan-out of list changes to 2026-07-28 `subscriptions/listen` streams.
-    changes: broadcast::Sender<ListKind>,
+    changes: broadcast::Sender<Kind>,
     /// Poked whenever an upstream's state changes (start-up waiting).
     state_changed: Notify,
     started: Instant,
@@ -292,7 +293,7 @@ impl Broker {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
-    pub fn subscribe_changes(&self) -> broadcast::Receiver<ListKind> {
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<Kind> {
         self.changes.subscribe()
     }
 

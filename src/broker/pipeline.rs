@@ -36,14 +36,13 @@ use crate::upstream::raw;
 
 use super::errors::{Failure, service_error, tool_error_text, unexpected};
 use super::forward::Call;
-use super::lists::ListOf;
 use super::sessions::rank;
 use super::state::State;
 use super::{Broker, Downstream};
 
 /// A client request the broker serves.
 pub enum Op {
-    List(ListOf),
+    List(Kind),
     CallTool(CallToolRequestParams),
     GetPrompt(GetPromptRequestParams),
     ReadResource(ReadResourceRequestParams),
@@ -69,9 +68,9 @@ impl Op {
     fn kind(&self) -> &'static str {
         match self {
             Op::List(_) => "list",
-            Op::CallTool(_) => "tool",
-            Op::GetPrompt(_) => "prompt",
-            Op::ReadResource(_) => "resource",
+            Op::CallTool(_) => Kind::Tool.as_str(),
+            Op::GetPrompt(_) => Kind::Prompt.as_str(),
+            Op::ReadResource(_) => Kind::Resource.as_str(),
             Op::Subscribe(_) => "subscribe",
             Op::Unsubscribe(_) => "unsubscribe",
             Op::Complete(_) => "completion",
@@ -82,7 +81,7 @@ impl Op {
     /// The name the client used (the audit record's `name`).
     fn name(&self) -> String {
         match self {
-            Op::List(w) => w.as_str().to_string(),
+            Op::List(w) => w.list_name().to_string(),
             Op::CallTool(p) => p.name.to_string(),
             Op::GetPrompt(p) => p.name.clone(),
             Op::ReadResource(p) => p.uri.clone(),

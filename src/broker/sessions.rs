@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Caller;
-use crate::upstream::ListKind;
+use crate::catalog::Kind;
 
 /// Messages a session's queue holds before new ones are dropped.
 const QUEUE: usize = 1024;
@@ -34,7 +34,7 @@ const LIST_CHANGED_EVERY: Duration = Duration::from_millis(100);
 pub(super) enum Outbound {
     Log(LoggingMessageNotificationParam),
     Updated(ResourceUpdatedNotificationParam),
-    ListChanged(ListKind),
+    ListChanged(Kind),
 }
 
 /// What a session's caller is shown, recomputed when the catalog or the policy changes.
@@ -213,8 +213,8 @@ impl Sessions {
     }
 
     /// Queue a list_changed of `kind` unless one is already waiting (coalesced).
-    pub fn list_changed(&self, s: &Session, kind: ListKind) {
-        let i = kind_index(kind);
+    pub fn list_changed(&self, s: &Session, kind: Kind) {
+        let i = kind.index();
         if s.pending[i].swap(true, Ordering::AcqRel) {
             return;
         }
@@ -222,14 +222,6 @@ impl Sessions {
             s.pending[i].store(false, Ordering::Release);
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
-    }
-}
-
-pub(super) fn kind_index(k: ListKind) -> usize {
-    match k {
-        ListKind::Tools => 0,
-        ListKind::Prompts => 1,
-        ListKind::Resources => 2,
     }
 }
 
@@ -246,7 +238,7 @@ async fn write(s: Arc<Session>, mut rx: mpsc::Receiver<Outbound>) {
                 Outbound::Log(p) => s.peer.notify_logging_message(p).await,
                 Outbound::Updated(p) => s.peer.notify_resource_updated(p).await,
                 Outbound::ListChanged(kind) => {
-                    let i = kind_index(kind);
+                    let i = kind.index();
                     if let Some(t) = last_list[i] {
                         tokio::time::sleep_until((t + LIST_CHANGED_EVERY).into()).await;
                     }
@@ -254,9 +246,11 @@ async fn write(s: Arc<Session>, mut rx: mpsc::Receiver<Outbound>) {
                     s.pending[i].store(false, Ordering::Release);
                     last_list[i] = Some(Instant::now());
                     match kind {
-                        ListKind::Tools => s.peer.notify_tool_list_changed().await,
-                        ListKind::Prompts => s.peer.notify_prompt_list_changed().await,
-                        ListKind::Resources => s.peer.notify_resource_list_changed().await,
+                        Kind::Tool => s.peer.notify_tool_list_changed().await,
+                        Kind::Prompt => s.peer.notify_prompt_list_changed().await,
+                        Kind::Resource | Kind::Template => {
+                            s.peer.notify_resource_list_changed().await
+                        }
                     }
                 }
             }

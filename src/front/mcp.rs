@@ -24,10 +24,9 @@ use rmcp::{
 };
 
 use crate::auth::Caller;
-use crate::broker::lists::ListOf;
 use crate::broker::{Broker, Downstream, Op, Reply};
+use crate::catalog::Kind;
 use crate::front::relay;
-use crate::upstream::ListKind;
 use crate::upstream::raw;
 
 #[derive(Clone)]
@@ -265,7 +264,7 @@ impl Front {
     /// the caller by the pipeline (one audit record, kind `list`).
     async fn list_raw(
         &self,
-        which: ListOf,
+        which: Kind,
         cursor: Option<String>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<serde_json::Value, ErrorData> {
@@ -276,7 +275,7 @@ impl Front {
         };
         let mut out = serde_json::Map::new();
         out.insert(
-            which.field().into(),
+            which.list_field().into(),
             serde_json::to_value(items).unwrap_or_else(|_| serde_json::Value::Array(Vec::new())),
         );
         if modern {
@@ -328,7 +327,7 @@ impl ServerHandler for Front {
         p: Option<PaginatedRequestParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        typed(self.list_raw(ListOf::Tools, cursor_of(&p), ctx).await?)
+        typed(self.list_raw(Kind::Tool, cursor_of(&p), ctx).await?)
     }
 
     async fn call_tool(
@@ -347,7 +346,7 @@ impl ServerHandler for Front {
         p: Option<PaginatedRequestParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, ErrorData> {
-        typed(self.list_raw(ListOf::Prompts, cursor_of(&p), ctx).await?)
+        typed(self.list_raw(Kind::Prompt, cursor_of(&p), ctx).await?)
     }
 
     async fn get_prompt(
@@ -366,7 +365,7 @@ impl ServerHandler for Front {
         p: Option<PaginatedRequestParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, ErrorData> {
-        typed(self.list_raw(ListOf::Resources, cursor_of(&p), ctx).await?)
+        typed(self.list_raw(Kind::Resource, cursor_of(&p), ctx).await?)
     }
 
     async fn list_resource_templates(
@@ -374,7 +373,7 @@ impl ServerHandler for Front {
         p: Option<PaginatedRequestParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, ErrorData> {
-        typed(self.list_raw(ListOf::Templates, cursor_of(&p), ctx).await?)
+        typed(self.list_raw(Kind::Template, cursor_of(&p), ctx).await?)
     }
 
     async fn read_resource(
@@ -439,10 +438,10 @@ impl ServerHandler for Front {
                         .unwrap_or_else(|| c.to_string())
                 });
             let which = match list {
-                "tools/list" => ListOf::Tools,
-                "prompts/list" => ListOf::Prompts,
-                "resources/list" => ListOf::Resources,
-                _ => ListOf::Templates,
+                "tools/list" => Kind::Tool,
+                "prompts/list" => Kind::Prompt,
+                "resources/list" => Kind::Resource,
+                _ => Kind::Template,
             };
             return Ok(CustomResult(self.list_raw(which, cursor, ctx).await?));
         }
@@ -489,14 +488,16 @@ impl ServerHandler for Front {
                     }
                     // A lagged receiver re-checks everything, like any other change.
                     let view = self.broker.list_view(&caller);
-                    for (i, kind) in [ListKind::Tools, ListKind::Prompts, ListKind::Resources].into_iter().enumerate() {
+                    for (i, kind) in Kind::LISTED.into_iter().enumerate() {
                         if view[i] == seen[i] {
                             continue;
                         }
                         let sent = match kind {
-                            ListKind::Tools => ctx.sink().notify_tool_list_changed().await,
-                            ListKind::Prompts => ctx.sink().notify_prompt_list_changed().await,
-                            ListKind::Resources => ctx.sink().notify_resource_list_changed().await,
+                            Kind::Tool => ctx.sink().notify_tool_list_changed().await,
+                            Kind::Prompt => ctx.sink().notify_prompt_list_changed().await,
+                            Kind::Resource | Kind::Template => {
+                                ctx.sink().notify_resource_list_changed().await
+                            }
                         };
                         if sent.is_err() {
                             return Ok(());

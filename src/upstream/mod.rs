@@ -39,7 +39,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Item, Listing};
+use crate::catalog::{Item, Kind, Listing};
 use crate::config::{Secret, ServerConfig, TransportConfig};
 
 pub use progress::ProgressRouter;
@@ -72,14 +72,6 @@ pub enum UpstreamError {
     Credential(String),
 }
 
-/// The kinds of list an upstream can announce a change to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListKind {
-    Tools,
-    Prompts,
-    Resources,
-}
-
 /// Something an upstream did on its own initiative, for the broker to route.
 #[derive(Debug)]
 pub enum UpstreamEvent {
@@ -88,7 +80,7 @@ pub enum UpstreamEvent {
     ListChanged {
         server: Arc<str>,
         conn: u64,
-        kind: ListKind,
+        kind: Kind,
     },
     /// `conn` is the connection it came on: a per-caller or per-session connection's events belong
     /// to its owner only.
@@ -718,7 +710,7 @@ impl Upstream {
 
     /// Re-list one kind on connection `id` after the upstream said it changed. Returns whether
     /// anything was fetched.
-    pub async fn refresh(&self, id: u64, kind: ListKind) -> bool {
+    pub async fn refresh(&self, id: u64, kind: Kind) -> bool {
         let Some(conn) = self.by_id(id) else {
             return false;
         };
@@ -727,9 +719,9 @@ impl Upstream {
             return false;
         };
         match kind {
-            ListKind::Tools => l.tools = fresh.tools,
-            ListKind::Prompts => l.prompts = fresh.prompts,
-            ListKind::Resources => {
+            Kind::Tool => l.tools = fresh.tools,
+            Kind::Prompt => l.prompts = fresh.prompts,
+            Kind::Resource | Kind::Template => {
                 l.resources = fresh.resources;
                 l.templates = fresh.templates;
             }
@@ -977,7 +969,7 @@ impl ClientHandler for UpstreamHandler {
         self.emit(UpstreamEvent::ListChanged {
             server: self.server.clone(),
             conn: self.conn,
-            kind: ListKind::Tools,
+            kind: Kind::Tool,
         });
     }
 
@@ -985,7 +977,7 @@ impl ClientHandler for UpstreamHandler {
         self.emit(UpstreamEvent::ListChanged {
             server: self.server.clone(),
             conn: self.conn,
-            kind: ListKind::Prompts,
+            kind: Kind::Prompt,
         });
     }
 
@@ -993,7 +985,7 @@ impl ClientHandler for UpstreamHandler {
         self.emit(UpstreamEvent::ListChanged {
             server: self.server.clone(),
             conn: self.conn,
-            kind: ListKind::Resources,
+            kind: Kind::Resource,
         });
     }
 }
