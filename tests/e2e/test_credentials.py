@@ -290,7 +290,7 @@ def xb_state(tmp_path_factory, auth_server, protected):
     purl = protected.url
     exch = lambda **kw: {"use": "idp", "audience": purl, "scopes": ["mcp:tools"], **kw}  # noqa: E731
     servers = {
-        "prot": {"transport": "http", "url": purl, "upstream_auth": exch(ttl="5s"),
+        "prot": {"transport": "http", "url": purl, "upstream_auth": exch(ttl="30s"),
                  "max_subjects": 64, "subject_idle_timeout": "2s"},
         "protpii": {"transport": "http", "url": purl, "upstream_auth": exch(tool_scopes={"whoami": ["pii:read"]})},
         "protfast": {"transport": "http", "url": purl, "upstream_auth": exch(ttl="1s")},
@@ -790,7 +790,7 @@ async def test_refreshed_stdio_child_replaces_the_old_one(xb):
 
 
 async def test_ttl_applies_per_server_when_audience_is_shared(xb):
-    """prot (ttl 5s) and protfast (ttl 1s) exchange for the same audience and scope. A token cached for prot must
+    """prot (ttl 30s) and protfast (ttl 1s) exchange for the same audience and scope. A token cached for prot must
     not outlive protfast's 1 s: two protfast calls 2 s apart carry different tokens even right after a prot call."""
     async with xb.session("alice") as s:
         await call_json(s, "prot__whoami")
