@@ -51,7 +51,7 @@ def ledger_broker(tmp_path_factory):
         {"ledger": H.example_stdio_spec(H.LEDGER_BIN)},
         name="broker-resource-bounds",
         policies=[
-            {"effect": "deny", "resources": ["ledger://policies/*"], "message": DENIED},
+            {"effect": "deny", "resources": ["ledger://policies/retention"], "message": DENIED},
             # Before normalised matching this `*` crossed `/` and refused every account too.
             {"effect": "deny", "resources": ["ledger://*"], "message": "one segment only"},
         ],
