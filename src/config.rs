@@ -14,13 +14,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
+use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use indexmap::IndexMap;
 use serde::Deserialize;
 use toml::Spanned;
 
 mod raw;
+mod uri;
 use raw::*;
+pub use uri::{NormalUri, normalise_uri, uri_prefix};
 
 /// Environment variables a stdio child gets from the broker when `inherit_env` is not set.
 pub const DEFAULT_INHERIT_ENV: &[&str] = &["PATH", "HOME", "LANG", "TMPDIR"];
@@ -526,18 +528,34 @@ impl Config {
                 None => None,
             },
         };
-        // Two servers with one non-empty prefix would shadow each other's names wholesale.
+        // Two servers with one non-empty prefix would shadow each other's names wholesale; two whose
+        // prefixes differ only where the resource URI prefix folds them (`team_a`, `team-a`) would
+        // share resource URIs, and one would silently take the other's unlisted ones.
         for (i, a) in servers.iter().enumerate() {
-            if let Some(b) = servers[..i]
-                .iter()
-                .find(|b| !a.prefix.is_empty() && b.prefix == a.prefix)
-            {
+            if a.prefix.is_empty() {
+                continue;
+            }
+            if let Some(b) = servers[..i].iter().find(|b| b.prefix == a.prefix) {
                 return Err(ctx.invalid(
                     &["servers", &a.name],
                     "prefix",
                     format!(
                         "prefix \"{}\" is also used by server `{}`: their names would collide",
                         a.prefix, b.name
+                    ),
+                ));
+            }
+            let uris = uri_prefix(&a.prefix);
+            if let Some(b) = servers[..i]
+                .iter()
+                .find(|b| !b.prefix.is_empty() && uri_prefix(&b.prefix) == uris)
+            {
+                return Err(ctx.invalid(
+                    &["servers", &a.name],
+                    "prefix",
+                    format!(
+                        "prefix \"{}\" of server `{}` and prefix \"{}\" of server `{}` both give resource URIs the prefix `{uris}+` (case and `-`/`_` are folded): give one a prefix that differs in more than that",
+                        a.prefix, a.name, b.prefix, b.name
                     ),
                 ));
             }
@@ -1333,13 +1351,23 @@ impl Ctx<'_> {
                 ));
             }
         };
+        // Resource globs match the normalised URI (`crate::policy`), so they are read in that form
+        // too, and `*` stays within one path segment while `**` crosses `/`. Names have no
+        // `/`: their globs keep matching any character.
         let globs = |key: &str, v: Option<Vec<String>>| -> Result<Option<Globs>, ConfigError> {
             match v {
                 None => Ok(None),
                 Some(p) => {
                     let mut b = GlobSetBuilder::new();
                     for pat in &p {
-                        b.add(Glob::new(pat).map_err(|e| {
+                        let glob = if key == "resources" {
+                            GlobBuilder::new(&normalise_uri(pat).text)
+                                .literal_separator(true)
+                                .build()
+                        } else {
+                            Glob::new(pat)
+                        };
+                        b.add(glob.map_err(|e| {
                             self.invalid(t, key, format!("rule {number}: bad glob \"{pat}\": {e}"))
                         })?);
                     }
@@ -1647,6 +1675,37 @@ mod tests {
             e.contains("`servers.w.command`: environment variable `NOPE` is not set"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn prefixes_that_fold_to_one_resource_uri_prefix_are_refused() {
+        // `team_a` and `team-a` are distinct tool prefixes but both route `team-a+…` URIs.
+        let e = parse(
+            "[servers.team_a]\ntransport = \"stdio\"\ncommand = \"x\"\n\n[servers.team-a]\ntransport = \"stdio\"\ncommand = \"x\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("conf/servers.toml:5: `servers.team-a.prefix`:")
+                && e.contains("server `team_a`")
+                && e.contains("server `team-a`")
+                && e.contains("`team-a+`"),
+            "{e}"
+        );
+        let e = parse(
+            "[servers.a]\ntransport = \"stdio\"\ncommand = \"x\"\nprefix = \"Team\"\n[servers.b]\ntransport = \"stdio\"\ncommand = \"x\"\nprefix = \"team\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("conf/servers.toml:8: `servers.b.prefix`:") && e.contains("server `a`"),
+            "{e}"
+        );
+        // Unprefixed servers share no URI prefix; distinct ones stay valid.
+        parse(
+            "[servers.a]\ntransport = \"stdio\"\ncommand = \"x\"\nprefix = \"\"\n[servers.b]\ntransport = \"stdio\"\ncommand = \"x\"\nprefix = \"\"\n[servers.team_a]\ntransport = \"stdio\"\ncommand = \"x\"\n[servers.team_b]\ntransport = \"stdio\"\ncommand = \"x\"\n",
+        )
+        .unwrap();
     }
 
     #[test]

@@ -7,13 +7,19 @@
 //! `allow` allows when every condition holds and otherwise refuses with its message; `deny` refuses
 //! when every condition holds (no conditions = always) and otherwise lets the next rule decide.
 //! When no rule applies: refuse if inbound auth is on, allow if not.
+//!
+//! Resource selectors match the URI in its normal form ([`crate::config::normalise_uri`]: scheme and
+//! host lower-cased, unreserved escapes decoded, dot segments removed), with `*` inside one path
+//! segment and `**` across `/`, so another spelling of a denied URI is denied too. A URI whose dot
+//! segments readers resolve differently (`ledger://public/../secret/x`) is refused outright whenever
+//! a decision depends on URIs. Tool and prompt names are matched as they are.
 
 use std::sync::Mutex;
 
 use serde_json::{Map, Value};
 
 use crate::auth::Caller;
-use crate::config::{Effect, PolicyRule, RegoConfig};
+use crate::config::{Effect, PolicyRule, RegoConfig, normalise_uri};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -28,8 +34,9 @@ pub enum PolicyError {
 }
 
 /// An OPA Rego policy, evaluated with `regorus`. Input document:
-/// `{caller: {sub, client_id, scopes, groups, act, claims, authenticated}, server, kind, name,
-/// arguments}` (`arguments` is `null` when deciding list visibility). The query yields
+/// `{caller: {sub, client_id, scopes, groups, act, claims, authenticated}, server, kind, name, uri,
+/// arguments}` (`uri` is the normalised resource URI, `null` for tools and prompts; `arguments` is
+/// `null` when deciding list visibility). The query yields
 /// `{"allowed": bool, "message": string}` (OPA's result shape) or a plain boolean.
 pub struct RegoPolicy {
     engine: Mutex<regorus::Engine>,
@@ -104,7 +111,7 @@ pub struct Decision {
     pub rule: Option<usize>,
     /// Refused by a `step_up` rule: the scopes to ask the user for (HTTP 403 insufficient_scope).
     pub step_up: Option<Vec<String>>,
-    /// For audit: `rule N`, `rego` or `default`.
+    /// For audit: `rule N`, `rego`, `default`, or `uri` (a resource URI too ambiguous to decide on).
     pub decided_by: &'static str,
 }
 
@@ -159,7 +166,24 @@ impl Policy {
         name: &str,
         arguments: Option<&Map<String, Value>>,
     ) -> Decision {
-        let by_rules = self.by_rules(caller, server, kind, name);
+        // Resource rules see the URI in normal form; tools and prompts their names as they are.
+        let uri = (kind == Kind::Resource).then(|| normalise_uri(name));
+        if let Some(u) = &uri
+            && u.ambiguous
+            && self.reads_uris()
+        {
+            return Decision {
+                allow: false,
+                reason: format!(
+                    "resource `{name}` has `.` or `..` segments that readers resolve differently; refused"
+                ),
+                rule: None,
+                step_up: None,
+                decided_by: "uri",
+            };
+        }
+        let matched = uri.as_ref().map_or(name, |u| u.text.as_str());
+        let by_rules = self.by_rules(caller, server, kind, name, matched);
         let Some(rego) = &self.rego else {
             return by_rules.unwrap_or_else(|| self.default(server, kind, name));
         };
@@ -179,6 +203,7 @@ impl Policy {
                     "server": server,
                     "kind": kind.as_str(),
                     "name": name,
+                    "uri": uri.as_ref().map(|u| u.text.as_str()),
                     "arguments": arguments,
                 });
                 match rego.eval(input) {
@@ -213,9 +238,22 @@ impl Policy {
         }
     }
 
-    fn by_rules(&self, caller: &Caller, server: &str, kind: Kind, name: &str) -> Option<Decision> {
+    /// Does any decision depend on a resource's URI?
+    fn reads_uris(&self) -> bool {
+        self.rego.is_some() || self.rules.iter().any(|r| r.resources.is_some())
+    }
+
+    /// `name` is for messages, `matched` what the selectors match (a resource's normal form).
+    fn by_rules(
+        &self,
+        caller: &Caller,
+        server: &str,
+        kind: Kind,
+        name: &str,
+        matched: &str,
+    ) -> Option<Decision> {
         for r in &self.rules {
-            if !applies(r, server, kind, name) {
+            if !applies(r, server, kind, matched) {
                 continue;
             }
             let holds = conditions_hold(r, caller);
@@ -480,6 +518,94 @@ decision := {"allowed": false, "message": "Transfers over 1000 need approval."} 
         .unwrap_err()
         .to_string();
         assert!(e.contains("bad.rego"), "{e}");
+    }
+
+    #[test]
+    fn a_resource_deny_rule_refuses_every_spelling_of_its_uris() {
+        let p = policy(
+            "[[policy]]\neffect = \"deny\"\nresources = [\"ledger://secret/*\"]\n",
+            false,
+        );
+        let anyone = Caller::anonymous();
+        for uri in [
+            "ledger://secret/x",
+            "LEDGER://secret/x",
+            "ledger://SECRET/x",
+            "ledger://secret/%78",
+            "ledger://secret/./x",
+            "ledger://secret/a/%2E%2E/x",
+        ] {
+            let d = p.decide(&anyone, "ledger", Kind::Resource, uri);
+            assert!(
+                !d.allow && d.rule == Some(1),
+                "{uri} slipped past the deny rule"
+            );
+        }
+        // `public` is the host by RFC 3986 and a path segment to some upstreams: refused either way.
+        for uri in [
+            "ledger://public/../secret/x",
+            "ledger://public/%2E%2E/secret/x",
+        ] {
+            let d = p.decide(&anyone, "ledger", Kind::Resource, uri);
+            assert!(
+                !d.allow && d.decided_by == "uri",
+                "{uri} slipped past: {d:?}"
+            );
+        }
+        // With no rule reading URIs, an ambiguous one is the upstream's business.
+        let open = policy("[[policy]]\ntools = [\"x\"]\n", false);
+        assert!(
+            open.decide(
+                &anyone,
+                "ledger",
+                Kind::Resource,
+                "ledger://public/../secret/x"
+            )
+            .allow
+        );
+        for uri in [
+            "ledger://public/x",
+            "ledger://secret/a/b",
+            "ledger://secret%2Fx",
+        ] {
+            assert!(
+                p.decide(&anyone, "ledger", Kind::Resource, uri).allow,
+                "{uri}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_star_stays_in_one_segment_and_two_stars_cross() {
+        let p = policy(
+            "[[policy]]\neffect = \"deny\"\nresources = [\"ledger://*\", \"files:///tmp/**\"]\n",
+            false,
+        );
+        let anyone = Caller::anonymous();
+        let refused = |uri: &str| !p.decide(&anyone, "s", Kind::Resource, uri).allow;
+        assert!(refused("ledger://a"));
+        assert!(!refused("ledger://a/b"), "`*` crossed `/`");
+        assert!(refused("files:///tmp/a/b/c"));
+        let p = policy(
+            "[[policy]]\neffect = \"deny\"\nresources = [\"ledger://**\"]\n",
+            false,
+        );
+        assert!(!p.decide(&anyone, "s", Kind::Resource, "ledger://a/b").allow);
+        assert!(!p.decide(&anyone, "s", Kind::Resource, "ledger://a").allow);
+        assert!(p.decide(&anyone, "s", Kind::Resource, "other://a/b").allow);
+        assert!(!refused("files:///etc/passwd"));
+        // A pattern is read in normal form too: an upper-case scheme in the rule still matches.
+        let p = policy(
+            "[[policy]]\neffect = \"deny\"\nresources = [\"LEDGER://Secret/**\"]\n",
+            false,
+        );
+        assert!(
+            !p.decide(&anyone, "s", Kind::Resource, "ledger://secret/a/b")
+                .allow
+        );
+        // Tool names keep their globs: `*` matches any character.
+        let p = policy("[[policy]]\neffect = \"deny\"\ntools = [\"a*\"]\n", false);
+        assert!(!p.decide(&anyone, "s", Kind::Tool, "a/b").allow);
     }
 
     #[test]
