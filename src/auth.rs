@@ -842,6 +842,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn distinct_tokens_in_flight_are_capped() {
+        let (cfg, n) = counting_introspection(
+            serde_json::json!({"active": false}),
+            Duration::from_millis(500),
+            200,
+        )
+        .await;
+        let a = Arc::new(authenticator(Some(cfg)));
+        let extra = 40;
+        let waits: Vec<_> = (0..introspection::IN_FLIGHT_MAX + extra)
+            .map(|i| {
+                let a = a.clone();
+                tokio::spawn(async move { a.authenticate(&format!("made-up-{i}")).await })
+            })
+            .collect();
+        let mut busy = 0;
+        for w in waits {
+            if let Err(AuthError::Unavailable(_)) = w.await.unwrap() {
+                busy += 1;
+            }
+        }
+        assert!(busy >= extra, "only {busy} requests were turned away");
+        assert!(
+            calls(&n) <= introspection::IN_FLIGHT_MAX,
+            "{} calls",
+            calls(&n)
+        );
+    }
+
+    #[tokio::test]
     async fn an_unreachable_introspection_is_not_remembered() {
         let (cfg, n) =
             counting_introspection(serde_json::json!({"error": "x"}), Duration::ZERO, 500).await;

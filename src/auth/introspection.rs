@@ -7,7 +7,8 @@
 //!   memory for [`REFUSED_TTL`];
 //! - one call per token is in flight at a time (single flight): concurrent requests with the same token
 //!   wait for that call's answer, and at most [`IN_FLIGHT_MAX`] distinct tokens are being asked about at
-//!   once (beyond that the request is answered "unavailable" rather than queued at the server).
+//!   once (give or take requests racing for the last slot; beyond that the request is answered
+//!   "unavailable" rather than queued at the server).
 //!
 //! A failure to reach the server (network, HTTP error, not JSON) says nothing about the token, so it is
 //! shared with the requests waiting on that call but never remembered.

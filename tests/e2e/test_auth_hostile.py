@@ -22,6 +22,7 @@ import httpx2
 import pytest
 
 import helpers as H
+import opslib as O
 
 RUN = uuid.uuid4().hex[:8]
 PREFIX = f"hostile-{RUN}"
@@ -88,8 +89,10 @@ def broker(tmp_path_factory, auth_server, vault):
     store = {"kind": "vault", "address": admin.address, "cache_ttl": "1s",
              "login": {"method": "approle", "role_id": role_id, "secret_id": secret_id}}
     extra = ["[credentials.vault]"] + [f"{H.toml_key(k)} = {H.toml_value(v)}" for k, v in store.items()]
+    work = tmp_path_factory.mktemp("hostile-broker")
+    extra += ["", "[audit]", 'file = "audit.jsonl"']
     b = H.start_broker(
-        tmp_path_factory.mktemp("hostile-broker"),
+        work,
         {"vaultenv": H.token_echo_stdio_spec("vaultenv", upstream_auth={
             "use": "vault", "path": USER_PATH, "field": "token", "env": "API_KEY"})},
         broker={"listen": f"127.0.0.1:{port}"},
@@ -97,6 +100,7 @@ def broker(tmp_path_factory, auth_server, vault):
               "introspection": {"endpoint": auth_server.issuer + "/token/introspection",
                                 "client_id": "svc", "client_secret": "svc-secret"}},
         policies=[{"effect": "allow"}], extra_toml="\n".join(extra), name="broker-hostile")
+    b.audit = work / "audit.jsonl"
     yield b
     b.stop()
 
@@ -176,6 +180,10 @@ def test_client_named_alice_is_not_the_user_alice(broker, auth_server, vault):
         refused = "error" in msg or msg.get("result", {}).get("isError")
         assert refused, f"the call was not refused: {text[:500]}"
     assert admin.stats()["by_path"].get(alice_path, 0) == reads, "the broker read alice's path for the client"
+    # The audit trail names the client as `client.alice`, never as the user alice.
+    recs = O.wait_records(broker.audit, lambda r: r.get("client_id") == "alice" and r.get("name") == "vaultenv__getenv",
+                          "the client's audited call")
+    assert all(r["sub"] == "client.alice" for r in recs), recs
     log = broker.proc.stderr_tail(400)
     assert "acting for no user" in log or "acting for no user" in text, \
         f"no clear error about the missing user subject:\n{text[:500]}\n{log[-2000:]}"
