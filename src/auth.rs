@@ -13,17 +13,21 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 
 use crate::config::{AuthConfig, Secret};
+
+mod cache;
+mod introspection;
+
+use cache::{TokenDigest, Verdicts};
 
 /// An unknown `kid` triggers at most one JWKS fetch per this interval.
 pub const KEY_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// Clock skew tolerated on `exp` and `nbf`.
 const LEEWAY_SECS: u64 = 30;
-/// How long an introspection answer is reused (never past the token's `exp`).
-const INTROSPECTION_TTL: Duration = Duration::from_secs(30);
-const INTROSPECTION_CACHE_MAX: usize = 10_000;
+/// The prefix of a caller whose token names a client and no user (no `sub`): `client.<client_id>`.
+/// User tokens whose `sub` starts with it are refused, so the two kinds of subject can never meet.
+pub const CLIENT_SUBJECT_PREFIX: &str = "client.";
 
 /// Algorithms accepted for access tokens: asymmetric only, so a public key can never be used as an
 /// HMAC secret (algorithm confusion), and never `none`.
@@ -42,7 +46,9 @@ const ALLOWED_ALGS: &[Algorithm] = &[
 /// The identity behind a request, as the broker's policy and audit see it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Caller {
-    /// The subject: the token's `sub`, or a fixed label when there is no token.
+    /// The subject, the key of sessions, rate-limit buckets, per-caller connections and audit records:
+    /// the token's `sub`; `client.<client_id>` for a token that names a client and no user (see
+    /// [`Caller::is_client`]); a fixed label when there is no token.
     pub sub: String,
     /// The OAuth client the subject used (`client_id`, else `azp`), when known.
     pub client_id: Option<String>,
@@ -82,6 +88,13 @@ impl Caller {
             authenticated: false,
             token: None,
         }
+    }
+
+    /// The caller is an OAuth client acting for no user (its token had no `sub`): it has no user
+    /// subject, so nothing keyed by a user (a Vault `{sub}` path) may be derived from it. Sound because
+    /// [`Authenticator`] refuses user tokens whose `sub` starts with [`CLIENT_SUBJECT_PREFIX`].
+    pub fn is_client(&self) -> bool {
+        self.authenticated && self.sub.starts_with(CLIENT_SUBJECT_PREFIX)
     }
 
     pub fn has_scope(&self, s: &str) -> bool {
@@ -130,10 +143,16 @@ pub struct Authenticator {
     keys: tokio::sync::RwLock<KeyCache>,
     /// One JWKS fetch at a time; waiters re-check the cache after it.
     refresh: tokio::sync::Mutex<()>,
-    introspected: DashMap<[u8; 32], (Caller, Instant)>,
+    /// Opaque tokens found active → their caller (see [`introspection`] for the TTLs and bounds).
+    introspected: Verdicts<Caller>,
+    /// Opaque tokens found not valid → why: kept apart from `introspected` so a flood of made-up
+    /// tokens evicts only other made-up tokens, never a real caller's answer.
+    refused: Verdicts<String>,
+    /// The introspection call under way for each token (single flight).
+    in_flight: DashMap<TokenDigest, introspection::InFlight>,
     /// JWTs already verified (by SHA-256 of the token) → their caller, until the token expires or
     /// [`VERIFIED_TTL`] passes, whichever is first: a client's repeated calls skip the signature check.
-    verified: DashMap<[u8; 32], (Caller, Instant)>,
+    verified: Verdicts<Caller>,
 }
 
 /// How long a verified JWT is trusted without checking its signature again; bounds how long a
@@ -165,8 +184,10 @@ impl Authenticator {
             config,
             http,
             refresh: tokio::sync::Mutex::new(()),
-            introspected: DashMap::new(),
-            verified: DashMap::new(),
+            introspected: Verdicts::new(introspection::CACHE_MAX),
+            refused: Verdicts::new(introspection::CACHE_MAX),
+            in_flight: DashMap::new(),
+            verified: Verdicts::new(VERIFIED_MAX),
         })
     }
 
@@ -176,14 +197,9 @@ impl Authenticator {
 
     /// Validate a bearer token and check the broker-wide required scopes.
     pub async fn authenticate(&self, token: &str) -> Result<Caller, AuthError> {
-        use sha2::Digest;
         let is_jwt = token.split('.').count() == 3;
-        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
-        if is_jwt
-            && let Some(hit) = self.verified.get(&digest)
-            && hit.1 > Instant::now()
-        {
-            let mut caller = hit.0.clone();
+        let digest = cache::digest(token);
+        if is_jwt && let Some(mut caller) = self.verified.get(&digest) {
             caller.token = Some(Secret::new(token));
             return Ok(caller);
         }
@@ -211,17 +227,10 @@ impl Authenticator {
             ));
         }
         if is_jwt && let Some(left) = seconds_left(&caller.claims) {
-            if self.verified.len() >= VERIFIED_MAX {
-                let now = Instant::now();
-                self.verified.retain(|_, (_, until)| *until > now);
-                if self.verified.len() >= VERIFIED_MAX {
-                    self.verified.clear();
-                }
-            }
             let mut cached = caller.clone();
             cached.token = None;
-            let until = Instant::now() + VERIFIED_TTL.min(Duration::from_secs(left));
-            self.verified.insert(digest, (cached, until));
+            self.verified
+                .insert(digest, cached, VERIFIED_TTL.min(Duration::from_secs(left)));
         }
         Ok(caller)
     }
@@ -272,14 +281,27 @@ impl Authenticator {
             .or_else(|| claims.get("azp"))
             .and_then(Value::as_str)
             .map(str::to_string);
-        // A machine token (client credentials) may name only its client: that client is the subject.
-        let sub = claims
+        // A machine token (client credentials) may name only its client. It has no user subject: it is
+        // the caller `client.<client_id>`, never a user whose `sub` happens to equal the client id.
+        let user = claims
             .get("sub")
             .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .or_else(|| client_id.clone())
-            .ok_or_else(|| invalid("the token names no subject (sub) or client"))?;
+            .filter(|s| !s.is_empty());
+        let sub = match (user, client_id.as_deref().filter(|c| !c.is_empty())) {
+            (Some(u), _) if u.starts_with(CLIENT_SUBJECT_PREFIX) => {
+                return Err(invalid(format!(
+                    "the token's subject (sub) starts with `{CLIENT_SUBJECT_PREFIX}`, which this broker \
+                     reserves for clients acting for no user"
+                )));
+            }
+            (Some(u), _) => u.to_string(),
+            (None, Some(c)) => format!("{CLIENT_SUBJECT_PREFIX}{c}"),
+            (None, None) => {
+                return Err(invalid(
+                    "the token names no subject (sub) and no client (client_id, azp)",
+                ));
+            }
+        };
         let scopes = match claims.get("scope").or_else(|| claims.get("scp")) {
             Some(Value::String(s)) => s.split_whitespace().map(str::to_string).collect(),
             Some(Value::Array(a)) => a
@@ -465,64 +487,6 @@ impl Authenticator {
             return Ok(u);
         }
         Err(last)
-    }
-
-    async fn introspect(&self, token: &str) -> Result<Caller, AuthError> {
-        let Some(cfg) = &self.config.introspection else {
-            return Err(invalid("introspection is not configured"));
-        };
-        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(hit) = self.introspected.get(&key)
-            && hit.1 > Instant::now()
-        {
-            return Ok(hit.0.clone());
-        }
-        let resp = self
-            .http
-            .post(cfg.endpoint.as_str())
-            .basic_auth(&cfg.client_id, Some(cfg.client_secret.expose()))
-            .form(&[("token", token), ("token_type_hint", "access_token")])
-            .send()
-            .await
-            .map_err(|e| AuthError::Unavailable(format!("introspection: {e}")))?;
-        if !resp.status().is_success() {
-            return Err(AuthError::Unavailable(format!(
-                "introspection: HTTP {}",
-                resp.status()
-            )));
-        }
-        let claims: Map<String, Value> = resp
-            .json()
-            .await
-            .map_err(|e| AuthError::Unavailable(format!("introspection: {e}")))?;
-        if claims.get("active").and_then(Value::as_bool) != Some(true) {
-            return Err(invalid("the token is not active"));
-        }
-        if let Some(iss) = claims.get("iss").and_then(Value::as_str)
-            && iss != self.config.issuer
-        {
-            return Err(invalid("the token was issued by another issuer"));
-        }
-        if claims.contains_key("aud") && !audience_matches(claims.get("aud"), &self.config.audience)
-        {
-            return Err(invalid("the token was not issued for this resource (aud)"));
-        }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let exp = claims.get("exp").and_then(Value::as_u64);
-        let mut ttl = INTROSPECTION_TTL;
-        if let Some(exp) = exp {
-            ttl = ttl.min(Duration::from_secs(exp.saturating_sub(now)));
-        }
-        let caller = self.caller_from(claims)?;
-        if self.introspected.len() >= INTROSPECTION_CACHE_MAX {
-            self.introspected.clear();
-        }
-        self.introspected
-            .insert(key, (caller.clone(), Instant::now() + ttl));
-        Ok(caller)
     }
 
     /// The RFC 9728 Protected Resource Metadata document for `resource` (our public URL).
@@ -725,6 +689,219 @@ mod tests {
         assert_eq!(c.act, ["broker", "gateway"]);
         assert!(c.claim_matches("groups", "finance"));
         assert!(!c.claim_matches("groups", "hr"));
+    }
+
+    fn authenticator(introspection: Option<crate::config::IntrospectionConfig>) -> Authenticator {
+        Authenticator::new(crate::config::AuthConfig {
+            issuer: "https://idp".into(),
+            jwks_uri: None,
+            audience: "https://mcp/mcp".into(),
+            required_scopes: vec![],
+            scopes_supported: vec![],
+            introspection,
+            group_claims: vec![],
+        })
+        .unwrap()
+    }
+
+    fn caller_of(a: &Authenticator, claims: Value) -> Result<Caller, AuthError> {
+        let Value::Object(m) = claims else { panic!() };
+        a.caller_from(m)
+    }
+
+    #[test]
+    fn a_token_without_sub_is_its_client_never_a_user() {
+        let a = authenticator(None);
+        let c = caller_of(&a, serde_json::json!({"client_id": "alice", "scope": "s"})).unwrap();
+        assert_eq!(c.sub, "client.alice");
+        assert!(c.is_client());
+        let c = caller_of(&a, serde_json::json!({"azp": "agent", "sub": ""})).unwrap();
+        assert_eq!(c.sub, "client.agent");
+        let c = caller_of(&a, serde_json::json!({"sub": "alice", "client_id": "cli"})).unwrap();
+        assert_eq!(c.sub, "alice");
+        assert!(!c.is_client());
+        // A user subject can never pose as a client subject, and a token naming neither is refused.
+        for bad in [
+            serde_json::json!({"sub": "client.alice", "client_id": "x"}),
+            serde_json::json!({"scope": "s"}),
+            serde_json::json!({"client_id": ""}),
+        ] {
+            assert!(
+                matches!(caller_of(&a, bad.clone()), Err(AuthError::InvalidToken(_))),
+                "{bad} must be refused"
+            );
+        }
+    }
+
+    /// A stand-in RFC 7662 endpoint that counts the calls it gets: the single-flight and refusal caches
+    /// are only observable as "how many calls reached the authorization server", so the test needs a real
+    /// HTTP endpoint (the authenticator's reqwest client), and a loopback axum handler is the smallest one.
+    async fn counting_introspection(
+        answer: Value,
+        delay: Duration,
+        status: u16,
+    ) -> (
+        crate::config::IntrospectionConfig,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let app = axum::Router::new().route(
+            "/introspect",
+            axum::routing::post(move || {
+                let counter = counter.clone();
+                let answer = answer.clone();
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
+                    (
+                        axum::http::StatusCode::from_u16(status).unwrap(),
+                        axum::Json(answer),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let cfg = crate::config::IntrospectionConfig {
+            endpoint: url::Url::parse(&format!("http://{addr}/introspect")).unwrap(),
+            client_id: "broker".into(),
+            client_secret: Secret::new("s"),
+        };
+        (cfg, calls)
+    }
+
+    fn calls(c: &std::sync::atomic::AtomicUsize) -> usize {
+        c.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn an_inactive_token_is_introspected_once_then_refused_from_memory() {
+        let (cfg, n) =
+            counting_introspection(serde_json::json!({"active": false}), Duration::ZERO, 200).await;
+        let a = authenticator(Some(cfg));
+        for _ in 0..100 {
+            let r = a.authenticate("made-up-token").await;
+            assert!(matches!(r, Err(AuthError::InvalidToken(_))));
+        }
+        assert_eq!(calls(&n), 1, "100 repeats of one inactive token");
+        // Another token is another question.
+        assert!(a.authenticate("another-made-up-token").await.is_err());
+        assert_eq!(calls(&n), 2);
+        // The refusal is kept by digest, never by the token.
+        assert!(a.refused.get(&cache::digest("made-up-token")).is_some());
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_with_one_token_share_one_introspection() {
+        let (cfg, n) = counting_introspection(
+            serde_json::json!({"active": true, "sub": "alice", "client_id": "cli", "scope": "mcp:tools"}),
+            Duration::from_millis(300),
+            200,
+        )
+        .await;
+        let a = Arc::new(authenticator(Some(cfg)));
+        let waits: Vec<_> = (0..50)
+            .map(|_| {
+                let a = a.clone();
+                tokio::spawn(async move { a.authenticate("opaque-1").await })
+            })
+            .collect();
+        for w in waits {
+            let c = w.await.unwrap().unwrap();
+            assert_eq!(c.sub, "alice");
+        }
+        assert_eq!(calls(&n), 1, "50 concurrent requests with one token");
+        assert!(a.in_flight.is_empty(), "the finished call is not kept");
+        // A later request is answered from the active cache.
+        assert_eq!(a.authenticate("opaque-1").await.unwrap().sub, "alice");
+        assert_eq!(calls(&n), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_with_an_inactive_token_share_one_introspection() {
+        let (cfg, n) = counting_introspection(
+            serde_json::json!({"active": false}),
+            Duration::from_millis(300),
+            200,
+        )
+        .await;
+        let a = Arc::new(authenticator(Some(cfg)));
+        let waits: Vec<_> = (0..50)
+            .map(|_| {
+                let a = a.clone();
+                tokio::spawn(async move { a.authenticate("opaque-2").await })
+            })
+            .collect();
+        for w in waits {
+            assert!(matches!(w.await.unwrap(), Err(AuthError::InvalidToken(_))));
+        }
+        assert_eq!(calls(&n), 1);
+    }
+
+    #[tokio::test]
+    async fn distinct_tokens_in_flight_are_capped() {
+        let (cfg, n) = counting_introspection(
+            serde_json::json!({"active": false}),
+            Duration::from_millis(500),
+            200,
+        )
+        .await;
+        let a = Arc::new(authenticator(Some(cfg)));
+        let extra = 40;
+        let waits: Vec<_> = (0..introspection::IN_FLIGHT_MAX + extra)
+            .map(|i| {
+                let a = a.clone();
+                tokio::spawn(async move { a.authenticate(&format!("made-up-{i}")).await })
+            })
+            .collect();
+        let mut busy = 0;
+        for w in waits {
+            if let Err(AuthError::Unavailable(_)) = w.await.unwrap() {
+                busy += 1;
+            }
+        }
+        assert!(busy >= extra, "only {busy} requests were turned away");
+        assert!(
+            calls(&n) <= introspection::IN_FLIGHT_MAX,
+            "{} calls",
+            calls(&n)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_introspection_is_not_remembered() {
+        let (cfg, n) =
+            counting_introspection(serde_json::json!({"error": "x"}), Duration::ZERO, 500).await;
+        let a = authenticator(Some(cfg));
+        for _ in 0..3 {
+            assert!(matches!(
+                a.authenticate("opaque-3").await,
+                Err(AuthError::Unavailable(_))
+            ));
+        }
+        assert_eq!(
+            calls(&n),
+            3,
+            "a server failure says nothing about the token"
+        );
+        assert!(a.refused.get(&cache::digest("opaque-3")).is_none());
+    }
+
+    #[tokio::test]
+    async fn introspection_without_sub_is_the_client() {
+        let (cfg, _) = counting_introspection(
+            serde_json::json!({"active": true, "client_id": "alice"}),
+            Duration::ZERO,
+            200,
+        )
+        .await;
+        let a = authenticator(Some(cfg));
+        let c = a.authenticate("opaque-4").await.unwrap();
+        assert_eq!(c.sub, "client.alice");
+        assert!(c.is_client());
     }
 
     #[test]

@@ -222,6 +222,14 @@ pub fn fill_template(path: &str, caller: &Caller) -> Result<String, CredentialEr
             .ok_or_else(|| CredentialError::Template(format!("unclosed `{{` in `{path}`")))?;
         let name = &rest[open + 1..open + close];
         let value = match name {
+            // A client acting for no user has no user subject: a per-user path must not be derived
+            // from it (its `sub` is `client.<id>`, which a user's path could otherwise be named after).
+            "sub" if caller.is_client() => {
+                return Err(CredentialError::Template(format!(
+                    "`{{sub}}` in `{path}` names a user, and this caller is the OAuth client `{}` acting for no user (its token has no `sub`); a path for clients can use `{{client_id}}`",
+                    caller.client_id.as_deref().unwrap_or("?")
+                )));
+            }
             "sub" => Some(caller.sub.clone()),
             "client_id" => caller.client_id.clone(),
             _ => match name.strip_prefix("claims.") {
@@ -285,6 +293,23 @@ mod tests {
         }
         assert!(fill_template("secret/{nope}", &caller("a")).is_err());
         assert!(fill_template("secret/{claims.missing}", &caller("a")).is_err());
+    }
+
+    #[test]
+    fn sub_template_refuses_a_client_without_a_user() {
+        let mut c = caller("client.alice");
+        c.client_id = Some("alice".into());
+        c.authenticated = true;
+        let e = fill_template("secret/data/users/{sub}/key", &c).unwrap_err();
+        assert!(
+            e.to_string().contains("acting for no user"),
+            "unclear refusal: {e}"
+        );
+        // The same client may use a path named after the client.
+        assert_eq!(
+            fill_template("secret/data/clients/{client_id}/key", &c).unwrap(),
+            "secret/data/clients/alice/key"
+        );
     }
 
     #[test]
