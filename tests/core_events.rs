@@ -21,7 +21,7 @@ use rmcp::{
         CallToolRequestParams, CallToolResponse, CallToolResult, ClientCapabilities, ClientConfig,
         ContentBlock, Implementation, ListToolsResult, LoggingLevel,
         LoggingMessageNotificationParam, PaginatedRequestParams, ServerCapabilities, ServerConfig,
-        SetLevelRequestParams, Tool,
+        SetLevelRequestParams, SubscribeRequestParams, Tool, UnsubscribeRequestParams,
     },
     service::{NotificationContext, RequestContext, RunningService},
     transport::streamable_http_server::{
@@ -43,6 +43,8 @@ impl ServerHandler for Noisy {
             ServerCapabilities::builder()
                 .enable_tools()
                 .enable_logging()
+                .enable_resources()
+                .enable_resources_subscribe()
                 .build(),
         )
         .with_server_info(Implementation::new("noisy", "1"))
@@ -58,11 +60,10 @@ impl ServerHandler for Noisy {
             serde_json::Value::Object(m) => Arc::new(m),
             _ => Arc::default(),
         };
-        Ok(ListToolsResult::with_all_items(vec![Tool::new(
-            "emit",
-            "emit log lines",
-            schema,
-        )]))
+        Ok(ListToolsResult::with_all_items(vec![
+            Tool::new("emit", "emit log lines", schema.clone()),
+            Tool::new("sleep", "answer after `count` ms", schema),
+        ]))
     }
 
     async fn call_tool(
@@ -72,6 +73,10 @@ impl ServerHandler for Noisy {
     ) -> Result<CallToolResponse, ErrorData> {
         let args = p.arguments.unwrap_or_default();
         let count = args.get("count").and_then(|c| c.as_u64()).unwrap_or(1);
+        if p.name == "sleep" {
+            tokio::time::sleep(Duration::from_millis(count)).await;
+            return Ok(CallToolResult::success(vec![ContentBlock::text("slept")]).into());
+        }
         let level: LoggingLevel =
             serde_json::from_value(args.get("level").cloned().unwrap_or(json!("info")))
                 .unwrap_or(LoggingLevel::Info);
@@ -86,6 +91,14 @@ impl ServerHandler for Noisy {
                 .await;
         }
         Ok(CallToolResult::success(vec![ContentBlock::text("done")]).into())
+    }
+
+    async fn subscribe(
+        &self,
+        _: SubscribeRequestParams,
+        _: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        Ok(())
     }
 
     #[allow(deprecated)]
@@ -109,6 +122,11 @@ async fn start_noisy() -> String {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
+    // Without TCP_NODELAY each SSE reply waits ~40 ms for a delayed ACK.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|t| {
+        let _ = t.set_nodelay(true);
+    });
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
@@ -404,4 +422,101 @@ async fn a_session_that_never_reads_delays_no_one() {
         t.elapsed()
     );
     drop((rd, wr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_session_subscriptions_are_bounded() {
+    let broker = start_broker("", "").await;
+    let s = connect(&broker).await;
+    let subscribe = |i: usize| {
+        let peer = s.0.peer().clone();
+        async move {
+            peer.subscribe(SubscribeRequestParams::new(format!("noisy+mem://r/{i}")))
+                .await
+        }
+    };
+    for i in 0..1024 {
+        subscribe(i).await.expect("within the bound");
+    }
+    // Subscribing again to one it has costs nothing.
+    subscribe(7).await.expect("a repeated subscription");
+    let err = subscribe(1024).await.expect_err("past the bound");
+    assert!(
+        err.to_string().contains("1024 resource subscriptions"),
+        "{err}"
+    );
+    s.0.peer()
+        .unsubscribe(UnsubscribeRequestParams::new("noisy+mem://r/0"))
+        .await
+        .expect("unsubscribe");
+    subscribe(1024)
+        .await
+        .expect("room again after an unsubscribe");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_session_requests_in_flight_are_bounded() {
+    let broker = start_broker("", "").await;
+    let s = connect(&broker).await;
+    s.0.peer().list_all_tools().await.expect("list");
+    let sleep = |ms: u64| {
+        let peer = s.0.peer().clone();
+        let args = match json!({"count": ms}) {
+            serde_json::Value::Object(m) => m,
+            _ => Default::default(),
+        };
+        async move {
+            peer.call_tool(CallToolRequestParams::new("noisy__sleep").with_arguments(args))
+                .await
+        }
+    };
+    let slow: Vec<_> = (0..256).map(|_| tokio::spawn(sleep(3000))).collect();
+    wait_for("256 calls in flight", Duration::from_secs(10), || {
+        metric(&broker, "mcp_broker_inflight_calls") >= 256.0
+    })
+    .await;
+    let r = sleep(0).await.expect("answered");
+    assert_eq!(
+        r.is_error,
+        Some(true),
+        "the 257th call in flight is refused"
+    );
+    let text = format!("{:?}", r.content);
+    assert!(text.contains("256 requests in flight"), "{text}");
+    // Another session is not affected.
+    let other = connect(&broker).await;
+    let r = other
+        .0
+        .peer()
+        .call_tool(CallToolRequestParams::new("noisy__emit"))
+        .await
+        .expect("answered");
+    assert_ne!(r.is_error, Some(true), "{r:?}");
+    for t in slow {
+        let r = t.await.expect("join").expect("answered");
+        assert_ne!(r.is_error, Some(true), "{r:?}");
+    }
+    let r = sleep(0).await.expect("answered");
+    assert_ne!(r.is_error, Some(true), "room again once calls finished");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlong_names_and_uris_are_refused_up_front() {
+    let broker = start_broker("", "").await;
+    let s = connect(&broker).await;
+    let err =
+        s.0.peer()
+            .call_tool(CallToolRequestParams::new("x".repeat(4096)))
+            .await
+            .expect_err("refused");
+    assert!(err.to_string().contains("tool name too long"), "{err}");
+    let err =
+        s.0.peer()
+            .subscribe(SubscribeRequestParams::new(format!(
+                "noisy+mem://{}",
+                "u".repeat(10_000)
+            )))
+            .await
+            .expect_err("refused");
+    assert!(err.to_string().contains("resource URI too long"), "{err}");
 }

@@ -31,7 +31,7 @@ use crate::upstream::UpstreamEvent;
 
 use super::Broker;
 use super::errors::service_error;
-use super::sessions::{Outbound, Session};
+use super::sessions::{MAX_PENDING_REQUESTS, Outbound, Session, Slot};
 
 impl Broker {
     pub(super) async fn route_events(
@@ -202,6 +202,21 @@ impl Broker {
                 ),
                 None,
             ));
+        };
+        // A session's client answers a bounded number of upstream requests at once.
+        let session = down.session.and_then(|id| self.sessions.get(id));
+        let _slot = match &session {
+            Some(s) => Some(
+                Slot::take(&s.pending_requests, MAX_PENDING_REQUESTS).ok_or_else(|| {
+                    ErrorData::invalid_request(
+                        format!(
+                            "the client already has {MAX_PENDING_REQUESTS} requests from upstream servers waiting; `{server}`'s {method} was not forwarded"
+                        ),
+                        None,
+                    )
+                })?,
+            ),
+            None => None,
         };
         if down.stateless {
             return Err(ErrorData::invalid_request(

@@ -36,7 +36,7 @@ use crate::upstream::raw;
 
 use super::errors::{Failure, service_error, tool_error_text, unexpected};
 use super::forward::Call;
-use super::sessions::rank;
+use super::sessions::{MAX_INFLIGHT, MAX_SUBSCRIPTIONS, Slot, rank};
 use super::state::State;
 use super::{Broker, Downstream};
 
@@ -161,6 +161,10 @@ impl Broker {
             return Err(Failure::Refused(msg.into()));
         }
         let st = self.state();
+        if let Some(e) = too_long(&op) {
+            rec.decision(false, &e.message, Some("limit".into()));
+            return Err(Failure::Rpc(e));
+        }
         // Every request that names an upstream item counts against the caller's limit, denied and
         // unknown ones too. Lists and setLevel are answered locally and are not counted: clients send
         // several at connect, and a limit meant for calls must not break connecting.
@@ -210,6 +214,24 @@ impl Broker {
             }
             return Err(Failure::Refused(d.reason));
         }
+        // A session's requests in flight are bounded (each holds routes and a connection slot).
+        let session = down.session.and_then(|id| self.sessions.get(id));
+        let _slot = match &session {
+            Some(s) => Some(Slot::take(&s.inflight, MAX_INFLIGHT).ok_or_else(|| {
+                self.refused(
+                    rec,
+                    &server,
+                    Refusal {
+                        scope: "session",
+                        message: format!(
+                            "this session already has {MAX_INFLIGHT} requests in flight; retry when one finishes"
+                        ),
+                        retry_after: Duration::from_secs(1),
+                    },
+                )
+            })?),
+            None => None,
+        };
         let tool = matches!(op, Op::CallTool(_)).then_some(original.as_str());
         let timeout = call_timeout(&st, &server, tool);
         let _permit = self.admit(&st, caller, &server, tool, timeout, rec).await?;
@@ -484,11 +506,29 @@ impl Broker {
             .await?;
         rec.credential(kind);
         let key = (call.server.clone(), conn.id, original.to_string());
+        let counter = self.sessions.get(session).ok_or_else(no_session)?;
         let first = {
             let mut subs = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
             let set = subs.entry(key.clone()).or_default();
             let first = set.is_empty();
-            set.insert(session);
+            if !set.contains(&session) {
+                // Counted until unsubscribed (not a guard: the subscription outlives this call).
+                let taken = Slot::take(&counter.subscriptions, MAX_SUBSCRIPTIONS)
+                    .map(std::mem::forget)
+                    .is_some();
+                if !taken {
+                    if set.is_empty() {
+                        subs.remove(&key);
+                    }
+                    return Err(Failure::Rpc(ErrorData::invalid_request(
+                        format!(
+                            "this session already has {MAX_SUBSCRIPTIONS} resource subscriptions; unsubscribe from one first"
+                        ),
+                        None,
+                    )));
+                }
+                set.insert(session);
+            }
             first
         };
         if first {
@@ -497,8 +537,18 @@ impl Broker {
             ));
             rec.upstream_started();
             if let Err(e) = conn.peer.send_request(req).await {
-                if let Ok(mut subs) = self.subscriptions.lock() {
-                    subs.remove(&key);
+                // Not subscribed after all: whoever joined this key gives its count back.
+                let ids = self
+                    .subscriptions
+                    .lock()
+                    .ok()
+                    .and_then(|mut subs| subs.remove(&key))
+                    .unwrap_or_default();
+                for id in ids {
+                    if let Some(s) = self.sessions.get(id) {
+                        s.subscriptions
+                            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                    }
                 }
                 return Err(Failure::Rpc(service_error(e)));
             }
@@ -517,17 +567,21 @@ impl Broker {
     ) -> Result<Reply, Failure> {
         let session = call.down.session.ok_or_else(no_session)?;
         let mut last_on = Vec::new();
+        let mut removed = 0;
         if let Ok(mut subs) = self.subscriptions.lock() {
             subs.retain(|(server, conn, uri), ids| {
-                if server == call.server
-                    && uri == original
-                    && ids.remove(&session)
-                    && ids.is_empty()
-                {
-                    last_on.push(*conn);
+                if server == call.server && uri == original && ids.remove(&session) {
+                    removed += 1;
+                    if ids.is_empty() {
+                        last_on.push(*conn);
+                    }
                 }
                 !ids.is_empty()
             });
+        }
+        if let Some(s) = self.sessions.get(session) {
+            s.subscriptions
+                .fetch_sub(removed, std::sync::atomic::Ordering::AcqRel);
         }
         if let Some(up) = st.upstream(call.server) {
             for conn in last_on {
@@ -635,6 +689,32 @@ fn upstream_request(op: Op, original: &str) -> ClientRequest {
             ClientRequest::PingRequest(Default::default())
         }
     }
+}
+
+/// Longest tool or prompt name, and longest resource URI, the broker accepts from a client.
+const MAX_NAME_BYTES: usize = 1024;
+const MAX_URI_BYTES: usize = 8192;
+
+/// A name or URI longer than any server would use is refused before any work (-32602).
+fn too_long(op: &Op) -> Option<ErrorData> {
+    let (what, len, max) = match op {
+        Op::CallTool(p) => ("tool name", p.name.len(), MAX_NAME_BYTES),
+        Op::GetPrompt(p) => ("prompt name", p.name.len(), MAX_NAME_BYTES),
+        Op::ReadResource(p) => ("resource URI", p.uri.len(), MAX_URI_BYTES),
+        Op::Subscribe(u) | Op::Unsubscribe(u) => ("resource URI", u.len(), MAX_URI_BYTES),
+        Op::Complete(p) => match &p.r#ref {
+            Reference::Prompt(r) => ("prompt name", r.name.len(), MAX_NAME_BYTES),
+            Reference::Resource(r) => ("resource URI", r.uri.len(), MAX_URI_BYTES),
+            _ => return None,
+        },
+        Op::List(_) | Op::SetLevel(_) => return None,
+    };
+    (len > max).then(|| {
+        ErrorData::invalid_params(
+            format!("{what} too long ({len} bytes; at most {max})"),
+            None,
+        )
+    })
 }
 
 fn no_session() -> Failure {

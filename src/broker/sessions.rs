@@ -9,7 +9,7 @@
 #![allow(deprecated)]
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,12 @@ use crate::catalog::Kind;
 
 /// Messages a session's queue holds before new ones are dropped.
 const QUEUE: usize = 1024;
+/// Resources one session may be subscribed to at once.
+pub(super) const MAX_SUBSCRIPTIONS: usize = 1024;
+/// Requests of one session waiting for an upstream at once.
+pub(super) const MAX_INFLIGHT: usize = 256;
+/// Server-to-client requests (sampling, elicitation, roots) waiting for one session's client.
+pub(super) const MAX_PENDING_REQUESTS: usize = 16;
 /// At most one list_changed per kind per this interval per session.
 const LIST_CHANGED_EVERY: Duration = Duration::from_millis(100);
 
@@ -58,6 +64,33 @@ pub(super) struct Session {
     pending: [AtomicBool; 3],
     /// Cancelled when the session is removed: stops its writer.
     closed: CancellationToken,
+    /// Resources it is subscribed to (at most [`MAX_SUBSCRIPTIONS`]).
+    pub subscriptions: AtomicUsize,
+    /// Its requests waiting for an upstream (at most [`MAX_INFLIGHT`]).
+    pub inflight: AtomicUsize,
+    /// Upstream requests waiting for its client (at most [`MAX_PENDING_REQUESTS`]).
+    pub pending_requests: AtomicUsize,
+}
+
+/// One unit of a per-session bound, given back when dropped.
+pub(super) struct Slot<'a>(&'a AtomicUsize);
+
+impl<'a> Slot<'a> {
+    /// Take a unit of `counter` if fewer than `max` are taken.
+    pub fn take(counter: &'a AtomicUsize, max: usize) -> Option<Self> {
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(counter))
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Session {
@@ -161,6 +194,9 @@ impl Sessions {
             view: Mutex::new(view),
             pending: Default::default(),
             closed: CancellationToken::new(),
+            subscriptions: AtomicUsize::new(0),
+            inflight: AtomicUsize::new(0),
+            pending_requests: AtomicUsize::new(0),
         });
         self.map.insert(id, s.clone());
         drop(per);
