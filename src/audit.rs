@@ -714,6 +714,34 @@ mod tests {
     }
 
     #[test]
+    fn a_record_clips_what_the_caller_chose() {
+        let huge = "n".repeat(4_000_000);
+        let mut caller = Caller::anonymous();
+        caller.act = vec![huge.clone()];
+        let mut rec = Audit::disabled().begin(&caller, "tool", &huge);
+        rec.request(Value::String(huge.clone()), None);
+        rec.route("ledger", &huge);
+        rec.decision(
+            false,
+            &format!("unknown tool `{huge}`"),
+            Some("catalog".into()),
+        );
+        rec.finish(Outcome::Error, Some(huge.clone()));
+        let r = &rec.record;
+        assert!(r.name.len() <= FIELD_CAP && r.name.contains("(4000000 bytes, sha256:"));
+        assert!(r.upstream_name.as_ref().unwrap().len() <= FIELD_CAP);
+        assert!(r.request_id.as_ref().unwrap().as_str().unwrap().len() <= FIELD_CAP);
+        assert!(r.act[0].len() <= FIELD_CAP);
+        assert!(r.reason.len() <= TEXT_CAP && r.reason.starts_with("unknown tool `nnn"));
+        assert!(r.error.as_ref().unwrap().len() <= TEXT_CAP);
+        assert!(
+            !r.listed,
+            "a name is not a catalog entry until the broker says so"
+        );
+        rec.discard();
+    }
+
+    #[test]
     fn rotation_keeps_complete_lines() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
