@@ -9,6 +9,14 @@
 //! torn record; rotated by size), stdout, or, when neither is configured, the log on stderr.
 //! Nothing secret is recorded: credentials appear by kind only, and arguments as a hash unless
 //! `arguments = "full"`, which masks secret-looking keys and values.
+//!
+//! Bounded ([`bound`]): every caller-chosen string in a record is clipped (names, URIs, request ids
+//! and argument strings at [`FIELD_CAP`], `reason` and `error` at [`TEXT_CAP`]) and no line is longer
+//! than [`RECORD_CEILING`], so a flood of huge names cannot rotate other callers' records away.
+
+mod bound;
+
+pub use bound::{FIELD_CAP, RECORD_CEILING, TEXT_CAP, clip, clip_to};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -100,9 +108,17 @@ pub struct Record {
     pub upstream_ms: Option<f64>,
     /// `sha256:<hex>` of the arguments, the masked arguments, or absent (`arguments = "none"`).
     pub arguments: Option<Value>,
+    /// With `arguments = "full"`: their hash, which replaces them if the record would exceed the
+    /// ceiling.
+    #[serde(skip)]
+    pub arguments_hash: Option<String>,
     /// For lists: how many items the caller was shown and how many the policy hid.
     pub shown: Option<usize>,
     pub hidden: Option<usize>,
+    /// `name` is an entry of the catalog (set by the broker once it resolved it): only then may it
+    /// label metrics, so made-up names cannot create series.
+    #[serde(skip)]
+    pub listed: bool,
 }
 
 /// What the writer task receives.
@@ -161,6 +177,7 @@ impl Audit {
             kind: record.kind,
             server: record.server.as_deref(),
             name: &record.name,
+            listed: record.listed,
             outcome: record.outcome.as_str(),
             latency_ms: record.latency_ms,
             upstream_ms: record.upstream_ms,
@@ -189,6 +206,17 @@ impl Audit {
         arguments_value(self.arguments, args)
     }
 
+    /// The hash that stands in for full arguments too large for the record.
+    fn arguments_hash(&self, args: Option<&Map<String, Value>>) -> Option<String> {
+        match self.arguments {
+            AuditArguments::Full => match arguments_value(AuditArguments::Hash, args) {
+                Some(Value::String(h)) => Some(h),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// Start a record for one request; it is written when the returned guard is dropped.
     pub fn begin(self: &Arc<Self>, caller: &Caller, kind: &'static str, name: &str) -> CallRecord {
         CallRecord {
@@ -198,12 +226,12 @@ impl Audit {
             upstream_ms: None,
             record: Record {
                 ts: now_rfc3339(),
-                sub: caller.sub.clone(),
-                client_id: caller.client_id.clone(),
-                act: caller.act.clone(),
+                sub: clip(&caller.sub).into_owned(),
+                client_id: caller.client_id.as_deref().map(|c| clip(c).into_owned()),
+                act: caller.act.iter().map(|a| clip(a).into_owned()).collect(),
                 authenticated: caller.authenticated,
                 kind,
-                name: name.to_string(),
+                name: clip(name).into_owned(),
                 decision: "allow",
                 ..Record::default()
             },
@@ -229,26 +257,37 @@ impl CallRecord {
 
     pub fn request(&mut self, id: Value, session: Option<u64>) {
         let r = self.rec();
-        r.request_id = Some(id);
+        r.request_id = Some(match id {
+            Value::String(s) => Value::String(clip(&s).into_owned()),
+            other => other,
+        });
         r.session = session;
     }
 
     pub fn route(&mut self, server: &str, upstream_name: &str) {
         let r = self.rec();
-        r.server = Some(server.to_string());
-        r.upstream_name = Some(upstream_name.to_string());
+        r.server = Some(clip(server).into_owned());
+        r.upstream_name = Some(clip(upstream_name).into_owned());
+    }
+
+    /// The name resolved to a catalog entry (not a name the client made up).
+    pub fn listed_name(&mut self) {
+        self.rec().listed = true;
     }
 
     pub fn arguments(&mut self, args: Option<&Map<String, Value>>) {
         let v = self.audit.arguments(args);
-        self.rec().arguments = v;
+        let h = self.audit.arguments_hash(args);
+        let r = self.rec();
+        r.arguments = v;
+        r.arguments_hash = h;
     }
 
     /// The policy's verdict; a denial also sets the outcome.
     pub fn decision(&mut self, allow: bool, reason: &str, rule: Option<String>) {
         let r = self.rec();
         r.decision = if allow { "allow" } else { "deny" };
-        r.reason = reason.to_string();
+        r.reason = clip_to(reason, TEXT_CAP).into_owned();
         r.rule = rule;
         if !allow {
             r.outcome = Outcome::Denied;
@@ -259,7 +298,7 @@ impl CallRecord {
     pub fn rate_limited(&mut self, reason: &str) {
         let r = self.rec();
         r.decision = "deny";
-        r.reason = reason.to_string();
+        r.reason = clip_to(reason, TEXT_CAP).into_owned();
         r.rule = Some("limit".into());
         r.outcome = Outcome::RateLimited;
     }
@@ -289,14 +328,17 @@ impl CallRecord {
     pub fn finish(&mut self, outcome: Outcome, error: Option<String>) {
         let r = self.rec();
         r.outcome = outcome;
-        r.error = error;
+        r.error = error.map(|e| match clip_to(&e, TEXT_CAP) {
+            std::borrow::Cow::Borrowed(_) => e,
+            std::borrow::Cow::Owned(c) => c,
+        });
     }
 
     /// Set the reason when the decision's own reason is empty (e.g. an allowed call that timed out).
     pub fn note(&mut self, reason: &str) {
         let r = self.rec();
         if r.reason.is_empty() {
-            r.reason = reason.to_string();
+            r.reason = clip_to(reason, TEXT_CAP).into_owned();
         }
     }
 
@@ -344,7 +386,10 @@ pub fn arguments_value(mode: AuditArguments, args: Option<&Map<String, Value>>) 
             let hex = crate::hex(&digest);
             Some(Value::String(format!("sha256:{hex}")))
         }
-        AuditArguments::Full => Some(mask(&Value::Object(args.cloned().unwrap_or_default()))),
+        // Masked first, so a secret is recognised whole; then every string clipped.
+        AuditArguments::Full => Some(bound::clip_value(mask(&Value::Object(
+            args.cloned().unwrap_or_default(),
+        )))),
     }
 }
 
@@ -517,15 +562,8 @@ impl Writer {
                 Msg::Flush(done) => {
                     let _ = done.send(());
                 }
-                Msg::Record(r) => {
-                    let mut line = match serde_json::to_string(&r) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot serialise an audit record");
-                            continue;
-                        }
-                    };
-                    line.push('\n');
+                Msg::Record(mut r) => {
+                    let line = bound::line_of(&mut r);
                     self.write(&line, &r);
                 }
             }
@@ -673,6 +711,34 @@ mod tests {
         assert_eq!(v["note"], MASK);
         assert_eq!(v["list"][0], MASK);
         assert_eq!(v["list"][1], "plain");
+    }
+
+    #[test]
+    fn a_record_clips_what_the_caller_chose() {
+        let huge = "n".repeat(4_000_000);
+        let mut caller = Caller::anonymous();
+        caller.act = vec![huge.clone()];
+        let mut rec = Audit::disabled().begin(&caller, "tool", &huge);
+        rec.request(Value::String(huge.clone()), None);
+        rec.route("ledger", &huge);
+        rec.decision(
+            false,
+            &format!("unknown tool `{huge}`"),
+            Some("catalog".into()),
+        );
+        rec.finish(Outcome::Error, Some(huge.clone()));
+        let r = &rec.record;
+        assert!(r.name.len() <= FIELD_CAP && r.name.contains("(4000000 bytes, sha256:"));
+        assert!(r.upstream_name.as_ref().unwrap().len() <= FIELD_CAP);
+        assert!(r.request_id.as_ref().unwrap().as_str().unwrap().len() <= FIELD_CAP);
+        assert!(r.act[0].len() <= FIELD_CAP);
+        assert!(r.reason.len() <= TEXT_CAP && r.reason.starts_with("unknown tool `nnn"));
+        assert!(r.error.as_ref().unwrap().len() <= TEXT_CAP);
+        assert!(
+            !r.listed,
+            "a name is not a catalog entry until the broker says so"
+        );
+        rec.discard();
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! labels and timings over as a [`Finished`] ([`Metrics::audit_record`]), so `/metrics` and the audit
 //! trail always agree, and this module needs nothing from `audit` (data flows one way, audit → metrics). Gauges that describe live state (upstreams up,
 //! sessions, child processes) are read from the broker at scrape time. Labels never carry a
-//! subject or any secret: only server names, exposed tool names and fixed values.
+//! subject, a secret or a name a client made up: only configured server names, catalog tool and
+//! prompt names (anything else is `unknown`) and fixed values, so the number of series is bounded
+//! by the config and the catalog.
 
 use std::collections::hash_map::DefaultHasher;
 use std::fmt::Write;
@@ -23,6 +25,9 @@ pub struct Finished<'a> {
     pub server: Option<&'a str>,
     /// The exposed name, or for lists what was listed.
     pub name: &'a str,
+    /// `name` is a catalog entry. A tool or prompt name labels its series only then; any other
+    /// labels as `unknown`, so made-up names cannot grow the series count beyond the catalog's.
+    pub listed: bool,
     /// The audit outcome (`ok`, `denied`, …).
     pub outcome: &'a str,
     pub latency_ms: f64,
@@ -181,6 +186,9 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The `name` label of a tool or prompt the catalog does not list.
+pub const UNKNOWN: &str = "unknown";
+
 /// The process-wide registry.
 #[derive(Default)]
 pub struct Metrics {
@@ -206,10 +214,13 @@ impl Metrics {
     pub fn audit_record(&self, r: &Finished<'_>) {
         self.audit_records.fetch_add(1, Ordering::Relaxed);
         let server = r.server.unwrap_or("");
-        // Names a client made up (unknown tools) or unbounded ones (resource URIs) would let a
-        // caller create series without limit: only catalog tool/prompt names and list kinds label.
-        let name = match (r.kind, r.server.is_some()) {
-            ("tool" | "prompt", true) | ("list", _) => r.name,
+        // Names a client made up (unknown tools, even those an unprefixed server is asked about)
+        // or unbounded ones (resource URIs) would let a caller create series without limit: only
+        // catalog tool/prompt names and list kinds label.
+        let name = match r.kind {
+            "tool" | "prompt" if r.listed && r.server.is_some() => r.name,
+            "tool" | "prompt" => UNKNOWN,
+            "list" => r.name,
             _ => "",
         };
         self.requests.inc(
@@ -349,6 +360,7 @@ mod tests {
             kind: "tool",
             server: Some("ledger"),
             name: "ledger__x\"y",
+            listed: true,
             outcome: "ok",
             latency_ms: 3.0,
             upstream_ms: Some(2.0),
@@ -368,5 +380,66 @@ mod tests {
         assert!(text.contains(
             "mcp_broker_request_duration_seconds_count{kind=\"tool\",server=\"ledger\"} 2"
         ));
+    }
+
+    #[test]
+    fn made_up_names_do_not_become_labels() {
+        let m = Metrics::default();
+        for i in 0..300 {
+            let name = format!("made-up-{i}");
+            // an unprefixed server is asked about a name it does not list: routed, but not listed
+            m.audit_record(&Finished {
+                kind: "tool",
+                server: Some("ledger"),
+                name: &name,
+                listed: false,
+                outcome: "error",
+                ..Finished::default()
+            });
+            // and an unknown prompt no server offers
+            m.audit_record(&Finished {
+                kind: "prompt",
+                name: &name,
+                outcome: "error",
+                ..Finished::default()
+            });
+        }
+        let text = m.render("");
+        assert!(!text.contains("made-up"), "a made-up name became a label");
+        assert!(text.contains(
+            "mcp_broker_requests_total{kind=\"tool\",server=\"ledger\",name=\"unknown\",outcome=\"error\"} 300"
+        ));
+        assert!(text.contains(
+            "mcp_broker_requests_total{kind=\"prompt\",server=\"\",name=\"unknown\",outcome=\"error\"} 300"
+        ));
+        assert_eq!(
+            m.requests.0.len(),
+            2,
+            "one series per (kind, server, outcome)"
+        );
+    }
+
+    #[test]
+    fn catalog_names_and_list_kinds_label() {
+        let m = Metrics::default();
+        m.audit_record(&Finished {
+            kind: "list",
+            name: "tools",
+            outcome: "ok",
+            ..Finished::default()
+        });
+        m.audit_record(&Finished {
+            kind: "resource",
+            server: Some("ledger"),
+            name: "ledger+ledger://accounts/ACC-1",
+            listed: true,
+            outcome: "ok",
+            ..Finished::default()
+        });
+        let text = m.render("");
+        assert!(text.contains("name=\"tools\""));
+        // resource URIs are unbounded (templates): never a label
+        assert!(text.contains("kind=\"resource\",server=\"ledger\",name=\"\""));
+        assert!(!text.contains("ACC-1"));
     }
 }

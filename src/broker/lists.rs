@@ -220,6 +220,7 @@ impl Broker {
         let mut rec = self.audit.begin(caller, "tool", exposed);
         rec.request(request_id.clone(), None);
         rec.route(&e.server, &e.original);
+        rec.listed_name();
         let wanted = d.step_up.as_deref().unwrap_or_default().join(" ");
         rec.decision(
             false,

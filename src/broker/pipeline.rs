@@ -26,7 +26,7 @@ use rmcp::{
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::{CallRecord, Outcome};
+use crate::audit::{CallRecord, Outcome, clip};
 use crate::auth::Caller;
 use crate::catalog::Item;
 use crate::limits::{Refusal, retry_hint, tool_key};
@@ -107,6 +107,9 @@ struct Target {
     server: Arc<str>,
     kind: Kind,
     original: String,
+    /// A tool or prompt name that is a catalog entry (not one made up for an unprefixed server);
+    /// false for resources, whose URIs never label metrics.
+    listed: bool,
 }
 
 impl Broker {
@@ -196,8 +199,12 @@ impl Broker {
             server,
             kind,
             original,
+            listed,
         } = target;
         rec.route(&server, &original);
+        if listed {
+            rec.listed_name();
+        }
         let args = match &op {
             Op::CallTool(p) => p.arguments.as_ref(),
             _ => None,
@@ -271,13 +278,13 @@ impl Broker {
                 Kind::Tool => cat.tools.get(exposed).map(|e| (&e.server, &e.original)),
                 _ => cat.prompts.get(exposed).map(|e| (&e.server, &e.original)),
             };
-            let (server, original) = match entry {
-                Some((s, o)) => (s.clone(), o.clone()),
+            let (server, original, listed) = match entry {
+                Some((s, o)) => (s.clone(), o.clone(), true),
                 None => match unlisted(st, exposed, kind == Kind::Tool) {
-                    Some(s) => (s, exposed.to_string()),
+                    Some(s) => (s, exposed.to_string(), false),
                     None => {
                         return Err(Failure::Rpc(ErrorData::invalid_params(
-                            format!("unknown {} `{exposed}`", kind.as_str()),
+                            format!("unknown {} `{}`", kind.as_str(), clip(exposed)),
                             None,
                         )));
                     }
@@ -287,12 +294,13 @@ impl Broker {
                 server,
                 kind,
                 original,
+                listed,
             })
         };
         let uri = |uri: &str| -> Result<Target, Failure> {
             let route = cat.route_uri(uri).ok_or_else(|| {
                 Failure::Rpc(ErrorData::resource_not_found(
-                    format!("no server offers resource `{uri}`"),
+                    format!("no server offers resource `{}`", clip(uri)),
                     None,
                 ))
             })?;
@@ -300,6 +308,7 @@ impl Broker {
                 server: route.server,
                 kind: Kind::Resource,
                 original: route.original,
+                listed: false,
             })
         };
         match op {
@@ -314,6 +323,7 @@ impl Broker {
                         server: e.server.clone(),
                         kind: Kind::Resource,
                         original: e.original.clone(),
+                        listed: false,
                     }),
                     None => uri(&r.uri),
                 },
