@@ -14,6 +14,7 @@
 //! segments readers resolve differently (`ledger://public/../secret/x`) is refused outright whenever
 //! a decision depends on URIs. Tool and prompt names are matched as they are.
 
+use crate::audit::clip;
 use std::sync::Mutex;
 
 use serde_json::{Map, Value};
@@ -175,7 +176,8 @@ impl Policy {
             return Decision {
                 allow: false,
                 reason: format!(
-                    "resource `{name}` has `.` or `..` segments that readers resolve differently; refused"
+                    "resource `{}` has `.` or `..` segments that readers resolve differently; refused",
+                    clip(name)
                 ),
                 rule: None,
                 step_up: None,
@@ -217,7 +219,11 @@ impl Policy {
                     Ok((false, message)) => Decision {
                         allow: false,
                         reason: message.unwrap_or_else(|| {
-                            format!("{} `{name}` is refused by the Rego policy", kind.as_str())
+                            format!(
+                                "{} `{}` is refused by the Rego policy",
+                                kind.as_str(),
+                                clip(name)
+                            )
                         }),
                         rule: None,
                         step_up: None,
@@ -287,6 +293,8 @@ impl Policy {
     }
 
     fn default(&self, server: &str, kind: Kind, name: &str) -> Decision {
+        // The name is the caller's: quoted clipped.
+        let name = &*clip(name);
         if self.default_deny {
             Decision {
                 allow: false,
@@ -332,6 +340,8 @@ fn conditions_hold(r: &PolicyRule, caller: &Caller) -> bool {
 }
 
 fn refusal(r: &PolicyRule, kind: Kind, name: &str, caller: &Caller) -> String {
+    // The name is the caller's: quoted clipped.
+    let name = &*clip(name);
     let missing: Vec<&str> = r
         .require_scopes
         .iter()
