@@ -118,9 +118,10 @@ impl Broker {
 
     fn route_log(&self, server: &Arc<str>, conn: u64, params: LoggingMessageNotificationParam) {
         let owner = self.owner_of(server, conn);
+        let bytes = encoded_len(&params);
         for s in self.sessions.all() {
             if s.wants_log(params.level) && self.hears(&s, server, owner.as_deref()) {
-                self.sessions.send(&s, Outbound::Log(params.clone()));
+                self.sessions.send(&s, Outbound::Log(params.clone(), bytes));
             }
         }
     }
@@ -151,7 +152,8 @@ impl Broker {
             if allowed && self.hears(&s, server, owner.as_deref()) {
                 let mut p = params.clone();
                 p.uri = exposed.clone();
-                self.sessions.send(&s, Outbound::Updated(p));
+                let bytes = encoded_len(&p);
+                self.sessions.send(&s, Outbound::Updated(p, bytes));
             }
         }
     }
@@ -257,4 +259,9 @@ impl Broker {
             }
         }
     }
+}
+
+/// The size of a notification's params as JSON (what a session's queue bound counts).
+fn encoded_len(p: &impl serde::Serialize) -> usize {
+    serde_json::to_vec(p).map_or(0, |v| v.len())
 }

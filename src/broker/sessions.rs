@@ -25,8 +25,10 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Caller;
 use crate::catalog::Kind;
 
-/// Messages a session's queue holds before new ones are dropped.
+/// Messages a session's queue holds before new ones are dropped…
 const QUEUE: usize = 1024;
+/// …and their encoded size at most (a few large log lines must not hold megabytes per session).
+const QUEUE_BYTES: usize = 1 << 20;
 /// Resources one session may be subscribed to at once.
 pub(super) const MAX_SUBSCRIPTIONS: usize = 1024;
 /// Requests of one session waiting for an upstream at once.
@@ -38,9 +40,19 @@ const LIST_CHANGED_EVERY: Duration = Duration::from_millis(100);
 
 /// A notification waiting for a session's writer.
 pub(super) enum Outbound {
-    Log(LoggingMessageNotificationParam),
-    Updated(ResourceUpdatedNotificationParam),
+    /// With its encoded size, counted against the queue's byte bound.
+    Log(LoggingMessageNotificationParam, usize),
+    Updated(ResourceUpdatedNotificationParam, usize),
     ListChanged(Kind),
+}
+
+impl Outbound {
+    fn bytes(&self) -> usize {
+        match self {
+            Outbound::Log(_, n) | Outbound::Updated(_, n) => *n,
+            Outbound::ListChanged(_) => 0,
+        }
+    }
 }
 
 /// What a session's caller is shown, recomputed when the catalog or the policy changes.
@@ -64,6 +76,8 @@ pub(super) struct Session {
     pending: [AtomicBool; 3],
     /// Cancelled when the session is removed: stops its writer.
     closed: CancellationToken,
+    /// Encoded bytes waiting in `queue` (at most [`QUEUE_BYTES`]).
+    queued_bytes: AtomicUsize,
     /// Resources it is subscribed to (at most [`MAX_SUBSCRIPTIONS`]).
     pub subscriptions: AtomicUsize,
     /// Its requests waiting for an upstream (at most [`MAX_INFLIGHT`]).
@@ -118,9 +132,16 @@ impl Session {
         self.view.lock().is_ok_and(|v| v.servers.contains(server))
     }
 
-    /// Queue a message without waiting; false if the queue is full (the message is dropped).
+    /// Queue a message without waiting; false if the queue is full, by count or by bytes (the
+    /// message is dropped).
     fn offer(&self, m: Outbound) -> bool {
-        self.queue.try_send(m).is_ok()
+        let n = m.bytes();
+        let held = self.queued_bytes.fetch_add(n, Ordering::AcqRel);
+        if held + n > QUEUE_BYTES && n > 0 || self.queue.try_send(m).is_err() {
+            self.queued_bytes.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        true
     }
 }
 
@@ -194,6 +215,7 @@ impl Sessions {
             view: Mutex::new(view),
             pending: Default::default(),
             closed: CancellationToken::new(),
+            queued_bytes: AtomicUsize::new(0),
             subscriptions: AtomicUsize::new(0),
             inflight: AtomicUsize::new(0),
             pending_requests: AtomicUsize::new(0),
@@ -269,10 +291,11 @@ async fn write(s: Arc<Session>, mut rx: mpsc::Receiver<Outbound>) {
             _ = s.closed.cancelled() => return,
             m = rx.recv() => match m { Some(m) => m, None => return },
         };
+        s.queued_bytes.fetch_sub(m.bytes(), Ordering::AcqRel);
         let sent = async {
             match m {
-                Outbound::Log(p) => s.peer.notify_logging_message(p).await,
-                Outbound::Updated(p) => s.peer.notify_resource_updated(p).await,
+                Outbound::Log(p, _) => s.peer.notify_logging_message(p).await,
+                Outbound::Updated(p, _) => s.peer.notify_resource_updated(p).await,
                 Outbound::ListChanged(kind) => {
                     let i = kind.index();
                     if let Some(t) = last_list[i] {
