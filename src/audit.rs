@@ -10,7 +10,7 @@
 //! Nothing secret is recorded: credentials appear by kind only, and arguments as a hash unless
 //! `arguments = "full"`, which masks secret-looking keys and values.
 //!
-//! Bounded ([`bound`]): every caller-chosen string in a record is clipped (names, URIs, request ids
+//! Bounded (`bound`): every caller-chosen string in a record is clipped (names, URIs, request ids
 //! and argument strings at [`FIELD_CAP`], `reason` and `error` at [`TEXT_CAP`]) and no line is longer
 //! than [`RECORD_CEILING`], so a flood of huge names cannot rotate other callers' records away.
 

@@ -7,13 +7,14 @@
 //! |---|---|---|
 //! | 0 | [`config`] | `servers.toml` → validated [`config::Config`]; errors name file, line and key |
 //! | 1 | [`upstream`] | supervised MCP client connections over stdio, legacy SSE and Streamable HTTP |
-//! | 1 | [`catalog`] | pure: the namespaced, collision-checked view of every upstream's lists |
+//! | 1 | [`catalog`] | pure: the namespaced, collision-checked view of every upstream's lists (raw JSON items); the one [`catalog::Kind`] |
 //! | 1 | [`auth`] | the [`auth::Caller`] behind a request |
 //! | 1 | [`metrics`] | Prometheus counters; fed plain values, it imports no other module |
 //! | 1 | [`audit`] | decision records (JSONL sinks), written on drop; each record also feeds [`metrics`] |
 //! | 2 | [`policy`] | pure: one decision for what is listed and what is called |
 //! | 2 | [`limits`] | token-bucket rate limits and concurrency caps |
-//! | 3 | [`broker`] | transport-free core: list, call, route progress/cancel/server requests, fan out changes |
+//! | 2 | [`credentials`] | the per-server upstream credential: RFC 8693 exchange, Vault, static |
+//! | 3 | [`broker`] | transport-free core: one request pipeline, the session registry, the caller-scoped event router |
 //! | 4 | [`front`] | the rmcp `ServerHandler` adapter, the axum HTTP front |
 //! | 5 | [`app`] | wiring and shutdown order; [`app::run`] serves on a given listener until a given future resolves |
 //! | 6 | [`cli`] | parses arguments and calls [`app`] (or [`audit_query`]) with plain values |
