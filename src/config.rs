@@ -397,10 +397,12 @@ pub enum TransportConfig {
     Sse {
         url: url::Url,
         headers: Vec<(String, Secret)>,
+        follow_redirects: FollowRedirects,
     },
     Http {
         url: url::Url,
         headers: Vec<(String, Secret)>,
+        follow_redirects: FollowRedirects,
     },
 }
 
@@ -410,6 +412,41 @@ impl TransportConfig {
             Self::Stdio { .. } => "stdio",
             Self::Sse { .. } => "sse",
             Self::Http { .. } => "http",
+        }
+    }
+
+    /// Which redirects the upstream's HTTP client follows (stdio has none to follow).
+    pub fn follow_redirects(&self) -> FollowRedirects {
+        match self {
+            Self::Stdio { .. } => FollowRedirects::None,
+            Self::Sse {
+                follow_redirects, ..
+            }
+            | Self::Http {
+                follow_redirects, ..
+            } => *follow_redirects,
+        }
+    }
+}
+
+/// `follow_redirects` of an http or sse server. A redirect to another origin is never followed: the
+/// request would carry the server's headers (`x-api-key`, ...) and credentials there, and reqwest
+/// strips only `Authorization`, `Cookie` and `Proxy-Authorization` on such a hop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FollowRedirects {
+    /// A 3xx answer is an error naming the status and the target.
+    #[default]
+    None,
+    /// Follow a redirect whose scheme, host and port equal the original request's (a few hops at most).
+    SameOrigin,
+}
+
+impl FollowRedirects {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::SameOrigin => "same_origin",
         }
     }
 }
@@ -811,13 +848,29 @@ impl Ctx<'_> {
                 inherit_env: inherit_env
                     .unwrap_or_else(|| DEFAULT_INHERIT_ENV.iter().map(|s| s.to_string()).collect()),
             },
-            RawTransport::Http { url, headers } => {
+            RawTransport::Http {
+                url,
+                headers,
+                follow_redirects,
+            } => {
                 let (url, headers) = self.remote(t, &url, headers)?;
-                TransportConfig::Http { url, headers }
+                TransportConfig::Http {
+                    url,
+                    headers,
+                    follow_redirects: follow_redirects.unwrap_or_default(),
+                }
             }
-            RawTransport::Sse { url, headers } => {
+            RawTransport::Sse {
+                url,
+                headers,
+                follow_redirects,
+            } => {
                 let (url, headers) = self.remote(t, &url, headers)?;
-                TransportConfig::Sse { url, headers }
+                TransportConfig::Sse {
+                    url,
+                    headers,
+                    follow_redirects: follow_redirects.unwrap_or_default(),
+                }
             }
         };
         let prefix = raw.prefix.unwrap_or_else(|| name.to_string());
@@ -1768,12 +1821,47 @@ mod tests {
     }
 
     #[test]
+    fn follow_redirects_is_an_http_and_sse_key() {
+        let c = parse("[servers.a]\ntransport = \"http\"\nurl = \"http://x\"\n[servers.b]\ntransport = \"sse\"\nurl = \"http://y/sse\"\nfollow_redirects = \"same_origin\"\n[servers.c]\ntransport = \"http\"\nurl = \"http://z\"\nfollow_redirects = \"none\"\n")
+            .unwrap();
+        let modes: Vec<_> = c
+            .servers
+            .iter()
+            .map(|s| s.transport.follow_redirects())
+            .collect();
+        assert_eq!(
+            modes,
+            [
+                FollowRedirects::None,
+                FollowRedirects::SameOrigin,
+                FollowRedirects::None
+            ]
+        );
+        let e = parse("[servers.s]\ntransport = \"stdio\"\ncommand = \"x\"\nfollow_redirects = \"same_origin\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("conf/servers.toml:4: `servers.s.follow_redirects`: `follow_redirects` does not apply to transport \"stdio\""),
+            "{e}"
+        );
+        let e = parse(
+            "[servers.h]\ntransport = \"http\"\nurl = \"http://x\"\nfollow_redirects = \"all\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("conf/servers.toml:4: `servers.h.follow_redirects`: unknown variant `all`, expected `none` or `same_origin`"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_key_of_another_transport_is_named_with_what_applies() {
         let e = parse("[servers.web]\ntransport = \"http\"\nurl = \"http://x\"\ncwd = \"/tmp\"\n")
             .unwrap_err()
             .to_string();
         assert!(
-            e.starts_with("conf/servers.toml:4: `servers.web.cwd`: `cwd` does not apply to transport \"http\"; expected `url` or `headers`, or a key every transport takes: `prefix`"),
+            e.starts_with("conf/servers.toml:4: `servers.web.cwd`: `cwd` does not apply to transport \"http\"; expected one of `url`, `headers`, `follow_redirects`, or a key every transport takes: `prefix`"),
             "{e}"
         );
         // the same key written before `transport`, and in an inline table

@@ -13,7 +13,7 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{ConfigError, Ctx, Isolation, line_col};
+use super::{ConfigError, Ctx, FollowRedirects, Isolation, line_col};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -284,10 +284,12 @@ pub(super) enum RawTransport {
     Http {
         url: String,
         headers: Option<BTreeMap<String, String>>,
+        follow_redirects: Option<FollowRedirects>,
     },
     Sse {
         url: String,
         headers: Option<BTreeMap<String, String>>,
+        follow_redirects: Option<FollowRedirects>,
     },
 }
 

@@ -199,6 +199,18 @@ impl RawHttpClient {
     }
 }
 
+/// A refused redirect's reason as the error: reqwest's own message does not say why, and rmcp shows
+/// a client error by its message alone.
+fn explain(e: HttpError) -> HttpError {
+    match e {
+        StreamableHttpError::Client(c) => match super::redirect::refusal(&c) {
+            Some(r) => StreamableHttpError::UnexpectedServerResponse(Cow::Owned(r.to_string())),
+            None => StreamableHttpError::Client(c),
+        },
+        other => other,
+    }
+}
+
 impl StreamableHttpClient for RawHttpClient {
     type Error = reqwest::Error;
 
@@ -211,8 +223,8 @@ impl StreamableHttpClient for RawHttpClient {
         custom_headers: HashMap<HeaderName, HeaderValue>,
     ) -> Result<StreamableHttpPostResponse, HttpError> {
         match custom_request_id(&message) {
-            Some(_) => {
-                self.post_custom(
+            Some(_) => self
+                .post_custom(
                     uri,
                     message,
                     session_id,
@@ -221,12 +233,12 @@ impl StreamableHttpClient for RawHttpClient {
                     DEFAULT_MAX_EVENT,
                 )
                 .await
-            }
-            None => {
-                self.inner
-                    .post_message(uri, message, session_id, auth_header, custom_headers)
-                    .await
-            }
+                .map_err(explain),
+            None => self
+                .inner
+                .post_message(uri, message, session_id, auth_header, custom_headers)
+                .await
+                .map_err(explain),
         }
     }
 
@@ -240,8 +252,8 @@ impl StreamableHttpClient for RawHttpClient {
         max_sse_event_size: usize,
     ) -> Result<StreamableHttpPostResponse, HttpError> {
         match custom_request_id(&message) {
-            Some(_) => {
-                self.post_custom(
+            Some(_) => self
+                .post_custom(
                     uri,
                     message,
                     session_id,
@@ -250,19 +262,19 @@ impl StreamableHttpClient for RawHttpClient {
                     max_sse_event_size,
                 )
                 .await
-            }
-            None => {
-                self.inner
-                    .post_message_with_max_sse_event_size(
-                        uri,
-                        message,
-                        session_id,
-                        auth_header,
-                        custom_headers,
-                        max_sse_event_size,
-                    )
-                    .await
-            }
+                .map_err(explain),
+            None => self
+                .inner
+                .post_message_with_max_sse_event_size(
+                    uri,
+                    message,
+                    session_id,
+                    auth_header,
+                    custom_headers,
+                    max_sse_event_size,
+                )
+                .await
+                .map_err(explain),
         }
     }
 
@@ -276,6 +288,7 @@ impl StreamableHttpClient for RawHttpClient {
         self.inner
             .delete_session(uri, session_id, auth_header, custom_headers)
             .await
+            .map_err(explain)
     }
 
     async fn get_stream(
@@ -289,6 +302,7 @@ impl StreamableHttpClient for RawHttpClient {
         self.inner
             .get_stream(uri, session_id, last_event_id, auth_header, custom_headers)
             .await
+            .map_err(explain)
     }
 
     async fn get_stream_with_max_sse_event_size(
@@ -310,6 +324,7 @@ impl StreamableHttpClient for RawHttpClient {
                 max_sse_event_size,
             )
             .await
+            .map_err(explain)
     }
 }
 

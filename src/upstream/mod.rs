@@ -13,6 +13,7 @@
 mod http_client;
 mod progress;
 pub mod raw;
+pub mod redirect;
 mod sse;
 mod stdio;
 
@@ -184,6 +185,8 @@ impl Upstream {
             .tcp_nodelay(true)
             .connect_timeout(config.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
+            // Requests carry the server's headers and credentials: no redirect off its origin.
+            .redirect(redirect::policy(config.transport.follow_redirects()))
             .build()
             .map_err(UpstreamError::HttpClient)?;
         Ok(Arc::new(Self {
@@ -665,7 +668,7 @@ impl Upstream {
                     .await
                     .map_err(init)
             }
-            TransportConfig::Http { url, headers } => {
+            TransportConfig::Http { url, headers, .. } => {
                 let mut custom = std::collections::HashMap::new();
                 for (k, v) in headers.iter().chain(&secrets.headers) {
                     if let (Ok(k), Ok(v)) = (
@@ -686,7 +689,7 @@ impl Upstream {
                     .await
                     .map_err(init)
             }
-            TransportConfig::Sse { url, headers } => {
+            TransportConfig::Sse { url, headers, .. } => {
                 let mut map = reqwest::header::HeaderMap::new();
                 for (k, v) in headers.iter().chain(&secrets.headers) {
                     if let (Ok(k), Ok(mut v)) = (

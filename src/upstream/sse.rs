@@ -20,6 +20,11 @@ use super::raw::RawIds;
 pub enum SseError {
     #[error("GET {url}: {source}")]
     Connect { url: String, source: reqwest::Error },
+    #[error("GET {url}: {refused}")]
+    Redirect {
+        url: String,
+        refused: super::redirect::RedirectRefused,
+    },
     #[error("GET {url}: HTTP {status}")]
     Status { url: String, status: u16 },
     #[error("the event stream ended before its `endpoint` event")]
@@ -53,9 +58,15 @@ impl SseTransport {
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .send()
             .await
-            .map_err(|source| SseError::Connect {
-                url: url.to_string(),
-                source,
+            .map_err(|source| match super::redirect::refusal(&source) {
+                Some(r) => SseError::Redirect {
+                    url: url.to_string(),
+                    refused: r.clone(),
+                },
+                None => SseError::Connect {
+                    url: url.to_string(),
+                    source,
+                },
             })?;
         if !resp.status().is_success() {
             return Err(SseError::Status {
@@ -133,7 +144,13 @@ impl Transport<RoleClient> for SseTransport {
             .headers(self.headers.clone())
             .json(&item);
         async move {
-            let resp = req.send().await.map_err(std::io::Error::other)?;
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| match super::redirect::refusal(&e) {
+                    Some(r) => std::io::Error::other(format!("POST: {r}")),
+                    None => std::io::Error::other(e),
+                })?;
             if !resp.status().is_success() {
                 return Err(std::io::Error::other(format!(
                     "upstream answered the POST with HTTP {}",
