@@ -158,6 +158,33 @@ impl Broker {
         }
     }
 
+    /// The downstream call an upstream request belongs to: the call whose response stream carried it
+    /// (HTTP), else the only call in flight on that connection (stdio and SSE carry no link; more
+    /// than one would be ambiguous).
+    fn caller_of_request(
+        &self,
+        server: &Arc<str>,
+        conn: u64,
+        origin: Option<&RequestId>,
+    ) -> Option<super::Downstream> {
+        origin
+            .and_then(|id| {
+                self.inflight
+                    .get(&(server.clone(), conn, id.clone()))
+                    .map(|d| d.clone())
+            })
+            .or_else(|| {
+                let mut it = self
+                    .inflight
+                    .iter()
+                    .filter(|e| &e.key().0 == server && e.key().1 == conn);
+                match (it.next(), it.next()) {
+                    (Some(only), None) => Some(only.value().clone()),
+                    _ => None,
+                }
+            })
+    }
+
     /// Route an upstream's sampling/elicitation/roots request to the downstream call that caused it.
     async fn route_request(
         &self,
@@ -167,23 +194,16 @@ impl Broker {
         origin: Option<RequestId>,
         cancel: CancellationToken,
     ) -> Result<ClientResult, ErrorData> {
-        let target = origin
-            .and_then(|id| {
-                self.inflight
-                    .get(&(server.clone(), conn, id))
-                    .map(|d| d.clone())
-            })
-            .or_else(|| {
-                // stdio and SSE carry no link to the call: route only when it cannot be ambiguous.
-                let mut it = self
-                    .inflight
-                    .iter()
-                    .filter(|e| &e.key().0 == server && e.key().1 == conn);
-                match (it.next(), it.next()) {
-                    (Some(only), None) => Some(only.value().clone()),
-                    _ => None,
-                }
-            });
+        // The call's route is registered just after its request went out, so a fast upstream's
+        // request can arrive first: look again for a short while before giving up.
+        let mut target = None;
+        for _ in 0..50 {
+            target = self.caller_of_request(server, conn, origin.as_ref());
+            if target.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         let (method, declared): (&str, fn(&ClientCapabilities) -> bool) = match &request {
             ServerRequest::CreateMessageRequest(_) => {
                 ("sampling/createMessage", |c| c.sampling.is_some())
