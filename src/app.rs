@@ -237,7 +237,13 @@ pub async fn run(
                 .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (metrics_listen): {e}"))?;
             tracing::info!(addr = %l.local_addr()?, "serving /metrics, /healthz and /readyz");
             let ops = http::ops_router(&broker);
-            Some(tokio::spawn(async move { axum::serve(l, ops).await }))
+            let limits = http::ConnectionLimits::of(&config.broker);
+            Some(tokio::spawn(http::serve(
+                l,
+                ops,
+                limits,
+                std::future::pending(),
+            )))
         }
         None => None,
     };
@@ -257,7 +263,8 @@ pub async fn run(
     tracing::info!(%addr, public_url = %config.broker.public_url, servers = config.servers.len(), "serving");
     let stop = CancellationToken::new();
     let stop_rx = stop.clone();
-    let server = tokio::spawn(http::serve(listener, app, async move {
+    let limits = http::ConnectionLimits::of(&config.broker);
+    let server = tokio::spawn(http::serve(listener, app, limits, async move {
         stop_rx.cancelled().await
     }));
     shutdown.await;

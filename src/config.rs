@@ -352,6 +352,14 @@ pub struct BrokerConfig {
     /// Open downstream sessions at most, in total and per subject.
     pub max_sessions: usize,
     pub max_sessions_per_subject: usize,
+    /// A connection must deliver a request's headers within this (counted from when it connects or
+    /// its previous response ended, so it is also the keep-alive idle timeout), else it is closed.
+    pub header_read_timeout: Duration,
+    /// An `/mcp` POST body must arrive whole within this once the broker starts reading it (after
+    /// the token is checked), else 408.
+    pub body_read_timeout: Duration,
+    /// Open connections at most on each listener; beyond it new ones wait (unaccepted) for a slot.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -791,6 +799,30 @@ impl Ctx<'_> {
         if max_sessions_per_subject == 0 {
             return Err(self.invalid(t, "max_sessions_per_subject", "must be at least 1".into()));
         }
+        let header_read_timeout = self.duration(
+            t,
+            "header_read_timeout",
+            raw.header_read_timeout,
+            Duration::from_secs(10),
+        )?;
+        let body_read_timeout = self.duration(
+            t,
+            "body_read_timeout",
+            raw.body_read_timeout,
+            Duration::from_secs(30),
+        )?;
+        for (key, d) in [
+            ("header_read_timeout", header_read_timeout),
+            ("body_read_timeout", body_read_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(self.invalid(t, key, "must be greater than zero".into()));
+            }
+        }
+        let max_connections = raw.max_connections.unwrap_or(1024);
+        if max_connections == 0 {
+            return Err(self.invalid(t, "max_connections", "must be at least 1".into()));
+        }
         Ok(BrokerConfig {
             listen,
             public_url,
@@ -803,6 +835,9 @@ impl Ctx<'_> {
             startup_wait,
             max_sessions,
             max_sessions_per_subject,
+            header_read_timeout,
+            body_read_timeout,
+            max_connections,
         })
     }
 
@@ -1616,6 +1651,40 @@ mod tests {
         let same = parse("[servers.a]\ntransport = \"stdio\"\ncommand = \"x\"\n").unwrap();
         assert_eq!(again.servers[0].fingerprint, same.servers[0].fingerprint);
         assert_ne!(again.servers[0].fingerprint, changed.servers[0].fingerprint);
+    }
+
+    #[test]
+    fn connection_limit_keys() {
+        let c = parse("[broker]\n").unwrap();
+        assert_eq!(c.broker.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.broker.body_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.broker.max_connections, 1024);
+        let c = parse(
+            "[broker]\nheader_read_timeout = \"2s\"\nbody_read_timeout = \"1m\"\nmax_connections = 20\n",
+        )
+        .unwrap();
+        assert_eq!(c.broker.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(c.broker.body_read_timeout, Duration::from_secs(60));
+        assert_eq!(c.broker.max_connections, 20);
+        for (text, key, line) in [
+            (
+                "[broker]\nheader_read_timeout = \"soon\"\n",
+                "header_read_timeout",
+                2,
+            ),
+            (
+                "[broker]\n\nbody_read_timeout = \"0s\"\n",
+                "body_read_timeout",
+                3,
+            ),
+            ("[broker]\nmax_connections = 0\n", "max_connections", 2),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("conf/servers.toml:{line}: `broker.{key}`")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -250,6 +250,9 @@ pub(super) struct RawBroker {
     pub(super) startup_wait: Option<String>,
     pub(super) max_sessions: Option<usize>,
     pub(super) max_sessions_per_subject: Option<usize>,
+    pub(super) header_read_timeout: Option<String>,
+    pub(super) body_read_timeout: Option<String>,
+    pub(super) max_connections: Option<usize>,
 }
 
 /// `[servers.NAME]` keys every transport takes; the rest of the table is the [`RawTransport`].

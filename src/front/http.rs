@@ -5,6 +5,10 @@
 //! normalisation (clients that send `*/*` would get 406), the caller seam for the auth middleware, and
 //! `TCP_NODELAY` on accepted sockets (an SSE reply goes out in two writes; with Nagle on, the second
 //! waits for a delayed ACK, ~40 ms).
+//!
+//! A request costs nothing before it is authenticated: the token is checked from the headers, and
+//! only then is the body read (bounded by `max_request_body` and `body_read_timeout`). [`serve`]
+//! bounds the connections themselves: how long headers may take, and how many may be open.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -83,7 +87,6 @@ pub fn router(
         auth: auth.clone(),
         owners: Arc::new(SessionOwners::default()),
         metadata_url: Arc::from(metadata_url),
-        limit: cfg.max_request_body,
     };
     let mut app = ops_routes(Router::new(), &broker, cfg.metrics_listen.is_none()).route(
         MCP_PATH,
@@ -117,10 +120,17 @@ pub fn router(
             );
         }
     }
-    let limit = BodyLimit(cfg.max_request_body);
-    app.layer(middleware::from_fn_with_state(limit, relay_rename))
+    let body = BodyRules {
+        limit: cfg.max_request_body,
+        timeout: cfg.body_read_timeout,
+    };
+    // Outermost last. The gate decides from the headers alone, so no body byte of an
+    // unauthenticated request is read; `jsonrpc_errors` then reads the body once (bounded in size
+    // and time) and the layers inside it get bytes.
+    app.layer(middleware::from_fn_with_state(body, relay_rename))
+        .layer(middleware::from_fn_with_state(state.clone(), step_up))
+        .layer(middleware::from_fn_with_state(body, jsonrpc_errors))
         .layer(middleware::from_fn_with_state(state, gate))
-        .layer(middleware::from_fn_with_state(limit, jsonrpc_errors))
         .layer(middleware::from_fn(normalize_accept))
         .layer(middleware::from_fn_with_state(posts, track_posts))
 }
@@ -236,14 +246,13 @@ struct Gate {
     owners: Arc<SessionOwners>,
     /// Our RFC 9728 document URL, for `resource_metadata` in challenges.
     metadata_url: Arc<str>,
-    limit: usize,
 }
 
 const SESSION_HEADER: &str = "mcp-session-id";
 
 /// Authenticate every `/mcp` request (RFC 6750 challenges on failure), keep each session with the
 /// subject that opened it, and attach the [`Caller`] for the broker. Without `[auth]` every caller
-/// is anonymous.
+/// is anonymous. Decides from the headers alone: a refused request's body is never read.
 async fn gate(State(g): State<Gate>, mut req: Request, next: Next) -> Response {
     if req.uri().path() != MCP_PATH {
         return next.run(req).await;
@@ -310,33 +319,6 @@ async fn gate(State(g): State<Gate>, mut req: Request, next: Next) -> Response {
         tracing::warn!(sub = %caller.sub, "refused a session opened by another subject");
         return plain(StatusCode::NOT_FOUND, "Not Found: Session not found".into());
     }
-    if req.method() == Method::POST && g.broker.has_step_up() {
-        let (parts, body) = req.into_parts();
-        let bytes = axum::body::to_bytes(body, g.limit)
-            .await
-            .unwrap_or_default();
-        if let Some((id, name)) = peek_tool_call(&bytes)
-            && let Some(d) = g.broker.step_up_refusal(&caller, &name, &id)
-        {
-            let scopes = d.step_up.unwrap_or_default();
-            let mut resp = challenge(
-                StatusCode::FORBIDDEN,
-                &g.metadata_url,
-                Some(("insufficient_scope", &d.reason)),
-                &scopes,
-            );
-            *resp.body_mut() = Body::from(
-                serde_json::json!({
-                    "jsonrpc": "2.0",
-                    "id": id,
-                    "error": { "code": -32600, "message": d.reason },
-                })
-                .to_string(),
-            );
-            return resp;
-        }
-        req = Request::from_parts(parts, Body::from(bytes));
-    }
     let method = req.method().clone();
     let sub = caller.sub.clone();
     req.extensions_mut().insert(caller);
@@ -356,6 +338,49 @@ async fn gate(State(g): State<Gate>, mut req: Request, next: Next) -> Response {
         _ => {}
     }
     resp
+}
+
+/// A `tools/call` whose policy rule wants a scope the caller's token lacks is refused with an
+/// `insufficient_scope` challenge (step-up authorization), before it reaches the broker. Inside
+/// `jsonrpc_errors`: it peeks at a body already read, and only for an authenticated caller.
+async fn step_up(State(g): State<Gate>, req: Request, next: Next) -> Response {
+    if req.uri().path() != MCP_PATH
+        || req.method() != Method::POST
+        || g.auth.is_none()
+        || !g.broker.has_step_up()
+    {
+        return next.run(req).await;
+    }
+    let Some(caller) = req.extensions().get::<Caller>().cloned() else {
+        return next.run(req).await;
+    };
+    let (parts, body) = req.into_parts();
+    // Already in memory (see `jsonrpc_errors`): collecting it again costs no wait.
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    if let Some((id, name)) = peek_tool_call(&bytes)
+        && let Some(d) = g.broker.step_up_refusal(&caller, &name, &id)
+    {
+        let scopes = d.step_up.unwrap_or_default();
+        let mut resp = challenge(
+            StatusCode::FORBIDDEN,
+            &g.metadata_url,
+            Some(("insufficient_scope", &d.reason)),
+            &scopes,
+        );
+        *resp.body_mut() = Body::from(
+            serde_json::json!({
+                "jsonrpc": "2.0",
+                "id": id,
+                "error": { "code": -32600, "message": d.reason },
+            })
+            .to_string(),
+        );
+        return resp;
+    }
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 /// The token from `Authorization: Bearer <token>` (scheme case-insensitive).
@@ -421,19 +446,103 @@ fn challenge(
     resp
 }
 
-/// Bind, announce the URL on stdout (tests and scripts read it), and serve until `shutdown`.
+/// What one connection may hold, and how many there may be: the limits that keep a slow or
+/// idle client from tying up the listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// A request's headers must arrive within this. hyper starts the clock when it begins waiting
+    /// for a request, so an idle keep-alive connection is closed after it too.
+    pub header_read_timeout: std::time::Duration,
+    /// Connections served at once. At the cap the listener stops accepting: new connections wait
+    /// in the kernel's backlog (costing no task or buffer) until one closes.
+    pub max_connections: usize,
+}
+
+impl ConnectionLimits {
+    pub fn of(cfg: &crate::config::BrokerConfig) -> Self {
+        ConnectionLimits {
+            header_read_timeout: cfg.header_read_timeout,
+            max_connections: cfg.max_connections,
+        }
+    }
+}
+
+/// Serve `app` on `listener` (HTTP/1.1, `TCP_NODELAY`) within `limits` until `shutdown`; then stop
+/// accepting, let open requests finish (idle connections close at once) and return when every
+/// connection has closed.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    limits: ConnectionLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let connections = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut last_warned: Option<tokio::time::Instant> = None;
+    loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                // Once a minute at most: under a flood this would otherwise be a line per connection.
+                if last_warned.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60)) {
+                    last_warned = Some(tokio::time::Instant::now());
+                    tracing::warn!(
+                        max_connections = limits.max_connections,
+                        "connection cap reached; new connections wait until one closes"
+                    );
+                }
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                    _ = &mut shutdown => break,
+                }
+            }
+        };
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    if !is_connection_error(&e) {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::error!(error = %e, "accept failed");
+                        tokio::select! {
+                            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                            _ = &mut shutdown => break,
+                        }
+                    }
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
         let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+        let conn = http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
+        let conn = connections.watch(conn);
+        tokio::spawn(async move {
+            // A client that goes away, or a header timeout: nothing to report.
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    connections.shutdown().await;
+    Ok(())
+}
+
+/// Errors about one connection (it went away before we took it), not about the listener.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
 }
 
 /// `Accept: */*` (or none) means "anything": say so in the form rmcp's transport checks for.
@@ -459,13 +568,50 @@ async fn normalize_accept(mut req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
+/// How much of a request body the broker reads, and how long it waits for it.
 #[derive(Clone, Copy)]
-struct BodyLimit(usize);
+struct BodyRules {
+    limit: usize,
+    /// The whole body must arrive within this: a client trickling a body cannot hold a request
+    /// (and its buffer) open for longer.
+    timeout: std::time::Duration,
+}
+
+impl BodyRules {
+    /// The body, or the response that refuses it: 413 over the limit, 408 when it does not arrive
+    /// in time (with `Connection: close`: the rest of it is never read).
+    async fn read(&self, body: Body) -> Result<axum::body::Bytes, Response> {
+        match tokio::time::timeout(self.timeout, axum::body::to_bytes(body, self.limit)).await {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(_)) => Err(plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body exceeds {} bytes", self.limit),
+            )),
+            Err(_) => {
+                tracing::info!(timeout = ?self.timeout, "request body not received in time");
+                let mut resp = plain(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "request body not received within {}s",
+                        self.timeout.as_secs_f64()
+                    ),
+                );
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                Err(resp)
+            }
+        }
+    }
+}
 
 /// Malformed bodies get JSON-RPC errors (rmcp answers them with a plain-text 415): invalid JSON is a
 /// -32700 parse error, JSON that is not one JSON-RPC message (a batch, a bare object) is -32600.
-/// The body is read once here, bounded, and handed on as bytes.
-async fn jsonrpc_errors(State(limit): State<BodyLimit>, req: Request, next: Next) -> Response {
+/// The body is read once here, bounded in size and time, and handed on as bytes. Inside the auth
+/// gate: only an authenticated request's body is read.
+async fn jsonrpc_errors(State(rules): State<BodyRules>, req: Request, next: Next) -> Response {
+    if req.uri().path() != MCP_PATH {
+        return next.run(req).await;
+    }
     if req.method() != Method::POST {
         let method = req.method().clone();
         let mut resp = next.run(req).await;
@@ -476,14 +622,9 @@ async fn jsonrpc_errors(State(limit): State<BodyLimit>, req: Request, next: Next
         return resp;
     }
     let (parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, limit.0).await {
+    let bytes = match rules.read(body).await {
         Ok(b) => b,
-        Err(_) => {
-            return plain(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body exceeds {} bytes", limit.0),
-            );
-        }
+        Err(refused) => return refused,
     };
     if serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() {
         return rpc_error(-32700, "Parse error: the body is not valid JSON");
@@ -513,18 +654,16 @@ async fn jsonrpc_errors(State(limit): State<BodyLimit>, req: Request, next: Next
 }
 
 /// Lists and calls go on to rmcp under a private method, so the front can answer them with the
-/// upstreams' raw JSON (see `relay`). The innermost layer: the auth gate (step-up) sees the
-/// original request.
-async fn relay_rename(State(limit): State<BodyLimit>, req: Request, next: Next) -> Response {
-    if req.method() != Method::POST {
+/// upstreams' raw JSON (see `relay`). The innermost layer: the step-up check sees the original
+/// request.
+async fn relay_rename(State(rules): State<BodyRules>, req: Request, next: Next) -> Response {
+    if req.uri().path() != MCP_PATH || req.method() != Method::POST {
         return next.run(req).await;
     }
     let (mut parts, body) = req.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, limit.0).await else {
-        return plain(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body exceeds {} bytes", limit.0),
-        );
+    let bytes = match rules.read(body).await {
+        Ok(b) => b,
+        Err(refused) => return refused,
     };
     let body = match super::relay::rename_request(&bytes, &mut parts.headers) {
         Some(renamed) => Body::from(renamed),
