@@ -253,7 +253,29 @@ const SESSION_HEADER: &str = "mcp-session-id";
 /// Authenticate every `/mcp` request (RFC 6750 challenges on failure), keep each session with the
 /// subject that opened it, and attach the [`Caller`] for the broker. Without `[auth]` every caller
 /// is anonymous. Decides from the headers alone: a refused request's body is never read.
-async fn gate(State(g): State<Gate>, mut req: Request, next: Next) -> Response {
+/// [`gate_inner`], plus: a refusal sent before the request's body was read closes the connection
+/// (`Connection: close`), so a client does not send its next request on a connection the server
+/// is about to drop with the unread body still in it.
+async fn gate(state: State<Gate>, req: Request, next: Next) -> Response {
+    let has_body = req.method() == Method::POST;
+    let mut resp = gate_inner(state, req, next).await;
+    let refused = matches!(
+        resp.status(),
+        StatusCode::UNAUTHORIZED
+            | StatusCode::FORBIDDEN
+            | StatusCode::NOT_FOUND
+            | StatusCode::SERVICE_UNAVAILABLE
+    );
+    if has_body && refused {
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    resp
+}
+
+async fn gate_inner(State(g): State<Gate>, mut req: Request, next: Next) -> Response {
     if req.uri().path() != MCP_PATH {
         return next.run(req).await;
     }
