@@ -1,6 +1,6 @@
 // Preloaded (node --require) by scripts/conformance.sh and tests/e2e/test_conformance_2026.py, not
 // part of the reference server: binds every listening socket that names no host to 127.0.0.1 and
-// announces the bound address on stderr ("conformance-ref listening on http://127.0.0.1:PORT/mcp"),
+// announces the bound address on stdout ("conformance-ref listening on http://127.0.0.1:PORT/mcp"),
 // so the server can run on PORT=0 without reaching beyond loopback.
 'use strict';
 const net = require('net');
@@ -11,7 +11,7 @@ net.Server.prototype.listen = function (...args) {
   }
   this.once('listening', () => {
     const a = this.address();
-    if (a && typeof a === 'object') process.stderr.write(`conformance-ref listening on http://127.0.0.1:${a.port}/mcp\n`);
+    if (a && typeof a === 'object') process.stdout.write(`conformance-ref listening on http://127.0.0.1:${a.port}/mcp\n`);
   });
   return listen.apply(this, args);
 };
