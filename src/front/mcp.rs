@@ -16,9 +16,9 @@ use rmcp::{
         CustomRequest, CustomResult, ErrorCode, GetPromptRequestParams, GetPromptResponse,
         Implementation, InitializeRequestParams, InitializeResult, ListPromptsResult,
         ListResourceTemplatesResult, ListResourcesResult, ListToolsResult, PaginatedRequestParams,
-        ProtocolVersion, ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities,
-        ServerConfig, ServerResult, SetLevelRequestParams, SubscribeRequestParams,
-        SubscriptionFilter, UnsubscribeRequestParams,
+        ProtocolVersion, ReadResourceRequestParams, ReadResourceResponse, ResultType,
+        ServerCapabilities, ServerConfig, ServerResult, SetLevelRequestParams,
+        SubscribeRequestParams, SubscriptionFilter, UnsubscribeRequestParams,
     },
     service::{RequestContext, SubscriptionContext},
 };
@@ -197,6 +197,38 @@ fn call_result(
     serde_json::to_value(typed).map_err(|e| ErrorData::internal_error(e.to_string(), None))
 }
 
+/// A resources/read (or subscribe) error in the client's revision: resource not found is -32602 in
+/// 2026-07-28 and -32002 in 2025-11-25 (SEP-2164); either way `data.uri` names the URI the client asked
+/// for when the upstream (or the broker) left it out. Other errors pass unchanged.
+fn resource_error(mut e: ErrorData, uri: &str, modern: bool) -> ErrorData {
+    let not_found = e.code == ErrorCode::RESOURCE_NOT_FOUND
+        || (e.code == ErrorCode::INVALID_PARAMS && e.data.is_none());
+    if !not_found {
+        return e;
+    }
+    if modern && e.code == ErrorCode::RESOURCE_NOT_FOUND {
+        e.code = ErrorCode::INVALID_PARAMS;
+    }
+    match &mut e.data {
+        None => e.data = Some(serde_json::json!({ "uri": uri })),
+        Some(serde_json::Value::Object(o)) => {
+            o.entry("uri").or_insert_with(|| uri.into());
+        }
+        Some(_) => {}
+    }
+    e
+}
+
+/// SEP-2575 removed `logging/setLevel` from 2026-07-28: a stateless request for it is -32601 (which
+/// rmcp's HTTP transport answers with 404), as for `ping` and `resources/subscribe`.
+fn removed_method(method: &str) -> ErrorData {
+    ErrorData::new(
+        ErrorCode::METHOD_NOT_FOUND,
+        format!("method not found: `{method}` (removed in protocol 2026-07-28)"),
+        None,
+    )
+}
+
 /// A raw list result decoded into rmcp's type (loses what rmcp does not model).
 fn typed<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, ErrorData> {
     serde_json::from_value(v).map_err(|e| ErrorData::internal_error(e.to_string(), None))
@@ -244,7 +276,7 @@ impl Front {
                 let p: ReadResourceRequestParams = params_of(method, params)?;
                 let exposed = p.uri.clone();
                 let (r, raw) = raw::capture(self.run(Op::ReadResource(p), ctx)).await;
-                let Reply::Resource(r) = r? else {
+                let Reply::Resource(r) = r.map_err(|e| resource_error(e, &exposed, modern))? else {
                     return Err(unexpected_reply());
                 };
                 // The broker rewrote the typed contents' URIs; the raw ones get the same.
@@ -381,7 +413,9 @@ impl ServerHandler for Front {
         p: ReadResourceRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, ErrorData> {
-        match self.run(Op::ReadResource(p), ctx).await? {
+        let (uri, modern) = (p.uri.clone(), is_modern(&ctx));
+        let r = self.run(Op::ReadResource(p), ctx).await;
+        match r.map_err(|e| resource_error(e, &uri, modern))? {
             Reply::Resource(r) => Ok(r),
             _ => Err(unexpected_reply()),
         }
@@ -393,7 +427,12 @@ impl ServerHandler for Front {
         ctx: RequestContext<RoleServer>,
     ) -> Result<CompleteResult, ErrorData> {
         match self.run(Op::Complete(p), ctx).await? {
-            Reply::Complete(r) => Ok(r),
+            // A 2025-era upstream's result has no `resultType`, which 2026-07-28 requires; rmcp
+            // strips it again for legacy peers.
+            Reply::Complete(mut r) => {
+                r.result_type.get_or_insert(ResultType::COMPLETE);
+                Ok(r)
+            }
             _ => Err(unexpected_reply()),
         }
     }
@@ -419,6 +458,9 @@ impl ServerHandler for Front {
         p: SetLevelRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<(), ErrorData> {
+        if is_modern(&ctx) {
+            return Err(removed_method("logging/setLevel"));
+        }
         self.run(Op::SetLevel(p.level), ctx).await.map(|_| ())
     }
 
@@ -453,6 +495,9 @@ impl ServerHandler for Front {
         }
         // A known method whose params did not decode lands here (rmcp's typed parse failed).
         let known = matches!(request.method.as_str(), "logging/setLevel");
+        if known && is_modern(&ctx) {
+            return Err(removed_method(&request.method));
+        }
         if known {
             return Err(ErrorData::invalid_params(
                 format!("invalid params for `{}`", request.method),
@@ -507,5 +552,54 @@ impl ServerHandler for Front {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_not_found_in_each_revision() {
+        let uri = "test://missing";
+        // The broker's own -32002: kept for 2025-11-25, -32602 for 2026-07-28; data.uri added.
+        let own = || ErrorData::resource_not_found("no server offers it", None);
+        let legacy = resource_error(own(), uri, false);
+        assert_eq!(legacy.code, ErrorCode::RESOURCE_NOT_FOUND);
+        assert_eq!(legacy.data, Some(serde_json::json!({"uri": uri})));
+        let modern = resource_error(own(), uri, true);
+        assert_eq!(modern.code, ErrorCode::INVALID_PARAMS);
+        assert_eq!(modern.data, Some(serde_json::json!({"uri": uri})));
+        // An upstream's -32602 without data (the TypeScript SDK's "Resource ... not found").
+        let up = resource_error(
+            ErrorData::invalid_params("Resource x not found", None),
+            uri,
+            true,
+        );
+        assert_eq!(up.code, ErrorCode::INVALID_PARAMS);
+        assert_eq!(up.data, Some(serde_json::json!({"uri": uri})));
+        // The upstream's own data is kept; other errors pass unchanged.
+        let kept = resource_error(
+            ErrorData::resource_not_found("gone", Some(serde_json::json!({"uri": "u", "x": 1}))),
+            uri,
+            false,
+        );
+        assert_eq!(kept.data, Some(serde_json::json!({"uri": "u", "x": 1})));
+        let other = resource_error(ErrorData::internal_error("boom", None), uri, true);
+        assert_eq!(other.code, ErrorCode::INTERNAL_ERROR);
+        assert_eq!(other.data, None);
+        let with_data = resource_error(
+            ErrorData::invalid_params("bad", Some(serde_json::json!("why"))),
+            uri,
+            true,
+        );
+        assert_eq!(with_data.data, Some(serde_json::json!("why")));
+    }
+
+    #[test]
+    fn removed_methods_are_method_not_found() {
+        let e = removed_method("logging/setLevel");
+        assert_eq!(e.code, ErrorCode::METHOD_NOT_FOUND);
+        assert!(e.message.contains("logging/setLevel"));
     }
 }
