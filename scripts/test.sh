@@ -50,9 +50,9 @@ export HARNESS_DIR="${HARNESS_DIR:-$ROOT/target/harness}"
 mkdir -p "$HARNESS_DIR"
 HARNESS_DIR="$(cd "$HARNESS_DIR" && pwd)"
 STAMP="$HARNESS_DIR/.stamp"
-# The conformance suite 0.2.x and its reference server (tests/conformance-ref, npm ci) are installed by
+# The conformance suite 0.2.x and its reference server (../shared/conformance-ref, npm ci) are installed by
 # scripts/conformance.sh --install-only; the stamp is keyed on the suite version and the server's files.
-CONFORMANCE_KEY="$(grep -m1 '^SUITE_VERSION=' scripts/conformance.sh) $(cat tests/conformance-ref/package-lock.json tests/conformance-ref/*.ts tests/conformance-ref/*.cjs | sha256sum | cut -c1-16)"
+CONFORMANCE_KEY="$(grep -m1 '^SUITE_VERSION=' scripts/conformance.sh) $(cat ../shared/conformance-ref/package-lock.json ../shared/conformance-ref/*.ts scripts/conformance-loopback.cjs 2>/dev/null | sha256sum | cut -c1-16)"
 WANT_STAMP="v5 npm:${NPM_PKGS[*]} py:${PY_PKGS[*]} conformance:$CONFORMANCE_KEY"
 
 log() { printf '\n== %s\n' "$*" >&2; }

@@ -1,5 +1,5 @@
 """Conformance 0.2.x, `--requirements 2026-07-28`: the suite's checks against its own reference server
-(tests/conformance-ref) directly and through the broker (one upstream, prefix = ""). A check that
+(../shared/conformance-ref, installed by scripts/conformance.sh) directly and through the broker (one upstream, prefix = ""). A check that
 passes directly must pass through the broker, except those in ALLOWED_LOST, each with its reason.
 scripts/conformance.sh runs all three modes; this test keeps CI to the 2026-07-28 one (well under a
 minute). The suite and the reference server are installed by scripts/test.sh (scripts/conformance.sh
@@ -83,7 +83,7 @@ def test_conformance_2026_07_28_through_broker(tmp_path, artifacts):
     missing = [p for p in (SUITE_JS, REF_DIR / "node_modules" / ".bin" / "tsx") if not p.exists()]
     if missing:
         pytest.fail(f"conformance 0.2 harness missing ({missing}); run scripts/test.sh --harness-only")
-    env = {"PORT": "0", "NODE_OPTIONS": f"--require {H.ROOT / 'tests' / 'conformance-ref' / 'loopback.cjs'}",
+    env = {"PORT": "0", "NODE_OPTIONS": f"--require {REF_DIR / 'loopback.cjs'}",
            "PATH": f"{H.NODE22.parent}:{os.environ.get('PATH', '')}"}
     ref = H.Proc("conformance-ref", [str(REF_DIR / "node_modules" / ".bin" / "tsx"), str(REF_DIR / "everything-server.ts")],
                  tmp_path, env=env)
