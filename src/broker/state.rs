@@ -48,7 +48,15 @@ impl State {
             });
             let (up, slots) = match kept {
                 Some((u, slots)) => (u, slots),
-                None => (Upstream::new(s.clone(), per_owner)?, None),
+                None => {
+                    let up = Upstream::new(s.clone(), per_owner)?;
+                    // A server replaced by a reload keeps its entries while the new one connects.
+                    up.seed_listing(
+                        old.and_then(|o| o.upstream(&s.name))
+                            .and_then(|u| u.listing()),
+                    );
+                    (up, None)
+                }
             };
             if let Some(max) = s.max_concurrent {
                 let slots = slots.unwrap_or_else(|| Arc::new(Concurrency::new(max)));

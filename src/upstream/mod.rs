@@ -237,6 +237,16 @@ impl Upstream {
         self.latest_listing.lock().ok().and_then(|l| l.clone())
     }
 
+    /// Start from a listing known before this upstream existed (the server it replaces on a reload),
+    /// so its entries stay listed, answering "unavailable", until it has listed itself.
+    pub fn seed_listing(&self, listing: Option<Listing>) {
+        if let Ok(mut l) = self.latest_listing.lock()
+            && l.is_none()
+        {
+            *l = listing;
+        }
+    }
+
     /// Has the first connect attempt ended (connected or failed)? Per-caller servers have none.
     pub fn attempted(&self) -> bool {
         self.per_caller || self.attempted.load(Ordering::Acquire)

@@ -456,3 +456,37 @@ def test_a_restart_with_an_unchanged_list_notifies_nobody(tmp_path):
         if b:
             b.stop()
         minter.stop()
+
+
+def test_a_server_changed_by_reload_stays_listed_while_it_restarts(tmp_path):
+    """A reload that changes a server restarts it. While the new one starts (here: 3 s, through `sh -c sleep`),
+    its tools stay listed and calls answer `isError` "unavailable", never -32602 "unknown tool"; then they work."""
+    # startup_wait 0: a call right after start-up would otherwise wait for the restarting server instead
+    b = H.start_broker(tmp_path, {"ledger": H.example_stdio_spec(H.LEDGER_BIN)}, broker={"startup_wait": "0s"},
+                       name="broker-reload-restart")
+    try:
+        H.wait_for_tools(b.url, ["ledger__list_accounts"], 30)
+        slow = {"transport": "stdio", "command": "sh", "args": ["-c", f"sleep 3; exec '{H.LEDGER_BIN}' stdio"],
+                "inherit_env": ["PATH", "HOME"]}
+        with H.RawSession(b.url, None) as s:
+            s.initialize()
+            ok0 = O.scrape(b.base).get("mcp_broker_config_reloads_total", result="ok")
+            O.write_atomic(b.config_path, H.render_config({"ledger": slow}, {"startup_wait": "0s"}))
+            H.poll_until(lambda: O.scrape(b.base).get("mcp_broker_config_reloads_total", result="ok") > ok0, 20,
+                         "the reload to be applied")
+            deadline = time.monotonic() + 30
+            unavailable = 0
+            while True:
+                assert time.monotonic() < deadline, "the restarted server never answered"
+                msg = s.request("tools/call", {"name": "ledger__list_accounts", "arguments": {}})
+                assert "error" not in msg, f"a call during the restart got a JSON-RPC error: {msg}"
+                r = msg["result"]
+                if not r.get("isError"):
+                    break
+                assert "unavailable" in C.text_of(r), r
+                unavailable += 1
+                time.sleep(0.1)
+            assert unavailable > 0, "the reload restart was not observed (no call landed while it started)"
+            assert "ledger__list_accounts" in {t["name"] for t in s.request("tools/list", {})["result"]["tools"]}
+    finally:
+        b.stop()
