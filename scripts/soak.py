@@ -17,6 +17,7 @@ that was still coming back), RSS and fds at start (after warm-up) and end, and t
 from __future__ import annotations
 
 import argparse
+import bisect
 import asyncio
 import collections
 import json
@@ -79,6 +80,7 @@ class Worker:
         self.sessions_closed = 0
         self.churn_failures: collections.Counter[str] = collections.Counter()
         self.lat: list[float] = []
+        self.ok_at: dict[str, set[int]] = collections.defaultdict(set)  # server -> seconds with a successful call
 
     def headers(self, sid: str | None) -> dict[str, str]:
         h = {"Content-Type": "application/json", "Accept": H.MCP_ACCEPT, "MCP-Protocol-Version": PROTO, **self.auth}
@@ -130,6 +132,7 @@ class Worker:
                 self.events.append((t0, t1, server, msg[:300]))
         else:
             self.ok += 1
+            self.ok_at[server].add(int(t1))
 
     async def session_loop(self, c: httpx2.AsyncClient, pacer: Pacer, stop: float) -> None:
         rid = 10
@@ -191,7 +194,7 @@ def worker_main(caller: str, url: str, token: str, servers: int, rate: float, se
     Path(out_path).write_text(json.dumps({
         "caller": caller, "ok": w.ok, "errors": dict(w.errors), "events": w.events,
         "sessions_opened": w.sessions_opened, "sessions_closed": w.sessions_closed,
-        "churn_failures": dict(w.churn_failures),
+        "churn_failures": dict(w.churn_failures), "ok_at": {k: sorted(v) for k, v in w.ok_at.items()},
         "p50_ms": round(1000 * lat[len(lat) // 2], 1), "p99_ms": round(1000 * lat[int(len(lat) * 0.99)], 1),
     }))
 
@@ -246,8 +249,6 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=20, help="seconds of load before the start figures")
     ap.add_argument("--rss-bound-mb", type=float, default=50)
     ap.add_argument("--fd-bound", type=int, default=50)
-    ap.add_argument("--recovery", type=float, default=15,
-                    help="seconds after a kill or restart during which 'unavailable' errors on that server are explained")
     ap.add_argument("--work-dir", type=Path, default=ROOT / "target" / "soak")
     ap.add_argument("--json", type=Path, help="also write the summary here")
     a = ap.parse_args()
@@ -367,22 +368,39 @@ def main() -> int:
         explained: collections.Counter[str] = collections.Counter()
         unexplained: collections.Counter[str] = collections.Counter()
         why: collections.Counter[str] = collections.Counter()
+        ok_at: dict[str, list[int]] = collections.defaultdict(list)
+        for r in results:
+            for server, secs in r["ok_at"].items():
+                ok_at[server].extend(secs)
+        for v in ok_at.values():
+            v.sort()
+
+        def first_ok_after(server: str, t: float) -> float | None:
+            """The start of the first whole second after t in which a call to server succeeded."""
+            secs = ok_at.get(server, [])
+            i = bisect.bisect_left(secs, t)
+            return secs[i] if i < len(secs) else None
+
         for r in results:
             for (c0, c1, server, msg) in r["events"]:
                 mine = [f for f in faults if f[1] == server]
                 during = [f for f in mine if c0 - 0.05 <= f[0] <= c1 + 0.05]
-                before = [f for f in mine if f[0] <= c0 <= f[0] + a.recovery]
+                before = [f for f in mine if f[0] <= c0]
                 gone = UPSTREAM_GONE.search(msg)
                 # A server restarted by a reload is unlisted until it is back: its tools are briefly unknown.
-                unlisted = "unknown tool" in msg and any(f[2] == "restart" for f in during + before)
+                unlisted = "unknown tool" in msg and any(f[2] == "restart" for f in during + before[-1:])
                 if during and (gone or unlisted):
                     why[f"in flight on a {during[0][2]}ed server"] += 1
-                elif before and (gone or unlisted):
-                    why[f"sent while a {before[-1][2]}ed server was coming back"] += 1
+                elif before and (gone or unlisted) and (
+                        (back := first_ok_after(server, before[-1][0])) is None or back + 1 >= c0):
+                    # Sent after the kill or restart and before any call to that server succeeded again.
+                    why[f"sent while a {before[-1][2]}ed server was down"] += 1
                 else:
                     unexplained[norm(msg)] += 1
                     continue
                 explained[norm(msg)] += 1
+        # How long each fault kept its server from answering: to the first second with a successful call.
+        outages = sorted(round(b - f[0], 1) for f in faults if (b := first_ok_after(f[1], f[0])) is not None)
         in_flight = sum(v for k, v in why.items() if k.startswith("in flight"))
         calls = ok + sum(errors.values())
         dur = t_end - t_start
@@ -393,6 +411,9 @@ def main() -> int:
             "failed_in_flight_on_a_faulted_server": in_flight,
             "failed_explained_by_message": dict(explained.most_common()),
             "failed_explained_by_cause": dict(why.most_common()),
+            "outage_after_fault_s": {"median": outages[len(outages) // 2] if outages else None,
+                                     "max": outages[-1] if outages else None,
+                                     "over_10s": sum(1 for o in outages if o > 10)},
             "failed_unexplained_by_message": dict(unexplained.most_common()),
             "kills": sum(1 for f in faults if f[2] == "kill"), "restarts_by_reload": sum(1 for f in faults if f[2] == "restart"),
             "reloads": generation, "reloads_rejected": reload_failures, "panics_in_log": panics,
