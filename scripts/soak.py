@@ -381,20 +381,26 @@ def main() -> int:
             i = bisect.bisect_left(secs, t)
             return secs[i] if i < len(secs) else None
 
+        def last_ok_before(server: str, t: float) -> float:
+            """The start of the last whole second that ended before t in which a call to server succeeded."""
+            secs = ok_at.get(server, [])
+            i = bisect.bisect_right(secs, t - 1)
+            return secs[i - 1] if i else float("-inf")
+
         for r in results:
             for (c0, c1, server, msg) in r["events"]:
                 mine = [f for f in faults if f[1] == server]
                 during = [f for f in mine if c0 - 0.05 <= f[0] <= c1 + 0.05]
-                before = [f for f in mine if f[0] <= c0]
+                # Faults since the server last answered a call: it has not been seen back since.
+                since = [f for f in mine if last_ok_before(server, c0) <= f[0] <= c0]
                 gone = UPSTREAM_GONE.search(msg)
                 # A server restarted by a reload is unlisted until it is back: its tools are briefly unknown.
-                unlisted = "unknown tool" in msg and any(f[2] == "restart" for f in during + before[-1:])
+                unlisted = "unknown tool" in msg and any(f[2] == "restart" for f in during + since)
                 if during and (gone or unlisted):
                     why[f"in flight on a {during[0][2]}ed server"] += 1
-                elif before and (gone or unlisted) and (
-                        (back := first_ok_after(server, before[-1][0])) is None or back + 1 >= c0):
-                    # Sent after the kill or restart and before any call to that server succeeded again.
-                    why[f"sent while a {before[-1][2]}ed server was down"] += 1
+                elif since and (gone or unlisted):
+                    # Sent after a kill or restart and before any call to that server succeeded again.
+                    why[f"sent while a {since[-1][2]}ed server was down"] += 1
                 else:
                     unexplained[norm(msg)] += 1
                     continue
@@ -445,6 +451,7 @@ def main() -> int:
         if reload_failures:
             problems.append(f"{reload_failures} reloads rejected")
         summary["problems"] = problems
+        (a.work_dir / "faults.json").write_text(json.dumps(faults))
         text = json.dumps(summary, indent=1)
         if a.json:
             a.json.write_text(text)
