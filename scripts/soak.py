@@ -238,6 +238,59 @@ def config_text(servers: int, auth: dict, generation: int, slow: int | None) -> 
             + H.render_config(specs, {"max_sessions_per_subject": 10000}, auth=auth, policies=[{"effect": "allow"}]))
 
 
+def applied(f: tuple[float, str, str]) -> float:
+    """When a fault took effect at the latest: a kill at once; a restart by reload when the broker next checks
+    its config file (once a second), so calls up to a second after the rewrite may still succeed."""
+    return f[0] + (1.5 if f[2] == "restart" else 0.0)
+
+
+def classify(results: list[dict], faults: list[tuple[float, str, str]]):
+    """Failures by message, explained (and why) or not; the outage after each fault, in seconds."""
+    explained: collections.Counter[str] = collections.Counter()
+    unexplained: collections.Counter[str] = collections.Counter()
+    why: collections.Counter[str] = collections.Counter()
+    ok_at: dict[str, list[int]] = collections.defaultdict(list)
+    for r in results:
+        for server, secs in r["ok_at"].items():
+            ok_at[server].extend(secs)
+    for v in ok_at.values():
+        v.sort()
+
+    def first_ok_after(server: str, t: float) -> float | None:
+        """The start of the first whole second after t in which a call to server succeeded."""
+        secs = ok_at.get(server, [])
+        i = bisect.bisect_left(secs, t)
+        return secs[i] if i < len(secs) else None
+
+    def last_ok_before(server: str, t: float) -> float:
+        """The start of the last whole second that ended before t in which a call to server succeeded."""
+        secs = ok_at.get(server, [])
+        i = bisect.bisect_right(secs, t - 1)
+        return secs[i - 1] if i else float("-inf")
+
+    for r in results:
+        for (c0, c1, server, msg) in r["events"]:
+            mine = [f for f in faults if f[1] == server]
+            during = [f for f in mine if c0 - 0.05 <= applied(f) and f[0] <= c1 + 0.05]
+            # Faults since the server last answered a call: it has not been seen back since.
+            since = [f for f in mine if last_ok_before(server, c0) <= applied(f) and f[0] <= c0]
+            gone = UPSTREAM_GONE.search(msg)
+            # A server restarted by a reload is unlisted until it is back: its tools are briefly unknown.
+            unlisted = "unknown tool" in msg and any(f[2] == "restart" for f in during + since)
+            if during and (gone or unlisted):
+                why[f"in flight on a {during[0][2]}ed server"] += 1
+            elif since and (gone or unlisted):
+                # Sent after a kill or restart and before any call to that server succeeded again.
+                why[f"sent while a {since[-1][2]}ed server was down"] += 1
+            else:
+                unexplained[norm(msg)] += 1
+                continue
+            explained[norm(msg)] += 1
+    # How long each fault kept its server from answering: to the first second with a successful call.
+    outages = sorted(round(b - f[0], 1) for f in faults if (b := first_ok_after(f[1], f[0])) is not None)
+    return explained, unexplained, why, outages
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=600)
@@ -365,48 +418,7 @@ def main() -> int:
         errors: collections.Counter[str] = collections.Counter()
         for r in results:
             errors.update(r["errors"])
-        explained: collections.Counter[str] = collections.Counter()
-        unexplained: collections.Counter[str] = collections.Counter()
-        why: collections.Counter[str] = collections.Counter()
-        ok_at: dict[str, list[int]] = collections.defaultdict(list)
-        for r in results:
-            for server, secs in r["ok_at"].items():
-                ok_at[server].extend(secs)
-        for v in ok_at.values():
-            v.sort()
-
-        def first_ok_after(server: str, t: float) -> float | None:
-            """The start of the first whole second after t in which a call to server succeeded."""
-            secs = ok_at.get(server, [])
-            i = bisect.bisect_left(secs, t)
-            return secs[i] if i < len(secs) else None
-
-        def last_ok_before(server: str, t: float) -> float:
-            """The start of the last whole second that ended before t in which a call to server succeeded."""
-            secs = ok_at.get(server, [])
-            i = bisect.bisect_right(secs, t - 1)
-            return secs[i - 1] if i else float("-inf")
-
-        for r in results:
-            for (c0, c1, server, msg) in r["events"]:
-                mine = [f for f in faults if f[1] == server]
-                during = [f for f in mine if c0 - 0.05 <= f[0] <= c1 + 0.05]
-                # Faults since the server last answered a call: it has not been seen back since.
-                since = [f for f in mine if last_ok_before(server, c0) <= f[0] <= c0]
-                gone = UPSTREAM_GONE.search(msg)
-                # A server restarted by a reload is unlisted until it is back: its tools are briefly unknown.
-                unlisted = "unknown tool" in msg and any(f[2] == "restart" for f in during + since)
-                if during and (gone or unlisted):
-                    why[f"in flight on a {during[0][2]}ed server"] += 1
-                elif since and (gone or unlisted):
-                    # Sent after a kill or restart and before any call to that server succeeded again.
-                    why[f"sent while a {since[-1][2]}ed server was down"] += 1
-                else:
-                    unexplained[norm(msg)] += 1
-                    continue
-                explained[norm(msg)] += 1
-        # How long each fault kept its server from answering: to the first second with a successful call.
-        outages = sorted(round(b - f[0], 1) for f in faults if (b := first_ok_after(f[1], f[0])) is not None)
+        explained, unexplained, why, outages = classify(results, faults)
         in_flight = sum(v for k, v in why.items() if k.startswith("in flight"))
         calls = ok + sum(errors.values())
         dur = t_end - t_start
