@@ -315,10 +315,23 @@ fn refused(p: &Policy, uri: &str) -> bool {
         .allow
 }
 
+/// Cases per property: `PROPTEST_CASES` when set, else `default` (`Cases::with_cases` alone would
+/// ignore the variable).
+fn cases(default: u32) -> Cases {
+    let n = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default);
+    Cases {
+        failure_persistence: None,
+        ..Cases::with_cases(n)
+    }
+}
+
 proptest! {
     // 256 cases each keeps the whole file near two seconds; PROPTEST_CASES overrides it. A failure is
     // printed with its shrunk input rather than saved to a file beside the test.
-    #![proptest_config(Cases { failure_persistence: None, ..Cases::with_cases(256) })]
+    #![proptest_config(cases(256))]
 
     #[test]
     fn config_text_parses_or_names_file_and_line(text in "\\PC{0,200}") {

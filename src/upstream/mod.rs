@@ -51,8 +51,9 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(15);
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
-/// A connection that stayed up this long resets the backoff.
-const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// A connection that stayed up this long resets the backoff: a server that was killed once
+/// reconnects at once, while one that dies right after connecting still backs off.
+const STABLE_AFTER: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
