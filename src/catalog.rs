@@ -551,24 +551,9 @@ pub fn expose_name(prefix: &str, separator: &str, name: &str) -> String {
     clean
 }
 
-/// A URI-scheme-safe, lower-case form of a prefix (`_` → `-`; must start with a letter).
-pub fn uri_prefix(prefix: &str) -> String {
-    if prefix.is_empty() {
-        return String::new();
-    }
-    let mut s: String = prefix
-        .chars()
-        .map(|c| match c {
-            'A'..='Z' => c.to_ascii_lowercase(),
-            'a'..='z' | '0'..='9' | '-' | '.' => c,
-            _ => '-',
-        })
-        .collect();
-    if !s.starts_with(|c: char| c.is_ascii_lowercase()) {
-        s.insert(0, 's');
-    }
-    s
-}
+/// A URI-scheme-safe, lower-case form of a prefix (`_` → `-`; must start with a letter). The rule
+/// lives with the config, which refuses two prefixes that fold to one.
+pub use crate::config::uri_prefix;
 
 pub fn expose_uri(uri_prefix: &str, uri: &str) -> String {
     if uri_prefix.is_empty() {

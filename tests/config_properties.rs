@@ -2,13 +2,15 @@
 //! resource globs that match them. Each property runs a modest number of cases so `cargo test` stays
 //! fast; for a longer run: `PROPTEST_CASES=100000 cargo test --release --test config_properties`.
 
+mod support;
+
 use std::path::Path;
 
 use mcp_broker::auth::Caller;
-use mcp_broker::config::{Config, normalise_uri, uri_prefix};
+use mcp_broker::config::{Config, normalise_uri};
 use mcp_broker::policy::{Kind, Policy};
 use proptest::prelude::*;
-use proptest::test_runner::Config as Cases;
+use support::proptest_cases as cases;
 
 /// A config that exercises most tables, for mutation.
 const SEED: &str = r#"[broker]
@@ -315,19 +317,6 @@ fn refused(p: &Policy, uri: &str) -> bool {
         .allow
 }
 
-/// Cases per property: `PROPTEST_CASES` when set, else `default` (`Cases::with_cases` alone would
-/// ignore the variable).
-fn cases(default: u32) -> Cases {
-    let n = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default);
-    Cases {
-        failure_persistence: None,
-        ..Cases::with_cases(n)
-    }
-}
-
 proptest! {
     // 256 cases each keeps the whole file near two seconds; PROPTEST_CASES overrides it. A failure is
     // printed with its shrunk input rather than saved to a file beside the test.
@@ -405,12 +394,6 @@ proptest! {
             }
             Err(e) => prop_assert!(names_file_and_line(&e), "{e}"),
         }
-    }
-
-    /// config cannot import the catalog (layer 0), so it carries its own copy of the rule: pinned here.
-    #[test]
-    fn config_and_catalog_derive_one_uri_prefix(prefix in "[A-Za-z0-9_-]{0,32}") {
-        prop_assert_eq!(uri_prefix(&prefix), mcp_broker::catalog::uri_prefix(&prefix));
     }
 }
 

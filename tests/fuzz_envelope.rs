@@ -29,25 +29,12 @@ use mcp_broker::catalog::{Catalog, Item, Listing, Namespace, expose_name, expose
 use mcp_broker::config::Config;
 use mcp_broker::front::mcp::Front;
 use proptest::prelude::*;
-use proptest::test_runner::Config as Cases;
 use rmcp::RoleServer;
 use rmcp::model::JsonRpcMessage;
 use rmcp::service::{RxJsonRpcMessage, ServiceExt};
 use serde_json::{Value, json};
+use support::proptest_cases as cases;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-
-/// Cases per property: `PROPTEST_CASES` when set, else `default` (`Config::with_cases` alone would
-/// ignore the variable).
-fn cases(default: u32) -> Cases {
-    let n = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default);
-    Cases {
-        failure_persistence: None,
-        ..Cases::with_cases(n)
-    }
-}
 
 // ---------------------------------------------------------------------------------------- broker
 

@@ -85,3 +85,16 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Proptest cases per property: `PROPTEST_CASES` when set, else `default` (`Config::with_cases`
+/// alone would ignore the variable); failures are printed, not saved beside the test.
+pub fn proptest_cases(default: u32) -> proptest::test_runner::Config {
+    let n = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default);
+    proptest::test_runner::Config {
+        failure_persistence: None,
+        ..proptest::test_runner::Config::with_cases(n)
+    }
+}

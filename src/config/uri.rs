@@ -11,8 +11,7 @@
 /// becomes `-`, and an `s` goes in front unless it starts with a letter (a URI scheme must).
 /// `""` stays `""` (URIs unchanged). Two prefixes with one result would share resource URIs.
 ///
-/// Must equal `crate::catalog::uri_prefix`, which routes by it; `tests/config_properties.rs` pins the two
-/// together (config is layer 0 and does not import the catalog).
+/// The catalog routes resource URIs by it (`crate::catalog::uri_prefix` is this function).
 pub fn uri_prefix(prefix: &str) -> String {
     if prefix.is_empty() {
         return String::new();
