@@ -96,7 +96,8 @@ pub struct Broker {
     inflight: DashMap<InflightKey, Downstream>,
     /// (server, connection, upstream URI) → the sessions subscribed through it.
     subscriptions: Mutex<HashMap<SubscriptionKey, std::collections::HashSet<u64>>>,
-    /// The log level last sent to each upstream connection (the most verbose its receivers want).
+    /// The log level last sent to each upstream connection (the most verbose its receivers want);
+    /// entries of closed connections are dropped at the next setLevel.
     upstream_levels: DashMap<u64, u8>,
     audit: Arc<Audit>,
     limiter: RateLimiter,

@@ -626,6 +626,13 @@ impl Broker {
         let session = self.sessions.get(id).ok_or_else(no_session)?;
         session.set_level(level);
         rec.decision(true, "the session's own log level", None);
+        // Levels sent to connections that have since closed are forgotten here (setLevel is rare).
+        let live: std::collections::HashSet<u64> = st
+            .upstreams
+            .iter()
+            .flat_map(|u| u.connection_ids())
+            .collect();
+        self.upstream_levels.retain(|id, _| live.contains(id));
         for up in &st.upstreams {
             if !session.sees_server(&up.name) {
                 continue;

@@ -281,6 +281,15 @@ impl Upstream {
             .collect()
     }
 
+    /// Ids of every open connection (shared and per owner).
+    pub fn connection_ids(&self) -> Vec<u64> {
+        self.connection()
+            .map(|c| c.id)
+            .into_iter()
+            .chain(self.subjects.iter().map(|e| e.value().conn.id))
+            .collect()
+    }
+
     /// Close every connection of `owner` (a session that ended): stdio children are stopped.
     pub fn close_owner(&self, owner: &str) {
         let keys: Vec<String> = self
