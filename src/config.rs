@@ -233,6 +233,31 @@ impl UpstreamAuth {
     }
 }
 
+/// Which MCP revision the broker speaks to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum Protocol {
+    /// Probe with `server/discover` (2026-07-28); a server that does not know it gets `initialize`.
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    /// Only `initialize` (2025-11-25 and earlier; rmcp negotiates down).
+    #[serde(rename = "2025-11-25")]
+    Legacy,
+    /// Only `server/discover` (2026-07-28); a legacy server fails to connect.
+    #[serde(rename = "2026-07-28")]
+    Modern,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Legacy => "2025-11-25",
+            Self::Modern => "2026-07-28",
+        }
+    }
+}
+
 /// Who shares an upstream connection (and, for stdio, its child process).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -376,6 +401,8 @@ pub struct ServerConfig {
     pub upstream_auth: Option<UpstreamAuth>,
     /// Who shares a connection: `caller` by default where the credential is per caller, else `shared`.
     pub isolation: Isolation,
+    /// The revision spoken upstream: `auto` (discover, else initialize), `2025-11-25` or `2026-07-28`.
+    pub protocol: Protocol,
     /// Per-caller connections: at most this many open (least recently used closed first).
     pub max_subjects: usize,
     /// Per-caller connections idle this long are closed (stdio children stopped).
@@ -949,6 +976,14 @@ impl Ctx<'_> {
             None if per_caller => Isolation::Caller,
             None => Isolation::Shared,
         };
+        let protocol = raw.protocol.unwrap_or_default();
+        if protocol == Protocol::Modern && matches!(transport, TransportConfig::Sse { .. }) {
+            return Err(self.invalid(
+                t,
+                "protocol",
+                "the legacy SSE transport predates 2026-07-28; use \"auto\" or \"2025-11-25\", or transport = \"http\"".into(),
+            ));
+        }
         let max_subjects = raw.max_subjects.unwrap_or(64);
         if max_subjects == 0 {
             return Err(self.invalid(t, "max_subjects", "must be at least 1".into()));
@@ -994,6 +1029,7 @@ impl Ctx<'_> {
             connect_timeout,
             upstream_auth,
             isolation,
+            protocol,
             max_subjects,
             subject_idle_timeout,
             required: raw.required.unwrap_or(false),

@@ -51,7 +51,7 @@ impl Broker {
                         if let Some(up) = me.state().upstream(&server).cloned()
                             && up.refresh(conn, kind).await
                         {
-                            me.rebuild();
+                            me.rebuild_announced(Some((&server, kind)));
                         }
                     });
                 }

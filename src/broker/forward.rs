@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rmcp::model::{
     CancelledNotificationParam, ClientRequest, ProgressNotificationParam, ProgressToken, RequestId,
-    ServerResult,
+    RequestMetaObject, ServerResult,
 };
 use rmcp::service::{PeerRequestOptions, ServiceError};
 use tokio_util::sync::CancellationToken;
@@ -146,7 +146,14 @@ impl Broker {
         let owner = Self::owner_for(up, caller, down.session);
         let (conn, kind) = self.connection_for(st, up, caller, &owner, tool).await?;
         rec.credential(kind);
-        let opts = PeerRequestOptions::with_timeout(timeout).reset_timeout_on_progress();
+        let mut opts = PeerRequestOptions::with_timeout(timeout).reset_timeout_on_progress();
+        if conn.modern {
+            // 2026-07-28 requests carry the client's capabilities: the caller's own, so the upstream
+            // asks (input_required) only for what this caller can answer, not what the broker can.
+            let mut meta = RequestMetaObject::default();
+            meta.set_client_capabilities(down.capabilities.clone().unwrap_or_default());
+            opts.meta = Some(meta);
+        }
         rec.upstream_started();
         let handle = conn
             .peer

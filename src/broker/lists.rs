@@ -132,6 +132,13 @@ impl Broker {
     /// own view changed (a reload can change the policy without changing the catalog, so always
     /// check).
     pub(super) fn rebuild(&self) -> Vec<Collision> {
+        self.rebuild_announced(None)
+    }
+
+    /// [`Self::rebuild`] after `server` announced that its `kind` list changed: the announcement is
+    /// relayed to whoever may see that server even when what they are shown came out the same (the
+    /// upstream said so; a client may re-read for reasons the broker cannot see).
+    pub(super) fn rebuild_announced(&self, announced: Option<(&Arc<str>, Kind)>) -> Vec<Collision> {
         let st = self.state();
         let mut listings: HashMap<Arc<str>, Listing> = HashMap::new();
         for up in &st.upstreams {
@@ -156,8 +163,11 @@ impl Broker {
         }
         for (i, k) in Kind::LISTED.iter().enumerate() {
             if before[i] != after[i] {
-                let _ = self.changes.send(*k);
+                let _ = self.changes.send((*k, None));
             }
+        }
+        if let Some((server, kind)) = announced {
+            let _ = self.changes.send((kind, Some(server.clone())));
         }
         // Sessions of the same caller share one computation (many sessions, few callers).
         let mut views: HashMap<String, Vec<(Caller, View)>> = HashMap::new();
@@ -180,8 +190,11 @@ impl Broker {
             let Ok(mut seen) = s.view.lock() else {
                 continue;
             };
+            let told = announced
+                .filter(|(server, _)| view.servers.contains(*server))
+                .map(|(_, k)| k.index());
             let changed: Vec<Kind> = (0..3)
-                .filter(|&i| seen.lists[i] != view.lists[i])
+                .filter(|&i| seen.lists[i] != view.lists[i] || told == Some(i))
                 .map(|i| Kind::LISTED[i])
                 .collect();
             *seen = view;
@@ -238,6 +251,13 @@ impl Broker {
     /// `subscriptions/listen` stream announces a change only when its caller's own view changed.
     pub fn list_view(&self, caller: &Caller) -> [u64; 3] {
         self.view_of(&self.state(), &self.catalog(), caller).lists
+    }
+
+    /// May `caller` see anything of `server` (and so hear what it announces)?
+    pub fn sees_server(&self, caller: &Caller, server: &str) -> bool {
+        self.view_of(&self.state(), &self.catalog(), caller)
+            .servers
+            .contains(server)
     }
 
     /// The exposed tool names `caller` may see, after connecting per-caller servers for it (for

@@ -111,7 +111,8 @@ pub struct Broker {
     active_calls: AtomicUsize,
     idle: Notify,
     /// Fan-out of list changes to 2026-07-28 `subscriptions/listen` streams.
-    changes: broadcast::Sender<Kind>,
+    /// A list kind changed: in the catalog (`None`), or as announced by a server (`Some`).
+    changes: broadcast::Sender<(Kind, Option<Arc<str>>)>,
     /// Poked whenever an upstream's state changes (start-up waiting).
     state_changed: Notify,
     started: Instant,
@@ -294,7 +295,7 @@ impl Broker {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
-    pub fn subscribe_changes(&self) -> broadcast::Receiver<Kind> {
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<(Kind, Option<Arc<str>>)> {
         self.changes.subscribe()
     }
 

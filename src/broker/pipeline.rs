@@ -515,6 +515,15 @@ impl Broker {
             .connection_for(st, up, call.caller, &owner, None)
             .await?;
         rec.credential(kind);
+        if conn.modern {
+            return Err(Failure::Rpc(ErrorData::invalid_request(
+                format!(
+                    "server `{}` speaks MCP 2026-07-28, which replaced resources/subscribe with subscriptions/listen; mcp-broker does not bridge resource subscriptions to it yet",
+                    call.server
+                ),
+                None,
+            )));
+        }
         let key = (call.server.clone(), conn.id, original.to_string());
         let counter = self.sessions.get(session).ok_or_else(no_session)?;
         let first = {
@@ -643,10 +652,12 @@ impl Broker {
                 up.connection().into_iter().collect()
             };
             for conn in conns {
-                let declares = conn
-                    .info
-                    .as_ref()
-                    .is_none_or(|i| i.capabilities.logging.is_some());
+                // 2026-07-28 has no logging/setLevel.
+                let declares = !conn.modern
+                    && conn
+                        .info
+                        .as_ref()
+                        .is_none_or(|i| i.capabilities.logging.is_some());
                 if !declares {
                     continue;
                 }

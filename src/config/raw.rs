@@ -13,7 +13,7 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{ConfigError, Ctx, FollowRedirects, Isolation, line_col};
+use super::{ConfigError, Ctx, FollowRedirects, Isolation, Protocol, line_col};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -265,6 +265,7 @@ pub(super) struct RawServer {
     pub(super) connect_timeout: Option<String>,
     pub(super) upstream_auth: Option<RawUpstreamAuth>,
     pub(super) isolation: Option<Isolation>,
+    pub(super) protocol: Option<Protocol>,
     pub(super) max_subjects: Option<usize>,
     pub(super) subject_idle_timeout: Option<String>,
     pub(super) required: Option<bool>,

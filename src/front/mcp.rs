@@ -528,13 +528,18 @@ impl ServerHandler for Front {
             tokio::select! {
                 _ = ctx.cancelled() => return Ok(()),
                 ev = changes.recv() => {
-                    if let Err(tokio::sync::broadcast::error::RecvError::Closed) = ev {
-                        return Ok(());
-                    }
-                    // A lagged receiver re-checks everything, like any other change.
+                    let told = match ev {
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+                        // A server's own announcement reaches those who may see that server.
+                        Ok((kind, Some(server))) if self.broker.sees_server(&caller, &server) => {
+                            Some(kind.index())
+                        }
+                        // A lagged receiver re-checks everything, like any other change.
+                        _ => None,
+                    };
                     let view = self.broker.list_view(&caller);
                     for (i, kind) in Kind::LISTED.into_iter().enumerate() {
-                        if view[i] == seen[i] {
+                        if view[i] == seen[i] && told != Some(i) {
                             continue;
                         }
                         let sent = match kind {

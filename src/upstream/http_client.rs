@@ -41,6 +41,18 @@ fn custom_request_id(message: &ClientJsonRpcMessage) -> Option<RequestId> {
     }
 }
 
+/// Requests POSTed by [`RawHttpClient`] itself: custom requests (raw results) and
+/// `subscriptions/listen` (whose stream may come as JSON lines).
+fn posted_here(message: &ClientJsonRpcMessage) -> bool {
+    match message {
+        JsonRpcMessage::Request(r) => matches!(
+            r.request,
+            ClientRequest::CustomRequest(_) | ClientRequest::SubscriptionsListenRequest(_)
+        ),
+        _ => false,
+    }
+}
+
 /// The response body, failing once an SSE event (the bytes between blank lines) exceeds `max`, so
 /// an upstream cannot make the broker buffer an endless event.
 fn bounded_events<S, B, E>(
@@ -91,6 +103,116 @@ async fn read_bounded(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>
     Ok(body)
 }
 
+type Events = BoxStream<'static, Result<Sse, SseError>>;
+
+/// `events` with the response to custom request `id` (if any) marked for the progress tap.
+fn marked(events: Events, id: Option<RequestId>) -> Events {
+    let Some(id) = id else {
+        return events;
+    };
+    events
+        .map(move |ev| {
+            ev.map(|mut ev| {
+                if let Some(m) = ev.data.as_deref().and_then(|d| mark(d, &id)) {
+                    ev.data = Some(m);
+                }
+                ev
+            })
+        })
+        .boxed()
+}
+
+/// The `subscriptions/listen` request's id, if `message` is one.
+fn listen_id(message: &ClientJsonRpcMessage) -> Option<RequestId> {
+    match message {
+        JsonRpcMessage::Request(r)
+            if matches!(r.request, ClientRequest::SubscriptionsListenRequest(_)) =>
+        {
+            Some(r.id.clone())
+        }
+        _ => None,
+    }
+}
+
+/// Notifications on a listen stream name their subscription by the listen request's id; some
+/// servers send a numeric id back as text (`"5"` for `5`), which rmcp would not match to the
+/// subscription. Such an id is given back its type.
+fn with_listen(events: Events, id: Option<RequestId>) -> Events {
+    match id {
+        Some(id) => listen_events(events, id),
+        None => events,
+    }
+}
+
+fn listen_events(events: Events, id: RequestId) -> Events {
+    const KEY: &str = "io.modelcontextprotocol/subscriptionId";
+    let text = match &id {
+        RequestId::Number(n) => n.to_string(),
+        RequestId::String(_) => return events,
+    };
+    events
+        .map(move |ev| {
+            ev.map(|mut ev| {
+                let fixed = ev.data.as_deref().and_then(|d| {
+                    let mut v: serde_json::Value = serde_json::from_str(d).ok()?;
+                    let sid = v.get_mut("params")?.get_mut("_meta")?.get_mut(KEY)?;
+                    if sid.as_str() != Some(text.as_str()) {
+                        return None;
+                    }
+                    *sid = serde_json::to_value(&id).ok()?;
+                    serde_json::to_string(&v).ok()
+                });
+                if let Some(f) = fixed {
+                    ev.data = Some(f);
+                }
+                ev
+            })
+        })
+        .boxed()
+}
+
+/// A body of JSON messages one after another (newline-delimited, or pretty-printed), as events:
+/// some 2026-07-28 servers answer long-lived requests (`subscriptions/listen`) and calls with
+/// notifications this way under `application/json`. Each message becomes an event as soon as it is
+/// complete; the body's own bound (`bounded_events`) limits what one message may buffer.
+fn json_lines<S, B>(body: S) -> Events
+where
+    S: futures::Stream<Item = Result<B, std::io::Error>> + Send + 'static,
+    B: AsRef<[u8]>,
+{
+    let mut buf: Vec<u8> = Vec::new();
+    let flush = |buf: &mut Vec<u8>, out: &mut Vec<Result<Sse, SseError>>| {
+        let text = String::from_utf8_lossy(buf).trim().to_string();
+        buf.clear();
+        if !text.is_empty() {
+            out.push(Ok(Sse {
+                data: Some(text),
+                ..Default::default()
+            }));
+        }
+    };
+    let events = body.flat_map(move |chunk| {
+        let mut out = Vec::new();
+        match chunk {
+            Ok(chunk) => {
+                for &b in chunk.as_ref() {
+                    buf.push(b);
+                    // A line ends a message once what is buffered parses as one.
+                    if b == b'\n' && serde_json::from_slice::<serde::de::IgnoredAny>(&buf).is_ok() {
+                        flush(&mut buf, &mut out);
+                    }
+                }
+                if serde_json::from_slice::<serde::de::IgnoredAny>(&buf).is_ok() {
+                    flush(&mut buf, &mut out);
+                }
+            }
+            Err(e) => out.push(Err(SseError::Body(Box::new(e)))),
+        }
+        futures::stream::iter(out)
+    });
+    events.boxed()
+}
+
 impl RawHttpClient {
     async fn post_custom(
         &self,
@@ -101,11 +223,8 @@ impl RawHttpClient {
         custom_headers: HashMap<HeaderName, HeaderValue>,
         max_event: usize,
     ) -> Result<StreamableHttpPostResponse, HttpError> {
-        let Some(id) = custom_request_id(&message) else {
-            return Err(StreamableHttpError::UnexpectedServerResponse(
-                Cow::Borrowed("not a custom request"),
-            ));
-        };
+        let id = custom_request_id(&message);
+        let listen = listen_id(&message);
         let mut req = self
             .inner
             .post(uri.as_ref())
@@ -171,16 +290,19 @@ impl RawHttpClient {
         match content_type.as_deref() {
             Some(ct) if ct.starts_with("text/event-stream") => {
                 let body = bounded_events(resp.bytes_stream(), max_event);
-                let events = sse_stream::SseStream::from_bytes_stream(body).map(move |ev| {
-                    ev.map(|mut ev| {
-                        if let Some(marked) = ev.data.as_deref().and_then(|d| mark(d, &id)) {
-                            ev.data = Some(marked);
-                        }
-                        ev
-                    })
-                });
-                let events: BoxStream<'static, Result<Sse, SseError>> = events.boxed();
-                Ok(StreamableHttpPostResponse::Sse(events, session))
+                let events = sse_stream::SseStream::from_bytes_stream(body).boxed();
+                Ok(StreamableHttpPostResponse::Sse(
+                    with_listen(marked(events, id), listen),
+                    session,
+                ))
+            }
+            Some(ct) if ct.starts_with("application/json") && listen.is_some() => {
+                // A long-lived request (subscriptions/listen) answered as JSON lines.
+                let body = bounded_events(resp.bytes_stream(), max_event);
+                Ok(StreamableHttpPostResponse::Sse(
+                    with_listen(json_lines(body), listen),
+                    session,
+                ))
             }
             Some(ct) if ct.starts_with("application/json") => {
                 let body = read_bounded(resp, MAX_JSON).await?;
@@ -189,8 +311,19 @@ impl RawHttpClient {
                 })?;
                 let ids = RawIds::default();
                 ids.note(&message);
-                let m = ids.decode(text)?;
-                Ok(StreamableHttpPostResponse::Json(m, session))
+                match ids.decode(text) {
+                    Ok(m) => Ok(StreamableHttpPostResponse::Json(m, session)),
+                    // Several messages in one JSON body (notifications, then the response): read
+                    // as the stream they are, instead of failing the connection.
+                    Err(e) if e.is_syntax() && e.line() > 1 => {
+                        let body = futures::stream::iter([Ok::<_, std::io::Error>(body)]);
+                        Ok(StreamableHttpPostResponse::Sse(
+                            marked(json_lines(body), id),
+                            session,
+                        ))
+                    }
+                    Err(e) => Err(e.into()),
+                }
             }
             other => Err(StreamableHttpError::UnexpectedContentType(
                 other.map(str::to_string),
@@ -222,8 +355,8 @@ impl StreamableHttpClient for RawHttpClient {
         auth_header: Option<String>,
         custom_headers: HashMap<HeaderName, HeaderValue>,
     ) -> Result<StreamableHttpPostResponse, HttpError> {
-        match custom_request_id(&message) {
-            Some(_) => self
+        match posted_here(&message) {
+            true => self
                 .post_custom(
                     uri,
                     message,
@@ -234,7 +367,7 @@ impl StreamableHttpClient for RawHttpClient {
                 )
                 .await
                 .map_err(explain),
-            None => self
+            false => self
                 .inner
                 .post_message(uri, message, session_id, auth_header, custom_headers)
                 .await
@@ -251,8 +384,8 @@ impl StreamableHttpClient for RawHttpClient {
         custom_headers: HashMap<HeaderName, HeaderValue>,
         max_sse_event_size: usize,
     ) -> Result<StreamableHttpPostResponse, HttpError> {
-        match custom_request_id(&message) {
-            Some(_) => self
+        match posted_here(&message) {
+            true => self
                 .post_custom(
                     uri,
                     message,
@@ -263,7 +396,7 @@ impl StreamableHttpClient for RawHttpClient {
                 )
                 .await
                 .map_err(explain),
-            None => self
+            false => self
                 .inner
                 .post_message_with_max_sse_event_size(
                     uri,

@@ -27,9 +27,10 @@ use rmcp::{
         ClientCapabilities, ClientConfig, ClientResult, CreateMessageRequest,
         CreateMessageRequestParams, CreateMessageResult, ElicitRequest, ElicitRequestParams,
         ElicitResult, Implementation, ListRootsRequest, ListRootsResult,
-        LoggingMessageNotificationParam, RequestId, ResourceUpdatedNotificationParam,
-        ServerPeerInfo, ServerRequest,
+        LoggingMessageNotificationParam, ProtocolVersion, RequestId,
+        ResourceUpdatedNotificationParam, ServerPeerInfo, ServerRequest,
     },
+    service::{ClientLifecycleMode, ClientServiceExt},
     service::{InboundStreamOrigin, NotificationContext, Peer, RequestContext, RunningService},
     transport::{
         ConfigureCommandExt, StreamableHttpClientTransport,
@@ -41,7 +42,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Item, Kind, Listing};
-use crate::config::{Secret, ServerConfig, TransportConfig};
+use crate::config::{Protocol, Secret, ServerConfig, TransportConfig};
 
 pub use progress::ProgressRouter;
 pub use sse::SseError;
@@ -137,6 +138,9 @@ pub struct Connection {
     pub progress: Arc<ProgressRouter>,
     /// Requests in flight on it (a superseded connection closes when this reaches 0).
     pub active: std::sync::atomic::AtomicUsize,
+    /// Started with `server/discover`: the upstream speaks 2026-07-28 (stateless requests, no
+    /// `ping`, `logging/setLevel` or `resources/subscribe`, list changes on `subscriptions/listen`).
+    pub modern: bool,
 }
 
 /// A connection opened for one owner (a caller, or one session): `isolation = "caller" | "session"`.
@@ -560,11 +564,13 @@ impl Upstream {
                     _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
                     _ = self.suspect.notified() => {}
                 }
-                let ping = tokio::time::timeout(
-                    HEALTH_TIMEOUT,
-                    peer.send_request(rmcp::model::ClientRequest::PingRequest(Default::default())),
-                )
-                .await;
+                // 2026-07-28 has no `ping`: a (never cached) `server/discover` is the probe there.
+                let probe = if is_modern(peer.peer_info().as_deref()) {
+                    raw::custom_request("server/discover", &serde_json::json!({}))
+                } else {
+                    rmcp::model::ClientRequest::PingRequest(Default::default())
+                };
+                let ping = tokio::time::timeout(HEALTH_TIMEOUT, peer.send_request(probe)).await;
                 match ping {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
@@ -620,11 +626,22 @@ impl Upstream {
             server = %self.name,
             connection = id,
             transport = self.config.transport.kind(),
+            protocol = %info.as_ref().map_or("?", |i| i.protocol_version.as_str()),
             tools = listing.tools.len(),
             prompts = listing.prompts.len(),
             resources = listing.resources.len(),
             "upstream connected"
         );
+        let modern = is_modern(info.as_deref());
+        if modern {
+            // 2026-07-28 announces list changes only on a `subscriptions/listen` stream.
+            tokio::spawn(listen_changes(
+                self.name.clone(),
+                id,
+                peer.clone(),
+                events.clone(),
+            ));
+        }
         let conn = Arc::new(Connection {
             id,
             peer,
@@ -632,8 +649,22 @@ impl Upstream {
             listing: Mutex::new(listing),
             progress: router,
             active: Default::default(),
+            modern,
         });
         Ok((running, conn))
+    }
+
+    /// How a connection starts for the configured `protocol` (stdio: rmcp's auto mode falls back
+    /// to `initialize` when the server answers `server/discover` with a JSON-RPC error).
+    fn lifecycle(&self) -> ClientLifecycleMode {
+        match self.config.protocol {
+            Protocol::Auto => ClientLifecycleMode::Auto {
+                preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+                legacy_version: None,
+            },
+            Protocol::Legacy => ClientLifecycleMode::Initialize,
+            Protocol::Modern => discover(),
+        }
     }
 
     async fn connect(
@@ -684,7 +715,7 @@ impl Upstream {
                     });
                 }
                 handler
-                    .serve(ProgressTap::new(transport, router))
+                    .serve_with_lifecycle(ProgressTap::new(transport, router), self.lifecycle())
                     .await
                     .map_err(init)
             }
@@ -700,12 +731,32 @@ impl Upstream {
                 }
                 let cfg = StreamableHttpClientTransportConfig::with_uri(url.as_str())
                     .custom_headers(custom);
-                let client = http_client::RawHttpClient {
-                    inner: self.http.clone(),
+                let transport = || {
+                    let client = http_client::RawHttpClient {
+                        inner: self.http.clone(),
+                    };
+                    let t = StreamableHttpClientTransport::with_client(client, cfg.clone());
+                    ProgressTap::new(t, router.clone())
                 };
-                let transport = StreamableHttpClientTransport::with_client(client, cfg);
+                if self.config.protocol == Protocol::Auto {
+                    // rmcp's own fallback needs a correlated JSON-RPC error, but a 2025-era HTTP
+                    // server answers an unknown first request without a session with HTTP 400 and
+                    // `id: null`. So: discover on one transport; anything but a 2026-07-28 answer
+                    // gets `initialize` on a fresh one.
+                    match handler
+                        .clone()
+                        .serve_with_lifecycle(transport(), discover())
+                        .await
+                    {
+                        Ok(running) => return Ok(running),
+                        Err(e) => {
+                            tracing::debug!(server = %self.name, error = %e, "server/discover refused; using initialize");
+                        }
+                    }
+                    return handler.serve(transport()).await.map_err(init);
+                }
                 handler
-                    .serve(ProgressTap::new(transport, router))
+                    .serve_with_lifecycle(transport(), self.lifecycle())
                     .await
                     .map_err(init)
             }
@@ -866,6 +917,56 @@ async fn list_raw(
         "{method}: more than {MAX_PAGES} pages; keeping what was listed"
     );
     Ok(items)
+}
+
+/// Hold a `subscriptions/listen` stream open on a 2026-07-28 connection and turn its list changes
+/// into events (reopened after a second if it ends, until the connection closes).
+async fn listen_changes(server: Arc<str>, conn: u64, peer: Peer<RoleClient>, events: EventSender) {
+    use rmcp::model::{ServerNotification as N, SubscriptionFilter};
+    let filter = SubscriptionFilter::builder()
+        .tools_list_changed()
+        .prompts_list_changed()
+        .resources_list_changed()
+        .build();
+    let mut delay = Duration::from_secs(1);
+    while !peer.is_transport_closed() {
+        tracing::debug!(server = %server, connection = conn, "opening subscriptions/listen");
+        match peer.listen(filter.clone()).await {
+            Ok(mut sub) => loop {
+                delay = Duration::from_secs(1);
+                let n = sub.next().await;
+                tracing::debug!(server = %server, connection = conn, notification = ?n, "subscriptions/listen");
+                let kind = match n {
+                    Ok(Some(N::ToolListChangedNotification(_))) => Kind::Tool,
+                    Ok(Some(N::PromptListChangedNotification(_))) => Kind::Prompt,
+                    Ok(Some(N::ResourceListChangedNotification(_))) => Kind::Resource,
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => break,
+                };
+                let _ = events.send(UpstreamEvent::ListChanged {
+                    server: server.clone(),
+                    conn,
+                    kind,
+                });
+            },
+            Err(e) => {
+                tracing::debug!(server = %server, error = %e, "subscriptions/listen failed");
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
+fn discover() -> ClientLifecycleMode {
+    ClientLifecycleMode::Discover {
+        preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+    }
+}
+
+/// Does this connection speak 2026-07-28 or later (started with `server/discover`)?
+fn is_modern(info: Option<&ServerPeerInfo>) -> bool {
+    info.is_some_and(|i| i.protocol_version.as_str() >= ProtocolVersion::V_2026_07_28.as_str())
 }
 
 /// The broker's client-side handler for one upstream connection: forwards what the upstream says.
