@@ -190,10 +190,13 @@ impl Broker {
         &self,
         server: &Arc<str>,
         conn: u64,
-        mut request: ServerRequest,
+        request: ServerRequest,
         origin: Option<RequestId>,
         cancel: CancellationToken,
     ) -> Result<ClientResult, ErrorData> {
+        if let ServerRequest::PingRequest(_) = request {
+            return Ok(ClientResult::empty(()));
+        }
         // The call's route is registered just after its request went out, so a fast upstream's
         // request can arrive first: look again for a short while before giving up.
         let mut target = None;
@@ -204,27 +207,32 @@ impl Broker {
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        let (method, declared): (&str, fn(&ClientCapabilities) -> bool) = match &request {
-            ServerRequest::CreateMessageRequest(_) => {
-                ("sampling/createMessage", |c| c.sampling.is_some())
-            }
-            ServerRequest::ElicitRequest(_) => ("elicitation/create", |c| c.elicitation.is_some()),
-            ServerRequest::ListRootsRequest(_) => ("roots/list", |c| c.roots.is_some()),
-            ServerRequest::PingRequest(_) => return Ok(ClientResult::empty(())),
-            _ => ("a custom request", |_| false),
-        };
-        let is_roots = matches!(request, ServerRequest::ListRootsRequest(_));
         let Some(down) = target else {
-            if is_roots {
+            if matches!(request, ServerRequest::ListRootsRequest(_)) {
                 return Ok(ClientResult::ListRootsResult(ListRootsResult::default()));
             }
             return Err(ErrorData::invalid_request(
                 format!(
-                    "mcp-broker cannot tell which client `{server}`'s {method} is for (it is not tied to exactly one call in flight)"
+                    "mcp-broker cannot tell which client `{server}`'s {} is for (it is not tied to exactly one call in flight)",
+                    method_of(&request).0
                 ),
                 None,
             ));
         };
+        self.ask_client(server, &down, request, &cancel).await
+    }
+
+    /// Ask the client behind `down` (on the session of the call it made) what an upstream asks:
+    /// only what it declared it can answer, a bounded number at once per session.
+    pub(super) async fn ask_client(
+        &self,
+        server: &str,
+        down: &super::Downstream,
+        mut request: ServerRequest,
+        cancel: &CancellationToken,
+    ) -> Result<ClientResult, ErrorData> {
+        let (method, declared) = method_of(&request);
+        let is_roots = matches!(request, ServerRequest::ListRootsRequest(_));
         // A session's client answers a bounded number of upstream requests at once.
         let session = down.session.and_then(|id| self.sessions.get(id));
         let _slot = match &session {
@@ -248,7 +256,7 @@ impl Broker {
                 None,
             ));
         }
-        if !down.capabilities.as_ref().is_some_and(declared) {
+        if !down.capabilities.as_ref().is_some_and(|c| declared(c, &request)) {
             if is_roots {
                 return Ok(ClientResult::ListRootsResult(ListRootsResult::default()));
             }
@@ -278,6 +286,28 @@ impl Broker {
                 Err(ErrorData::internal_error("cancelled by the upstream", None))
             }
         }
+    }
+}
+
+/// A server-to-client request's method, and whether a client's capabilities cover it. Elicitation
+/// honours the declared modes: `elicitation: {}` means form only; `url` must be declared.
+fn method_of(request: &ServerRequest) -> (&'static str, fn(&ClientCapabilities, &ServerRequest) -> bool) {
+    match request {
+        ServerRequest::CreateMessageRequest(_) => ("sampling/createMessage", |c, _| c.sampling.is_some()),
+        ServerRequest::ElicitRequest(_) => ("elicitation/create", |c, r| {
+            let Some(e) = &c.elicitation else {
+                return false;
+            };
+            let url = matches!(r, ServerRequest::ElicitRequest(q) if matches!(q.params, rmcp::model::ElicitRequestParams::UrlElicitationParams { .. }));
+            if url {
+                e.url.is_some()
+            } else {
+                e.form.is_some() || e.url.is_none()
+            }
+        }),
+        ServerRequest::ListRootsRequest(_) => ("roots/list", |c, _| c.roots.is_some()),
+        ServerRequest::PingRequest(_) => ("ping", |_, _| true),
+        _ => ("a custom request", |_, _| false),
     }
 }
 

@@ -24,6 +24,7 @@ use super::state::State;
 use super::{Broker, Downstream, InflightKey};
 
 /// One forwarded request: where it goes, for whom, and how long it may stay silent.
+#[derive(Clone, Copy)]
 pub(super) struct Call<'a> {
     pub server: &'a Arc<str>,
     pub caller: &'a Caller,

@@ -17,6 +17,7 @@
 mod errors;
 mod events;
 mod forward;
+mod mrtr;
 pub mod lists;
 pub mod pipeline;
 mod sessions;
@@ -101,6 +102,8 @@ pub struct Broker {
     upstream_levels: DashMap<u64, u8>,
     audit: Arc<Audit>,
     limiter: RateLimiter,
+    /// Seals the `requestState` of input_required results relayed to 2026-07-28 clients.
+    seal: mrtr::Seal,
     /// Last audited limit refusal per subject: at most one such record per caller per second.
     limit_audited: DashMap<String, Instant>,
     /// Set on shutdown: new requests are refused while in-flight ones finish.
@@ -136,6 +139,7 @@ impl Broker {
             upstream_levels: DashMap::new(),
             audit,
             limiter: RateLimiter::default(),
+            seal: mrtr::Seal::new(),
             limit_audited: DashMap::new(),
             draining: AtomicBool::new(false),
             drain_cancel: CancellationToken::new(),

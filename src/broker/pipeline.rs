@@ -19,7 +19,7 @@ use rmcp::{
         CallToolRequestParams, CallToolResponse, ClientRequest, CompleteRequest,
         CompleteRequestParams, CompleteResult, GetPromptRequestParams, GetPromptResponse,
         LoggingLevel, ReadResourceRequestParams, ReadResourceResponse, Reference, RequestId,
-        RequestMetaObject, ResourceContents, ServerResult, SetLevelRequest, SetLevelRequestParams,
+        InputResponses, RequestMetaObject, ResourceContents, ServerResult, SetLevelRequest, SetLevelRequestParams,
         SubscribeRequest, SubscribeRequestParams, UnsubscribeRequest, UnsubscribeRequestParams,
     },
 };
@@ -38,9 +38,10 @@ use super::errors::{Failure, service_error, tool_error_text, unexpected};
 use super::forward::Call;
 use super::sessions::{MAX_INFLIGHT, MAX_SUBSCRIPTIONS, Slot, rank};
 use super::state::State;
-use super::{Broker, Downstream};
+use super::{Broker, Downstream, mrtr};
 
 /// A client request the broker serves.
+#[derive(Clone)]
 pub enum Op {
     List(Kind),
     CallTool(CallToolRequestParams),
@@ -64,6 +65,25 @@ pub enum Reply {
 }
 
 impl Op {
+    /// What a sealed `requestState` echoes back in (calls, prompts and reads; see `mrtr`).
+    fn mrtr(&mut self) -> Option<(&mut Option<String>, &mut Option<InputResponses>)> {
+        match self {
+            Op::CallTool(p) => Some((&mut p.request_state, &mut p.input_responses)),
+            Op::GetPrompt(p) => Some((&mut p.request_state, &mut p.input_responses)),
+            Op::ReadResource(p) => Some((&mut p.request_state, &mut p.input_responses)),
+            _ => None,
+        }
+    }
+
+    /// The arguments a sealed state is bound to, besides the name.
+    fn arguments(&self) -> Option<serde_json::Value> {
+        match self {
+            Op::CallTool(p) => p.arguments.clone().map(serde_json::Value::Object),
+            Op::GetPrompt(p) => p.arguments.clone().map(serde_json::Value::Object),
+            _ => None,
+        }
+    }
+
     /// The audit record's `kind`.
     fn kind(&self) -> &'static str {
         match self {
@@ -221,6 +241,26 @@ impl Broker {
             }
             return Err(Failure::Refused(d.reason));
         }
+        // A retry of an input_required request echoes the broker's sealed state: opened here (for
+        // this caller and this very request only) before anything goes upstream.
+        let bind = mrtr::binding(
+            caller,
+            &server,
+            op.kind(),
+            &original,
+            op.arguments().as_ref(),
+        );
+        if let Some((state, _)) = op.mrtr()
+            && let Some(token) = state.take()
+        {
+            match self.seal.open(&bind, &token) {
+                Ok(upstream) => *state = upstream,
+                Err(e) => {
+                    rec.decision(false, &e.message, Some("request_state".into()));
+                    return Err(Failure::Rpc(e));
+                }
+            }
+        }
         // A session's requests in flight are bounded (each holds routes and a connection slot).
         let session = down.session.and_then(|id| self.sessions.get(id));
         let _slot = match &session {
@@ -253,12 +293,7 @@ impl Broker {
         let reply = match op {
             Op::Subscribe(_) => return self.subscribe(&st, call, &original, rec).await,
             Op::Unsubscribe(_) => return self.unsubscribe(&st, call, &original, rec).await,
-            op => {
-                let what = op.kind();
-                let req = upstream_request(op, &original);
-                let result = raw::typed(self.forward(&st, call, req, rec).await?);
-                self.map_result(&server, what, result)?
-            }
+            op => self.forward_rounds(&st, call, op, &original, &bind, rec).await?,
         };
         match &reply {
             Reply::Tool(CallToolResponse::Complete(r)) if r.is_error == Some(true) => {
@@ -267,6 +302,54 @@ impl Broker {
             _ => rec.finish(Outcome::Ok, None),
         }
         Ok(reply)
+    }
+
+    /// Forward a call, prompt or read; an `input_required` answer is sealed for a 2026-07-28
+    /// client, or answered by asking a 2025-era client on its session and retried (see `mrtr`).
+    async fn forward_rounds(
+        &self,
+        st: &State,
+        call: Call<'_>,
+        mut op: Op,
+        original: &str,
+        bind: &[u8],
+        rec: &mut CallRecord,
+    ) -> Result<Reply, Failure> {
+        let what = op.kind();
+        for _ in 0..=mrtr::MAX_ROUNDS {
+            let req = upstream_request(op.clone(), original);
+            let result = raw::typed(self.forward(st, call, req, rec).await?);
+            let ServerResult::InputRequiredResult(mut ir) = result else {
+                return self.map_result(call.server, what, result);
+            };
+            if call.down.stateless {
+                let sealed = self.seal.seal(bind, ir.request_state.take());
+                raw::amend(|v| {
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("requestState".into(), sealed.clone().into());
+                    }
+                });
+                ir.request_state = Some(sealed);
+                return self.map_result(call.server, what, ServerResult::InputRequiredResult(ir));
+            }
+            let inputs = ir.input_requests.take().unwrap_or_default();
+            let answers = self
+                .answer_inputs(call.server, call.down, inputs, call.ct)
+                .await
+                .map_err(Failure::Rpc)?;
+            if let Some((state, responses)) = op.mrtr() {
+                *state = ir.request_state.take();
+                *responses = Some(answers);
+            }
+        }
+        Err(Failure::Rpc(ErrorData::internal_error(
+            format!(
+                "server `{}` still asked for input after {} rounds; mcp-broker gave up",
+                call.server,
+                mrtr::MAX_ROUNDS
+            ),
+            None,
+        )))
     }
 
     /// Which server and upstream name a request is for; unknown names are -32602 (resources:

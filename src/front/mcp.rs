@@ -170,6 +170,11 @@ fn call_result(
             | ServerResult::GetPromptResult(_)
             | ServerResult::ReadResourceResult(_)
     );
+    // An input_required result as the upstream sent it, its requestState sealed by the broker.
+    let input = matches!(typed, ServerResult::InputRequiredResult(_));
+    if input && modern && let Some(serde_json::Value::Object(o)) = raw {
+        return Ok(serde_json::Value::Object(o));
+    }
     if complete && let Some(serde_json::Value::Object(mut o)) = raw {
         if modern {
             o.entry("resultType").or_insert_with(|| "complete".into());

@@ -144,6 +144,15 @@ pub async fn capture<F: Future>(f: F) -> (F::Output, Option<Value>) {
     .await
 }
 
+/// Change the raw result kept by [`capture`] (if any) as the broker changed its typed form.
+pub fn amend(f: impl FnOnce(&mut Value)) {
+    let _ = KEPT.try_with(|k| {
+        if let Some(v) = k.borrow_mut().as_mut() {
+            f(v);
+        }
+    });
+}
+
 /// `method` with `params` as a custom request, so its result comes back raw.
 pub fn custom_request(method: &str, params: &impl serde::Serialize) -> ClientRequest {
     ClientRequest::CustomRequest(rmcp::model::CustomRequest::new(
