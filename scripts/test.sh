@@ -36,6 +36,7 @@ NPM_PKGS=(
   "@modelcontextprotocol/server-memory@2026.8.31"
   "@modelcontextprotocol/server-sequential-thinking@2026.8.31"
   "@modelcontextprotocol/server-filesystem@2026.8.31"
+  "@modelcontextprotocol/client@2.4.0"
 )
 PY_PKGS=(
   "mcp==2.3.0"

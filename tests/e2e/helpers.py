@@ -944,3 +944,40 @@ def cmdline(pid: int) -> list[str]:
             return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
     except OSError:
         return []
+
+
+# --------------------------------------------------------------------------- both protocol eras (test_eras.py)
+
+E2E_DIR = ROOT / "tests" / "e2e"
+ERAS_SERVER_PY = E2E_DIR / "servers" / "eras_server.py"
+TS_CLIENT_MJS = E2E_DIR / "clients" / "ts_client.mjs"
+TS_CLIENT_PKG = HARNESS_DIR / "node_modules" / "@modelcontextprotocol" / "client" / "package.json"
+ERAS_LISTEN_RE = re.compile(r"^eras server listening on (http://\S+/mcp)\s*$")
+
+
+def start_eras_server(log_dir: Path, name: str = "eras-server") -> Upstream:
+    """tests/e2e/servers/eras_server.py (Python SDK, both protocol eras on one endpoint) on a free port."""
+    proc = Proc(name, [str(VENV_PYTHON), str(ERAS_SERVER_PY), "0"], log_dir, env={"PYTHONUNBUFFERED": "1"})
+    try:
+        m = proc.wait_line(ERAS_LISTEN_RE, 30)
+    except BaseException:
+        proc.stop()
+        raise
+    url = m.group(1)
+    return Upstream(proc, url, int(url.rsplit(":", 1)[1].split("/")[0]))
+
+
+def run_ts_client(spec: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+    """Run tests/e2e/clients/ts_client.mjs (@modelcontextprotocol/client) on Node 22 with `spec`; its JSON report.
+
+    Raises AssertionError with the script's stderr when it printed no JSON line."""
+    p = subprocess.run([str(NODE22), str(TS_CLIENT_MJS), json.dumps(spec)], capture_output=True, text=True,
+                       timeout=timeout, stdin=subprocess.DEVNULL, start_new_session=True,
+                       env={**os.environ, "HARNESS_DIR": str(HARNESS_DIR)})
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise AssertionError(f"ts_client.mjs printed no report (exit {p.returncode})\nstdout: {p.stdout[-2000:]}\n"
+                             f"stderr: {p.stderr[-3000:]}")
+    report = json.loads(lines[-1])
+    report["_stderr"] = p.stderr[-3000:]
+    return report
