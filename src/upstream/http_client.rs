@@ -30,6 +30,9 @@ type HttpError = StreamableHttpError<reqwest::Error>;
 #[derive(Clone)]
 pub struct RawHttpClient {
     pub inner: reqwest::Client,
+    /// The HTTP status of the last `server/discover` POST (0 before any): tells a legacy server
+    /// (400, 404, 405: try `initialize`) from one refusing the credential (401, 403: don't).
+    pub discover_status: Arc<std::sync::atomic::AtomicU16>,
 }
 
 fn custom_request_id(message: &ClientJsonRpcMessage) -> Option<RequestId> {
@@ -41,13 +44,16 @@ fn custom_request_id(message: &ClientJsonRpcMessage) -> Option<RequestId> {
     }
 }
 
-/// Requests POSTed by [`RawHttpClient`] itself: custom requests (raw results) and
-/// `subscriptions/listen` (whose stream may come as JSON lines).
+/// Requests POSTed by [`RawHttpClient`] itself: custom requests (raw results),
+/// `subscriptions/listen` (whose stream may come as JSON lines) and `server/discover` (whose status
+/// is kept).
 fn posted_here(message: &ClientJsonRpcMessage) -> bool {
     match message {
         JsonRpcMessage::Request(r) => matches!(
             r.request,
-            ClientRequest::CustomRequest(_) | ClientRequest::SubscriptionsListenRequest(_)
+            ClientRequest::CustomRequest(_)
+                | ClientRequest::SubscriptionsListenRequest(_)
+                | ClientRequest::DiscoverRequest(_)
         ),
         _ => false,
     }
@@ -241,6 +247,11 @@ impl RawHttpClient {
         }
         let resp = req.json(&message).send().await?;
         let status = resp.status();
+        if matches!(&message, JsonRpcMessage::Request(r) if matches!(r.request, ClientRequest::DiscoverRequest(_)))
+        {
+            self.discover_status
+                .store(status.as_u16(), std::sync::atomic::Ordering::Relaxed);
+        }
         if matches!(
             status,
             reqwest::StatusCode::ACCEPTED | reqwest::StatusCode::NO_CONTENT

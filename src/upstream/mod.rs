@@ -731,9 +731,11 @@ impl Upstream {
                 }
                 let cfg = StreamableHttpClientTransportConfig::with_uri(url.as_str())
                     .custom_headers(custom);
+                let discover_status = Arc::new(std::sync::atomic::AtomicU16::new(0));
                 let transport = || {
                     let client = http_client::RawHttpClient {
                         inner: self.http.clone(),
+                        discover_status: discover_status.clone(),
                     };
                     let t = StreamableHttpClientTransport::with_client(client, cfg.clone());
                     ProgressTap::new(t, router.clone())
@@ -749,6 +751,10 @@ impl Upstream {
                         .await
                     {
                         Ok(running) => return Ok(running),
+                        // The credential was refused: `initialize` would be refused the same way.
+                        Err(e) if matches!(discover_status.load(Ordering::Relaxed), 401 | 403) => {
+                            return Err(init(e));
+                        }
                         Err(e) => {
                             tracing::debug!(server = %self.name, error = %e, "server/discover refused; using initialize");
                         }
