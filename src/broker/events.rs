@@ -248,15 +248,11 @@ impl Broker {
             ),
             None => None,
         };
-        if down.stateless {
-            return Err(ErrorData::invalid_request(
-                format!(
-                    "the client uses protocol 2026-07-28, which has no server-to-client requests; {method} from `{server}` is not supported through mcp-broker yet"
-                ),
-                None,
-            ));
-        }
-        if !down.capabilities.as_ref().is_some_and(|c| declared(c, &request)) {
+        if !down
+            .capabilities
+            .as_ref()
+            .is_some_and(|c| declared(c, &request))
+        {
             if is_roots {
                 return Ok(ClientResult::ListRootsResult(ListRootsResult::default()));
             }
@@ -266,6 +262,32 @@ impl Broker {
                 ),
                 None,
             ));
+        }
+        if down.stateless {
+            // 2026-07-28 has no server-to-client requests: the call parks and the client is asked
+            // with an input_required result (see `mrtr`).
+            let Some(asks) = &down.asks else {
+                return Err(ErrorData::invalid_request(
+                    format!(
+                        "the client uses protocol 2026-07-28, which has no server-to-client requests; `{server}`'s {method} cannot reach it"
+                    ),
+                    None,
+                ));
+            };
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            asks.try_send(super::mrtr::Ask { request, reply }).map_err(|_| {
+                ErrorData::invalid_request(
+                    format!("too many requests from `{server}` wait for the client; {method} was not forwarded"),
+                    None,
+                )
+            })?;
+            return tokio::select! {
+                a = answer => a.unwrap_or_else(|_| Err(ErrorData::internal_error(
+                    format!("the client did not answer `{server}`'s {method} (its request state expired or the call was cancelled)"),
+                    None,
+                ))),
+                _ = cancel.cancelled() => Err(ErrorData::internal_error("cancelled by the upstream", None)),
+            };
         }
         // Ride the originating call's response stream, not the session's standalone one.
         request
@@ -291,9 +313,16 @@ impl Broker {
 
 /// A server-to-client request's method, and whether a client's capabilities cover it. Elicitation
 /// honours the declared modes: `elicitation: {}` means form only; `url` must be declared.
-fn method_of(request: &ServerRequest) -> (&'static str, fn(&ClientCapabilities, &ServerRequest) -> bool) {
+fn method_of(
+    request: &ServerRequest,
+) -> (
+    &'static str,
+    fn(&ClientCapabilities, &ServerRequest) -> bool,
+) {
     match request {
-        ServerRequest::CreateMessageRequest(_) => ("sampling/createMessage", |c, _| c.sampling.is_some()),
+        ServerRequest::CreateMessageRequest(_) => {
+            ("sampling/createMessage", |c, _| c.sampling.is_some())
+        }
         ServerRequest::ElicitRequest(_) => ("elicitation/create", |c, r| {
             let Some(e) = &c.elicitation else {
                 return false;

@@ -17,14 +17,14 @@
 mod errors;
 mod events;
 mod forward;
-mod mrtr;
 pub mod lists;
+mod mrtr;
 pub mod pipeline;
 mod sessions;
 mod state;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -68,6 +68,9 @@ pub struct Downstream {
     pub stateless: bool,
     /// The broker's id for the downstream session, when it has one.
     pub session: Option<u64>,
+    /// For a 2026-07-28 call: where an upstream's server-to-client request goes to be turned into
+    /// an input_required result (set by the pipeline).
+    pub asks: Option<mpsc::Sender<mrtr::Ask>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +107,11 @@ pub struct Broker {
     limiter: RateLimiter,
     /// Seals the `requestState` of input_required results relayed to 2026-07-28 clients.
     seal: mrtr::Seal,
+    /// 2026-07-28 calls to 2025-era upstreams waiting for the client's answers, by park id.
+    parked: DashMap<u64, mrtr::Parked>,
+    next_park: AtomicU64,
+    /// This broker (for the tasks a parked call runs in).
+    me: std::sync::Weak<Broker>,
     /// Last audited limit refusal per subject: at most one such record per caller per second.
     limit_audited: DashMap<String, Instant>,
     /// Set on shutdown: new requests are refused while in-flight ones finish.
@@ -129,7 +137,10 @@ impl Broker {
     pub fn new(config: Arc<Config>, audit: Arc<Audit>) -> Result<Arc<Self>, BrokerError> {
         let state = State::build(config, None)?;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        Ok(Arc::new(Self {
+        Ok(Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            parked: DashMap::new(),
+            next_park: AtomicU64::new(1),
             state: RwLock::new(Arc::new(state)),
             stops: Mutex::new(HashMap::new()),
             catalog: RwLock::new(Arc::new(Catalog::default())),

@@ -11,20 +11,36 @@
 //!   expired is refused (-32602) and never reaches the upstream.
 //! * A 2025-11-25 session has no such result: the broker asks the client itself (elicitation,
 //!   sampling, roots, on the calling session) and retries upstream with the answers.
+//! * The other way round, a 2025-era upstream asks a 2026-07-28 client's call with a server-to-client
+//!   request, which that client cannot receive. The call runs in a task of its own; such a request
+//!   [`Parked`] the call and the client gets an input_required result whose sealed state names it.
+//!   The client's retry hands its answers to the waiting upstream requests and waits on the call
+//!   again: for its result, or the next requests. A parked call is cancelled upstream when its state
+//!   expires; at most [`MAX_PARKED`] wait at once ([`MAX_PARKED_PER_CALLER`] per caller).
 //!
 //! The token is signed, not encrypted: like the upstream's own state, it is readable by the client
 //! it was issued to. The key is random per process, so a state does not survive a broker restart.
 
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
-use rmcp::model::{ErrorData, InputRequest, InputRequests, InputResponses, RequestStateCodec, ServerRequest, SealOptions};
+use rmcp::model::{
+    ClientResult, ErrorData, InputRequest, InputRequests, InputRequiredResult, InputResponses,
+    RequestStateCodec, SealOptions, ServerRequest, ServerResult,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::Digest;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Caller;
+use crate::upstream::raw;
 
+use super::errors::Failure;
+use super::forward::Call;
+use super::pipeline::Op;
+use super::pipeline::upstream_request;
 use super::{Broker, Downstream};
 
 /// How long a sealed `requestState` may be echoed back (a person may be answering a form).
@@ -34,11 +50,52 @@ pub(super) const MAX_ROUNDS: usize = 8;
 /// Most input requests one result may carry.
 pub(super) const MAX_INPUTS: usize = 16;
 
-/// What a sealed state carries: the upstream's own state, if it sent one.
-#[derive(Serialize, Deserialize)]
-struct Sealed {
+/// Calls parked at once, in all, and per caller.
+pub(super) const MAX_PARKED: usize = 256;
+pub(super) const MAX_PARKED_PER_CALLER: usize = 16;
+
+/// What a sealed state carries: the upstream's own state, if it sent one, or the parked call it
+/// continues.
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub(super) struct Sealed {
     #[serde(rename = "s", default, skip_serializing_if = "Option::is_none")]
-    upstream: Option<String>,
+    pub upstream: Option<String>,
+    #[serde(rename = "p", default, skip_serializing_if = "Option::is_none")]
+    pub parked: Option<u64>,
+}
+
+/// A server-to-client request from an upstream during a 2026-07-28 client's call, and where its
+/// answer goes.
+pub struct Ask {
+    pub request: ServerRequest,
+    pub reply: Answer,
+}
+
+/// Where the client's answer to an upstream's request goes.
+pub type Answer = oneshot::Sender<Result<ClientResult, ErrorData>>;
+
+/// What a parked call's task ends with: the pipeline's result and the upstream's raw JSON.
+type Done = (Result<ServerResult, Failure>, Option<Value>);
+
+/// A 2026-07-28 client's call to a 2025-era upstream, waiting for the client's answers.
+pub(super) struct Parked {
+    owner: String,
+    expires: Instant,
+    /// Asked and not answered yet: key in `inputRequests`, the request, where the answer goes.
+    pending: Vec<(String, InputRequest, Answer)>,
+    asks: mpsc::Receiver<Ask>,
+    done: oneshot::Receiver<Done>,
+    next_key: u32,
+    /// Cancels the call upstream when the parked call is dropped (expired, refused, cancelled).
+    _cancel: tokio_util::sync::DropGuard,
+}
+
+/// What waiting on a call gave.
+pub(super) enum Waited {
+    /// Its result.
+    Done(Box<ServerResult>),
+    /// It asked: the input_required result for the client (state sealed).
+    Asked(InputRequiredResult),
 }
 
 /// Seals and opens the broker's `requestState` tokens.
@@ -59,9 +116,9 @@ impl Seal {
         }
     }
 
-    /// The token a client echoes instead of the upstream's `state`.
-    pub fn seal(&self, bind: &[u8], state: Option<String>) -> String {
-        let payload = serde_json::to_vec(&Sealed { upstream: state }).unwrap_or_default();
+    /// The token a client echoes instead of the upstream's `state` (or to continue a parked call).
+    pub fn seal(&self, bind: &[u8], sealed: &Sealed) -> String {
+        let payload = serde_json::to_vec(sealed).unwrap_or_default();
         self.codec.seal_with(
             &payload,
             &SealOptions::new().associated_data(bind).ttl(STATE_TTL),
@@ -70,7 +127,7 @@ impl Seal {
 
     /// The upstream's state inside a token from a client, if the token is this broker's, for this
     /// binding, and not expired.
-    pub fn open(&self, bind: &[u8], token: &str) -> Result<Option<String>, ErrorData> {
+    pub fn open(&self, bind: &[u8], token: &str) -> Result<Sealed, ErrorData> {
         let refused = |why: &str| {
             ErrorData::invalid_params(
                 format!("requestState refused: {why}; start the request again without it"),
@@ -78,18 +135,24 @@ impl Seal {
             )
         };
         let payload = self.codec.open_with(token, bind).map_err(|e| match e {
-            rmcp::model::RequestStateError::Expired { .. } => refused("it expired"),
-            _ => refused("it was not issued by mcp-broker for this caller and request, or it was altered"),
+            rmcp::model::RequestStateError::Expired => refused("it expired"),
+            _ => refused(
+                "it was not issued by mcp-broker for this caller and request, or it was altered",
+            ),
         })?;
-        let sealed: Sealed =
-            serde_json::from_slice(&payload).map_err(|_| refused("it is malformed"))?;
-        Ok(sealed.upstream)
+        serde_json::from_slice(&payload).map_err(|_| refused("it is malformed"))
     }
 }
 
 /// What a sealed state is bound to: the caller, the server and the request (method, the upstream's
 /// name or URI, and the arguments in canonical form), so it opens for the same request only.
-pub(super) fn binding(caller: &Caller, server: &str, method: &str, original: &str, args: Option<&Value>) -> Vec<u8> {
+pub(super) fn binding(
+    caller: &Caller,
+    server: &str,
+    method: &str,
+    original: &str,
+    args: Option<&Value>,
+) -> Vec<u8> {
     let mut h = sha2::Sha256::new();
     for part in [caller.sub.as_str(), server, method, original] {
         h.update(part.as_bytes());
@@ -148,7 +211,10 @@ impl Broker {
     ) -> Result<InputResponses, ErrorData> {
         if inputs.len() > MAX_INPUTS {
             return Err(ErrorData::invalid_request(
-                format!("server `{server}` asked for {} inputs at once (mcp-broker relays at most {MAX_INPUTS})", inputs.len()),
+                format!(
+                    "server `{server}` asked for {} inputs at once (mcp-broker relays at most {MAX_INPUTS})",
+                    inputs.len()
+                ),
                 None,
             ));
         }
@@ -159,7 +225,9 @@ impl Broker {
                 InputRequest::ListRoots(r) => ServerRequest::ListRootsRequest(r),
                 _ => {
                     return Err(ErrorData::invalid_request(
-                        format!("server `{server}` asked for an input kind mcp-broker does not know"),
+                        format!(
+                            "server `{server}` asked for an input kind mcp-broker does not know"
+                        ),
                         None,
                     ));
                 }
@@ -173,6 +241,190 @@ impl Broker {
             .await
             .map(|v| v.into_iter().collect())
     }
+}
+
+impl Broker {
+    /// Run a 2026-07-28 client's call in a task of its own, so that it can wait for the client's
+    /// answers across requests; wait for it here.
+    pub(super) async fn forward_detached(
+        &self,
+        call: Call<'_>,
+        op: Op,
+        original: &str,
+        bind: &[u8],
+    ) -> Result<Waited, Failure> {
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| Failure::Unavailable("mcp-broker is shutting down".into()))?;
+        let (asks_tx, asks) = mpsc::channel(MAX_INPUTS);
+        let (done_tx, done) = oneshot::channel();
+        let cancel = CancellationToken::new();
+        let mut down = call.down.clone();
+        down.asks = Some(asks_tx);
+        let (server, caller, tool) = (
+            call.server.clone(),
+            call.caller.clone(),
+            call.tool.map(str::to_string),
+        );
+        let (timeout, ct) = (call.timeout, cancel.clone());
+        let req = upstream_request(op, original);
+        let name = original.to_string();
+        tokio::spawn(async move {
+            // The client's own requests are audited; this record only carries the upstream leg.
+            let mut rec = me.audit.begin(&caller, "tool", &name);
+            let st = me.state();
+            let call = Call {
+                server: &server,
+                caller: &caller,
+                tool: tool.as_deref(),
+                down: &down,
+                ct: &ct,
+                timeout,
+            };
+            let (result, raw) =
+                raw::capture(async { me.forward(&st, call, req, &mut rec).await.map(raw::typed) })
+                    .await;
+            rec.discard();
+            let _ = done_tx.send((result, raw));
+        });
+        let parked = Parked {
+            owner: call.caller.sub.clone(),
+            expires: Instant::now() + STATE_TTL,
+            pending: Vec::new(),
+            asks,
+            done,
+            next_key: 1,
+            _cancel: cancel.drop_guard(),
+        };
+        self.wait_parked(parked, bind, call.ct).await
+    }
+
+    /// Continue the parked call a sealed state named: hand it the client's answers, then wait.
+    pub(super) async fn resume_parked(
+        &self,
+        id: u64,
+        responses: InputResponses,
+        bind: &[u8],
+        ct: &CancellationToken,
+    ) -> Result<Waited, Failure> {
+        let (_, mut p) = self.parked.remove(&id).ok_or_else(|| {
+            Failure::Rpc(ErrorData::invalid_params(
+                "requestState refused: the call it continues has ended or expired; start the request again without it",
+                None,
+            ))
+        })?;
+        let mut unanswered = Vec::new();
+        for (key, input, reply) in std::mem::take(&mut p.pending) {
+            match responses.get(&key) {
+                Some(v) => {
+                    let _ = reply.send(answer_of(&input, v.clone()));
+                }
+                None => unanswered.push((key, input, reply)),
+            }
+        }
+        p.pending = unanswered;
+        if !p.pending.is_empty() {
+            // Asked again for what is still missing (SEP-2322: re-request, not an error).
+            return Ok(Waited::Asked(self.park(p, bind)?));
+        }
+        self.wait_parked(p, bind, ct).await
+    }
+
+    /// Wait for the call's result, or its next requests to the client (then park it).
+    async fn wait_parked(
+        &self,
+        mut p: Parked,
+        bind: &[u8],
+        ct: &CancellationToken,
+    ) -> Result<Waited, Failure> {
+        tokio::select! {
+            biased;
+            done = &mut p.done => {
+                let (result, raw_json) = done.map_err(|_| {
+                    Failure::Unavailable("the call ended without a result".into())
+                })?;
+                if let Some(v) = raw_json {
+                    raw::keep(v);
+                }
+                result.map(|r| Waited::Done(Box::new(r)))
+            }
+            Some(ask) = p.asks.recv() => {
+                let mut asks = vec![ask];
+                while let Ok(a) = p.asks.try_recv() {
+                    asks.push(a);
+                }
+                for a in asks {
+                    let input = match a.request {
+                        ServerRequest::CreateMessageRequest(r) => InputRequest::CreateMessage(r),
+                        ServerRequest::ElicitRequest(r) => InputRequest::Elicitation(r),
+                        ServerRequest::ListRootsRequest(r) => InputRequest::ListRoots(r),
+                        _ => {
+                            let _ = a.reply.send(Err(ErrorData::invalid_request(
+                                "mcp-broker cannot ask a 2026-07-28 client this",
+                                None,
+                            )));
+                            continue;
+                        }
+                    };
+                    let key = format!("mcp-broker-{}", p.next_key);
+                    p.next_key += 1;
+                    p.pending.push((key, input, a.reply));
+                }
+                Ok(Waited::Asked(self.park(p, bind)?))
+            }
+            _ = ct.cancelled() => Err(Failure::Cancelled("request cancelled by the client".into())),
+        }
+    }
+
+    /// Keep `p` for the client's retry; the input_required result that asks for its pending requests.
+    fn park(&self, mut p: Parked, bind: &[u8]) -> Result<InputRequiredResult, Failure> {
+        let now = Instant::now();
+        self.parked.retain(|_, q| q.expires > now);
+        let mine = self.parked.iter().filter(|q| q.owner == p.owner).count();
+        if self.parked.len() >= MAX_PARKED || mine >= MAX_PARKED_PER_CALLER {
+            return Err(Failure::Refused(format!(
+                "too many calls wait for client input (at most {MAX_PARKED_PER_CALLER} per caller, {MAX_PARKED} in all); answer or abandon one first"
+            )));
+        }
+        let requests: InputRequests = p
+            .pending
+            .iter()
+            .map(|(k, input, _)| (k.clone(), input.clone()))
+            .collect();
+        p.expires = now + STATE_TTL;
+        let id = self.next_park.fetch_add(1, Ordering::Relaxed);
+        self.parked.insert(id, p);
+        let state = self.seal.seal(
+            bind,
+            &Sealed {
+                upstream: None,
+                parked: Some(id),
+            },
+        );
+        let result = InputRequiredResult::new(Some(requests), Some(state));
+        raw::keep(serde_json::to_value(&result).unwrap_or_default());
+        Ok(result)
+    }
+}
+
+/// A client's answer in `inputResponses`, as the result type of the request it answers.
+fn answer_of(input: &InputRequest, v: Value) -> Result<ClientResult, ErrorData> {
+    let bad = |e: serde_json::Error| {
+        ErrorData::invalid_params(format!("the client's answer does not decode: {e}"), None)
+    };
+    Ok(match input {
+        InputRequest::CreateMessage(_) => {
+            ClientResult::CreateMessageResult(Box::new(serde_json::from_value(v).map_err(bad)?))
+        }
+        InputRequest::Elicitation(_) => {
+            ClientResult::ElicitResult(serde_json::from_value(v).map_err(bad)?)
+        }
+        InputRequest::ListRoots(_) => {
+            ClientResult::ListRootsResult(serde_json::from_value(v).map_err(bad)?)
+        }
+        _ => return Err(ErrorData::invalid_params("unknown input kind", None)),
+    })
 }
 
 #[cfg(test)]
@@ -190,8 +442,17 @@ mod tests {
         let seal = Seal::new();
         let args = serde_json::json!({"b": 1, "a": [true, {"y": 2, "x": 1}]});
         let bind = binding(&caller("alice"), "ref", "tools/call", "t", Some(&args));
-        let token = seal.seal(&bind, Some("upstream-state".into()));
-        assert_eq!(seal.open(&bind, &token).expect("opens"), Some("upstream-state".into()));
+        let token = seal.seal(
+            &bind,
+            &Sealed {
+                upstream: Some("upstream-state".into()),
+                parked: None,
+            },
+        );
+        assert_eq!(
+            seal.open(&bind, &token).expect("opens").upstream.as_deref(),
+            Some("upstream-state")
+        );
         // Same arguments in another key order bind the same.
         let reordered = serde_json::json!({"a": [true, {"x": 1, "y": 2}], "b": 1});
         let same = binding(&caller("alice"), "ref", "tools/call", "t", Some(&reordered));
@@ -201,7 +462,13 @@ mod tests {
             binding(&caller("bob"), "ref", "tools/call", "t", Some(&args)),
             binding(&caller("alice"), "other", "tools/call", "t", Some(&args)),
             binding(&caller("alice"), "ref", "tools/call", "u", Some(&args)),
-            binding(&caller("alice"), "ref", "tools/call", "t", Some(&serde_json::json!({"b": 2}))),
+            binding(
+                &caller("alice"),
+                "ref",
+                "tools/call",
+                "t",
+                Some(&serde_json::json!({"b": 2})),
+            ),
         ] {
             let e = seal.open(&other, &token).expect_err("bound elsewhere");
             assert_eq!(e.code, rmcp::model::ErrorCode::INVALID_PARAMS);

@@ -18,9 +18,10 @@ use rmcp::{
     model::{
         CallToolRequestParams, CallToolResponse, ClientRequest, CompleteRequest,
         CompleteRequestParams, CompleteResult, GetPromptRequestParams, GetPromptResponse,
-        LoggingLevel, ReadResourceRequestParams, ReadResourceResponse, Reference, RequestId,
-        InputResponses, RequestMetaObject, ResourceContents, ServerResult, SetLevelRequest, SetLevelRequestParams,
-        SubscribeRequest, SubscribeRequestParams, UnsubscribeRequest, UnsubscribeRequestParams,
+        InputResponses, LoggingLevel, ReadResourceRequestParams, ReadResourceResponse, Reference,
+        RequestId, RequestMetaObject, ResourceContents, ServerResult, SetLevelRequest,
+        SetLevelRequestParams, SubscribeRequest, SubscribeRequestParams, UnsubscribeRequest,
+        UnsubscribeRequestParams,
     },
 };
 use tokio::sync::OwnedSemaphorePermit;
@@ -250,11 +251,15 @@ impl Broker {
             &original,
             op.arguments().as_ref(),
         );
+        let mut parked = None;
         if let Some((state, _)) = op.mrtr()
             && let Some(token) = state.take()
         {
             match self.seal.open(&bind, &token) {
-                Ok(upstream) => *state = upstream,
+                Ok(sealed) => {
+                    *state = sealed.upstream;
+                    parked = sealed.parked;
+                }
                 Err(e) => {
                     rec.decision(false, &e.message, Some("request_state".into()));
                     return Err(Failure::Rpc(e));
@@ -293,7 +298,10 @@ impl Broker {
         let reply = match op {
             Op::Subscribe(_) => return self.subscribe(&st, call, &original, rec).await,
             Op::Unsubscribe(_) => return self.unsubscribe(&st, call, &original, rec).await,
-            op => self.forward_rounds(&st, call, op, &original, &bind, rec).await?,
+            op => {
+                self.forward_rounds(call, op, &original, &bind, parked, rec)
+                    .await?
+            }
         };
         match &reply {
             Reply::Tool(CallToolResponse::Complete(r)) if r.is_error == Some(true) => {
@@ -308,30 +316,59 @@ impl Broker {
     /// client, or answered by asking a 2025-era client on its session and retried (see `mrtr`).
     async fn forward_rounds(
         &self,
-        st: &State,
         call: Call<'_>,
         mut op: Op,
         original: &str,
         bind: &[u8],
+        parked: Option<u64>,
         rec: &mut CallRecord,
     ) -> Result<Reply, Failure> {
         let what = op.kind();
+        if call.down.stateless {
+            // Detached, so a 2025-era upstream's request to the client can park it (see `mrtr`).
+            let waited = match parked {
+                Some(id) => {
+                    let answers = op.mrtr().and_then(|(_, r)| r.take()).unwrap_or_default();
+                    self.resume_parked(id, answers, bind, call.ct).await?
+                }
+                None => self.forward_detached(call, op, original, bind).await?,
+            };
+            let result = match waited {
+                mrtr::Waited::Asked(ir) => ServerResult::InputRequiredResult(ir),
+                mrtr::Waited::Done(r) => match *r {
+                    ServerResult::InputRequiredResult(mut ir) => {
+                        // A 2026-07-28 upstream's own input_required: its state sealed for this caller.
+                        let sealed = mrtr::Sealed {
+                            upstream: ir.request_state.take(),
+                            parked: None,
+                        };
+                        let sealed = self.seal.seal(bind, &sealed);
+                        raw::amend(|v| {
+                            if let Some(o) = v.as_object_mut() {
+                                o.insert("requestState".into(), sealed.clone().into());
+                            }
+                        });
+                        ir.request_state = Some(sealed);
+                        ServerResult::InputRequiredResult(ir)
+                    }
+                    other => other,
+                },
+            };
+            return self.map_result(call.server, what, result);
+        }
+        if parked.is_some() {
+            return Err(Failure::Rpc(ErrorData::invalid_params(
+                "requestState refused: it continues a 2026-07-28 request",
+                None,
+            )));
+        }
+        let st = self.state();
         for _ in 0..=mrtr::MAX_ROUNDS {
             let req = upstream_request(op.clone(), original);
-            let result = raw::typed(self.forward(st, call, req, rec).await?);
+            let result = raw::typed(self.forward(&st, call, req, rec).await?);
             let ServerResult::InputRequiredResult(mut ir) = result else {
                 return self.map_result(call.server, what, result);
             };
-            if call.down.stateless {
-                let sealed = self.seal.seal(bind, ir.request_state.take());
-                raw::amend(|v| {
-                    if let Some(o) = v.as_object_mut() {
-                        o.insert("requestState".into(), sealed.clone().into());
-                    }
-                });
-                ir.request_state = Some(sealed);
-                return self.map_result(call.server, what, ServerResult::InputRequiredResult(ir));
-            }
             let inputs = ir.input_requests.take().unwrap_or_default();
             let answers = self
                 .answer_inputs(call.server, call.down, inputs, call.ct)
@@ -767,7 +804,7 @@ impl Broker {
 }
 
 /// The request to send upstream, with the exposed name replaced by the upstream's own.
-fn upstream_request(op: Op, original: &str) -> ClientRequest {
+pub(super) fn upstream_request(op: Op, original: &str) -> ClientRequest {
     match op {
         // Sent as custom requests so their results come back as the upstream's JSON (see
         // `upstream::raw`): the front relays that, the broker decides on its typed form.

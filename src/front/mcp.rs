@@ -89,6 +89,7 @@ impl Front {
             progress_token: ctx.meta.get_progress_token(),
             capabilities: ctx.client_capabilities(),
             stateless,
+            asks: None,
             session: if stateless {
                 None
             } else {
@@ -172,7 +173,10 @@ fn call_result(
     );
     // An input_required result as the upstream sent it, its requestState sealed by the broker.
     let input = matches!(typed, ServerResult::InputRequiredResult(_));
-    if input && modern && let Some(serde_json::Value::Object(o)) = raw {
+    if input
+        && modern
+        && let Some(serde_json::Value::Object(o)) = raw
+    {
         return Ok(serde_json::Value::Object(o));
     }
     if complete && let Some(serde_json::Value::Object(mut o)) = raw {

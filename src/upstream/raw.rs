@@ -144,6 +144,11 @@ pub async fn capture<F: Future>(f: F) -> (F::Output, Option<Value>) {
     .await
 }
 
+/// Keep `v` as the raw result of the call [`capture`] runs (one that ran in another task).
+pub fn keep(v: Value) {
+    let _ = KEPT.try_with(|k| *k.borrow_mut() = Some(v));
+}
+
 /// Change the raw result kept by [`capture`] (if any) as the broker changed its typed form.
 pub fn amend(f: impl FnOnce(&mut Value)) {
     let _ = KEPT.try_with(|k| {
