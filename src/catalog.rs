@@ -44,6 +44,16 @@ impl Kind {
         }
     }
 
+    /// Position among the four lists (tools, prompts, resources, templates).
+    pub fn slot(self) -> usize {
+        match self {
+            Kind::Tool => 0,
+            Kind::Prompt => 1,
+            Kind::Resource => 2,
+            Kind::Template => 3,
+        }
+    }
+
     /// Position among [`Kind::LISTED`] (a template counts as a resource).
     pub fn index(self) -> usize {
         match self.family() {
@@ -136,6 +146,21 @@ pub struct Listing {
     pub prompts: Vec<Item>,
     pub resources: Vec<Item>,
     pub templates: Vec<Item>,
+    /// Until when each list may be cached, by [`Kind::slot`]: when it was fetched plus the smallest
+    /// `ttlMs` its pages carried (SEP-2549); `None` when the server gave no hint (a 2025-era server).
+    pub fresh_until: [Option<std::time::Instant>; 4],
+}
+
+impl Listing {
+    /// What is left of the server's caching hint for `kind`, in milliseconds (0 without a hint).
+    pub fn ttl_ms(&self, kind: Kind) -> u64 {
+        self.fresh_until[kind.slot()]
+            .map(|t| {
+                t.saturating_duration_since(std::time::Instant::now())
+                    .as_millis() as u64
+            })
+            .unwrap_or(0)
+    }
 }
 
 impl Listing {

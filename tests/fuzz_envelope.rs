@@ -626,6 +626,7 @@ fn listing(tools: &[String], resources: &[String], templates: &[String]) -> List
         prompts: tools.iter().map(|t| item("name", t)).collect(),
         resources: resources.iter().map(|r| item("uri", r)).collect(),
         templates: templates.iter().map(|r| item("uriTemplate", r)).collect(),
+        fresh_until: Default::default(),
     }
 }
 

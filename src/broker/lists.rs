@@ -46,7 +46,14 @@ impl Broker {
     }
 
     /// The items of one list `caller` may see, recorded on `rec`.
-    pub(super) fn listed(&self, caller: &Caller, which: Kind, rec: &mut CallRecord) -> Vec<Item> {
+    /// The list `which` as `caller` is shown it, and how long it may be cached: the smallest
+    /// caching hint among the servers it merges (0 when one gave none, or it is empty).
+    pub(super) fn listed(
+        &self,
+        caller: &Caller,
+        which: Kind,
+        rec: &mut CallRecord,
+    ) -> (Vec<Item>, u64) {
         let st = self.state();
         let cat = self.catalog();
         fn keep(
@@ -55,12 +62,22 @@ impl Broker {
             kind: Kind,
             entries: &[Entry<Item>],
             rec: &mut CallRecord,
-        ) -> Vec<Item> {
+            listed: Kind,
+        ) -> (Vec<Item>, u64) {
+            let mut servers: HashSet<&Arc<str>> = HashSet::new();
             let shown: Vec<Item> = entries
                 .iter()
                 .filter(|e| st.policy.decide(caller, &e.server, kind, &e.original).allow)
+                .inspect(|e| {
+                    servers.insert(&e.server);
+                })
                 .map(|e| e.item.clone())
                 .collect();
+            let ttl = servers
+                .iter()
+                .map(|s| st.upstream(s).map_or(0, |u| u.list_ttl_ms(listed)))
+                .min()
+                .unwrap_or(0);
             let hidden = entries.len() - shown.len();
             rec.decision(
                 true,
@@ -68,14 +85,15 @@ impl Broker {
                 None,
             );
             rec.listed(shown.len(), hidden);
-            shown
+            (shown, ttl)
         }
-        match which {
-            Kind::Tool => keep(&st, caller, Kind::Tool, &cat.tools.entries, rec),
-            Kind::Prompt => keep(&st, caller, Kind::Prompt, &cat.prompts.entries, rec),
-            Kind::Resource => keep(&st, caller, Kind::Resource, &cat.resources.entries, rec),
-            Kind::Template => keep(&st, caller, Kind::Resource, &cat.templates.entries, rec),
-        }
+        let entries = match which {
+            Kind::Tool => &cat.tools.entries,
+            Kind::Prompt => &cat.prompts.entries,
+            Kind::Resource => &cat.resources.entries,
+            Kind::Template => &cat.templates.entries,
+        };
+        keep(&st, caller, which.family(), entries, rec, which)
     }
 
     /// Wait (up to `limit` after start) until every upstream's first connect attempt has ended.

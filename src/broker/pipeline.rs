@@ -57,7 +57,8 @@ pub enum Op {
 /// Its answer.
 pub enum Reply {
     /// The items of one list the caller may see, as the upstreams sent them (names/URIs namespaced).
-    Listed(Vec<Item>),
+    /// With the milliseconds it may be cached (the smallest hint of the servers it merges).
+    Listed(Vec<Item>, u64),
     Tool(CallToolResponse),
     Prompt(GetPromptResponse),
     Resource(ReadResourceResponse),
@@ -207,7 +208,8 @@ impl Broker {
             Op::List(which) => {
                 let which = *which;
                 self.prepare_list(caller, down.session).await;
-                return Ok(Reply::Listed(self.listed(caller, which, rec)));
+                let (items, ttl) = self.listed(caller, which, rec);
+                return Ok(Reply::Listed(items, ttl));
             }
             Op::SetLevel(level) => return self.set_level(&st, caller, *level, down, rec).await,
             op => self.resolve(&st, op).inspect_err(|f| {

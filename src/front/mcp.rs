@@ -311,7 +311,7 @@ impl Front {
     ) -> Result<serde_json::Value, ErrorData> {
         no_cursor(cursor.as_deref())?;
         let modern = is_modern(&ctx);
-        let Reply::Listed(items) = self.run(Op::List(which), ctx).await? else {
+        let Reply::Listed(items, ttl_ms) = self.run(Op::List(which), ctx).await? else {
             return Err(unexpected_reply());
         };
         let mut out = serde_json::Map::new();
@@ -320,10 +320,10 @@ impl Front {
             serde_json::to_value(items).unwrap_or_else(|_| serde_json::Value::Array(Vec::new())),
         );
         if modern {
-            // What rmcp adds to its typed list results for 2026-07-28 peers: the result type and
-            // the most conservative SEP-2549 caching hints (the view is per caller).
+            // SEP-2549 caching hints: the list is filtered per caller, so private, for as long as
+            // the shortest-lived of the upstreams it merges allows.
             out.insert("resultType".into(), "complete".into());
-            out.insert("ttlMs".into(), 0.into());
+            out.insert("ttlMs".into(), ttl_ms.into());
             out.insert("cacheScope".into(), "private".into());
         }
         Ok(serde_json::Value::Object(out))

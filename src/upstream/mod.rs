@@ -252,6 +252,18 @@ impl Upstream {
         }
     }
 
+    /// What is left of this server's caching hint for its `kind` list, in milliseconds.
+    pub fn list_ttl_ms(&self, kind: Kind) -> u64 {
+        if let Some(c) = self.connection() {
+            return c.listing.lock().map_or(0, |l| l.ttl_ms(kind));
+        }
+        self.latest_listing
+            .lock()
+            .ok()
+            .and_then(|l| l.as_ref().map(|l| l.ttl_ms(kind)))
+            .unwrap_or(0)
+    }
+
     /// Has the first connect attempt ended (connected or failed)? Per-caller servers have none.
     pub fn attempted(&self) -> bool {
         self.per_caller || self.attempted.load(Ordering::Acquire)
@@ -798,6 +810,13 @@ impl Upstream {
         let Ok(mut l) = conn.listing.lock() else {
             return false;
         };
+        let slots: &[Kind] = match kind.family() {
+            Kind::Resource => &[Kind::Resource, Kind::Template],
+            _ => &[kind],
+        };
+        for k in slots {
+            l.fresh_until[k.slot()] = fresh.fresh_until[k.slot()];
+        }
         match kind {
             Kind::Tool => l.tools = fresh.tools,
             Kind::Prompt => l.prompts = fresh.prompts,
@@ -855,15 +874,21 @@ async fn fetch_listing(
             has(|c| c.resources.is_some()),
         ),
     ];
-    for (method, field, key, out, declared) in lists {
+    let mut fresh = [None; 4];
+    for (i, (method, field, key, out, declared)) in lists.into_iter().enumerate() {
         if !declared {
             continue;
         }
+        let fetched = Instant::now();
         match list_raw(server, peer, method, field, key).await {
-            Ok(items) => *out = items,
+            Ok((items, ttl)) => {
+                *out = items;
+                fresh[i] = ttl.map(|ms| fetched + Duration::from_millis(ms));
+            }
             Err(e) => tracing::warn!(server, error = %e, "{method} failed"),
         }
     }
+    l.fresh_until = fresh;
     l
 }
 
@@ -877,8 +902,10 @@ async fn list_raw(
     method: &str,
     field: &str,
     key: &str,
-) -> Result<Vec<Item>, String> {
+) -> Result<(Vec<Item>, Option<u64>), String> {
     let mut items = Vec::new();
+    // The smallest caching hint of the pages; a page without one means none for the list.
+    let mut ttl: Option<Option<u64>> = None;
     let mut cursor: Option<String> = None;
     for _ in 0..MAX_PAGES {
         let params = cursor.as_ref().map(|c| serde_json::json!({ "cursor": c }));
@@ -892,6 +919,11 @@ async fn list_raw(
         let serde_json::Value::Object(mut page) = raw::into_value(result) else {
             return Err("the result is not an object".into());
         };
+        let page_ttl = page.get("ttlMs").and_then(|t| t.as_u64());
+        ttl = Some(match ttl {
+            None => page_ttl,
+            Some(t) => t.zip(page_ttl).map(|(a, b)| a.min(b)),
+        });
         match page.remove(field) {
             Some(serde_json::Value::Array(list)) => {
                 for v in list {
@@ -915,14 +947,14 @@ async fn list_raw(
             Some(c) if !c.is_empty() && cursor.as_deref() != Some(c) => {
                 cursor = Some(c.to_string())
             }
-            _ => return Ok(items),
+            _ => return Ok((items, ttl.flatten())),
         }
     }
     tracing::warn!(
         server,
         "{method}: more than {MAX_PAGES} pages; keeping what was listed"
     );
-    Ok(items)
+    Ok((items, ttl.flatten()))
 }
 
 /// Hold a `subscriptions/listen` stream open on a 2026-07-28 connection and turn its list changes
