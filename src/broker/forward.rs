@@ -52,6 +52,7 @@ impl Broker {
         caller: &Caller,
         owner: &str,
         tool: Option<&str>,
+        legacy: bool,
     ) -> Result<(Arc<Connection>, &'static str), Failure> {
         let server = &up.name;
         if !up.per_caller {
@@ -60,8 +61,9 @@ impl Broker {
                 .upstream_auth
                 .as_ref()
                 .map_or("none", credential_kind);
+            // A 2025-era client's request goes on the server's 2025-11-25 connection, if it keeps one.
             return up
-                .connection()
+                .connection_in(legacy)
                 .map(|c| (c, kind))
                 .ok_or_else(|| Failure::Unavailable(unavailable(up)));
         }
@@ -145,7 +147,9 @@ impl Broker {
             .ok_or_else(|| Failure::Rpc(unexpected(server)))?;
         let _active = ActiveCall::new(self);
         let owner = Self::owner_for(up, caller, down.session);
-        let (conn, kind) = self.connection_for(st, up, caller, &owner, tool).await?;
+        let (conn, kind) = self
+            .connection_for(st, up, caller, &owner, tool, !down.stateless)
+            .await?;
         rec.credential(kind);
         let mut opts = PeerRequestOptions::with_timeout(timeout).reset_timeout_on_progress();
         if conn.modern {

@@ -53,9 +53,10 @@ impl Broker {
         caller: &Caller,
         which: Kind,
         rec: &mut CallRecord,
+        legacy: bool,
     ) -> (Vec<Item>, u64) {
         let st = self.state();
-        let cat = self.catalog();
+        let cat = self.catalog_in(legacy);
         fn keep(
             st: &State,
             caller: &Caller,
@@ -130,7 +131,7 @@ impl Broker {
             let owner = Self::owner_for(up, caller, session);
             match tokio::time::timeout(
                 up.config.connect_timeout,
-                self.connection_for(&st, up, caller, &owner, None),
+                self.connection_for(&st, up, caller, &owner, None, false),
             )
             .await
             {
@@ -179,6 +180,27 @@ impl Broker {
         if let Ok(mut slot) = self.catalog.write() {
             *slot = new.clone();
         }
+        // Servers with a separate 2025-11-25 connection list for 2025-era clients from it.
+        let legacy = if st.upstreams.iter().any(|u| u.has_legacy()) {
+            for up in st.upstreams.iter().filter(|u| u.has_legacy()) {
+                if let Some(l) = up.listing_in(true) {
+                    listings.insert(up.name.clone(), l);
+                }
+            }
+            let old = self.catalog_in(true);
+            let (cat, _) = Catalog::build(
+                &st.namespaces,
+                &listings,
+                &st.config.broker.separator,
+                Some(&old),
+            );
+            Arc::new(cat)
+        } else {
+            new.clone()
+        };
+        if let Ok(mut slot) = self.catalog_legacy.write() {
+            *slot = legacy.clone();
+        }
         for (i, k) in Kind::LISTED.iter().enumerate() {
             if before[i] != after[i] {
                 let _ = self.changes.send((*k, None));
@@ -197,7 +219,7 @@ impl Broker {
             let view = match known {
                 Some(v) => v,
                 None => {
-                    let v = self.view_of(&st, &new, &s.caller);
+                    let v = self.view_of(&st, &legacy, &s.caller);
                     views
                         .entry(s.caller.sub.clone())
                         .or_default()

@@ -94,6 +94,9 @@ pub struct Broker {
     /// Each upstream's supervisor stops when its token is cancelled (removed or replaced on reload).
     stops: Mutex<HashMap<Arc<str>, CancellationToken>>,
     catalog: RwLock<Arc<Catalog>>,
+    /// What 2025-era clients are shown: the same catalog, except for servers kept on a separate
+    /// 2025-11-25 connection (which may list differently in each revision).
+    catalog_legacy: RwLock<Arc<Catalog>>,
     sessions: Sessions,
     /// (server, connection, upstream request id) → the downstream request it serves, for
     /// server-to-client requests.
@@ -144,6 +147,7 @@ impl Broker {
             state: RwLock::new(Arc::new(state)),
             stops: Mutex::new(HashMap::new()),
             catalog: RwLock::new(Arc::new(Catalog::default())),
+            catalog_legacy: RwLock::new(Arc::new(Catalog::default())),
             sessions: Sessions::default(),
             inflight: DashMap::new(),
             subscriptions: Mutex::new(HashMap::new()),
@@ -303,6 +307,17 @@ impl Broker {
         self.state().upstreams.clone()
     }
 
+    /// The catalog for a client of the 2025 era (`legacy`) or the 2026 one.
+    pub fn catalog_in(&self, legacy: bool) -> Arc<Catalog> {
+        if !legacy {
+            return self.catalog();
+        }
+        self.catalog_legacy
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
     pub fn catalog(&self) -> Arc<Catalog> {
         self.catalog
             .read()
@@ -343,7 +358,8 @@ impl Broker {
         peer: Peer<RoleServer>,
         caller: Caller,
     ) -> Result<u64, SessionError> {
-        let view = self.view_of(&self.state(), &self.catalog(), &caller);
+        // Sessions are 2025-era clients (2026-07-28 requests have none).
+        let view = self.view_of(&self.state(), &self.catalog_in(true), &caller);
         let cfg = self.config();
         let s = self.sessions.open(
             peer,

@@ -197,7 +197,10 @@ impl Broker {
             && let Err(r) = self.limit_caller(&st, caller)
         {
             // The metric names the server the request was for, where it names a known one.
-            let server = self.resolve(&st, &mut op).map(|t| t.server).ok();
+            let server = self
+                .resolve(&st, &mut op, !down.stateless)
+                .map(|t| t.server)
+                .ok();
             return Err(self.refused(rec, server.as_deref().unwrap_or_default(), r));
         }
         // A name asked for while upstreams are still starting may belong to one of them.
@@ -208,11 +211,11 @@ impl Broker {
             Op::List(which) => {
                 let which = *which;
                 self.prepare_list(caller, down.session).await;
-                let (items, ttl) = self.listed(caller, which, rec);
+                let (items, ttl) = self.listed(caller, which, rec, !down.stateless);
                 return Ok(Reply::Listed(items, ttl));
             }
             Op::SetLevel(level) => return self.set_level(&st, caller, *level, down, rec).await,
-            op => self.resolve(&st, op).inspect_err(|f| {
+            op => self.resolve(&st, op, !down.stateless).inspect_err(|f| {
                 if let Failure::Rpc(e) = f {
                     rec.decision(false, &e.message, Some("catalog".into()));
                 }
@@ -393,8 +396,8 @@ impl Broker {
 
     /// Which server and upstream name a request is for; unknown names are -32602 (resources:
     /// resource not found), as a server would answer itself.
-    fn resolve(&self, st: &State, op: &mut Op) -> Result<Target, Failure> {
-        let cat = self.catalog();
+    fn resolve(&self, st: &State, op: &mut Op, legacy: bool) -> Result<Target, Failure> {
+        let cat = self.catalog_in(legacy);
         let named = |kind: Kind, exposed: &str| -> Result<Target, Failure> {
             let entry = match kind {
                 Kind::Tool => cat.tools.get(exposed).map(|e| (&e.server, &e.original)),
@@ -634,7 +637,7 @@ impl Broker {
             .ok_or_else(|| Failure::Rpc(unexpected(call.server)))?;
         let owner = Self::owner_for(up, call.caller, Some(session));
         let (conn, kind) = self
-            .connection_for(st, up, call.caller, &owner, None)
+            .connection_for(st, up, call.caller, &owner, None, true)
             .await?;
         rec.credential(kind);
         if conn.modern {
@@ -726,7 +729,7 @@ impl Broker {
         }
         if let Some(up) = st.upstream(call.server) {
             for conn in last_on {
-                let c = up.connection().filter(|c| c.id == conn).or_else(|| {
+                let c = up.connection_in(true).filter(|c| c.id == conn).or_else(|| {
                     let owner = Self::owner_for(up, call.caller, Some(session));
                     up.connections_of(&owner).into_iter().find(|c| c.id == conn)
                 });
@@ -771,7 +774,7 @@ impl Broker {
             let conns = if up.per_caller {
                 up.connections_of(&Self::owner_for(up, caller, Some(id)))
             } else {
-                up.connection().into_iter().collect()
+                up.connection_in(true).into_iter().collect()
             };
             for conn in conns {
                 // 2026-07-28 has no logging/setLevel.

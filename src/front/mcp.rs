@@ -290,7 +290,7 @@ impl Front {
                 };
                 // The broker rewrote the typed contents' URIs; the raw ones get the same.
                 let raw = raw.map(|mut v| {
-                    let cat = self.broker.catalog();
+                    let cat = self.broker.catalog_in(!modern);
                     if let Some(route) = cat.route_uri(&exposed) {
                         cat.expose_read_result(&route.server, &mut v);
                     }

@@ -163,6 +163,10 @@ pub struct Upstream {
     /// Connections are per caller: no shared connection is made.
     pub per_caller: bool,
     state: RwLock<Option<Arc<Connection>>>,
+    /// A second, 2025-11-25 connection to a server that speaks both revisions (the shared one
+    /// then speaks 2026-07-28): 2025-era clients are served on it exactly as the server serves
+    /// their era (HTTP servers under `protocol = "auto"` only).
+    legacy: RwLock<Option<Arc<Connection>>>,
     secrets: std::sync::OnceLock<SecretsSource>,
     subjects: dashmap::DashMap<String, Arc<SubjectConn>>,
     /// One per-caller connect at a time per server (also single-flights identical connects).
@@ -199,6 +203,7 @@ impl Upstream {
             config,
             per_caller,
             state: RwLock::new(None),
+            legacy: RwLock::new(None),
             secrets: std::sync::OnceLock::new(),
             subjects: dashmap::DashMap::new(),
             subject_connect: tokio::sync::Mutex::new(()),
@@ -216,6 +221,28 @@ impl Upstream {
     /// The live connection, if the server is up.
     pub fn connection(&self) -> Option<Arc<Connection>> {
         self.state.read().ok().and_then(|s| s.clone())
+    }
+
+    /// The shared connection for a client of the 2025 era (`legacy`) or the 2026 one: the server's
+    /// 2025-11-25 connection where it keeps one, else the shared one.
+    pub fn connection_in(&self, legacy: bool) -> Option<Arc<Connection>> {
+        if legacy && let Some(c) = self.legacy.read().ok().and_then(|s| s.clone()) {
+            return Some(c);
+        }
+        self.connection()
+    }
+
+    /// What 2025-era clients are shown: the 2025-11-25 connection's listing where there is one.
+    pub fn listing_in(&self, legacy: bool) -> Option<Listing> {
+        if legacy && let Some(c) = self.legacy.read().ok().and_then(|s| s.clone()) {
+            return c.listing.lock().ok().map(|l| l.clone());
+        }
+        self.listing()
+    }
+
+    /// Does this server keep a separate 2025-11-25 connection now?
+    pub fn has_legacy(&self) -> bool {
+        self.legacy.read().is_ok_and(|s| s.is_some())
     }
 
     pub fn is_up(&self) -> bool {
@@ -302,6 +329,12 @@ impl Upstream {
         self.connection()
             .map(|c| c.id)
             .into_iter()
+            .chain(
+                self.legacy
+                    .read()
+                    .ok()
+                    .and_then(|s| s.as_ref().map(|c| c.id)),
+            )
             .chain(self.subjects.iter().map(|e| e.value().conn.id))
             .collect()
     }
@@ -328,6 +361,15 @@ impl Upstream {
 
     fn by_id(&self, id: u64) -> Option<Arc<Connection>> {
         if let Some(c) = self.connection().filter(|c| c.id == id) {
+            return Some(c);
+        }
+        if let Some(c) = self
+            .legacy
+            .read()
+            .ok()
+            .and_then(|s| s.clone())
+            .filter(|c| c.id == id)
+        {
             return Some(c);
         }
         self.subjects
@@ -375,7 +417,7 @@ impl Upstream {
                 None => break,
             }
         }
-        let (running, conn) = self.open(secrets, events).await?;
+        let (running, conn) = self.open(secrets, events, self.config.protocol).await?;
         if let Ok(mut l) = self.latest_listing.lock() {
             *l = conn.listing.lock().ok().map(|l| l.clone());
         }
@@ -511,12 +553,17 @@ impl Upstream {
                 Some(source) => source().await,
                 None => Ok(Secrets::default()),
             };
+            let mut secrets_used = Secrets::default();
             let attempt = match secrets {
                 Err(e) => Err(UpstreamError::Credential(e)),
-                Ok(secrets) => tokio::select! {
-                    r = self.open(&secrets, &events) => r,
-                    _ = shutdown.cancelled() => return,
-                },
+                Ok(secrets) => {
+                    let r = tokio::select! {
+                        r = self.open(&secrets, &events, self.config.protocol) => r,
+                        _ = shutdown.cancelled() => return,
+                    };
+                    secrets_used = secrets;
+                    r
+                }
             };
             self.attempted.store(true, Ordering::Release);
             match attempt {
@@ -529,12 +576,28 @@ impl Upstream {
                     }
                     connected_before = true;
                     let peer = conn.peer.clone();
+                    let dual = conn.modern
+                        && self.config.protocol == Protocol::Auto
+                        && matches!(self.config.transport, TransportConfig::Http { .. });
+                    let companion = shutdown.child_token();
+                    if dual {
+                        // Published together: 2025-era clients are not translated for meanwhile.
+                        let (ready, first) = oneshot::channel();
+                        tokio::spawn(self.clone().companion(
+                            secrets_used.clone(),
+                            events.clone(),
+                            companion.clone(),
+                            ready,
+                        ));
+                        let _ = tokio::time::timeout(self.config.connect_timeout, first).await;
+                    }
                     self.set(Some(conn));
                     let _ = events.send(UpstreamEvent::StateChanged {
                         server: self.name.clone(),
                     });
                     let since = Instant::now();
                     let stop = self.watch(running, &peer, &shutdown).await;
+                    companion.cancel();
                     self.set(None);
                     let _ = events.send(UpstreamEvent::StateChanged {
                         server: self.name.clone(),
@@ -556,6 +619,62 @@ impl Upstream {
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = shutdown.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_CAP);
+        }
+    }
+
+    /// Keep a 2025-11-25 connection beside a 2026-07-28 one, while `stop` is not cancelled. A
+    /// server that refuses `initialize` speaks 2026-07-28 only: its 2025-era clients are then
+    /// translated for (see `broker::mrtr`).
+    async fn companion(
+        self: Arc<Self>,
+        secrets: Secrets,
+        events: EventSender,
+        stop: CancellationToken,
+        ready: oneshot::Sender<()>,
+    ) {
+        let mut backoff = BACKOFF_START;
+        let mut first = true;
+        let mut ready = Some(ready);
+        while !stop.is_cancelled() {
+            let attempt = tokio::select! {
+                r = self.open(&secrets, &events, Protocol::Legacy) => r,
+                _ = stop.cancelled() => return,
+            };
+            match attempt {
+                Ok((running, conn)) => {
+                    first = false;
+                    backoff = BACKOFF_START;
+                    let peer = conn.peer.clone();
+                    if let Ok(mut s) = self.legacy.write() {
+                        *s = Some(conn);
+                    }
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                    let _ = events.send(UpstreamEvent::StateChanged {
+                        server: self.name.clone(),
+                    });
+                    self.watch(running, &peer, &stop).await;
+                    if let Ok(mut s) = self.legacy.write() {
+                        *s = None;
+                    }
+                    let _ = events.send(UpstreamEvent::StateChanged {
+                        server: self.name.clone(),
+                    });
+                }
+                Err(e) if first => {
+                    tracing::info!(server = %self.name, error = %e, "the server speaks 2026-07-28 only; 2025-era clients are translated for");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(server = %self.name, error = %e, "2025-11-25 connection failed");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.cancelled() => return,
             }
             backoff = (backoff * 2).min(BACKOFF_CAP);
         }
@@ -617,6 +736,7 @@ impl Upstream {
         &self,
         secrets: &Secrets,
         events: &EventSender,
+        protocol: Protocol,
     ) -> Result<(RunningService<RoleClient, UpstreamHandler>, Arc<Connection>), UpstreamError> {
         let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
         let handler = UpstreamHandler {
@@ -627,7 +747,7 @@ impl Upstream {
         let router = Arc::new(ProgressRouter::default());
         let running = tokio::time::timeout(
             self.config.connect_timeout,
-            self.connect(handler, router.clone(), secrets),
+            self.connect(handler, router.clone(), secrets, protocol),
         )
         .await
         .unwrap_or(Err(UpstreamError::Timeout(self.config.connect_timeout)))?;
@@ -666,24 +786,12 @@ impl Upstream {
         Ok((running, conn))
     }
 
-    /// How a connection starts for the configured `protocol` (stdio: rmcp's auto mode falls back
-    /// to `initialize` when the server answers `server/discover` with a JSON-RPC error).
-    fn lifecycle(&self) -> ClientLifecycleMode {
-        match self.config.protocol {
-            Protocol::Auto => ClientLifecycleMode::Auto {
-                preferred_versions: vec![ProtocolVersion::V_2026_07_28],
-                legacy_version: None,
-            },
-            Protocol::Legacy => ClientLifecycleMode::Initialize,
-            Protocol::Modern => discover(),
-        }
-    }
-
     async fn connect(
         &self,
         handler: UpstreamHandler,
         router: Arc<ProgressRouter>,
         secrets: &Secrets,
+        protocol: Protocol,
     ) -> Result<RunningService<RoleClient, UpstreamHandler>, UpstreamError> {
         use progress::ProgressTap;
         let init =
@@ -727,7 +835,7 @@ impl Upstream {
                     });
                 }
                 handler
-                    .serve_with_lifecycle(ProgressTap::new(transport, router), self.lifecycle())
+                    .serve_with_lifecycle(ProgressTap::new(transport, router), lifecycle(protocol))
                     .await
                     .map_err(init)
             }
@@ -752,7 +860,7 @@ impl Upstream {
                     let t = StreamableHttpClientTransport::with_client(client, cfg.clone());
                     ProgressTap::new(t, router.clone())
                 };
-                if self.config.protocol == Protocol::Auto {
+                if protocol == Protocol::Auto {
                     // rmcp's own fallback needs a correlated JSON-RPC error, but a 2025-era HTTP
                     // server answers an unknown first request without a session with HTTP 400 and
                     // `id: null`. So: discover on one transport; anything but a 2026-07-28 answer
@@ -774,7 +882,7 @@ impl Upstream {
                     return handler.serve(transport()).await.map_err(init);
                 }
                 handler
-                    .serve_with_lifecycle(transport(), self.lifecycle())
+                    .serve_with_lifecycle(transport(), lifecycle(protocol))
                     .await
                     .map_err(init)
             }
@@ -993,6 +1101,19 @@ async fn listen_changes(server: Arc<str>, conn: u64, peer: Peer<RoleClient>, eve
             }
         }
         tokio::time::sleep(delay).await;
+    }
+}
+
+/// How a connection starts for `protocol` (stdio: rmcp's auto mode falls back to `initialize` when
+/// the server answers `server/discover` with a JSON-RPC error).
+fn lifecycle(protocol: Protocol) -> ClientLifecycleMode {
+    match protocol {
+        Protocol::Auto => ClientLifecycleMode::Auto {
+            preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+            legacy_version: None,
+        },
+        Protocol::Legacy => ClientLifecycleMode::Initialize,
+        Protocol::Modern => discover(),
     }
 }
 

@@ -14,9 +14,11 @@ Upstreams:
            trigger-long-running-operation (progress).
 
 Through the broker every pairing must work (the final behaviour these tests pin down):
-  * the broker connects to an upstream as a 2026-07-28 client when it supports that (`server/discover`), else with
-    the 2025-11-25 `initialize` handshake: the eras upstream must report `era=2026-07-28 | via=input_responses`
-    whichever client called;
+  * `eras` is configured with `protocol = "2026-07-28"`: the broker reaches it as a 2026-07-28 client only, so it
+    must report `era=2026-07-28 | via=input_responses` whichever client called (the translation paths);
+  * `erasauto` is the same server under `protocol = "auto"`: it speaks both revisions, so the broker keeps a
+    2025-11-25 connection beside the 2026-07-28 one and each client reaches it in its own era, exactly as directly
+    (`test_through_broker_era_matched`);
   * a 2026 upstream's `input_required` reaches a 2026 client as `input_required` (the broker wraps `requestState`),
     and a 2025 client as real `elicitation/create` / `sampling/createMessage` requests on its session, after which the
     broker retries upstream with `inputResponses`;
@@ -217,7 +219,7 @@ def problems_of(out: Outcome, upstream: str, route: str) -> list[str]:
     p: list[str] = []
     if out.protocol != CLIENT_ERA[out.client]:
         p.append(f"{out.client} negotiated {out.protocol!r}, expected {CLIENT_ERA[out.client]}")
-    prefix = f"{upstream}__" if route == "broker" else ""
+    prefix = {"broker": f"{upstream}__", "broker-auto": "erasauto__"}.get(route, "")
     want_tools = {prefix + c.name for c in calls_for(upstream)}
     if not want_tools <= set(out.tools):
         p.append(f"tools/list lacks {sorted(want_tools - set(out.tools))} (has {sorted(out.tools)})")
@@ -247,7 +249,7 @@ def eras_problems(out: Outcome, route: str) -> list[str]:
             p.append(f"ask: the sampling answer did not make the round trip: {text!r}")
         # The era the upstream was called in: the client's own directly; through the broker, 2026-07-28 (the broker
         # connects as a 2026 client to an upstream that supports it, whatever era its own caller speaks).
-        if route == "direct":
+        if route in ("direct", "broker-auto"):
             want = CLIENT_ERA[out.client]
             via = "input_responses" if want == "2026-07-28" else "server_requests"
         else:
@@ -316,7 +318,8 @@ def eras_broker_state(tmp_path_factory, eras_up, ev_http):
         yield None, f"broker binary {H.BROKER_BIN} is missing (cargo build)"
         return
     servers = {
-        "eras": {"transport": "http", "url": eras_up.url, "timeout": "30s"},
+        "eras": {"transport": "http", "url": eras_up.url, "timeout": "30s", "protocol": "2026-07-28"},
+        "erasauto": {"transport": "http", "url": eras_up.url, "timeout": "30s"},
         "ev": {"transport": "http", "url": ev_http.url, "timeout": "30s"},
     }
     try:
@@ -372,3 +375,13 @@ def test_through_broker(client, upstream, eras_broker, eras_up, ev_http):
     problems = problems_of(out, upstream, "broker")
     up = eras_up if upstream == "eras" else ev_http
     assert not problems, report(out, problems, eras_broker.proc, up.proc)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_through_broker_era_matched(client, eras_broker, eras_up):
+    """A server that speaks both revisions (`protocol = "auto"`) is reached in each client's own era: a 2025 client
+    gets the server's own server->client requests, a 2026 client its own input_required results."""
+    require_client(client)
+    out = run_client(client, eras_broker.url, "erasauto__", "eras")
+    problems = problems_of(out, "eras", "broker-auto")
+    assert not problems, report(out, problems, eras_broker.proc, eras_up.proc)
