@@ -101,6 +101,7 @@ pub(super) enum Waited {
 /// Seals and opens the broker's `requestState` tokens.
 pub(super) struct Seal {
     codec: RequestStateCodec,
+    ttl: Duration,
 }
 
 impl Seal {
@@ -113,6 +114,7 @@ impl Seal {
         }
         Self {
             codec: RequestStateCodec::new(key.to_vec()),
+            ttl: STATE_TTL,
         }
     }
 
@@ -121,7 +123,7 @@ impl Seal {
         let payload = serde_json::to_vec(sealed).unwrap_or_default();
         self.codec.seal_with(
             &payload,
-            &SealOptions::new().associated_data(bind).ttl(STATE_TTL),
+            &SealOptions::new().associated_data(bind).ttl(self.ttl),
         )
     }
 
@@ -477,5 +479,18 @@ mod tests {
         assert!(seal.open(&bind, &format!("{token}x")).is_err());
         assert!(Seal::new().open(&bind, &token).is_err());
         assert!(seal.open(&bind, "garbage").is_err());
+    }
+
+    #[test]
+    fn an_expired_state_is_refused() {
+        let seal = Seal {
+            ttl: Duration::from_millis(1),
+            ..Seal::new()
+        };
+        let bind = binding(&caller("alice"), "ref", "tools/call", "t", None);
+        let token = seal.seal(&bind, &Sealed::default());
+        std::thread::sleep(Duration::from_millis(20));
+        let e = seal.open(&bind, &token).expect_err("expired");
+        assert!(e.message.contains("expired"), "{}", e.message);
     }
 }
