@@ -1,4 +1,4 @@
-// Preloaded (node --require) by scripts/conformance.sh and tests/e2e/test_conformance_2026.py, not
+// Preloaded (node --require) by scripts/conformance.sh and tests/e2e/test_conformance_next.py, not
 // part of the reference server: binds every listening socket that names no host to 127.0.0.1 and
 // announces the bound address on stdout ("conformance-ref listening on http://127.0.0.1:PORT/mcp"),
 // so the server can run on PORT=0 without reaching beyond loopback.

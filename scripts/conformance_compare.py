@@ -5,7 +5,7 @@
 
 Prints both totals (SUCCESS checks counted from checks.json) and every check that passes directly but
 not through the broker, with its status and the suite's error message. Used by scripts/conformance.sh
-and imported by tests/e2e/test_conformance_2026.py.
+and imported by tests/e2e/test_conformance_next.py.
 """
 
 from __future__ import annotations
