@@ -997,7 +997,27 @@ async fn fetch_listing(
         }
     }
     l.fresh_until = fresh;
+    // SEP-2243: a 2026-07-28 call mirrors arguments annotated `x-mcp-header` in `Mcp-Param-*`
+    // headers. rmcp's transport adds them from the tool schemas it saw in a typed `tools/list`
+    // (the raw listing above is not one): list typed once more where a schema asks for them.
+    if is_modern(info) && l.tools.iter().any(|t| wants_param_headers(t.object())) {
+        if let Err(e) = peer.list_all_tools().await {
+            tracing::warn!(server, error = %e, "tools/list (for Mcp-Param headers) failed");
+        }
+    }
     l
+}
+
+/// Does a tool's input schema annotate any argument with `x-mcp-header`?
+fn wants_param_headers(tool: &serde_json::Map<String, serde_json::Value>) -> bool {
+    fn walk(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::Object(o) => o.contains_key("x-mcp-header") || o.values().any(walk),
+            serde_json::Value::Array(a) => a.iter().any(walk),
+            _ => false,
+        }
+    }
+    tool.get("inputSchema").is_some_and(walk)
 }
 
 /// The most pages one list may take (a server that keeps returning new cursors stops here).

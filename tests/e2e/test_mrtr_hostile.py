@@ -63,7 +63,7 @@ def env(tmp_path_factory, auth_server, ev_http):
             return Caller(broker.url, auth_server.token(client_id, secret, scope=scope, resource=broker.url))
 
         alice, bob = caller("alice"), caller("bob")
-        H.wait_for_tools(broker.url, ["eras__ask", "ev__trigger-elicitation-request"], timeout=30,
+        H.wait_for_tools(broker.url, ["eras__ask", "eras__route", "ev__trigger-elicitation-request"], timeout=30,
                          headers=H.bearer(alice.token))
         yield alice, bob, broker
     finally:
@@ -146,3 +146,14 @@ def test_a_client_without_the_capability_is_not_asked(env):
     res = resp.get("result")
     # server-everything gets the broker's refusal for its elicitation and reports it as a tool error.
     assert res and res.get("resultType") != "input_required", resp
+
+
+def test_mcp_param_headers_reach_a_2026_upstream(env):
+    """SEP-2243: `eras__route`'s `region` is annotated `x-mcp-header: Region`; the Python SDK server rejects a
+    2026-07-28 call without a matching `Mcp-Param-Region` header, so the broker must send one upstream (from the
+    upstream's own schema, for the upstream's own tool name)."""
+    alice, bob, broker = env
+    resp = alice.call("eras__route", {"region": "eu-west", "note": "n1"})
+    res = resp.get("result")
+    assert res and not res.get("isError"), resp
+    assert res["content"][0]["text"] == "routed to eu-west n1", res

@@ -26,6 +26,8 @@ Tool `ask(topic)`:
   where PROTOCOL_VERSION is the era the request arrived in and VIA how the answers came: `input_responses`
   (2026-07-28: the client's retry carried `inputResponses`) or `server_requests` (older eras).
 Tool `echo(message)`: returns `echo: MESSAGE` (a call that needs no client input).
+Tool `route(region, note)`: returns `routed to REGION NOTE`; `region` carries `x-mcp-header: Region`, so a
+2026-07-28 call must mirror it in an `Mcp-Param-Region` header (the SDK rejects it otherwise).
 
 Logs every POST's `MCP-Protocol-Version` header on stderr (`POST /mcp mcp-protocol-version=...`), for debugging.
 """
@@ -91,6 +93,13 @@ async def ask(
 async def echo(message: str) -> str:
     """Echo the message back."""
     return f"echo: {message}"
+
+
+@mcp.tool()
+async def route(region: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Region"})], note: str = "") -> str:
+    """A tool whose `region` argument is mirrored in an `Mcp-Param-Region` header (SEP-2243): in 2026-07-28 the
+    SDK refuses a call whose header is missing or differs from the argument."""
+    return f"routed to {region} {note}".strip()
 
 
 class RoundLog:
