@@ -1000,10 +1000,11 @@ async fn fetch_listing(
     // SEP-2243: a 2026-07-28 call mirrors arguments annotated `x-mcp-header` in `Mcp-Param-*`
     // headers. rmcp's transport adds them from the tool schemas it saw in a typed `tools/list`
     // (the raw listing above is not one): list typed once more where a schema asks for them.
-    if is_modern(info) && l.tools.iter().any(|t| wants_param_headers(t.object())) {
-        if let Err(e) = peer.list_all_tools().await {
-            tracing::warn!(server, error = %e, "tools/list (for Mcp-Param headers) failed");
-        }
+    if is_modern(info)
+        && l.tools.iter().any(|t| wants_param_headers(t.object()))
+        && let Err(e) = peer.list_all_tools().await
+    {
+        tracing::warn!(server, error = %e, "tools/list (for Mcp-Param headers) failed");
     }
     l
 }
