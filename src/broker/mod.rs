@@ -103,6 +103,9 @@ pub struct Broker {
     inflight: DashMap<InflightKey, Downstream>,
     /// (server, connection, upstream URI) → the sessions subscribed through it.
     subscriptions: Mutex<HashMap<SubscriptionKey, std::collections::HashSet<u64>>>,
+    /// For 2026-07-28 servers (no resources/subscribe): the `subscriptions/listen` stream held open
+    /// per subscribed (connection, URI), stopped with its last subscriber.
+    resource_listens: DashMap<SubscriptionKey, CancellationToken>,
     /// The log level last sent to each upstream connection (the most verbose its receivers want);
     /// entries of closed connections are dropped at the next setLevel.
     upstream_levels: DashMap<u64, u8>,
@@ -151,6 +154,7 @@ impl Broker {
             sessions: Sessions::default(),
             inflight: DashMap::new(),
             subscriptions: Mutex::new(HashMap::new()),
+            resource_listens: DashMap::new(),
             upstream_levels: DashMap::new(),
             audit,
             limiter: RateLimiter::default(),
@@ -377,8 +381,13 @@ impl Broker {
             return;
         }
         if let Ok(mut subs) = self.subscriptions.lock() {
-            subs.retain(|_, ids| {
+            subs.retain(|key, ids| {
                 ids.remove(&id);
+                if ids.is_empty()
+                    && let Some((_, stop)) = self.resource_listens.remove(key)
+                {
+                    stop.cancel();
+                }
                 !ids.is_empty()
             });
         }

@@ -640,15 +640,6 @@ impl Broker {
             .connection_for(st, up, call.caller, &owner, None, true)
             .await?;
         rec.credential(kind);
-        if conn.modern {
-            return Err(Failure::Rpc(ErrorData::invalid_request(
-                format!(
-                    "server `{}` speaks MCP 2026-07-28, which replaced resources/subscribe with subscriptions/listen; mcp-broker does not bridge resource subscriptions to it yet",
-                    call.server
-                ),
-                None,
-            )));
-        }
         let key = (call.server.clone(), conn.id, original.to_string());
         let counter = self.sessions.get(session).ok_or_else(no_session)?;
         let first = {
@@ -676,11 +667,17 @@ impl Broker {
             first
         };
         if first {
-            let req = ClientRequest::SubscribeRequest(SubscribeRequest::new(
-                SubscribeRequestParams::new(original.to_string()),
-            ));
             rec.upstream_started();
-            if let Err(e) = conn.peer.send_request(req).await {
+            let subscribed = if conn.modern {
+                // 2026-07-28 replaced resources/subscribe with a listen stream filtered to the URI.
+                self.listen_resource(&key, &conn).await
+            } else {
+                let req = ClientRequest::SubscribeRequest(SubscribeRequest::new(
+                    SubscribeRequestParams::new(original.to_string()),
+                ));
+                conn.peer.send_request(req).await.map(|_| ())
+            };
+            if let Err(e) = subscribed {
                 // Not subscribed after all: whoever joined this key gives its count back.
                 let ids = self
                     .subscriptions
@@ -733,6 +730,13 @@ impl Broker {
                     let owner = Self::owner_for(up, call.caller, Some(session));
                     up.connections_of(&owner).into_iter().find(|c| c.id == conn)
                 });
+                if let Some((_, stop)) =
+                    self.resource_listens
+                        .remove(&(call.server.clone(), conn, original.to_string()))
+                {
+                    stop.cancel();
+                    continue;
+                }
                 if let Some(c) = c {
                     let req = ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(
                         UnsubscribeRequestParams::new(original.to_string()),
@@ -743,6 +747,44 @@ impl Broker {
         }
         rec.finish(Outcome::Ok, None);
         Ok(Reply::Empty)
+    }
+
+    /// Hold a `subscriptions/listen` stream filtered to one resource open on a 2026-07-28
+    /// connection; its updates enter the event router like a 2025 server's. Answers once the
+    /// server acknowledged the subscription.
+    async fn listen_resource(
+        &self,
+        key: &super::SubscriptionKey,
+        conn: &Arc<crate::upstream::Connection>,
+    ) -> Result<(), rmcp::service::ServiceError> {
+        use rmcp::model::{ServerNotification, SubscriptionFilter};
+        let filter = SubscriptionFilter::builder()
+            .resource_subscription(key.2.clone())
+            .build();
+        let mut sub = conn.peer.listen(filter).await?;
+        let stop = CancellationToken::new();
+        self.resource_listens.insert(key.clone(), stop.clone());
+        let (events, server, id) = (self.events_tx.clone(), key.0.clone(), conn.id);
+        tokio::spawn(async move {
+            loop {
+                let n = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    n = sub.next() => n,
+                };
+                match n {
+                    Ok(Some(ServerNotification::ResourceUpdatedNotification(n))) => {
+                        let _ = events.send(crate::upstream::UpstreamEvent::ResourceUpdated {
+                            server: server.clone(),
+                            conn: id,
+                            params: n.params,
+                        });
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => return,
+                }
+            }
+        });
+        Ok(())
     }
 
     /// `logging/setLevel`: the session's own level, applied by the broker to what it forwards (one

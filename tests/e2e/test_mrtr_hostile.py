@@ -63,7 +63,7 @@ def env(tmp_path_factory, auth_server, ev_http):
             return Caller(broker.url, auth_server.token(client_id, secret, scope=scope, resource=broker.url))
 
         alice, bob = caller("alice"), caller("bob")
-        H.wait_for_tools(broker.url, ["eras__ask", "eras__route", "ev__trigger-elicitation-request"], timeout=30,
+        H.wait_for_tools(broker.url, ["eras__ask", "eras__route", "eras__touch", "ev__trigger-elicitation-request"], timeout=30,
                          headers=H.bearer(alice.token))
         yield alice, bob, broker
     finally:
@@ -157,3 +157,32 @@ def test_mcp_param_headers_reach_a_2026_upstream(env):
     res = resp.get("result")
     assert res and not res.get("isError"), resp
     assert res["content"][0]["text"] == "routed to eu-west n1", res
+
+
+def test_a_2025_session_subscribes_to_a_2026_only_server(env):
+    """2026-07-28 has no resources/subscribe: the broker holds a subscriptions/listen stream filtered to the URI on
+    the server's 2026 connection and relays its notifications/resources/updated to the subscribed session (URI
+    namespaced); after unsubscribe, nothing more arrives."""
+    import corelib as C
+
+    alice, bob, broker = env
+    s = C.open_session(broker.url, alice.token)
+    listener = C.SseListener(s, "alice-2025")
+    uri = "eras+eras://note"
+    try:
+        sub = C.req(s, listener, "resources/subscribe", {"uri": uri})
+        assert "result" in sub, sub
+        r = C.tool(s, listener, "eras__touch")
+        assert "result" in r and not r["result"].get("isError"), r
+        H.poll_until(lambda: listener.methods("notifications/resources/updated"), 15,
+                     "notifications/resources/updated through the broker")
+        got = listener.methods("notifications/resources/updated")
+        assert [m.get("params", {}).get("uri") for m in got] == [uri], got
+        assert "result" in C.req(s, listener, "resources/unsubscribe", {"uri": uri})
+        C.tool(s, listener, "eras__touch")
+        C.hold_for(1.0, lambda: len(listener.methods("notifications/resources/updated")) > 1)
+        assert len(listener.methods("notifications/resources/updated")) == 1, listener.methods(
+            "notifications/resources/updated")
+    finally:
+        listener.stop()
+        s.close()

@@ -26,6 +26,8 @@ Tool `ask(topic)`:
   where PROTOCOL_VERSION is the era the request arrived in and VIA how the answers came: `input_responses`
   (2026-07-28: the client's retry carried `inputResponses`) or `server_requests` (older eras).
 Tool `echo(message)`: returns `echo: MESSAGE` (a call that needs no client input).
+Resource `eras://note` and tool `touch()`, which announces that the resource was updated (SEP-2575 listen
+streams; and the calling 2025 session).
 Tool `route(region, note)`: returns `routed to REGION NOTE`; `region` carries `x-mcp-header: Region`, so a
 2026-07-28 call must mirror it in an `Mcp-Param-Region` header (the SDK rejects it otherwise).
 
@@ -100,6 +102,24 @@ async def route(region: Annotated[str, Field(json_schema_extra={"x-mcp-header": 
     """A tool whose `region` argument is mirrored in an `Mcp-Param-Region` header (SEP-2243): in 2026-07-28 the
     SDK refuses a call whose header is missing or differs from the argument."""
     return f"routed to {region} {note}".strip()
+
+
+@mcp.resource("eras://note", name="note", mime_type="text/plain")
+def note() -> str:
+    """A resource whose updates `touch` announces."""
+    return "a note"
+
+
+@mcp.tool()
+async def touch(ctx: Context) -> str:
+    """Announce that eras://note changed: on `subscriptions/listen` streams (2026-07-28) and, for a 2025-era
+    session, with notifications/resources/updated on that session."""
+    await ctx.notify_resource_updated("eras://note")
+    try:
+        await ctx.request_context.session.send_resource_updated("eras://note")
+    except Exception:  # noqa: BLE001 - a 2026-07-28 request has no session to notify
+        pass
+    return "touched eras://note"
 
 
 class RoundLog:
