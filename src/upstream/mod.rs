@@ -1198,10 +1198,15 @@ impl ClientHandler for UpstreamHandler {
     fn get_info(&self) -> ClientConfig {
         // Declared so upstreams may ask; the broker declines per call when the downstream client
         // that caused the request did not declare the same capability.
+        // Both elicitation modes: a server offers URL-mode flows only to clients that declare them,
+        // and the broker forwards each mode only to callers that declared it.
+        let elicitation = rmcp::model::ElicitationCapability::new()
+            .with_form(Default::default())
+            .with_url(Default::default());
         let caps = ClientCapabilities::builder()
             .enable_roots()
             .enable_sampling()
-            .enable_elicitation()
+            .enable_elicitation_with(elicitation)
             .build();
         ClientConfig::new(
             caps,

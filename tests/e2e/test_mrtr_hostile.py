@@ -63,7 +63,8 @@ def env(tmp_path_factory, auth_server, ev_http):
             return Caller(broker.url, auth_server.token(client_id, secret, scope=scope, resource=broker.url))
 
         alice, bob = caller("alice"), caller("bob")
-        H.wait_for_tools(broker.url, ["eras__ask", "eras__route", "eras__touch", "ev__trigger-elicitation-request"], timeout=30,
+        H.wait_for_tools(broker.url, ["eras__ask", "eras__route", "eras__touch", "ev__trigger-elicitation-request",
+                                      "ev__trigger-url-elicitation"], timeout=30,
                          headers=H.bearer(alice.token))
         yield alice, bob, broker
     finally:
@@ -186,3 +187,19 @@ def test_a_2025_session_subscribes_to_a_2026_only_server(env):
     finally:
         listener.stop()
         s.close()
+
+
+def test_elicitation_honours_the_declared_modes(env):
+    """server-everything's trigger-url-elicitation sends a URL-mode elicitation/create. A client that declared
+    `elicitation: {}` (form only) is not asked; one that declared `url` gets it (as input_required: 2026-07-28)."""
+    alice, bob, broker = env
+    args = {"url": "https://example.com/consent", "elicitationId": "e-1"}
+    form_only = alice.call("ev__trigger-url-elicitation", args, _meta=meta(caps={"elicitation": {}}))
+    res = form_only.get("result")
+    assert res is not None and res.get("resultType") != "input_required", form_only
+    assert res.get("isError") or "error" in str(res).lower(), form_only
+    url_ok = alice.call("ev__trigger-url-elicitation", args, _meta=meta(caps={"elicitation": {"url": {}}}))
+    ir = input_required(url_ok)
+    (req,) = ir["inputRequests"].values()
+    assert req["method"] == "elicitation/create" and req["params"].get("mode") == "url", req
+    assert req["params"].get("url") == args["url"], req
