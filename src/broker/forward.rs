@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rmcp::model::{
-    CancelledNotificationParam, ClientRequest, ProgressNotificationParam, ProgressToken, RequestId,
-    RequestMetaObject, ServerResult,
+    CancelledNotificationParam, ClientCapabilities, ClientRequest, ProgressNotificationParam,
+    ProgressToken, RequestId, RequestMetaObject, ServerResult,
 };
 use rmcp::service::{PeerRequestOptions, ServiceError};
 use tokio_util::sync::CancellationToken;
@@ -156,7 +156,7 @@ impl Broker {
             // 2026-07-28 requests carry the client's capabilities: the caller's own, so the upstream
             // asks (input_required) only for what this caller can answer, not what the broker can.
             let mut meta = RequestMetaObject::default();
-            meta.set_client_capabilities(down.capabilities.clone().unwrap_or_default());
+            meta.set_client_capabilities(forwarded_capabilities(down.capabilities.clone()));
             opts.meta = Some(meta);
         }
         rec.upstream_started();
@@ -233,6 +233,21 @@ impl Broker {
             }
         }
     }
+}
+
+/// The capabilities a 2026-07-28 request carries upstream: the caller's, less the tasks extension
+/// (SEP-2663). The broker does not relay `tasks/*` (it does not declare the extension), so an
+/// upstream must not answer a call through it with a task the caller could never poll: the call
+/// runs synchronously, and a tool that requires a task refuses it itself.
+fn forwarded_capabilities(caps: Option<ClientCapabilities>) -> ClientCapabilities {
+    let mut caps = caps.unwrap_or_default();
+    if let Some(ext) = caps.extensions.as_mut() {
+        ext.remove(rmcp::model::TASKS_EXTENSION_ID);
+        if ext.is_empty() {
+            caps.extensions = None;
+        }
+    }
+    caps
 }
 
 /// "server X is unavailable (reconnecting; last error: …)".
@@ -316,5 +331,31 @@ impl Drop for RouteGuard<'_> {
         self.conn.progress.unroute(&self.progress);
         self.conn.active.fetch_sub(1, Ordering::Relaxed);
         self.broker.inflight.remove(&self.inflight);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tasks_extension_is_not_forwarded() {
+        let mut ext = rmcp::model::ExtensionCapabilities::new();
+        ext.insert(rmcp::model::TASKS_EXTENSION_ID.into(), Default::default());
+        ext.insert("io.example/other".into(), Default::default());
+        let caps = ClientCapabilities::builder()
+            .enable_sampling()
+            .enable_extensions_with(ext)
+            .build();
+        assert!(caps.supports_tasks());
+        let out = forwarded_capabilities(Some(caps));
+        assert!(!out.supports_tasks());
+        assert!(out.sampling.is_some());
+        assert!(
+            out.extensions
+                .as_ref()
+                .is_some_and(|e| e.contains_key("io.example/other"))
+        );
+        assert!(forwarded_capabilities(None).extensions.is_none());
     }
 }
