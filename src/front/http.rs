@@ -9,9 +9,15 @@
 //! A request costs nothing before it is authenticated: the token is checked from the headers, and
 //! only then is the body read (bounded by `max_request_body` and `body_read_timeout`). [`serve`]
 //! bounds the connections themselves: how long headers may take, and how many may be open.
+//!
+//! Sessions are rmcp's `LocalSessionManager` wrapped in [`ResumableSessions`]: a call's SSE stream
+//! outlives its HTTP response, so a client that loses it (or that the broker closes, passing on an
+//! upstream's SEP-1699 poll) gets the rest, response included, by `GET` with `Last-Event-ID`.
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::{
     Router,
@@ -22,15 +28,22 @@ use axum::{
     response::Response,
     routing::get,
 };
+use futures::{Stream, StreamExt};
+use rmcp::model::{ClientJsonRpcMessage, GetExtensions, JsonRpcMessage, ServerJsonRpcMessage};
 use rmcp::transport::streamable_http_server::{
-    StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+    SessionId, SessionManager, StreamableHttpServerConfig, StreamableHttpService,
+    session::ServerSseMessage,
+    session::local::{LocalSessionManager, LocalSessionManagerError},
 };
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, Authenticator, Caller, SessionOwners};
 use crate::broker::Broker;
 use crate::front::mcp::Front;
+use crate::upstream::StreamLink;
 
 /// The router. `ct` ends every MCP session (and their open SSE streams) when cancelled. With `auth`,
 /// every request to `/mcp` must carry a valid bearer token; the RFC 9728 metadata documents and
@@ -73,7 +86,7 @@ pub fn router(
     let b = broker.clone();
     let mcp = Arc::new(StreamableHttpService::new(
         move || Ok(Front::new(b.clone())),
-        Arc::new(sessions),
+        Arc::new(ResumableSessions::new(sessions)),
         server_cfg,
     ));
     let public_path = public.path().trim_end_matches('/').to_string();
@@ -466,6 +479,417 @@ fn challenge(
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
     }
     resp
+}
+
+/// Events kept per session for clients that come back with `Last-Event-ID`: at most this many...
+const REPLAY_MAX_EVENTS: usize = 256;
+/// ...holding at most this many bytes of encoded messages. An event larger than this reaches a
+/// connected client but is not kept.
+const REPLAY_MAX_BYTES: usize = 4 * 1024 * 1024;
+/// A call's stream stays resumable this long after its last event (rmcp keeps a finished stream's
+/// cache as long), unless the session ends first.
+const REPLAY_LINGER: Duration = Duration::from_secs(60);
+/// Events on their way to one connected client; past these the stream waits for the client (as
+/// rmcp's own streams do).
+const LIVE_CAPACITY: usize = 16;
+/// Reconnections to one stream waiting to be served.
+const ATTACH_QUEUE: usize = 8;
+/// The first revision whose clients expect a server to end a call's stream early (SEP-1699).
+const POLLING_REVISION: &str = "2025-11-25";
+
+/// rmcp's `LocalSessionManager` with resumable request streams: every event of a POST's SSE stream
+/// passes through a task of the broker's ([`forward`]) that keeps it in the session's [`Replay`]
+/// and sends it on to whichever connection the client has open for that stream. rmcp's own cache
+/// does not do here: it is dropped the moment the response is produced, so a client that was away
+/// at that moment got an empty stream back.
+///
+/// A client of 2025-11-25 or later also has its stream ended when the upstream ends the call's
+/// stream early (SEP-1699 polling; see `upstream::http_client`): the broker then goes back to the
+/// upstream when its client comes back. Older clients keep their stream open while the broker
+/// resumes upstream on its own. The standalone GET stream, and every other session operation, are
+/// rmcp's. 2026-07-28 requests carry no session, and so are not resumable.
+struct ResumableSessions {
+    inner: LocalSessionManager,
+    replays: std::sync::Mutex<HashMap<SessionId, Arc<Replay>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Local(#[from] LocalSessionManagerError),
+    #[error("this session has no stream to resume after that event id")]
+    NoStream,
+}
+
+impl ResumableSessions {
+    fn new(inner: LocalSessionManager) -> Self {
+        ResumableSessions {
+            inner,
+            replays: Default::default(),
+        }
+    }
+
+    fn replays(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Arc<Replay>>> {
+        self.replays.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The session's replay (a detached one if the session closed meanwhile: freed with the stream).
+    fn replay(&self, id: &SessionId) -> Arc<Replay> {
+        self.replays().get(id).cloned().unwrap_or_default()
+    }
+}
+
+impl SessionManager for ResumableSessions {
+    type Error = SessionError;
+    type Transport = <LocalSessionManager as SessionManager>::Transport;
+
+    async fn create_session(&self) -> Result<(SessionId, Self::Transport), Self::Error> {
+        let (id, transport) = self.inner.create_session().await?;
+        self.replays().insert(id.clone(), Arc::default());
+        Ok((id, transport))
+    }
+
+    async fn initialize_session(
+        &self,
+        id: &SessionId,
+        message: ClientJsonRpcMessage,
+    ) -> Result<ServerJsonRpcMessage, Self::Error> {
+        Ok(self.inner.initialize_session(id, message).await?)
+    }
+
+    async fn has_session(&self, id: &SessionId) -> Result<bool, Self::Error> {
+        Ok(self.inner.has_session(id).await?)
+    }
+
+    /// Also when the session idles out or its worker ends (rmcp closes it then): its streams end
+    /// and their kept events go.
+    async fn close_session(&self, id: &SessionId) -> Result<(), Self::Error> {
+        let replay = self.replays().remove(id);
+        if let Some(r) = replay {
+            r.closed.cancel();
+        }
+        Ok(self.inner.close_session(id).await?)
+    }
+
+    async fn create_stream(
+        &self,
+        id: &SessionId,
+        mut message: ClientJsonRpcMessage,
+    ) -> Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error> {
+        let link = match &mut message {
+            JsonRpcMessage::Request(r) if client_polls(r.request.extensions()) => {
+                let link = StreamLink::default();
+                r.request.extensions_mut().insert(link.clone());
+                Some(link)
+            }
+            _ => None,
+        };
+        // Subscribed before the request runs: an upstream close cannot come first.
+        let closes = link.as_ref().map(StreamLink::closes);
+        let inner = self.inner.create_stream(id, message).await?;
+        let (tx, rx) = mpsc::channel(LIVE_CAPACITY);
+        tokio::spawn(forward(inner, tx, self.replay(id), closes, link));
+        Ok(ReceiverStream::new(rx))
+    }
+
+    async fn accept_message(
+        &self,
+        id: &SessionId,
+        message: ClientJsonRpcMessage,
+    ) -> Result<(), Self::Error> {
+        Ok(self.inner.accept_message(id, message).await?)
+    }
+
+    async fn create_standalone_stream(
+        &self,
+        id: &SessionId,
+    ) -> Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error> {
+        Ok(self.inner.create_standalone_stream(id).await?)
+    }
+
+    /// A request stream's id (`INDEX/STREAM`) is looked up in this session's replay only: another
+    /// session's id, a finished stream past its linger, or an evicted one is refused (rmcp then
+    /// answers with an empty stream). Other ids (the standalone stream's) are rmcp's.
+    async fn resume(
+        &self,
+        id: &SessionId,
+        last_event_id: String,
+    ) -> Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error> {
+        let Some((after, stream)) = request_event_id(&last_event_id) else {
+            return Ok(self.inner.resume(id, last_event_id).await?.right_stream());
+        };
+        let attach = {
+            let replays = self.replays();
+            replays.get(id).and_then(|r| r.attach_to(stream))
+        };
+        let attach = attach.ok_or(SessionError::NoStream)?;
+        let (reply, connection) = oneshot::channel();
+        attach
+            .send(Attach { after, reply })
+            .await
+            .map_err(|_| SessionError::NoStream)?;
+        let rx = connection.await.map_err(|_| SessionError::NoStream)?;
+        Ok(ReceiverStream::new(rx).left_stream())
+    }
+}
+
+/// Whether the request comes from a client that resumes a call's stream the server ended early
+/// (its `MCP-Protocol-Version` is 2025-11-25 or later; revisions are dates, so they sort as text).
+fn client_polls(ext: &rmcp::model::Extensions) -> bool {
+    ext.get::<http::request::Parts>()
+        .and_then(|p| p.headers.get("mcp-protocol-version"))
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v >= POLLING_REVISION)
+}
+
+/// rmcp's id of an event on a request stream, `INDEX/STREAM`, as (index, stream).
+fn request_event_id(id: &str) -> Option<(usize, u64)> {
+    let (index, stream) = id.split_once('/')?;
+    Some((index.parse().ok()?, stream.parse().ok()?))
+}
+
+/// A client reconnecting to a stream: the events after `after` and the live ones go to the
+/// connection sent back on `reply`.
+struct Attach {
+    after: usize,
+    reply: oneshot::Sender<mpsc::Receiver<ServerSseMessage>>,
+}
+
+/// One session's kept events, across its request streams, within [`REPLAY_MAX_EVENTS`] and
+/// [`REPLAY_MAX_BYTES`] (the oldest go first).
+#[derive(Default)]
+struct Replay {
+    state: std::sync::Mutex<ReplayState>,
+    /// Cancelled when the session closes.
+    closed: CancellationToken,
+}
+
+#[derive(Default)]
+struct ReplayState {
+    streams: HashMap<u64, Slot>,
+    /// Every kept event, oldest first: (its stream, its size).
+    order: VecDeque<(u64, usize)>,
+    bytes: usize,
+}
+
+struct Slot {
+    /// (index, event, size), oldest first.
+    events: VecDeque<(usize, ServerSseMessage, usize)>,
+    attach: mpsc::Sender<Attach>,
+}
+
+impl Replay {
+    fn state(&self) -> std::sync::MutexGuard<'_, ReplayState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn register(&self, stream: u64, attach: mpsc::Sender<Attach>) {
+        self.state().streams.insert(
+            stream,
+            Slot {
+                events: VecDeque::new(),
+                attach,
+            },
+        );
+    }
+
+    fn attach_to(&self, stream: u64) -> Option<mpsc::Sender<Attach>> {
+        self.state().streams.get(&stream).map(|s| s.attach.clone())
+    }
+
+    fn record(&self, stream: u64, index: usize, event: &ServerSseMessage) {
+        let size = encoded_len(event);
+        if size > REPLAY_MAX_BYTES {
+            tracing::debug!(
+                size,
+                "an SSE event is larger than the replay buffer: not kept for resumption"
+            );
+            return;
+        }
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let Some(slot) = st.streams.get_mut(&stream) else {
+            return;
+        };
+        slot.events.push_back((index, event.clone(), size));
+        st.order.push_back((stream, size));
+        st.bytes += size;
+        while st.order.len() > REPLAY_MAX_EVENTS || st.bytes > REPLAY_MAX_BYTES {
+            let Some((oldest, size)) = st.order.pop_front() else {
+                break;
+            };
+            st.bytes -= size;
+            if let Some(s) = st.streams.get_mut(&oldest) {
+                s.events.pop_front();
+            }
+        }
+    }
+
+    /// The kept events of `stream` after index `after`.
+    fn after(&self, stream: u64, after: usize) -> VecDeque<ServerSseMessage> {
+        self.state()
+            .streams
+            .get(&stream)
+            .map(|s| {
+                s.events
+                    .iter()
+                    .filter(|(i, _, _)| *i > after)
+                    .map(|(_, e, _)| e.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn remove(&self, stream: u64) {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        if let Some(slot) = st.streams.remove(&stream) {
+            st.bytes -= slot.events.iter().map(|(_, _, n)| n).sum::<usize>();
+            st.order.retain(|(s, _)| *s != stream);
+        }
+    }
+}
+
+/// Bytes of an event's id and encoded message, counted without building the text.
+fn encoded_len(event: &ServerSseMessage) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(event.event_id.as_ref().map_or(0, String::len));
+    if let Some(m) = &event.message {
+        let _ = serde_json::to_writer(&mut n, m.as_ref());
+    }
+    n.0
+}
+
+/// One request stream, from rmcp's session to the client's connections, until its last event is
+/// delivered and [`REPLAY_LINGER`] has passed (or the session closes). Events are kept in `replay`
+/// as they come; the connected client (first the POST's response, then each reconnection) gets
+/// them in order, a reconnection first the kept ones after its `Last-Event-ID`. An upstream close
+/// (through `closes`) ends the current connection once it holds an event id to resume from.
+async fn forward(
+    inner: impl Stream<Item = ServerSseMessage> + Send + 'static,
+    first: mpsc::Sender<ServerSseMessage>,
+    replay: Arc<Replay>,
+    mut closes: Option<watch::Receiver<(u64, Duration)>>,
+    link: Option<StreamLink>,
+) {
+    let mut inner = std::pin::pin!(inner);
+    let (attach_tx, mut attach_rx) = mpsc::channel::<Attach>(ATTACH_QUEUE);
+    // Registered with the replay once the stream's id is known (from its first event).
+    let mut attach_tx = Some(attach_tx);
+    let mut stream: Option<u64> = None;
+    let mut live = Some(first);
+    // Whether the connected client holds an event id to come back with.
+    let mut live_has_id = false;
+    let mut pending: VecDeque<ServerSseMessage> = VecDeque::new();
+    let mut close_wanted: Option<Duration> = None;
+    let mut ended = false;
+    let linger = tokio::time::sleep(REPLAY_LINGER);
+    let mut linger = std::pin::pin!(linger);
+    loop {
+        if let Some(wait) = close_wanted
+            && (live.is_none() || live_has_id)
+        {
+            close_wanted = None;
+            if let Some(tx) = live.take() {
+                // SEP-1699: say when to come back, then end the response.
+                let _ = tx.try_send(ServerSseMessage::retry(wait));
+            }
+            pending.clear();
+        }
+        if ended && pending.is_empty() {
+            // Everything went out: the client's stream ends.
+            live = None;
+        }
+        tokio::select! {
+            biased;
+            _ = replay.closed.cancelled() => break,
+            _ = &mut linger, if ended && live.is_none() => break,
+            Some(a) = attach_rx.recv() => {
+                let kept = stream.map(|s| replay.after(s, a.after)).unwrap_or_default();
+                let (tx, rx) = mpsc::channel(LIVE_CAPACITY);
+                if a.reply.send(rx).is_ok() {
+                    // A connection still open for this stream ends here.
+                    live = Some(tx);
+                    live_has_id = true;
+                    pending = kept;
+                    close_wanted = None;
+                    if let Some(l) = &link {
+                        l.client_resumed();
+                    }
+                }
+            }
+            wait = next_close(&mut closes), if !ended => close_wanted = Some(wait),
+            sent = deliver(&live, pending.front()) => {
+                if sent {
+                    if pending.pop_front().is_some_and(|e| e.event_id.is_some()) {
+                        live_has_id = true;
+                    }
+                } else {
+                    // The client went away; what it missed is kept for its return.
+                    live = None;
+                    pending.clear();
+                }
+            }
+            event = inner.next(), if !ended && (live.is_none() || pending.is_empty()) => match event {
+                Some(event) => {
+                    if let Some((index, s)) = event.event_id.as_deref().and_then(request_event_id) {
+                        if stream.is_none() {
+                            stream = Some(s);
+                            if let Some(tx) = attach_tx.take() {
+                                replay.register(s, tx);
+                            }
+                        }
+                        if stream == Some(s) {
+                            replay.record(s, index, &event);
+                        }
+                    }
+                    if live.is_some() {
+                        pending.push_back(event);
+                    }
+                }
+                None => {
+                    ended = true;
+                    linger.as_mut().reset(tokio::time::Instant::now() + REPLAY_LINGER);
+                }
+            },
+        }
+    }
+    if let Some(s) = stream {
+        replay.remove(s);
+    }
+}
+
+/// The next upstream close's advised wait; never, without a link.
+async fn next_close(closes: &mut Option<watch::Receiver<(u64, Duration)>>) -> Duration {
+    if let Some(rx) = closes
+        && rx.changed().await.is_ok()
+    {
+        return rx.borrow_and_update().1;
+    }
+    std::future::pending().await
+}
+
+/// Send `next` to the connected client: false if it went away; never resolves with nothing to send.
+fn deliver(
+    live: &Option<mpsc::Sender<ServerSseMessage>>,
+    next: Option<&ServerSseMessage>,
+) -> impl Future<Output = bool> + use<> {
+    let job = live.clone().zip(next.cloned());
+    async move {
+        match job {
+            Some((tx, event)) => tx.send(event).await.is_ok(),
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// What one connection may hold, and how many there may be: the limits that keep a slow or

@@ -2,19 +2,31 @@
 //! its result reaches rmcp raw ([`super::raw`]): a JSON reply is decoded here, an SSE reply's
 //! response event is marked for the progress tap to unmark. Everything else (notifications,
 //! responses, typed requests, the GET stream, DELETE) goes through rmcp's own implementation.
+//!
+//! **Resumption (SEP-1699 polling).** An upstream may end a call's SSE stream before the response
+//! (after an event id) and expect the client to come back with `GET` + `Last-Event-ID` after the
+//! `retry` it advised. The custom request's stream does that itself, so the resumed stream's
+//! response is marked like the first one's (rmcp's own reconnect would hand it back unmarked). When
+//! the call came from a downstream session that can resume too (a [`StreamLink`], see the HTTP
+//! front), the upstream's close is passed on: the front ends its client's stream, advising the same
+//! wait, and the broker goes back upstream when its client comes back (or when the wait is over,
+//! whichever is first). The broker so never reconnects sooner than its own client does, and a
+//! server that keeps a response only for a client that returns promptly still gets one.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use http::{HeaderName, HeaderValue};
-use rmcp::model::{ClientJsonRpcMessage, ClientRequest, JsonRpcMessage, RequestId};
+use rmcp::model::{ClientJsonRpcMessage, ClientRequest, GetExtensions, JsonRpcMessage, RequestId};
 use rmcp::transport::streamable_http_client::{
     HttpStatusError, StreamableHttpClient, StreamableHttpError, StreamableHttpPostResponse,
 };
 use sse_stream::{Error as SseError, Sse};
+use tokio::sync::watch;
 
 use super::raw::{RawIds, mark};
 
@@ -24,6 +36,66 @@ const MAX_JSON: usize = 16 * 1024 * 1024;
 const MAX_ERROR: usize = 64 * 1024;
 /// Bound on one SSE event when rmcp does not pass one (rmcp's default).
 const DEFAULT_MAX_EVENT: usize = 16 * 1024 * 1024;
+/// How long to wait before resuming a stream the upstream closed without advising a `retry`
+/// (rmcp's default first reconnect delay).
+const DEFAULT_RETRY: Duration = Duration::from_secs(1);
+
+/// The downstream side of one call's stream, lent by the HTTP front to the upstream request it
+/// causes (in the request's extensions; see [`StreamLink::scope`]). Carries two signals: the
+/// upstream closed the call's stream before its response (with the wait advised), and the
+/// downstream client reconnected to the call's stream.
+#[derive(Clone, Debug)]
+pub struct StreamLink(Arc<Link>);
+
+#[derive(Debug)]
+struct Link {
+    /// (how many times the upstream closed the stream, the wait it advised the last time)
+    closed: watch::Sender<(u64, Duration)>,
+    /// How many times the client reconnected.
+    resumed: watch::Sender<u64>,
+}
+
+tokio::task_local! {
+    static LINK: Option<StreamLink>;
+}
+
+impl Default for StreamLink {
+    fn default() -> Self {
+        StreamLink(Arc::new(Link {
+            closed: watch::Sender::new((0, DEFAULT_RETRY)),
+            resumed: watch::Sender::new(0),
+        }))
+    }
+}
+
+impl StreamLink {
+    /// Upstream closes from now on: `changed()` resolves at each, the value holds the wait.
+    pub fn closes(&self) -> watch::Receiver<(u64, Duration)> {
+        self.0.closed.subscribe()
+    }
+
+    /// The client reconnected to the call's stream.
+    pub fn client_resumed(&self) {
+        self.0.resumed.send_modify(|n| *n += 1);
+    }
+
+    fn upstream_closed(&self, wait: Duration) {
+        self.0.closed.send_modify(|(n, w)| {
+            *n += 1;
+            *w = wait;
+        });
+    }
+
+    /// Run `f` (a broker call) with `link` attached to the custom requests it sends upstream.
+    pub async fn scope<F: Future>(link: Option<StreamLink>, f: F) -> F::Output {
+        LINK.scope(link, f).await
+    }
+
+    /// The link of the call being made, if any (inside [`StreamLink::scope`]).
+    pub fn current() -> Option<StreamLink> {
+        LINK.try_with(Clone::clone).ok().flatten()
+    }
+}
 
 type HttpError = StreamableHttpError<reqwest::Error>;
 
@@ -106,6 +178,16 @@ impl RawHttpClient {
                 Cow::Borrowed("not a custom request"),
             ));
         };
+        let link = match &message {
+            JsonRpcMessage::Request(r) => r.request.extensions().get::<StreamLink>().cloned(),
+            _ => None,
+        };
+        // Kept for resuming the reply's stream with the same credentials and headers.
+        let (stream_session, stream_auth, stream_headers) = (
+            session_id.clone(),
+            auth_token.clone(),
+            custom_headers.clone(),
+        );
         let mut req = self
             .inner
             .post(uri.as_ref())
@@ -171,16 +253,26 @@ impl RawHttpClient {
         match content_type.as_deref() {
             Some(ct) if ct.starts_with("text/event-stream") => {
                 let body = bounded_events(resp.bytes_stream(), max_event);
-                let events = sse_stream::SseStream::from_bytes_stream(body).map(move |ev| {
-                    ev.map(|mut ev| {
-                        if let Some(marked) = ev.data.as_deref().and_then(|d| mark(d, &id)) {
-                            ev.data = Some(marked);
-                        }
-                        ev
-                    })
-                });
-                let events: BoxStream<'static, Result<Sse, SseError>> = events.boxed();
-                Ok(StreamableHttpPostResponse::Sse(events, session))
+                let first = sse_stream::SseStream::from_bytes_stream(body).boxed();
+                let call = CallStream {
+                    client: self.clone(),
+                    uri,
+                    session_id: session
+                        .as_deref()
+                        .map(Arc::from)
+                        .or_else(|| stream_session.clone()),
+                    auth_token: stream_auth,
+                    custom_headers: stream_headers,
+                    max_event,
+                    id,
+                    link,
+                    current: first,
+                    last_event_id: None,
+                    retry: None,
+                    answered: false,
+                    failed: false,
+                };
+                Ok(StreamableHttpPostResponse::Sse(call.into_stream(), session))
             }
             Some(ct) if ct.starts_with("application/json") => {
                 let body = read_bounded(resp, MAX_JSON).await?;
@@ -197,6 +289,127 @@ impl RawHttpClient {
             )),
         }
     }
+}
+
+/// The SSE reply to a custom request, resumed across the upstream's closes (see the module docs).
+struct CallStream {
+    client: RawHttpClient,
+    uri: Arc<str>,
+    session_id: Option<Arc<str>>,
+    auth_token: Option<String>,
+    custom_headers: HashMap<HeaderName, HeaderValue>,
+    max_event: usize,
+    /// The request's id: its response event is marked.
+    id: RequestId,
+    link: Option<StreamLink>,
+    current: BoxStream<'static, Result<Sse, SseError>>,
+    last_event_id: Option<String>,
+    /// The upstream's last advised reconnection delay.
+    retry: Option<Duration>,
+    /// The response (or an error for the request) went by: the stream is done with.
+    answered: bool,
+    /// An error was passed on: rmcp's own reconnect takes over from here.
+    failed: bool,
+}
+
+impl CallStream {
+    fn into_stream(self) -> BoxStream<'static, Result<Sse, SseError>> {
+        futures::stream::unfold(self, |mut s| async move {
+            if s.failed {
+                return None;
+            }
+            loop {
+                match s.current.next().await {
+                    Some(Ok(mut ev)) => {
+                        if let Some(id) = &ev.id {
+                            s.last_event_id = Some(id.clone());
+                        }
+                        if let Some(ms) = ev.retry {
+                            s.retry = Some(Duration::from_millis(ms));
+                        }
+                        if let Some(data) = ev.data.as_deref() {
+                            if let Some(marked) = mark(data, &s.id) {
+                                ev.data = Some(marked);
+                                s.answered = true;
+                            } else if answers(data, &s.id) {
+                                s.answered = true;
+                            }
+                        }
+                        return Some((Ok(ev), s));
+                    }
+                    Some(Err(e)) => {
+                        s.failed = true;
+                        return Some((Err(e), s));
+                    }
+                    None => {
+                        // Ended after the response, or before any event id (nothing to resume
+                        // from: rmcp reports the stream's end).
+                        let last = s.last_event_id.clone().filter(|_| !s.answered)?;
+                        let wait = s.retry.unwrap_or(DEFAULT_RETRY);
+                        tracing::debug!(
+                            ?wait,
+                            linked = s.link.is_some(),
+                            "upstream closed a call's stream before its response; resuming"
+                        );
+                        wait_to_resume(s.link.clone(), wait).await;
+                        match s
+                            .client
+                            .inner
+                            .get_stream_with_max_sse_event_size(
+                                s.uri.clone(),
+                                s.session_id.clone(),
+                                Some(last),
+                                s.auth_token.clone(),
+                                s.custom_headers.clone(),
+                                s.max_event,
+                            )
+                            .await
+                            .map_err(explain)
+                        {
+                            Ok(stream) => s.current = stream,
+                            Err(e) => {
+                                // rmcp's reconnect (with its backoff) retries from the same id.
+                                s.failed = true;
+                                return Some((Err(SseError::Body(Box::new(e))), s));
+                            }
+                        }
+                    }
+                }
+            }
+        })
+        .boxed()
+    }
+}
+
+/// Wait `wait` (the upstream's advice) or, when the front lent a link, until its client comes back,
+/// whichever is first. The front is told first, so it can end its client's stream.
+async fn wait_to_resume(link: Option<StreamLink>, wait: Duration) {
+    let Some(link) = link else {
+        tokio::time::sleep(wait).await;
+        return;
+    };
+    let mut resumed = link.0.resumed.subscribe();
+    link.upstream_closed(wait);
+    tokio::select! {
+        r = resumed.changed() => {
+            if r.is_err() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        _ = tokio::time::sleep(wait) => {}
+    }
+}
+
+/// Whether an SSE event's data is the response (result or error) to request `id`.
+fn answers(data: &str, id: &RequestId) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        id: Option<RequestId>,
+        result: Option<serde::de::IgnoredAny>,
+        error: Option<serde::de::IgnoredAny>,
+    }
+    serde_json::from_str::<Peek>(data)
+        .is_ok_and(|p| p.id.as_ref() == Some(id) && (p.result.is_some() || p.error.is_some()))
 }
 
 /// A refused redirect's reason as the error: reqwest's own message does not say why, and rmcp shows

@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::{Item, Kind, Listing};
 use crate::config::{Secret, ServerConfig, TransportConfig};
 
+pub use http_client::StreamLink;
 pub use progress::ProgressRouter;
 pub use sse::SseError;
 
