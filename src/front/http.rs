@@ -676,6 +676,9 @@ struct Slot {
     /// (index, event, size), oldest first.
     events: VecDeque<(usize, ServerSseMessage, usize)>,
     attach: mpsc::Sender<Attach>,
+    /// The stream has had its last event: once nothing of it is kept, the slot goes (and with it
+    /// the only sender of `attach`, which ends the stream's lingering task).
+    ended: bool,
 }
 
 impl Replay {
@@ -689,6 +692,7 @@ impl Replay {
             Slot {
                 events: VecDeque::new(),
                 attach,
+                ended: false,
             },
         );
     }
@@ -721,6 +725,20 @@ impl Replay {
             st.bytes -= size;
             if let Some(s) = st.streams.get_mut(&oldest) {
                 s.events.pop_front();
+                if s.ended && s.events.is_empty() {
+                    st.streams.remove(&oldest);
+                }
+            }
+        }
+    }
+
+    /// `stream` had its last event (it stays resumable while any of it is kept).
+    fn ended(&self, stream: u64) {
+        let mut st = self.state();
+        if let Some(s) = st.streams.get_mut(&stream) {
+            s.ended = true;
+            if s.events.is_empty() {
+                st.streams.remove(&stream);
             }
         }
     }
@@ -792,6 +810,8 @@ async fn forward(
     let mut pending: VecDeque<ServerSseMessage> = VecDeque::new();
     let mut close_wanted: Option<Duration> = None;
     let mut ended = false;
+    // False once the replay dropped the stream (nothing of it kept): no client can come back.
+    let mut attachable = true;
     let linger = tokio::time::sleep(REPLAY_LINGER);
     let mut linger = std::pin::pin!(linger);
     loop {
@@ -809,11 +829,18 @@ async fn forward(
             // Everything went out: the client's stream ends.
             live = None;
         }
+        if ended && live.is_none() && !attachable {
+            break;
+        }
         tokio::select! {
             biased;
             _ = replay.closed.cancelled() => break,
             _ = &mut linger, if ended && live.is_none() => break,
-            Some(a) = attach_rx.recv() => {
+            a = attach_rx.recv(), if attachable => {
+                let Some(a) = a else {
+                    attachable = false;
+                    continue;
+                };
                 let kept = stream.map(|s| replay.after(s, a.after)).unwrap_or_default();
                 let (tx, rx) = mpsc::channel(LIVE_CAPACITY);
                 if a.reply.send(rx).is_ok() {
@@ -859,6 +886,11 @@ async fn forward(
                 None => {
                     ended = true;
                     linger.as_mut().reset(tokio::time::Instant::now() + REPLAY_LINGER);
+                    match stream {
+                        Some(s) => replay.ended(s),
+                        // Never had an id: nothing to come back to.
+                        None => attachable = false,
+                    }
                 }
             },
         }
@@ -1137,4 +1169,232 @@ fn plain(status: StatusCode, message: String) -> Response {
     let mut resp = Response::new(Body::from(message));
     *resp.status_mut() = status;
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rmcp::model::{CustomResult, NumberOrString, ServerResult};
+
+    fn event(stream: u64, index: usize, text: &str) -> ServerSseMessage {
+        let msg = ServerJsonRpcMessage::response(
+            ServerResult::CustomResult(CustomResult(serde_json::json!(text))),
+            NumberOrString::Number(index as i64),
+        );
+        ServerSseMessage::new(format!("{index}/{stream}"), msg)
+    }
+
+    fn registered(streams: &[u64]) -> (Replay, Vec<mpsc::Receiver<Attach>>) {
+        let r = Replay::default();
+        let rxs = streams
+            .iter()
+            .map(|s| {
+                let (tx, rx) = mpsc::channel(1);
+                r.register(*s, tx);
+                rx
+            })
+            .collect();
+        (r, rxs)
+    }
+
+    fn indices(r: &Replay, stream: u64) -> Vec<usize> {
+        r.after(stream, 0)
+            .iter()
+            .filter_map(|e| e.event_id.as_deref().and_then(request_event_id))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    #[test]
+    fn event_ids() {
+        assert_eq!(request_event_id("3/7"), Some((3, 7)));
+        for bad in ["3", "3/", "/7", "-1/7", "3/-7", "3/7/1", "a/b", ""] {
+            assert_eq!(request_event_id(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn replay_keeps_the_newest_events_within_the_count() {
+        let (r, _rx) = registered(&[1]);
+        for i in 0..REPLAY_MAX_EVENTS + 40 {
+            r.record(1, i, &event(1, i, "x"));
+        }
+        let kept = indices(&r, 1);
+        assert_eq!(kept.len(), REPLAY_MAX_EVENTS);
+        assert_eq!(kept.first(), Some(&40));
+        assert_eq!(r.state().order.len(), REPLAY_MAX_EVENTS);
+    }
+
+    #[test]
+    fn replay_keeps_within_the_bytes_across_streams_oldest_first() {
+        let (r, _rx) = registered(&[1, 2]);
+        // Four of these are just over the bound.
+        let big = "y".repeat(REPLAY_MAX_BYTES / 4);
+        r.record(1, 1, &event(1, 1, &big));
+        r.record(2, 1, &event(2, 1, &big));
+        r.record(1, 2, &event(1, 2, &big));
+        r.record(2, 2, &event(2, 2, &big));
+        assert!(r.state().bytes <= REPLAY_MAX_BYTES);
+        assert_eq!(
+            indices(&r, 1),
+            vec![2],
+            "stream 1's oldest event went first"
+        );
+        assert_eq!(indices(&r, 2), vec![1, 2]);
+        // An event larger than the whole buffer is not kept (and evicts nothing).
+        r.record(1, 3, &event(1, 3, &"z".repeat(REPLAY_MAX_BYTES + 1)));
+        assert_eq!(indices(&r, 1), vec![2]);
+        r.remove(1);
+        r.remove(2);
+        let st = r.state();
+        assert!(st.streams.is_empty() && st.order.is_empty() && st.bytes == 0);
+    }
+
+    #[test]
+    fn events_of_unregistered_streams_are_not_kept() {
+        let (r, _rx) = registered(&[1]);
+        r.record(9, 1, &event(9, 1, "x"));
+        assert!(r.after(9, 0).is_empty());
+        assert_eq!(r.state().bytes, 0);
+    }
+
+    async fn resume(replay: &Replay, stream: u64, after: usize) -> Option<Vec<ServerSseMessage>> {
+        let attach = replay.attach_to(stream)?;
+        let (reply, rx) = oneshot::channel();
+        attach.send(Attach { after, reply }).await.ok()?;
+        let rx = rx.await.ok()?;
+        Some(ReceiverStream::new(rx).collect().await)
+    }
+
+    #[tokio::test]
+    async fn a_response_produced_while_the_client_is_away_is_replayed_then_freed() {
+        let replay = Arc::new(Replay::default());
+        let (up, inner) = mpsc::channel(4);
+        let (first, mut client) = mpsc::channel(LIVE_CAPACITY);
+        let task = tokio::spawn(forward(
+            ReceiverStream::new(inner),
+            first,
+            replay.clone(),
+            None,
+            None,
+        ));
+        up.send(event(5, 0, "priming")).await.ok();
+        assert!(client.recv().await.is_some());
+        drop(client); // the client goes away
+        up.send(event(5, 1, "progress")).await.ok();
+        up.send(event(5, 2, "result")).await.ok();
+        drop(up); // the response went out: rmcp ends the stream
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while indices(&replay, 5) != vec![1, 2] {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .ok();
+        let got = resume(&replay, 5, 0).await.unwrap_or_default();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(
+            resume(&replay, 5, 1).await.map(|v| v.len()),
+            Some(1),
+            "after the progress: just the result"
+        );
+        assert!(resume(&replay, 6, 0).await.is_none(), "no such stream");
+        // The session closes: the stream's events go.
+        replay.closed.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        assert!(replay.attach_to(5).is_none());
+        assert_eq!(replay.state().bytes, 0);
+    }
+
+    #[tokio::test]
+    async fn a_finished_stream_whose_events_were_evicted_stops_lingering() {
+        let replay = Arc::new(Replay::default());
+        let (up, inner) = mpsc::channel(4);
+        let (first, client) = mpsc::channel(LIVE_CAPACITY);
+        drop(client);
+        let task = tokio::spawn(forward(
+            ReceiverStream::new(inner),
+            first,
+            replay.clone(),
+            None,
+            None,
+        ));
+        up.send(event(3, 0, "priming")).await.ok();
+        up.send(event(3, 1, "result")).await.ok();
+        drop(up);
+        let finished = tokio::time::timeout(Duration::from_secs(5), async {
+            while !replay.state().streams.get(&3).is_some_and(|s| s.ended) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert!(finished.is_ok(), "the stream is kept, ended");
+        // Another stream's events push all of stream 3's out.
+        let (tx, _rx) = mpsc::channel(1);
+        replay.register(4, tx);
+        for i in 0..REPLAY_MAX_EVENTS {
+            replay.record(4, i, &event(4, i, "x"));
+        }
+        assert!(replay.attach_to(3).is_none());
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_ok(),
+            "its task ends well before REPLAY_LINGER"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_upstream_close_ends_the_connection_after_an_id_and_a_resume_is_signalled() {
+        let replay = Arc::new(Replay::default());
+        let link = StreamLink::default();
+        let closes = link.closes();
+        let (up, inner) = mpsc::channel(4);
+        let (first, mut client) = mpsc::channel(LIVE_CAPACITY);
+        tokio::spawn(forward(
+            ReceiverStream::new(inner),
+            first,
+            replay.clone(),
+            Some(closes),
+            Some(link.clone()),
+        ));
+        up.send(event(0, 0, "priming")).await.ok();
+        assert!(client.recv().await.is_some_and(|e| e.event_id.is_some()));
+        // What the upstream leg does when the upstream ends its stream early.
+        let mut resumed = link_resumes(&link);
+        link_close(&link, Duration::from_millis(1500));
+        let closing = client.recv().await;
+        assert_eq!(
+            closing.and_then(|e| e.retry),
+            Some(Duration::from_millis(1500))
+        );
+        assert!(client.recv().await.is_none(), "the client's stream ended");
+        let attach = replay.attach_to(0);
+        assert!(attach.is_some());
+        let (reply, rx) = oneshot::channel();
+        if let Some(a) = attach {
+            a.send(Attach { after: 0, reply }).await.ok();
+        }
+        let mut again = rx.await.ok();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), resumed.changed())
+                .await
+                .is_ok(),
+            "the upstream leg hears of the client's return"
+        );
+        up.send(event(0, 1, "result")).await.ok();
+        let got = match again.as_mut() {
+            Some(rx) => rx.recv().await,
+            None => None,
+        };
+        assert_eq!(got.and_then(|e| e.event_id), Some("1/0".to_string()));
+    }
+
+    fn link_resumes(link: &StreamLink) -> watch::Receiver<u64> {
+        link.resumes()
+    }
+
+    fn link_close(link: &StreamLink, wait: Duration) {
+        link.upstream_closed(wait);
+    }
 }

@@ -79,7 +79,13 @@ impl StreamLink {
         self.0.resumed.send_modify(|n| *n += 1);
     }
 
-    fn upstream_closed(&self, wait: Duration) {
+    /// Client reconnections from now on (the upstream leg waits on these).
+    pub(crate) fn resumes(&self) -> watch::Receiver<u64> {
+        self.0.resumed.subscribe()
+    }
+
+    /// The upstream ended the call's stream before its response, advising `wait`.
+    pub(crate) fn upstream_closed(&self, wait: Duration) {
         self.0.closed.send_modify(|(n, w)| {
             *n += 1;
             *w = wait;
@@ -388,7 +394,7 @@ async fn wait_to_resume(link: Option<StreamLink>, wait: Duration) {
         tokio::time::sleep(wait).await;
         return;
     };
-    let mut resumed = link.0.resumed.subscribe();
+    let mut resumed = link.resumes();
     link.upstream_closed(wait);
     tokio::select! {
         r = resumed.changed() => {
