@@ -1206,6 +1206,31 @@ mod tests {
     }
 
     #[test]
+    fn only_clients_of_2025_11_25_or_later_have_their_streams_ended_early() {
+        let ext = |version: Option<&str>| {
+            let mut b = http::Request::builder();
+            if let Some(v) = version {
+                b = b.header("mcp-protocol-version", v);
+            }
+            let mut ext = rmcp::model::Extensions::new();
+            if let Ok(req) = b.body(()) {
+                ext.insert(req.into_parts().0);
+            }
+            ext
+        };
+        assert!(client_polls(&ext(Some("2025-11-25"))));
+        for older in [
+            Some("2025-06-18"),
+            Some("2025-03-26"),
+            Some("2024-11-05"),
+            None,
+        ] {
+            assert!(!client_polls(&ext(older)), "{older:?}");
+        }
+        assert!(!client_polls(&rmcp::model::Extensions::new()));
+    }
+
+    #[test]
     fn event_ids() {
         assert_eq!(request_event_id("3/7"), Some((3, 7)));
         for bad in ["3", "3/", "/7", "-1/7", "3/-7", "3/7/1", "a/b", ""] {

@@ -39,6 +39,9 @@ const DEFAULT_MAX_EVENT: usize = 16 * 1024 * 1024;
 /// How long to wait before resuming a stream the upstream closed without advising a `retry`
 /// (rmcp's default first reconnect delay).
 const DEFAULT_RETRY: Duration = Duration::from_secs(1);
+/// Never sooner than this on the broker's own clock (`retry: 0` from a server that closes every
+/// stream at once would otherwise be a busy loop); a returning client is followed at once.
+const MIN_RETRY: Duration = Duration::from_millis(100);
 
 /// The downstream side of one call's stream, lent by the HTTP front to the upstream request it
 /// causes (in the request's extensions; see [`StreamLink::scope`]). Carries two signals: the
@@ -390,19 +393,21 @@ impl CallStream {
 /// Wait `wait` (the upstream's advice) or, when the front lent a link, until its client comes back,
 /// whichever is first. The front is told first, so it can end its client's stream.
 async fn wait_to_resume(link: Option<StreamLink>, wait: Duration) {
+    let timer = tokio::time::sleep(wait.max(MIN_RETRY));
     let Some(link) = link else {
-        tokio::time::sleep(wait).await;
+        timer.await;
         return;
     };
     let mut resumed = link.resumes();
     link.upstream_closed(wait);
+    tokio::pin!(timer);
     tokio::select! {
         r = resumed.changed() => {
             if r.is_err() {
-                tokio::time::sleep(wait).await;
+                timer.await;
             }
         }
-        _ = tokio::time::sleep(wait) => {}
+        _ = &mut timer => {}
     }
 }
 
