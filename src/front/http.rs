@@ -885,6 +885,8 @@ async fn forward(
                 }
                 None => {
                     ended = true;
+                    // The rest is on its way: no reason left to end the connection early.
+                    close_wanted = None;
                     linger.as_mut().reset(tokio::time::Instant::now() + REPLAY_LINGER);
                     match stream {
                         Some(s) => replay.ended(s),

@@ -150,15 +150,32 @@ where
                     newline = false;
                     since += 1;
                     if since > max {
-                        return Err(std::io::Error::other(format!(
-                            "an SSE event from the upstream exceeds {max} bytes"
-                        )));
+                        return Err(std::io::Error::other(EventTooLarge(max)));
                     }
                 }
             }
         }
         Ok(chunk)
     })
+}
+
+/// An SSE event over the bound: final (reading the stream again would meet it again).
+#[derive(Debug)]
+struct EventTooLarge(usize);
+
+impl std::fmt::Display for EventTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "an SSE event from the upstream exceeds {} bytes", self.0)
+    }
+}
+
+impl std::error::Error for EventTooLarge {}
+
+fn too_large(e: &SseError) -> bool {
+    matches!(e, SseError::Body(b) if b
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        .is_some_and(|inner| inner.is::<EventTooLarge>()))
 }
 
 async fn read_bounded(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, HttpError> {
@@ -279,6 +296,7 @@ impl RawHttpClient {
                     last_event_id: None,
                     retry: None,
                     answered: false,
+                    broke: false,
                     failed: false,
                 };
                 Ok(StreamableHttpPostResponse::Sse(call.into_stream(), session))
@@ -317,6 +335,8 @@ struct CallStream {
     retry: Option<Duration>,
     /// The response (or an error for the request) went by: the stream is done with.
     answered: bool,
+    /// The connection broke (and was reopened) since the last event.
+    broke: bool,
     /// An error was passed on: rmcp's own reconnect takes over from here.
     failed: bool,
 }
@@ -330,6 +350,7 @@ impl CallStream {
             loop {
                 match s.current.next().await {
                     Some(Ok(mut ev)) => {
+                        s.broke = false;
                         if let Some(id) = &ev.id {
                             s.last_event_id = Some(id.clone());
                         }
@@ -347,8 +368,20 @@ impl CallStream {
                         return Some((Ok(ev), s));
                     }
                     Some(Err(e)) => {
-                        s.failed = true;
-                        return Some((Err(e), s));
+                        // A broken connection before the response: reopened at once, as rmcp
+                        // would (but keeping the response marked); failing again right away, the
+                        // error is rmcp's to retry, with its backoff.
+                        let resumable = !s.answered && !s.broke && !too_large(&e);
+                        let Some(last) = s.last_event_id.clone().filter(|_| resumable) else {
+                            s.failed = true;
+                            return Some((Err(e), s));
+                        };
+                        tracing::debug!(error = %e, "a call's stream from the upstream broke; resuming");
+                        s.broke = true;
+                        if let Err(e) = s.reopen(last).await {
+                            s.failed = true;
+                            return Some((Err(e), s));
+                        }
                     }
                     None => {
                         // Ended after the response, or before any event id (nothing to resume
@@ -361,32 +394,35 @@ impl CallStream {
                             "upstream closed a call's stream before its response; resuming"
                         );
                         wait_to_resume(s.link.clone(), wait).await;
-                        match s
-                            .client
-                            .inner
-                            .get_stream_with_max_sse_event_size(
-                                s.uri.clone(),
-                                s.session_id.clone(),
-                                Some(last),
-                                s.auth_token.clone(),
-                                s.custom_headers.clone(),
-                                s.max_event,
-                            )
-                            .await
-                            .map_err(explain)
-                        {
-                            Ok(stream) => s.current = stream,
-                            Err(e) => {
-                                // rmcp's reconnect (with its backoff) retries from the same id.
-                                s.failed = true;
-                                return Some((Err(SseError::Body(Box::new(e))), s));
-                            }
+                        if let Err(e) = s.reopen(last).await {
+                            // rmcp's reconnect (with its backoff) retries from the same id.
+                            s.failed = true;
+                            return Some((Err(e), s));
                         }
                     }
                 }
             }
         })
         .boxed()
+    }
+
+    /// GET the stream again from event `last` (`Last-Event-ID`).
+    async fn reopen(&mut self, last: String) -> Result<(), SseError> {
+        let stream = self
+            .client
+            .inner
+            .get_stream_with_max_sse_event_size(
+                self.uri.clone(),
+                self.session_id.clone(),
+                Some(last),
+                self.auth_token.clone(),
+                self.custom_headers.clone(),
+                self.max_event,
+            )
+            .await
+            .map_err(|e| SseError::Body(Box::new(explain(e))))?;
+        self.current = stream;
+        Ok(())
     }
 }
 
@@ -555,6 +591,175 @@ impl StreamableHttpClient for RawHttpClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rmcp::model::CustomRequest;
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    /// [`super::super::raw::RAW_MARK`] as it reads inside an event's JSON text.
+    const MARKED: &str = "\\u0001mcp-broker-raw\\u0001";
+
+    /// How the stand-in upstream ends a call's POST stream after its first event.
+    #[derive(Clone, Copy)]
+    enum End {
+        Close,
+        Break,
+    }
+
+    /// An upstream that ends the POST stream early (advising `retry_ms`) and answers request 7 on a
+    /// GET with `Last-Event-ID`; the ids it was resumed from are recorded.
+    async fn upstream(end: End, retry_ms: u64) -> (String, Arc<Mutex<Vec<String>>>) {
+        use axum::{body::Body, http::HeaderMap, routing::post};
+        let resumed: Arc<Mutex<Vec<String>>> = Arc::default();
+        let seen = resumed.clone();
+        let app = axum::Router::new().route(
+            "/mcp",
+            post(move || async move {
+                let first = format!("id: p1\nretry: {retry_ms}\ndata: \n\n");
+                let mut chunks: Vec<Result<String, std::io::Error>> = vec![Ok(first)];
+                if let End::Break = end {
+                    chunks.push(Err(std::io::Error::other("connection lost")));
+                }
+                axum::response::Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(Body::from_stream(futures::stream::iter(chunks).then(
+                        |c| async move {
+                            // Headers and the first event go out before the connection breaks.
+                            if c.is_err() {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                            c
+                        },
+                    )))
+                    .unwrap_or_default()
+            })
+            .get(move |headers: HeaderMap| async move {
+                let last = headers
+                    .get("last-event-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                if let Ok(mut v) = seen.lock() {
+                    v.push(last);
+                }
+                axum::response::Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(Body::from(
+                        "id: r1\ndata: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"z\":1,\"a\":2}}\n\n",
+                    ))
+                    .unwrap_or_default()
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await;
+        let Ok(listener) = listener else {
+            panic!("cannot listen on loopback");
+        };
+        let url = format!(
+            "http://{}/mcp",
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        (url, resumed)
+    }
+
+    /// POST custom request 7 (with `link`) and collect its SSE events' data.
+    async fn call(url: &str, link: Option<StreamLink>) -> Vec<String> {
+        let mut req = CustomRequest::new("tools/call", None);
+        if let Some(l) = link {
+            req.extensions.insert(l);
+        }
+        let msg =
+            ClientJsonRpcMessage::request(ClientRequest::CustomRequest(req), RequestId::Number(7));
+        let client = RawHttpClient {
+            inner: reqwest::Client::new(),
+        };
+        let resp = client
+            .post_custom(Arc::from(url), msg, None, None, HashMap::new(), 1 << 20)
+            .await;
+        let Ok(StreamableHttpPostResponse::Sse(stream, _)) = resp else {
+            panic!("not an SSE reply");
+        };
+        // rmcp stops reading at the response; so does this.
+        let mut out = Vec::new();
+        let mut stream = stream;
+        while let Some(ev) = stream.next().await {
+            let Ok(ev) = ev else {
+                out.push("error".to_string());
+                break;
+            };
+            let data = ev.data.unwrap_or_default();
+            let done = data.contains(MARKED);
+            out.push(data);
+            if done {
+                break;
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_closed_stream_is_resumed_after_the_retry_and_its_response_marked() {
+        let (url, resumed) = upstream(End::Close, 300).await;
+        let t = Instant::now();
+        let got = call(&url, None).await;
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "the advised retry is waited"
+        );
+        assert_eq!(
+            resumed.lock().map(|v| v.clone()).unwrap_or_default(),
+            vec!["p1"]
+        );
+        let last = got.last().cloned().unwrap_or_default();
+        assert!(last.contains(MARKED), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_linked_call_is_resumed_when_the_client_comes_back() {
+        let (url, resumed) = upstream(End::Close, 60_000).await;
+        let link = StreamLink::default();
+        let mut closes = link.closes();
+        let front = link.clone();
+        tokio::spawn(async move {
+            if closes.changed().await.is_ok() {
+                assert_eq!(closes.borrow().1, Duration::from_secs(60));
+                front.client_resumed();
+            }
+        });
+        let got = tokio::time::timeout(Duration::from_secs(10), call(&url, Some(link))).await;
+        let got = got.unwrap_or_default();
+        assert!(got.last().is_some_and(|d| d.contains(MARKED)), "{got:?}");
+        assert_eq!(resumed.lock().map(|v| v.len()).unwrap_or_default(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_broken_stream_is_reopened_at_once() {
+        let (url, resumed) = upstream(End::Break, 60_000).await;
+        let got = tokio::time::timeout(Duration::from_secs(10), call(&url, None)).await;
+        let got = got.unwrap_or_default();
+        assert!(got.last().is_some_and(|d| d.contains(MARKED)), "{got:?}");
+        assert_eq!(
+            resumed.lock().map(|v| v.clone()).unwrap_or_default(),
+            vec!["p1"]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_event_is_final() {
+        let chunks: Vec<Result<axum::body::Bytes, std::io::Error>> = vec![Ok(
+            axum::body::Bytes::from_static(b"data: 123456789012345\n\n"),
+        )];
+        let mut s = sse_stream::SseStream::from_bytes_stream(bounded_events(
+            futures::stream::iter(chunks),
+            12,
+        ));
+        let e = s.next().await;
+        assert!(matches!(&e, Some(Err(e)) if too_large(e)), "{e:?}");
+    }
 
     #[tokio::test]
     async fn sse_events_are_bounded() {
