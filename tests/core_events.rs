@@ -207,7 +207,7 @@ async fn emit(s: &Session, level: &str, count: u64) -> CallToolResult {
     s.0.peer()
         .call_tool(CallToolRequestParams::new("noisy__emit").with_arguments(args))
         .await
-        .expect("call")
+        .unwrap_or_else(|e| panic!("call: {e:?}"))
 }
 
 /// Log lines received until `quiet` passes without one.

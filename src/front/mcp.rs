@@ -27,7 +27,7 @@ use crate::auth::Caller;
 use crate::broker::{Broker, Downstream, Op, Reply};
 use crate::catalog::Kind;
 use crate::front::relay;
-use crate::upstream::raw;
+use crate::upstream::{StreamLink, raw};
 
 #[derive(Clone)]
 pub struct Front {
@@ -253,13 +253,16 @@ impl Front {
         ctx: RequestContext<RoleServer>,
     ) -> Result<serde_json::Value, ErrorData> {
         let modern = is_modern(&ctx);
+        // The HTTP front's link to this call's stream goes with the request upstream.
+        let link = ctx.extensions.get::<StreamLink>().cloned();
         match method {
             "tools/call" => {
                 let p: CallToolRequestParams = params_of(method, params)?;
                 let declared_tasks = ctx
                     .client_capabilities()
                     .is_some_and(|c| c.supports_tasks());
-                let (r, raw) = raw::capture(self.run(Op::CallTool(p), ctx)).await;
+                let (r, raw) =
+                    raw::capture(StreamLink::scope(link, self.run(Op::CallTool(p), ctx))).await;
                 let Reply::Tool(r) = r? else {
                     return Err(unexpected_reply());
                 };
@@ -275,7 +278,8 @@ impl Front {
             }
             "prompts/get" => {
                 let p: GetPromptRequestParams = params_of(method, params)?;
-                let (r, raw) = raw::capture(self.run(Op::GetPrompt(p), ctx)).await;
+                let (r, raw) =
+                    raw::capture(StreamLink::scope(link, self.run(Op::GetPrompt(p), ctx))).await;
                 let Reply::Prompt(r) = r? else {
                     return Err(unexpected_reply());
                 };
@@ -284,7 +288,8 @@ impl Front {
             _ => {
                 let p: ReadResourceRequestParams = params_of(method, params)?;
                 let exposed = p.uri.clone();
-                let (r, raw) = raw::capture(self.run(Op::ReadResource(p), ctx)).await;
+                let (r, raw) =
+                    raw::capture(StreamLink::scope(link, self.run(Op::ReadResource(p), ctx))).await;
                 let Reply::Resource(r) = r.map_err(|e| resource_error(e, &exposed, modern))? else {
                     return Err(unexpected_reply());
                 };

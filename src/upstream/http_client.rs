@@ -2,19 +2,31 @@
 //! its result reaches rmcp raw ([`super::raw`]): a JSON reply is decoded here, an SSE reply's
 //! response event is marked for the progress tap to unmark. Everything else (notifications,
 //! responses, typed requests, the GET stream, DELETE) goes through rmcp's own implementation.
+//!
+//! **Resumption (SEP-1699 polling).** An upstream may end a call's SSE stream before the response
+//! (after an event id) and expect the client to come back with `GET` + `Last-Event-ID` after the
+//! `retry` it advised. The custom request's stream does that itself, so the resumed stream's
+//! response is marked like the first one's (rmcp's own reconnect would hand it back unmarked). When
+//! the call came from a downstream session that can resume too (a [`StreamLink`], see the HTTP
+//! front), the upstream's close is passed on: the front ends its client's stream, advising the same
+//! wait, and the broker goes back upstream when its client comes back (or when the wait is over,
+//! whichever is first). The broker so never reconnects sooner than its own client does, and a
+//! server that keeps a response only for a client that returns promptly still gets one.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use http::{HeaderName, HeaderValue};
-use rmcp::model::{ClientJsonRpcMessage, ClientRequest, JsonRpcMessage, RequestId};
+use rmcp::model::{ClientJsonRpcMessage, ClientRequest, GetExtensions, JsonRpcMessage, RequestId};
 use rmcp::transport::streamable_http_client::{
     HttpStatusError, StreamableHttpClient, StreamableHttpError, StreamableHttpPostResponse,
 };
 use sse_stream::{Error as SseError, Sse};
+use tokio::sync::watch;
 
 use super::raw::{RawIds, mark};
 
@@ -24,6 +36,75 @@ const MAX_JSON: usize = 16 * 1024 * 1024;
 const MAX_ERROR: usize = 64 * 1024;
 /// Bound on one SSE event when rmcp does not pass one (rmcp's default).
 const DEFAULT_MAX_EVENT: usize = 16 * 1024 * 1024;
+/// How long to wait before resuming a stream the upstream closed without advising a `retry`
+/// (rmcp's default first reconnect delay).
+const DEFAULT_RETRY: Duration = Duration::from_secs(1);
+/// Never sooner than this on the broker's own clock (`retry: 0` from a server that closes every
+/// stream at once would otherwise be a busy loop); a returning client is followed at once.
+const MIN_RETRY: Duration = Duration::from_millis(100);
+
+/// The downstream side of one call's stream, lent by the HTTP front to the upstream request it
+/// causes (in the request's extensions; see [`StreamLink::scope`]). Carries two signals: the
+/// upstream closed the call's stream before its response (with the wait advised), and the
+/// downstream client reconnected to the call's stream.
+#[derive(Clone, Debug)]
+pub struct StreamLink(Arc<Link>);
+
+#[derive(Debug)]
+struct Link {
+    /// (how many times the upstream closed the stream, the wait it advised the last time)
+    closed: watch::Sender<(u64, Duration)>,
+    /// How many times the client reconnected.
+    resumed: watch::Sender<u64>,
+}
+
+tokio::task_local! {
+    static LINK: Option<StreamLink>;
+}
+
+impl Default for StreamLink {
+    fn default() -> Self {
+        StreamLink(Arc::new(Link {
+            closed: watch::Sender::new((0, DEFAULT_RETRY)),
+            resumed: watch::Sender::new(0),
+        }))
+    }
+}
+
+impl StreamLink {
+    /// Upstream closes from now on: `changed()` resolves at each, the value holds the wait.
+    pub fn closes(&self) -> watch::Receiver<(u64, Duration)> {
+        self.0.closed.subscribe()
+    }
+
+    /// The client reconnected to the call's stream.
+    pub fn client_resumed(&self) {
+        self.0.resumed.send_modify(|n| *n += 1);
+    }
+
+    /// Client reconnections from now on (the upstream leg waits on these).
+    pub(crate) fn resumes(&self) -> watch::Receiver<u64> {
+        self.0.resumed.subscribe()
+    }
+
+    /// The upstream ended the call's stream before its response, advising `wait`.
+    pub(crate) fn upstream_closed(&self, wait: Duration) {
+        self.0.closed.send_modify(|(n, w)| {
+            *n += 1;
+            *w = wait;
+        });
+    }
+
+    /// Run `f` (a broker call) with `link` attached to the custom requests it sends upstream.
+    pub async fn scope<F: Future>(link: Option<StreamLink>, f: F) -> F::Output {
+        LINK.scope(link, f).await
+    }
+
+    /// The link of the call being made, if any (inside [`StreamLink::scope`]).
+    pub fn current() -> Option<StreamLink> {
+        LINK.try_with(Clone::clone).ok().flatten()
+    }
+}
 
 type HttpError = StreamableHttpError<reqwest::Error>;
 
@@ -87,15 +168,32 @@ where
                     newline = false;
                     since += 1;
                     if since > max {
-                        return Err(std::io::Error::other(format!(
-                            "an SSE event from the upstream exceeds {max} bytes"
-                        )));
+                        return Err(std::io::Error::other(EventTooLarge(max)));
                     }
                 }
             }
         }
         Ok(chunk)
     })
+}
+
+/// An SSE event over the bound: final (reading the stream again would meet it again).
+#[derive(Debug)]
+struct EventTooLarge(usize);
+
+impl std::fmt::Display for EventTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "an SSE event from the upstream exceeds {} bytes", self.0)
+    }
+}
+
+impl std::error::Error for EventTooLarge {}
+
+fn too_large(e: &SseError) -> bool {
+    matches!(e, SseError::Body(b) if b
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        .is_some_and(|inner| inner.is::<EventTooLarge>()))
 }
 
 async fn read_bounded(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, HttpError> {
@@ -231,6 +329,16 @@ impl RawHttpClient {
     ) -> Result<StreamableHttpPostResponse, HttpError> {
         let id = custom_request_id(&message);
         let listen = listen_id(&message);
+        let link = match &message {
+            JsonRpcMessage::Request(r) => r.request.extensions().get::<StreamLink>().cloned(),
+            _ => None,
+        };
+        // Kept for resuming the reply's stream with the same credentials and headers.
+        let (stream_session, stream_auth, stream_headers) = (
+            session_id.clone(),
+            auth_token.clone(),
+            custom_headers.clone(),
+        );
         let mut req = self
             .inner
             .post(uri.as_ref())
@@ -301,11 +409,34 @@ impl RawHttpClient {
         match content_type.as_deref() {
             Some(ct) if ct.starts_with("text/event-stream") => {
                 let body = bounded_events(resp.bytes_stream(), max_event);
-                let events = sse_stream::SseStream::from_bytes_stream(body).boxed();
-                Ok(StreamableHttpPostResponse::Sse(
-                    with_listen(marked(events, id), listen),
-                    session,
-                ))
+                let first = sse_stream::SseStream::from_bytes_stream(body).boxed();
+                let Some(id) = id else {
+                    // Not a relayed call (subscriptions/listen, server/discover): no resuming here.
+                    return Ok(StreamableHttpPostResponse::Sse(
+                        with_listen(first, listen),
+                        session,
+                    ));
+                };
+                let call = CallStream {
+                    client: self.clone(),
+                    uri,
+                    session_id: session
+                        .as_deref()
+                        .map(Arc::from)
+                        .or_else(|| stream_session.clone()),
+                    auth_token: stream_auth,
+                    custom_headers: stream_headers,
+                    max_event,
+                    id,
+                    link,
+                    current: first,
+                    last_event_id: None,
+                    retry: None,
+                    answered: false,
+                    broke: false,
+                    failed: false,
+                };
+                Ok(StreamableHttpPostResponse::Sse(call.into_stream(), session))
             }
             Some(ct) if ct.starts_with("application/json") && listen.is_some() => {
                 // A long-lived request (subscriptions/listen) answered as JSON lines.
@@ -341,6 +472,147 @@ impl RawHttpClient {
             )),
         }
     }
+}
+
+/// The SSE reply to a custom request, resumed across the upstream's closes (see the module docs).
+struct CallStream {
+    client: RawHttpClient,
+    uri: Arc<str>,
+    session_id: Option<Arc<str>>,
+    auth_token: Option<String>,
+    custom_headers: HashMap<HeaderName, HeaderValue>,
+    max_event: usize,
+    /// The request's id: its response event is marked.
+    id: RequestId,
+    link: Option<StreamLink>,
+    current: BoxStream<'static, Result<Sse, SseError>>,
+    last_event_id: Option<String>,
+    /// The upstream's last advised reconnection delay.
+    retry: Option<Duration>,
+    /// The response (or an error for the request) went by: the stream is done with.
+    answered: bool,
+    /// The connection broke (and was reopened) since the last event.
+    broke: bool,
+    /// An error was passed on: rmcp's own reconnect takes over from here.
+    failed: bool,
+}
+
+impl CallStream {
+    fn into_stream(self) -> BoxStream<'static, Result<Sse, SseError>> {
+        futures::stream::unfold(self, |mut s| async move {
+            if s.failed {
+                return None;
+            }
+            loop {
+                match s.current.next().await {
+                    Some(Ok(mut ev)) => {
+                        s.broke = false;
+                        if let Some(id) = &ev.id {
+                            s.last_event_id = Some(id.clone());
+                        }
+                        if let Some(ms) = ev.retry {
+                            s.retry = Some(Duration::from_millis(ms));
+                        }
+                        if let Some(data) = ev.data.as_deref() {
+                            if let Some(marked) = mark(data, &s.id) {
+                                ev.data = Some(marked);
+                                s.answered = true;
+                            } else if answers(data, &s.id) {
+                                s.answered = true;
+                            }
+                        }
+                        return Some((Ok(ev), s));
+                    }
+                    Some(Err(e)) => {
+                        // A broken connection before the response: reopened at once, as rmcp
+                        // would (but keeping the response marked); failing again right away, the
+                        // error is rmcp's to retry, with its backoff.
+                        let resumable = !s.answered && !s.broke && !too_large(&e);
+                        let Some(last) = s.last_event_id.clone().filter(|_| resumable) else {
+                            s.failed = true;
+                            return Some((Err(e), s));
+                        };
+                        tracing::debug!(error = %e, "a call's stream from the upstream broke; resuming");
+                        s.broke = true;
+                        if let Err(e) = s.reopen(last).await {
+                            s.failed = true;
+                            return Some((Err(e), s));
+                        }
+                    }
+                    None => {
+                        // Ended after the response, or before any event id (nothing to resume
+                        // from: rmcp reports the stream's end).
+                        let last = s.last_event_id.clone().filter(|_| !s.answered)?;
+                        let wait = s.retry.unwrap_or(DEFAULT_RETRY);
+                        tracing::debug!(
+                            ?wait,
+                            linked = s.link.is_some(),
+                            "upstream closed a call's stream before its response; resuming"
+                        );
+                        wait_to_resume(s.link.clone(), wait).await;
+                        if let Err(e) = s.reopen(last).await {
+                            // rmcp's reconnect (with its backoff) retries from the same id.
+                            s.failed = true;
+                            return Some((Err(e), s));
+                        }
+                    }
+                }
+            }
+        })
+        .boxed()
+    }
+
+    /// GET the stream again from event `last` (`Last-Event-ID`).
+    async fn reopen(&mut self, last: String) -> Result<(), SseError> {
+        let stream = self
+            .client
+            .inner
+            .get_stream_with_max_sse_event_size(
+                self.uri.clone(),
+                self.session_id.clone(),
+                Some(last),
+                self.auth_token.clone(),
+                self.custom_headers.clone(),
+                self.max_event,
+            )
+            .await
+            .map_err(|e| SseError::Body(Box::new(explain(e))))?;
+        self.current = stream;
+        Ok(())
+    }
+}
+
+/// Wait `wait` (the upstream's advice) or, when the front lent a link, until its client comes back,
+/// whichever is first. The front is told first, so it can end its client's stream.
+async fn wait_to_resume(link: Option<StreamLink>, wait: Duration) {
+    let timer = tokio::time::sleep(wait.max(MIN_RETRY));
+    let Some(link) = link else {
+        timer.await;
+        return;
+    };
+    let mut resumed = link.resumes();
+    link.upstream_closed(wait);
+    tokio::pin!(timer);
+    tokio::select! {
+        r = resumed.changed() => {
+            if r.is_err() {
+                timer.await;
+            }
+        }
+        _ = &mut timer => {}
+    }
+}
+
+/// Whether an SSE event's data is the response (result or error) to request `id`.
+fn answers(data: &str, id: &RequestId) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        id: Option<RequestId>,
+        result: Option<serde::de::IgnoredAny>,
+        error: Option<serde::de::IgnoredAny>,
+    }
+    serde_json::from_str::<Peek>(data)
+        .is_ok_and(|p| p.id.as_ref() == Some(id) && (p.result.is_some() || p.error.is_some()))
 }
 
 /// A refused redirect's reason as the error: reqwest's own message does not say why, and rmcp shows
@@ -475,6 +747,176 @@ impl StreamableHttpClient for RawHttpClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rmcp::model::CustomRequest;
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    /// [`super::super::raw::RAW_MARK`] as it reads inside an event's JSON text.
+    const MARKED: &str = "\\u0001mcp-broker-raw\\u0001";
+
+    /// How the stand-in upstream ends a call's POST stream after its first event.
+    #[derive(Clone, Copy)]
+    enum End {
+        Close,
+        Break,
+    }
+
+    /// An upstream that ends the POST stream early (advising `retry_ms`) and answers request 7 on a
+    /// GET with `Last-Event-ID`; the ids it was resumed from are recorded.
+    async fn upstream(end: End, retry_ms: u64) -> (String, Arc<Mutex<Vec<String>>>) {
+        use axum::{body::Body, http::HeaderMap, routing::post};
+        let resumed: Arc<Mutex<Vec<String>>> = Arc::default();
+        let seen = resumed.clone();
+        let app = axum::Router::new().route(
+            "/mcp",
+            post(move || async move {
+                let first = format!("id: p1\nretry: {retry_ms}\ndata: \n\n");
+                let mut chunks: Vec<Result<String, std::io::Error>> = vec![Ok(first)];
+                if let End::Break = end {
+                    chunks.push(Err(std::io::Error::other("connection lost")));
+                }
+                axum::response::Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(Body::from_stream(futures::stream::iter(chunks).then(
+                        |c| async move {
+                            // Headers and the first event go out before the connection breaks.
+                            if c.is_err() {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                            c
+                        },
+                    )))
+                    .unwrap_or_default()
+            })
+            .get(move |headers: HeaderMap| async move {
+                let last = headers
+                    .get("last-event-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                if let Ok(mut v) = seen.lock() {
+                    v.push(last);
+                }
+                axum::response::Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(Body::from(
+                        "id: r1\ndata: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"z\":1,\"a\":2}}\n\n",
+                    ))
+                    .unwrap_or_default()
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await;
+        let Ok(listener) = listener else {
+            panic!("cannot listen on loopback");
+        };
+        let url = format!(
+            "http://{}/mcp",
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        (url, resumed)
+    }
+
+    /// POST custom request 7 (with `link`) and collect its SSE events' data.
+    async fn call(url: &str, link: Option<StreamLink>) -> Vec<String> {
+        let mut req = CustomRequest::new("tools/call", None);
+        if let Some(l) = link {
+            req.extensions.insert(l);
+        }
+        let msg =
+            ClientJsonRpcMessage::request(ClientRequest::CustomRequest(req), RequestId::Number(7));
+        let client = RawHttpClient {
+            inner: reqwest::Client::new(),
+            discover_status: Default::default(),
+        };
+        let resp = client
+            .post_custom(Arc::from(url), msg, None, None, HashMap::new(), 1 << 20)
+            .await;
+        let Ok(StreamableHttpPostResponse::Sse(stream, _)) = resp else {
+            panic!("not an SSE reply");
+        };
+        // rmcp stops reading at the response; so does this.
+        let mut out = Vec::new();
+        let mut stream = stream;
+        while let Some(ev) = stream.next().await {
+            let Ok(ev) = ev else {
+                out.push("error".to_string());
+                break;
+            };
+            let data = ev.data.unwrap_or_default();
+            let done = data.contains(MARKED);
+            out.push(data);
+            if done {
+                break;
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_closed_stream_is_resumed_after_the_retry_and_its_response_marked() {
+        let (url, resumed) = upstream(End::Close, 300).await;
+        let t = Instant::now();
+        let got = call(&url, None).await;
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "the advised retry is waited"
+        );
+        assert_eq!(
+            resumed.lock().map(|v| v.clone()).unwrap_or_default(),
+            vec!["p1"]
+        );
+        let last = got.last().cloned().unwrap_or_default();
+        assert!(last.contains(MARKED), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_linked_call_is_resumed_when_the_client_comes_back() {
+        let (url, resumed) = upstream(End::Close, 60_000).await;
+        let link = StreamLink::default();
+        let mut closes = link.closes();
+        let front = link.clone();
+        tokio::spawn(async move {
+            if closes.changed().await.is_ok() {
+                assert_eq!(closes.borrow().1, Duration::from_secs(60));
+                front.client_resumed();
+            }
+        });
+        let got = tokio::time::timeout(Duration::from_secs(10), call(&url, Some(link))).await;
+        let got = got.unwrap_or_default();
+        assert!(got.last().is_some_and(|d| d.contains(MARKED)), "{got:?}");
+        assert_eq!(resumed.lock().map(|v| v.len()).unwrap_or_default(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_broken_stream_is_reopened_at_once() {
+        let (url, resumed) = upstream(End::Break, 60_000).await;
+        let got = tokio::time::timeout(Duration::from_secs(10), call(&url, None)).await;
+        let got = got.unwrap_or_default();
+        assert!(got.last().is_some_and(|d| d.contains(MARKED)), "{got:?}");
+        assert_eq!(
+            resumed.lock().map(|v| v.clone()).unwrap_or_default(),
+            vec!["p1"]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_event_is_final() {
+        let chunks: Vec<Result<axum::body::Bytes, std::io::Error>> = vec![Ok(
+            axum::body::Bytes::from_static(b"data: 123456789012345\n\n"),
+        )];
+        let mut s = sse_stream::SseStream::from_bytes_stream(bounded_events(
+            futures::stream::iter(chunks),
+            12,
+        ));
+        let e = s.next().await;
+        assert!(matches!(&e, Some(Err(e)) if too_large(e)), "{e:?}");
+    }
 
     #[tokio::test]
     async fn sse_events_are_bounded() {

@@ -44,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::{Item, Kind, Listing};
 use crate::config::{Protocol, Secret, ServerConfig, TransportConfig};
 
+pub use http_client::StreamLink;
 pub use progress::ProgressRouter;
 pub use sse::SseError;
 
@@ -565,7 +566,10 @@ impl Upstream {
                     r
                 }
             };
-            self.attempted.store(true, Ordering::Release);
+            // (Set once the connection is published: a caller waiting for start-up must then find it.)
+            if attempt.is_err() {
+                self.attempted.store(true, Ordering::Release);
+            }
             match attempt {
                 Ok((running, conn)) => {
                     if let Ok(mut l) = self.latest_listing.lock() {
@@ -592,6 +596,7 @@ impl Upstream {
                         let _ = tokio::time::timeout(self.config.connect_timeout, first).await;
                     }
                     self.set(Some(conn));
+                    self.attempted.store(true, Ordering::Release);
                     let _ = events.send(UpstreamEvent::StateChanged {
                         server: self.name.clone(),
                     });

@@ -158,12 +158,14 @@ pub fn amend(f: impl FnOnce(&mut Value)) {
     });
 }
 
-/// `method` with `params` as a custom request, so its result comes back raw.
+/// `method` with `params` as a custom request, so its result comes back raw. Inside
+/// [`super::StreamLink::scope`] the request carries the front's link (for resuming its stream).
 pub fn custom_request(method: &str, params: &impl serde::Serialize) -> ClientRequest {
-    ClientRequest::CustomRequest(rmcp::model::CustomRequest::new(
-        method,
-        serde_json::to_value(params).ok(),
-    ))
+    let mut req = rmcp::model::CustomRequest::new(method, serde_json::to_value(params).ok());
+    if let Some(link) = super::StreamLink::current() {
+        req.extensions.insert(link);
+    }
+    ClientRequest::CustomRequest(req)
 }
 
 /// The typed form of a custom request's result, for the broker's decisions (audit, errors, tasks);
