@@ -247,6 +247,18 @@ impl Broker {
             }
             return Err(Failure::Refused(d.reason));
         }
+        // A server that does not offer completions completes nothing (rmcp 3.11 servers answer
+        // -32601 to an unadvertised method; the broker advertises completions for all of them).
+        if matches!(op, Op::Complete(_))
+            && st
+                .upstream(&server)
+                .and_then(|u| u.connection_in(!down.stateless))
+                .and_then(|c| c.info.clone())
+                .is_some_and(|i| i.capabilities.completions.is_none())
+        {
+            rec.finish(Outcome::Ok, None);
+            return Ok(Reply::Complete(CompleteResult::default()));
+        }
         // A retry of an input_required request echoes the broker's sealed state: opened here (for
         // this caller and this very request only) before anything goes upstream.
         let bind = mrtr::binding(

@@ -202,6 +202,7 @@ fn call_result(
         typed.fill_missing_cache_hints();
     } else {
         typed.strip_result_type_for_legacy_peer();
+        typed.strip_non_object_output_for_legacy_peer();
     }
     serde_json::to_value(typed).map_err(|e| ErrorData::internal_error(e.to_string(), None))
 }
@@ -620,5 +621,23 @@ mod tests {
         let e = removed_method("logging/setLevel");
         assert_eq!(e.code, ErrorCode::METHOD_NOT_FOUND);
         assert!(e.message.contains("logging/setLevel"));
+    }
+
+    #[test]
+    fn typed_call_results_are_shaped_as_rmcp_shapes_them() {
+        // SEP-2106: non-object structured output is 2026-07-28 only; rmcp (3.11) moves it into a
+        // text block for older peers, and so does the broker's typed answer.
+        let result = || {
+            ServerResult::CallToolResult(rmcp::model::CallToolResult::structured(
+                serde_json::json!(["a", "b"]),
+            ))
+        };
+        let legacy = call_result(result(), None, false).expect("shaped");
+        assert!(legacy.get("structuredContent").is_none(), "{legacy}");
+        assert!(legacy.get("resultType").is_none(), "{legacy}");
+        assert_eq!(legacy["content"][0]["text"], r#"["a","b"]"#);
+        let modern = call_result(result(), None, true).expect("shaped");
+        assert_eq!(modern["structuredContent"], serde_json::json!(["a", "b"]));
+        assert_eq!(modern["resultType"], "complete");
     }
 }

@@ -24,18 +24,13 @@ use http::{HeaderName, HeaderValue};
 use rmcp::model::{ClientJsonRpcMessage, ClientRequest, GetExtensions, JsonRpcMessage, RequestId};
 use rmcp::transport::streamable_http_client::{
     HttpStatusError, StreamableHttpClient, StreamableHttpError, StreamableHttpPostResponse,
+    StreamableHttpResponseLimits,
 };
 use sse_stream::{Error as SseError, Sse};
 use tokio::sync::watch;
 
 use super::raw::{RawIds, mark};
 
-/// Bound on a JSON reply read here (rmcp's own limit for JSON replies).
-const MAX_JSON: usize = 16 * 1024 * 1024;
-/// Bound on an error body kept for the message.
-const MAX_ERROR: usize = 64 * 1024;
-/// Bound on one SSE event when rmcp does not pass one (rmcp's default).
-const DEFAULT_MAX_EVENT: usize = 16 * 1024 * 1024;
 /// How long to wait before resuming a stream the upstream closed without advising a `retry`
 /// (rmcp's default first reconnect delay).
 const DEFAULT_RETRY: Duration = Duration::from_secs(1);
@@ -325,7 +320,7 @@ impl RawHttpClient {
         session_id: Option<Arc<str>>,
         auth_token: Option<String>,
         custom_headers: HashMap<HeaderName, HeaderValue>,
-        max_event: usize,
+        limits: StreamableHttpResponseLimits,
     ) -> Result<StreamableHttpPostResponse, HttpError> {
         let id = custom_request_id(&message);
         let listen = listen_id(&message);
@@ -392,7 +387,9 @@ impl RawHttpClient {
                     .map(str::to_string);
                 HttpStatusError::new(status.as_u16(), retry_after)
             });
-            let body = read_bounded(resp, MAX_ERROR).await.unwrap_or_default();
+            let body = read_bounded(resp, limits.max_error_response_size)
+                .await
+                .unwrap_or_default();
             // A JSON-RPC error in the body is the answer (passed on as the upstream's error).
             if let Ok(m @ JsonRpcMessage::Error(_)) =
                 serde_json::from_slice::<rmcp::model::ServerJsonRpcMessage>(&body)
@@ -408,7 +405,7 @@ impl RawHttpClient {
         }
         match content_type.as_deref() {
             Some(ct) if ct.starts_with("text/event-stream") => {
-                let body = bounded_events(resp.bytes_stream(), max_event);
+                let body = bounded_events(resp.bytes_stream(), limits.max_sse_event_size);
                 let first = sse_stream::SseStream::from_bytes_stream(body).boxed();
                 let Some(id) = id else {
                     // Not a relayed call (subscriptions/listen, server/discover): no resuming here.
@@ -426,7 +423,7 @@ impl RawHttpClient {
                         .or_else(|| stream_session.clone()),
                     auth_token: stream_auth,
                     custom_headers: stream_headers,
-                    max_event,
+                    max_event: limits.max_sse_event_size,
                     id,
                     link,
                     current: first,
@@ -440,14 +437,14 @@ impl RawHttpClient {
             }
             Some(ct) if ct.starts_with("application/json") && listen.is_some() => {
                 // A long-lived request (subscriptions/listen) answered as JSON lines.
-                let body = bounded_events(resp.bytes_stream(), max_event);
+                let body = bounded_events(resp.bytes_stream(), limits.max_sse_event_size);
                 Ok(StreamableHttpPostResponse::Sse(
                     with_listen(json_lines(body), listen),
                     session,
                 ))
             }
             Some(ct) if ct.starts_with("application/json") => {
-                let body = read_bounded(resp, MAX_JSON).await?;
+                let body = read_bounded(resp, limits.max_json_response_size).await?;
                 let text = std::str::from_utf8(&body).map_err(|e| {
                     StreamableHttpError::UnexpectedServerResponse(Cow::Owned(e.to_string()))
                 })?;
@@ -638,24 +635,15 @@ impl StreamableHttpClient for RawHttpClient {
         auth_header: Option<String>,
         custom_headers: HashMap<HeaderName, HeaderValue>,
     ) -> Result<StreamableHttpPostResponse, HttpError> {
-        match posted_here(&message) {
-            true => self
-                .post_custom(
-                    uri,
-                    message,
-                    session_id,
-                    auth_header,
-                    custom_headers,
-                    DEFAULT_MAX_EVENT,
-                )
-                .await
-                .map_err(explain),
-            false => self
-                .inner
-                .post_message(uri, message, session_id, auth_header, custom_headers)
-                .await
-                .map_err(explain),
-        }
+        self.post_message_with_response_limits(
+            uri,
+            message,
+            session_id,
+            auth_header,
+            custom_headers,
+            StreamableHttpResponseLimits::default(),
+        )
+        .await
     }
 
     async fn post_message_with_max_sse_event_size(
@@ -667,6 +655,29 @@ impl StreamableHttpClient for RawHttpClient {
         custom_headers: HashMap<HeaderName, HeaderValue>,
         max_sse_event_size: usize,
     ) -> Result<StreamableHttpPostResponse, HttpError> {
+        let mut limits = StreamableHttpResponseLimits::default();
+        limits.max_sse_event_size = max_sse_event_size;
+        self.post_message_with_response_limits(
+            uri,
+            message,
+            session_id,
+            auth_header,
+            custom_headers,
+            limits,
+        )
+        .await
+    }
+
+    // What rmcp's worker calls (since 3.11): every POST goes through here.
+    async fn post_message_with_response_limits(
+        &self,
+        uri: Arc<str>,
+        message: ClientJsonRpcMessage,
+        session_id: Option<Arc<str>>,
+        auth_header: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+        limits: StreamableHttpResponseLimits,
+    ) -> Result<StreamableHttpPostResponse, HttpError> {
         match posted_here(&message) {
             true => self
                 .post_custom(
@@ -675,19 +686,19 @@ impl StreamableHttpClient for RawHttpClient {
                     session_id,
                     auth_header,
                     custom_headers,
-                    max_sse_event_size,
+                    limits,
                 )
                 .await
                 .map_err(explain),
             false => self
                 .inner
-                .post_message_with_max_sse_event_size(
+                .post_message_with_response_limits(
                     uri,
                     message,
                     session_id,
                     auth_header,
                     custom_headers,
-                    max_sse_event_size,
+                    limits,
                 )
                 .await
                 .map_err(explain),
@@ -834,8 +845,10 @@ mod tests {
             inner: reqwest::Client::new(),
             discover_status: Default::default(),
         };
+        let mut limits = StreamableHttpResponseLimits::default();
+        limits.max_sse_event_size = 1 << 20;
         let resp = client
-            .post_custom(Arc::from(url), msg, None, None, HashMap::new(), 1 << 20)
+            .post_custom(Arc::from(url), msg, None, None, HashMap::new(), limits)
             .await;
         let Ok(StreamableHttpPostResponse::Sse(stream, _)) = resp else {
             panic!("not an SSE reply");
