@@ -48,6 +48,16 @@ def run_suite(url: str, mode: str, out_dir: Path) -> dict[str, dict]:
     return checks
 
 
+def run_suite_scenario(url: str, scenario: str, out_dir: Path) -> dict[str, dict]:
+    """One scenario of the suite (a retry), as run_suite's checks."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run([str(H.NODE22), str(SUITE_JS), "server", "--url", url, "--scenario", scenario,
+                        "-o", str(out_dir)], capture_output=True, text=True, timeout=120,
+                       stdin=subprocess.DEVNULL, cwd=str(out_dir))
+    (out_dir / "conformance.log").write_text(p.stdout + p.stderr)
+    return C.load(out_dir)
+
+
 @pytest.fixture(scope="module")
 def ref_and_broker(tmp_path_factory):
     """The reference server, and a broker in front of it; shared by the three modes."""
@@ -78,8 +88,20 @@ def test_conformance_next_through_broker(mode, ref_and_broker, artifacts):
     via = run_suite(broker.url, mode, tmp / "broker" / mode)
     dp, bp = C.passed(direct), C.passed(via)
     lost = C.lost(direct, via)
+    # A few checks hinge on the reference server's own timing (server-sse-polling closes a stream and
+    # answers 100 ms later): under load one can be lost once. Each lost scenario is run once more through
+    # the broker; a check that then passes is reported as passing on retry, not hidden.
+    retried = []
+    for scenario in sorted({k.split("/", 1)[0] for k in lost}):
+        again = run_suite_scenario(broker.url, scenario, tmp / "broker-retry" / mode / scenario)
+        for k in [k for k in lost if k.split("/", 1)[0] == scenario]:
+            if again.get(k, {}).get("status") == "SUCCESS":
+                retried.append(k)
+                del lost[k]
     what = "--suite all" if mode == "all" else f"--requirements {mode}"
     line = f"conformance 0.2 {what}: direct {dp} passed, through mcp-broker {bp} passed, {len(lost)} lost"
+    if retried:
+        line += f" ({len(retried)} passed only on a retry: {', '.join(retried)})"
     SUMMARY_LINES.append(line)
     print(line)
     unexpected = {k: m for k, m in lost.items() if k not in ALLOWED_LOST}
