@@ -10,6 +10,7 @@
 // 2026-07-28 revision, but Claude and most clients speak 2025-11-25, where they are live.
 #![allow(deprecated)]
 
+mod era;
 mod http_client;
 mod progress;
 pub mod raw;
@@ -27,10 +28,10 @@ use rmcp::{
         ClientCapabilities, ClientConfig, ClientResult, CreateMessageRequest,
         CreateMessageRequestParams, CreateMessageResult, ElicitRequest, ElicitRequestParams,
         ElicitResult, Implementation, ListRootsRequest, ListRootsResult,
-        LoggingMessageNotificationParam, ProtocolVersion, RequestId,
-        ResourceUpdatedNotificationParam, ServerPeerInfo, ServerRequest,
+        LoggingMessageNotificationParam, RequestId, ResourceUpdatedNotificationParam,
+        ServerPeerInfo, ServerRequest,
     },
-    service::{ClientLifecycleMode, ClientServiceExt},
+    service::ClientServiceExt,
     service::{InboundStreamOrigin, NotificationContext, Peer, RequestContext, RunningService},
     transport::{
         ConfigureCommandExt, StreamableHttpClientTransport,
@@ -43,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Item, Kind, Listing};
 use crate::config::{Protocol, Secret, ServerConfig, TransportConfig};
+use era::{discover, is_modern, lifecycle, listen_changes, wants_param_headers};
 
 pub use http_client::StreamLink;
 pub use progress::ProgressRouter;
@@ -629,62 +631,6 @@ impl Upstream {
         }
     }
 
-    /// Keep a 2025-11-25 connection beside a 2026-07-28 one, while `stop` is not cancelled. A
-    /// server that refuses `initialize` speaks 2026-07-28 only: its 2025-era clients are then
-    /// translated for (see `broker::mrtr`).
-    async fn companion(
-        self: Arc<Self>,
-        secrets: Secrets,
-        events: EventSender,
-        stop: CancellationToken,
-        ready: oneshot::Sender<()>,
-    ) {
-        let mut backoff = BACKOFF_START;
-        let mut first = true;
-        let mut ready = Some(ready);
-        while !stop.is_cancelled() {
-            let attempt = tokio::select! {
-                r = self.open(&secrets, &events, Protocol::Legacy) => r,
-                _ = stop.cancelled() => return,
-            };
-            match attempt {
-                Ok((running, conn)) => {
-                    first = false;
-                    backoff = BACKOFF_START;
-                    let peer = conn.peer.clone();
-                    if let Ok(mut s) = self.legacy.write() {
-                        *s = Some(conn);
-                    }
-                    if let Some(r) = ready.take() {
-                        let _ = r.send(());
-                    }
-                    let _ = events.send(UpstreamEvent::StateChanged {
-                        server: self.name.clone(),
-                    });
-                    self.watch(running, &peer, &stop).await;
-                    if let Ok(mut s) = self.legacy.write() {
-                        *s = None;
-                    }
-                    let _ = events.send(UpstreamEvent::StateChanged {
-                        server: self.name.clone(),
-                    });
-                }
-                Err(e) if first => {
-                    tracing::info!(server = %self.name, error = %e, "the server speaks 2026-07-28 only; 2025-era clients are translated for");
-                    return;
-                }
-                Err(e) => {
-                    tracing::debug!(server = %self.name, error = %e, "2025-11-25 connection failed");
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = stop.cancelled() => return,
-            }
-            backoff = (backoff * 2).min(BACKOFF_CAP);
-        }
-    }
-
     /// Serve until the connection ends (false) or shutdown (true); either way it is closed on return.
     async fn watch(
         &self,
@@ -1014,18 +960,6 @@ async fn fetch_listing(
     l
 }
 
-/// Does a tool's input schema annotate any argument with `x-mcp-header`?
-fn wants_param_headers(tool: &serde_json::Map<String, serde_json::Value>) -> bool {
-    fn walk(v: &serde_json::Value) -> bool {
-        match v {
-            serde_json::Value::Object(o) => o.contains_key("x-mcp-header") || o.values().any(walk),
-            serde_json::Value::Array(a) => a.iter().any(walk),
-            _ => false,
-        }
-    }
-    tool.get("inputSchema").is_some_and(walk)
-}
-
 /// The most pages one list may take (a server that keeps returning new cursors stops here).
 const MAX_PAGES: usize = 1000;
 
@@ -1089,69 +1023,6 @@ async fn list_raw(
         "{method}: more than {MAX_PAGES} pages; keeping what was listed"
     );
     Ok((items, ttl.flatten()))
-}
-
-/// Hold a `subscriptions/listen` stream open on a 2026-07-28 connection and turn its list changes
-/// into events (reopened after a second if it ends, until the connection closes).
-async fn listen_changes(server: Arc<str>, conn: u64, peer: Peer<RoleClient>, events: EventSender) {
-    use rmcp::model::{ServerNotification as N, SubscriptionFilter};
-    let filter = SubscriptionFilter::builder()
-        .tools_list_changed()
-        .prompts_list_changed()
-        .resources_list_changed()
-        .build();
-    let mut delay = Duration::from_secs(1);
-    while !peer.is_transport_closed() {
-        tracing::debug!(server = %server, connection = conn, "opening subscriptions/listen");
-        match peer.listen(filter.clone()).await {
-            Ok(mut sub) => loop {
-                delay = Duration::from_secs(1);
-                let n = sub.next().await;
-                tracing::debug!(server = %server, connection = conn, notification = ?n, "subscriptions/listen");
-                let kind = match n {
-                    Ok(Some(N::ToolListChangedNotification(_))) => Kind::Tool,
-                    Ok(Some(N::PromptListChangedNotification(_))) => Kind::Prompt,
-                    Ok(Some(N::ResourceListChangedNotification(_))) => Kind::Resource,
-                    Ok(Some(_)) => continue,
-                    Ok(None) | Err(_) => break,
-                };
-                let _ = events.send(UpstreamEvent::ListChanged {
-                    server: server.clone(),
-                    conn,
-                    kind,
-                });
-            },
-            Err(e) => {
-                tracing::debug!(server = %server, error = %e, "subscriptions/listen failed");
-                delay = (delay * 2).min(Duration::from_secs(60));
-            }
-        }
-        tokio::time::sleep(delay).await;
-    }
-}
-
-/// How a connection starts for `protocol` (stdio: rmcp's auto mode falls back to `initialize` when
-/// the server answers `server/discover` with a JSON-RPC error).
-fn lifecycle(protocol: Protocol) -> ClientLifecycleMode {
-    match protocol {
-        Protocol::Auto => ClientLifecycleMode::Auto {
-            preferred_versions: vec![ProtocolVersion::V_2026_07_28],
-            legacy_version: None,
-        },
-        Protocol::Legacy => ClientLifecycleMode::Initialize,
-        Protocol::Modern => discover(),
-    }
-}
-
-fn discover() -> ClientLifecycleMode {
-    ClientLifecycleMode::Discover {
-        preferred_versions: vec![ProtocolVersion::V_2026_07_28],
-    }
-}
-
-/// Does this connection speak 2026-07-28 or later (started with `server/discover`)?
-fn is_modern(info: Option<&ServerPeerInfo>) -> bool {
-    info.is_some_and(|i| i.protocol_version.as_str() >= ProtocolVersion::V_2026_07_28.as_str())
 }
 
 /// The broker's client-side handler for one upstream connection: forwards what the upstream says.
