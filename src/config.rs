@@ -385,6 +385,9 @@ pub struct BrokerConfig {
     pub body_read_timeout: Duration,
     /// Open connections at most on each listener; beyond it new ones wait (unaccepted) for a slot.
     pub max_connections: usize,
+    /// How long a `requestState` the broker seals for a 2026-07-28 client stays valid (and a call
+    /// parked for that client's answers waits).
+    pub request_state_ttl: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -838,9 +841,16 @@ impl Ctx<'_> {
             raw.body_read_timeout,
             Duration::from_secs(30),
         )?;
+        let request_state_ttl = self.duration(
+            t,
+            "request_state_ttl",
+            raw.request_state_ttl,
+            Duration::from_secs(10 * 60),
+        )?;
         for (key, d) in [
             ("header_read_timeout", header_read_timeout),
             ("body_read_timeout", body_read_timeout),
+            ("request_state_ttl", request_state_ttl),
         ] {
             if d.is_zero() {
                 return Err(self.invalid(t, key, "must be greater than zero".into()));
@@ -865,6 +875,7 @@ impl Ctx<'_> {
             header_read_timeout,
             body_read_timeout,
             max_connections,
+            request_state_ttl,
         })
     }
 

@@ -181,7 +181,8 @@ impl Broker {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
-    /// Start every upstream's supervisor, the event router and the session sweeper. Call once.
+    /// Start every upstream's supervisor, the event router and the session (and parked call) sweeper.
+    /// Call once.
     pub fn start(self: &Arc<Self>) {
         let st = self.state();
         for up in &st.upstreams {
@@ -205,6 +206,8 @@ impl Broker {
                 for id in me.sessions.closed() {
                     me.close_session(id);
                 }
+                // Parked calls whose state expired: dropped, which cancels them upstream.
+                me.sweep_parked();
             }
         });
     }
@@ -492,6 +495,12 @@ impl Broker {
             "mcp_broker_session_entries",
             "Sessions held in the broker's registry (open, or closed and not yet swept).",
             &[(vec![], all.len() as f64)],
+        );
+        metrics::gauge(
+            &mut g,
+            "mcp_broker_parked_calls",
+            "2026-07-28 calls waiting for the client's answers to a server's requests (input_required).",
+            &[(vec![], self.parked.len() as f64)],
         );
         metrics::counter(
             &mut g,

@@ -6,7 +6,7 @@
 //!
 //! * To a 2026-07-28 client the result is relayed, its `requestState` replaced by the broker's own
 //!   [`Seal`]: the upstream's state inside an HMAC-sealed token bound to the caller, the server and a
-//!   digest of the request, expiring after [`STATE_TTL`]. A retry's state is opened before anything
+//!   digest of the request, expiring after `[broker] request_state_ttl` (10 minutes). A retry's state is opened before anything
 //!   is forwarded, so a state replayed by another caller, against another request, altered or
 //!   expired is refused (-32602) and never reaches the upstream.
 //! * A 2025-11-25 session has no such result: the broker asks the client itself (elicitation,
@@ -43,8 +43,6 @@ use super::pipeline::Op;
 use super::pipeline::upstream_request;
 use super::{Broker, Downstream};
 
-/// How long a sealed `requestState` may be echoed back (a person may be answering a form).
-pub(super) const STATE_TTL: Duration = Duration::from_secs(10 * 60);
 /// How many times one request may come back `input_required` before the broker gives up on it.
 pub(super) const MAX_ROUNDS: usize = 8;
 /// Most input requests one result may carry.
@@ -101,7 +99,6 @@ pub(super) enum Waited {
 /// Seals and opens the broker's `requestState` tokens.
 pub(super) struct Seal {
     codec: RequestStateCodec,
-    ttl: Duration,
 }
 
 impl Seal {
@@ -114,17 +111,14 @@ impl Seal {
         }
         Self {
             codec: RequestStateCodec::new(key.to_vec()),
-            ttl: STATE_TTL,
         }
     }
 
     /// The token a client echoes instead of the upstream's `state` (or to continue a parked call).
-    pub fn seal(&self, bind: &[u8], sealed: &Sealed) -> String {
+    pub fn seal(&self, bind: &[u8], sealed: &Sealed, ttl: Duration) -> String {
         let payload = serde_json::to_vec(sealed).unwrap_or_default();
-        self.codec.seal_with(
-            &payload,
-            &SealOptions::new().associated_data(bind).ttl(self.ttl),
-        )
+        self.codec
+            .seal_with(&payload, &SealOptions::new().associated_data(bind).ttl(ttl))
     }
 
     /// The upstream's state inside a token from a client, if the token is this broker's, for this
@@ -292,7 +286,7 @@ impl Broker {
         });
         let parked = Parked {
             owner: call.caller.sub.clone(),
-            expires: Instant::now() + STATE_TTL,
+            expires: Instant::now() + self.config().broker.request_state_ttl,
             pending: Vec::new(),
             asks,
             done,
@@ -379,10 +373,21 @@ impl Broker {
         }
     }
 
+    /// Drop the parked calls whose state expired (each is cancelled upstream as it goes).
+    pub(super) fn sweep_parked(&self) {
+        let now = Instant::now();
+        self.parked.retain(|_, q| q.expires > now);
+    }
+
+    /// Calls parked now (a test and metrics hook).
+    pub fn parked_calls(&self) -> usize {
+        self.parked.len()
+    }
+
     /// Keep `p` for the client's retry; the input_required result that asks for its pending requests.
     fn park(&self, mut p: Parked, bind: &[u8]) -> Result<InputRequiredResult, Failure> {
         let now = Instant::now();
-        self.parked.retain(|_, q| q.expires > now);
+        self.sweep_parked();
         let mine = self.parked.iter().filter(|q| q.owner == p.owner).count();
         if self.parked.len() >= MAX_PARKED || mine >= MAX_PARKED_PER_CALLER {
             return Err(Failure::Refused(format!(
@@ -394,7 +399,8 @@ impl Broker {
             .iter()
             .map(|(k, input, _)| (k.clone(), input.clone()))
             .collect();
-        p.expires = now + STATE_TTL;
+        let ttl = self.config().broker.request_state_ttl;
+        p.expires = now + ttl;
         let id = self.next_park.fetch_add(1, Ordering::Relaxed);
         self.parked.insert(id, p);
         let state = self.seal.seal(
@@ -403,6 +409,7 @@ impl Broker {
                 upstream: None,
                 parked: Some(id),
             },
+            ttl,
         );
         let result = InputRequiredResult::new(Some(requests), Some(state));
         raw::keep(serde_json::to_value(&result).unwrap_or_default());
@@ -450,6 +457,7 @@ mod tests {
                 upstream: Some("upstream-state".into()),
                 parked: None,
             },
+            Duration::from_secs(600),
         );
         assert_eq!(
             seal.open(&bind, &token).expect("opens").upstream.as_deref(),
@@ -483,12 +491,9 @@ mod tests {
 
     #[test]
     fn an_expired_state_is_refused() {
-        let seal = Seal {
-            ttl: Duration::from_millis(1),
-            ..Seal::new()
-        };
+        let seal = Seal::new();
         let bind = binding(&caller("alice"), "ref", "tools/call", "t", None);
-        let token = seal.seal(&bind, &Sealed::default());
+        let token = seal.seal(&bind, &Sealed::default(), Duration::from_millis(1));
         std::thread::sleep(Duration::from_millis(20));
         let e = seal.open(&bind, &token).expect_err("expired");
         assert!(e.message.contains("expired"), "{}", e.message);

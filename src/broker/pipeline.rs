@@ -359,7 +359,9 @@ impl Broker {
                             upstream: ir.request_state.take(),
                             parked: None,
                         };
-                        let sealed = self.seal.seal(bind, &sealed);
+                        let sealed =
+                            self.seal
+                                .seal(bind, &sealed, self.config().broker.request_state_ttl);
                         raw::amend(|v| {
                             if let Some(o) = v.as_object_mut() {
                                 o.insert("requestState".into(), sealed.clone().into());

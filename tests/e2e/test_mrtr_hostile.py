@@ -40,7 +40,8 @@ class Caller:
         self.next_id += 1
         params = {"name": name, "arguments": arguments, "_meta": meta(), **extra}
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
-                   "MCP-Protocol-Version": PV, "Mcp-Method": "tools/call", "Mcp-Name": name, **H.bearer(self.token)}
+                   "MCP-Protocol-Version": PV, "Mcp-Method": "tools/call", "Mcp-Name": name,
+                   **(H.bearer(self.token) if self.token else {})}
         with H.httpx2.Client(timeout=30) as c:
             r = c.post(self.url, headers=headers,
                        json={"jsonrpc": "2.0", "id": self.next_id, "method": "tools/call", "params": params})
@@ -203,3 +204,26 @@ def test_elicitation_honours_the_declared_modes(env):
     (req,) = ir["inputRequests"].values()
     assert req["method"] == "elicitation/create" and req["params"].get("mode") == "url", req
     assert req["params"].get("url") == args["url"], req
+
+
+def test_an_unanswered_parked_call_expires_and_is_cancelled(tmp_path, ev_http):
+    """`[broker] request_state_ttl`: a call parked for a 2026-07-28 client's answers waits that long, then is
+    dropped by the sweeper (cancelled upstream; `mcp_broker_parked_calls` back to 0) and its state is refused."""
+    import opslib as O
+
+    b = H.start_broker(tmp_path, {"ev": {"transport": "http", "url": ev_http.url}},
+                       broker={"request_state_ttl": "1s"}, name="broker-mrtr-ttl")
+    try:
+        H.wait_for_tools(b.url, ["ev__trigger-elicitation-request"], timeout=30)
+        c = Caller(b.url, "")
+        c.token = None
+        first = input_required(c.call("ev__trigger-elicitation-request", {}))
+        assert O.scrape(b.base).get("mcp_broker_parked_calls") == 1.0
+        H.poll_until(lambda: O.scrape(b.base).get("mcp_broker_parked_calls") == 0.0, 15,
+                     "the expired parked call to be swept")
+        key = next(iter(first["inputRequests"]))
+        late = c.call("ev__trigger-elicitation-request", {},
+                      inputResponses={key: {"action": "decline"}}, requestState=first["requestState"])
+        refused(late, "an expired state")
+    finally:
+        b.stop()
