@@ -81,6 +81,8 @@ pub enum BrokerError {
     Policy(#[from] PolicyError),
     #[error(transparent)]
     Credential(#[from] CredentialError),
+    #[error("no OS random source for the requestState key: {0}")]
+    Random(#[from] getrandom::Error),
 }
 
 /// (server, connection id, upstream request id): request ids are only unique per connection.
@@ -142,6 +144,7 @@ pub struct Broker {
 impl Broker {
     pub fn new(config: Arc<Config>, audit: Arc<Audit>) -> Result<Arc<Self>, BrokerError> {
         let state = State::build(config, None)?;
+        let seal = mrtr::Seal::new()?;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         Ok(Arc::new_cyclic(|me| Self {
             me: me.clone(),
@@ -158,7 +161,7 @@ impl Broker {
             upstream_levels: DashMap::new(),
             audit,
             limiter: RateLimiter::default(),
-            seal: mrtr::Seal::new(),
+            seal,
             limit_audited: DashMap::new(),
             draining: AtomicBool::new(false),
             drain_cancel: CancellationToken::new(),

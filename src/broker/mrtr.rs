@@ -102,16 +102,14 @@ pub(super) struct Seal {
 }
 
 impl Seal {
-    pub fn new() -> Self {
+    /// A seal with a fresh random key. Without an OS random source the broker does not start: a
+    /// fixed key would make every state forgeable.
+    pub fn new() -> Result<Self, getrandom::Error> {
         let mut key = [0u8; 32];
-        // Without an OS random source the process has bigger problems; a state sealed with a
-        // fixed key would still be bound to caller and request, but forgeable: refuse to go on.
-        if let Err(e) = getrandom::fill(&mut key) {
-            panic!("no OS random source for the requestState key: {e}");
-        }
-        Self {
+        getrandom::fill(&mut key)?;
+        Ok(Self {
             codec: RequestStateCodec::new(key.to_vec()),
-        }
+        })
     }
 
     /// The token a client echoes instead of the upstream's `state` (or to continue a parked call).
@@ -448,7 +446,7 @@ mod tests {
 
     #[test]
     fn a_state_opens_only_for_its_caller_and_request() {
-        let seal = Seal::new();
+        let seal = Seal::new().expect("random key");
         let args = serde_json::json!({"b": 1, "a": [true, {"y": 2, "x": 1}]});
         let bind = binding(&caller("alice"), "ref", "tools/call", "t", Some(&args));
         let token = seal.seal(
@@ -485,13 +483,18 @@ mod tests {
         }
         // Altered, or from another broker process: refused.
         assert!(seal.open(&bind, &format!("{token}x")).is_err());
-        assert!(Seal::new().open(&bind, &token).is_err());
+        assert!(
+            Seal::new()
+                .expect("random key")
+                .open(&bind, &token)
+                .is_err()
+        );
         assert!(seal.open(&bind, "garbage").is_err());
     }
 
     #[test]
     fn an_expired_state_is_refused() {
-        let seal = Seal::new();
+        let seal = Seal::new().expect("random key");
         let bind = binding(&caller("alice"), "ref", "tools/call", "t", None);
         let token = seal.seal(&bind, &Sealed::default(), Duration::from_millis(1));
         std::thread::sleep(Duration::from_millis(20));
