@@ -172,6 +172,32 @@ def test_log_level_is_per_session(tmp_path):
         b.stop()
 
 
+def test_a_closed_session_unsubscribes_upstream(tmp_path):
+    """Session B subscribes to a server-everything resource and goes away (DELETE) without unsubscribing: it was the
+    only subscriber, so the broker sends resources/unsubscribe upstream. server-everything logs each unsubscribe it
+    receives; session A (logging at debug) hears that log line."""
+    b = H.start_broker(tmp_path, {"everything": C.everything()}, name="broker-close-unsub")
+    try:
+        H.wait_for_tools(b.url, [EV_ECHO], 30)
+        sa, sb = C.open_session(b.url), C.open_session(b.url)
+        la = C.SseListener(sa, "A")
+        try:
+            assert "result" in sa.request("logging/setLevel", {"level": "debug"})
+            uri, upstream_uri = exposed_resource(sb)
+            assert "result" in sb.request("resources/subscribe", {"uri": uri})
+            sb.close()
+
+            def unsubscribed():
+                return [p for p in la.logs() if "Received Unsubscribe Resource request" in str(p.get("data"))
+                        and upstream_uri in str(p.get("data"))]
+            H.poll_until(unsubscribed, 15, "server-everything to log the unsubscribe the broker sent for session B")
+        finally:
+            la.stop()
+            sa.close()
+    finally:
+        b.stop()
+
+
 # --------------------------------------------------------------------------- 3. subscribe through policy and audit
 
 
