@@ -383,44 +383,27 @@ impl Broker {
 
     /// Forget a session: its queue, subscriptions and `isolation = "session"` connections go.
     pub fn close_session(&self, id: u64) {
-        if self.sessions.remove(id).is_none() {
+        let Some(session) = self.sessions.remove(id) else {
             return;
-        }
-        // Subscriptions only this session held end upstream too (a listen stream is stopped; a
-        // 2025-era server is sent resources/unsubscribe).
+        };
+        // Subscriptions only this session held end upstream too.
         let mut ended = Vec::new();
         if let Ok(mut subs) = self.subscriptions.lock() {
             subs.retain(|key, ids| {
-                ids.remove(&id);
-                if ids.is_empty() {
-                    match self.resource_listens.remove(key) {
-                        Some((_, stop)) => stop.cancel(),
-                        None => ended.push(key.clone()),
-                    }
+                if ids.remove(&id) && ids.is_empty() {
+                    ended.push(key.clone());
                 }
                 !ids.is_empty()
             });
         }
-        if !ended.is_empty() {
-            let st = self.state();
-            for (server, conn, uri) in ended {
-                let live = st.upstream(&server).and_then(|up| {
-                    [up.connection_in(true), up.connection()]
-                        .into_iter()
-                        .flatten()
-                        .find(|c| c.id == conn)
-                });
-                if let (Some(c), Ok(rt)) = (live, tokio::runtime::Handle::try_current()) {
-                    rt.spawn(async move {
-                        let req = rmcp::model::ClientRequest::UnsubscribeRequest(
-                            rmcp::model::UnsubscribeRequest::new(
-                                rmcp::model::UnsubscribeRequestParams::new(uri),
-                            ),
-                        );
-                        let _ = c.peer.send_request(req).await;
-                    });
+        if !ended.is_empty()
+            && let (Some(me), Ok(rt)) = (self.me.upgrade(), tokio::runtime::Handle::try_current())
+        {
+            rt.spawn(async move {
+                for key in ended {
+                    me.end_subscription(&key, &session.caller, Some(id)).await;
                 }
-            }
+            });
         }
         let owner = sessions::Session::owner_key(id);
         for up in self.upstreams() {

@@ -314,7 +314,7 @@ impl Broker {
         };
         let reply = match op {
             Op::Subscribe(_) => return self.subscribe(&st, call, &original, rec).await,
-            Op::Unsubscribe(_) => return self.unsubscribe(&st, call, &original, rec).await,
+            Op::Unsubscribe(_) => return self.unsubscribe(call, &original, rec).await,
             op => {
                 self.forward_rounds(call, op, &original, &bind, parked, rec)
                     .await?
@@ -715,7 +715,6 @@ impl Broker {
 
     async fn unsubscribe(
         &self,
-        st: &State,
         call: Call<'_>,
         original: &str,
         rec: &mut CallRecord,
@@ -738,29 +737,44 @@ impl Broker {
             s.subscriptions
                 .fetch_sub(removed, std::sync::atomic::Ordering::AcqRel);
         }
-        if let Some(up) = st.upstream(call.server) {
-            for conn in last_on {
-                let c = up.connection_in(true).filter(|c| c.id == conn).or_else(|| {
-                    let owner = Self::owner_for(up, call.caller, Some(session));
-                    up.connections_of(&owner).into_iter().find(|c| c.id == conn)
-                });
-                if let Some((_, stop)) =
-                    self.resource_listens
-                        .remove(&(call.server.clone(), conn, original.to_string()))
-                {
-                    stop.cancel();
-                    continue;
-                }
-                if let Some(c) = c {
-                    let req = ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(
-                        UnsubscribeRequestParams::new(original.to_string()),
-                    ));
-                    let _ = c.peer.send_request(req).await;
-                }
-            }
+        for conn in last_on {
+            let key = (call.server.clone(), conn, original.to_string());
+            self.end_subscription(&key, call.caller, Some(session))
+                .await;
         }
         rec.finish(Outcome::Ok, None);
         Ok(Reply::Empty)
+    }
+
+    /// End upstream what `key` subscribed to, once its last subscriber (a session of `caller`)
+    /// left: stop its listen stream (2026-07-28), or send resources/unsubscribe on the connection
+    /// it went on, if that is still open.
+    pub(super) async fn end_subscription(
+        &self,
+        key: &super::SubscriptionKey,
+        caller: &Caller,
+        session: Option<u64>,
+    ) {
+        if let Some((_, stop)) = self.resource_listens.remove(key) {
+            stop.cancel();
+            return;
+        }
+        let (server, conn, uri) = key;
+        let st = self.state();
+        let Some(up) = st.upstream(server) else {
+            return;
+        };
+        let live = [up.connection_in(true), up.connection()]
+            .into_iter()
+            .flatten()
+            .chain(up.connections_of(&Self::owner_for(up, caller, session)))
+            .find(|c| c.id == *conn);
+        if let Some(c) = live {
+            let req = ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(
+                UnsubscribeRequestParams::new(uri.clone()),
+            ));
+            let _ = c.peer.send_request(req).await;
+        }
     }
 
     /// Hold a `subscriptions/listen` stream filtered to one resource open on a 2026-07-28
