@@ -678,20 +678,18 @@ impl StreamableHttpClient for RawHttpClient {
         custom_headers: HashMap<HeaderName, HeaderValue>,
         limits: StreamableHttpResponseLimits,
     ) -> Result<StreamableHttpPostResponse, HttpError> {
-        match posted_here(&message) {
-            true => self
-                .post_custom(
-                    uri,
-                    message,
-                    session_id,
-                    auth_header,
-                    custom_headers,
-                    limits,
-                )
-                .await
-                .map_err(explain),
-            false => self
-                .inner
+        let r = if posted_here(&message) {
+            self.post_custom(
+                uri,
+                message,
+                session_id,
+                auth_header,
+                custom_headers,
+                limits,
+            )
+            .await
+        } else {
+            self.inner
                 .post_message_with_response_limits(
                     uri,
                     message,
@@ -701,8 +699,8 @@ impl StreamableHttpClient for RawHttpClient {
                     limits,
                 )
                 .await
-                .map_err(explain),
-        }
+        };
+        r.map_err(explain)
     }
 
     async fn delete_session(
