@@ -261,13 +261,20 @@ impl Broker {
         }
         // A retry of an input_required request echoes the broker's sealed state: opened here (for
         // this caller and this very request only) before anything goes upstream.
-        let bind = mrtr::binding(
-            caller,
-            &server,
-            op.kind(),
-            &original,
-            op.arguments().as_ref(),
-        );
+        // Only 2026-07-28 clients are given sealed states: a 2025 session's call that echoes none
+        // skips the digest.
+        let echoed = op.mrtr().is_some_and(|(state, _)| state.is_some());
+        let bind = if down.stateless || echoed {
+            mrtr::binding(
+                caller,
+                &server,
+                op.kind(),
+                &original,
+                op.arguments().as_ref(),
+            )
+        } else {
+            Vec::new()
+        };
         let mut parked = None;
         if let Some((state, _)) = op.mrtr()
             && let Some(token) = state.take()
