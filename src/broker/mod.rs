@@ -106,7 +106,8 @@ pub struct Broker {
     /// (server, connection, upstream URI) → the sessions subscribed through it.
     subscriptions: Mutex<HashMap<SubscriptionKey, std::collections::HashSet<u64>>>,
     /// For 2026-07-28 servers (no resources/subscribe): the `subscriptions/listen` stream held open
-    /// per subscribed (connection, URI), stopped with its last subscriber.
+    /// per subscribed (connection, URI), stopped with its last subscriber (unsubscribe or session
+    /// close); bounded as subscriptions are (per session).
     resource_listens: DashMap<SubscriptionKey, CancellationToken>,
     /// The log level last sent to each upstream connection (the most verbose its receivers want);
     /// entries of closed connections are dropped at the next setLevel.
@@ -115,7 +116,10 @@ pub struct Broker {
     limiter: RateLimiter,
     /// Seals the `requestState` of input_required results relayed to 2026-07-28 clients.
     seal: mrtr::Seal,
-    /// 2026-07-28 calls to 2025-era upstreams waiting for the client's answers, by park id.
+    /// 2026-07-28 calls to 2025-era upstreams waiting for the client's answers, by park id: only
+    /// the caller the sealed state names resumes one; at most `mrtr::MAX_PARKED` (per caller
+    /// `MAX_PARKED_PER_CALLER`); dropped (and cancelled upstream) when resumed to completion or
+    /// swept once `request_state_ttl` passed.
     parked: DashMap<u64, mrtr::Parked>,
     next_park: AtomicU64,
     /// This broker (for the tasks a parked call runs in).

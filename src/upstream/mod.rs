@@ -168,7 +168,8 @@ pub struct Upstream {
     state: RwLock<Option<Arc<Connection>>>,
     /// A second, 2025-11-25 connection to a server that speaks both revisions (the shared one
     /// then speaks 2026-07-28): 2025-era clients are served on it exactly as the server serves
-    /// their era (HTTP servers under `protocol = "auto"` only).
+    /// their era (HTTP servers under `protocol = "auto"` only). Opened after the shared one, closed
+    /// with it (or on shutdown); its events and calls are routed like the shared one's.
     legacy: RwLock<Option<Arc<Connection>>>,
     secrets: std::sync::OnceLock<SecretsSource>,
     subjects: dashmap::DashMap<String, Arc<SubjectConn>>,
