@@ -53,6 +53,10 @@ HARNESS_DIR="$(cd "$HARNESS_DIR" && pwd)"
 STAMP="$HARNESS_DIR/.stamp"
 # The conformance suite 0.2.x and its reference server (../shared/conformance-ref, npm ci) are installed by
 # scripts/conformance.sh --install-only; the stamp is keyed on the suite version and the server's files.
+[[ -d ../shared/conformance-ref ]] || {
+  echo "test.sh: ../shared/conformance-ref (the conformance suite's reference server, beside the project) not found" >&2
+  exit 2
+}
 CONFORMANCE_KEY="$(grep -m1 '^SUITE_VERSION=' scripts/conformance.sh) $(cat ../shared/conformance-ref/package-lock.json ../shared/conformance-ref/*.ts scripts/conformance-loopback.cjs 2>/dev/null | sha256sum | cut -c1-16)"
 WANT_STAMP="v5 npm:${NPM_PKGS[*]} py:${PY_PKGS[*]} conformance:$CONFORMANCE_KEY"
 
