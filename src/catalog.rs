@@ -105,6 +105,16 @@ impl Item {
         &self.0
     }
 
+    /// The very same definition (not an equal copy): what a cache of serialised lists keys on.
+    pub fn same(&self, other: &Item) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// Where the definition lives, for hashing alongside [`Self::same`].
+    pub fn addr(&self) -> usize {
+        Arc::as_ptr(&self.0) as usize
+    }
+
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.0.get(key)
     }

@@ -388,6 +388,11 @@ pub struct BrokerConfig {
     /// How long a `requestState` the broker seals for a 2026-07-28 client stays valid (and a call
     /// parked for that client's answers waits).
     pub request_state_ttl: Duration,
+    /// Answer the common request of an established HTTP session (a call without progress from a
+    /// client that declared no sampling, elicitation or roots; a list) as `application/json` on the
+    /// front's direct lane, without rmcp's session machinery (`front::lane`). Off: every request
+    /// goes through rmcp, and every call gets a resumable event stream.
+    pub direct_lane: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -876,6 +881,7 @@ impl Ctx<'_> {
             body_read_timeout,
             max_connections,
             request_state_ttl,
+            direct_lane: raw.direct_lane.unwrap_or(true),
         })
     }
 

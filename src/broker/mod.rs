@@ -385,6 +385,11 @@ impl Broker {
         Ok(s.id)
     }
 
+    /// The peer of an open session (the HTTP front's direct lane answers its requests).
+    pub fn session_peer(&self, id: u64) -> Option<Peer<RoleServer>> {
+        self.sessions.get(id).map(|s| s.peer.clone())
+    }
+
     /// Forget a session: its queue, subscriptions and `isolation = "session"` connections go.
     pub fn close_session(&self, id: u64) {
         let Some(session) = self.sessions.remove(id) else {

@@ -254,6 +254,7 @@ pub(super) struct RawBroker {
     pub(super) body_read_timeout: Option<String>,
     pub(super) max_connections: Option<usize>,
     pub(super) request_state_ttl: Option<String>,
+    pub(super) direct_lane: Option<bool>,
 }
 
 /// `[servers.NAME]` keys every transport takes; the rest of the table is the [`RawTransport`].

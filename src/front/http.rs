@@ -32,6 +32,7 @@ use rmcp::transport::streamable_http_server::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::lane::{Lanes, OpenedSession};
 use super::resume::ResumableSessions;
 use crate::auth::{AuthError, Authenticator, Caller, SessionOwners};
 use crate::broker::Broker;
@@ -68,7 +69,18 @@ pub fn router(
         origins.push(public.origin().ascii_serialization());
     }
     let mut sessions = LocalSessionManager::default();
-    sessions.session_config.keep_alive = Some(cfg.session_idle_timeout);
+    // Idleness is kept by the front (`lane`): requests served on the direct lane never reach
+    // rmcp's session worker, whose own timer would close a busy session.
+    sessions.session_config.keep_alive = None;
+    let sessions = Arc::new(ResumableSessions::new(sessions));
+    let lanes = Arc::new(Lanes::new(broker.clone(), hosts.clone()));
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(
+            lanes
+                .clone()
+                .sweep(sessions.clone(), cfg.session_idle_timeout, ct.clone()),
+        );
+    }
     let server_cfg = StreamableHttpServerConfig::default()
         .with_allowed_hosts(hosts)
         .with_allowed_origins(origins)
@@ -78,7 +90,7 @@ pub fn router(
     let b = broker.clone();
     let mcp = Arc::new(StreamableHttpService::new(
         move || Ok(Front::new(b.clone())),
-        Arc::new(ResumableSessions::new(sessions)),
+        sessions,
         server_cfg,
     ));
     let public_path = public.path().trim_end_matches('/').to_string();
@@ -132,7 +144,12 @@ pub fn router(
     // Outermost last. The gate decides from the headers alone, so no body byte of an
     // unauthenticated request is read; `jsonrpc_errors` then reads the body once (bounded in size
     // and time) and the layers inside it get bytes.
-    app.layer(middleware::from_fn_with_state(body, relay_rename))
+    let relay = Relay {
+        body,
+        lanes,
+        direct: cfg.direct_lane,
+    };
+    app.layer(middleware::from_fn_with_state(relay, relay_rename))
         .layer(middleware::from_fn_with_state(state.clone(), step_up))
         .layer(middleware::from_fn_with_state(body, jsonrpc_errors))
         .layer(middleware::from_fn_with_state(state, gate))
@@ -680,23 +697,87 @@ async fn jsonrpc_errors(State(rules): State<BodyRules>, req: Request, next: Next
     resp
 }
 
-/// Lists and calls go on to rmcp under a private method, so the front can answer them with the
-/// upstreams' raw JSON (see `relay`). The innermost layer: the step-up check sees the original
-/// request.
-async fn relay_rename(State(rules): State<BodyRules>, req: Request, next: Next) -> Response {
-    if req.uri().path() != MCP_PATH || req.method() != Method::POST {
+#[derive(Clone)]
+struct Relay {
+    body: BodyRules,
+    lanes: Arc<Lanes>,
+    /// `[broker] direct_lane`.
+    direct: bool,
+}
+
+/// The innermost layer (the step-up check sees the original request). A request the direct lane
+/// can serve is answered here (see `lane`); lists and calls otherwise go on to rmcp under a private
+/// method, so the front can answer them with the upstreams' raw JSON (see `relay`). Every request
+/// naming a session marks it active, and a new session is registered with the lane.
+async fn relay_rename(State(r): State<Relay>, req: Request, next: Next) -> Response {
+    if req.uri().path() != MCP_PATH {
         return next.run(req).await;
     }
+    let session = req
+        .headers()
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if let Some(s) = &session {
+        r.lanes.touch(s);
+    }
+    if req.method() != Method::POST {
+        let delete = req.method() == Method::DELETE;
+        let resp = next.run(req).await;
+        if delete
+            && let Some(s) = &session
+            && resp.status().is_success()
+        {
+            r.lanes.forget(s);
+        }
+        return resp;
+    }
     let (mut parts, body) = req.into_parts();
-    let bytes = match rules.read(body).await {
+    let bytes = match r.body.read(body).await {
         Ok(b) => b,
         Err(refused) => return refused,
     };
+    // Browsers send `Origin` on every POST: those requests get rmcp's Origin check, so the lane
+    // serves only non-browser clients, on a Host rmcp would accept too.
+    if let Some(s) = &session
+        && r.direct
+        && !parts.headers.contains_key(header::ORIGIN)
+        && is_json(&parts.headers)
+        && r.lanes.host_allowed(&parts.headers)
+        && let Some(caller) = parts.extensions.get::<Caller>()
+        && let Some(resp) = r.lanes.serve(s, &parts.headers, caller, &bytes).await
+    {
+        return resp;
+    }
+    let opened = session.is_none().then(OpenedSession::default);
+    if let Some(o) = &opened {
+        parts.extensions.insert(o.clone());
+    }
     let body = match super::relay::rename_request(&bytes, &mut parts.headers) {
         Some(renamed) => Body::from(renamed),
-        None => Body::from(bytes),
+        None => Body::from(bytes.clone()),
     };
-    next.run(Request::from_parts(parts, body)).await
+    let resp = next.run(Request::from_parts(parts, body)).await;
+    if let Some(o) = opened
+        && let Some(new) = resp
+            .headers()
+            .get(SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+    {
+        r.lanes.register(new, o.0.get().copied(), &bytes);
+    }
+    resp
+}
+
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        })
 }
 
 fn rpc_error(code: i64, message: &str) -> Response {

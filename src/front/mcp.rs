@@ -256,55 +256,10 @@ impl Front {
         let modern = is_modern(&ctx);
         // The HTTP front's link to this call's stream goes with the request upstream.
         let link = ctx.extensions.get::<StreamLink>().cloned();
-        match method {
-            "tools/call" => {
-                let p: CallToolRequestParams = params_of(method, params)?;
-                let declared_tasks = ctx
-                    .client_capabilities()
-                    .is_some_and(|c| c.supports_tasks());
-                let (r, raw) =
-                    raw::capture(StreamLink::scope(link, self.run(Op::CallTool(p), ctx))).await;
-                let Reply::Tool(r) = r? else {
-                    return Err(unexpected_reply());
-                };
-                // SEP-2663, as rmcp checks for typed calls.
-                if matches!(r, CallToolResponse::Task(_)) && !declared_tasks {
-                    return Err(ErrorData::missing_required_client_capability(
-                        rmcp::model::ClientCapabilities::builder()
-                            .enable_tasks()
-                            .build(),
-                    ));
-                }
-                call_result(ServerResult::from(r), raw, modern)
-            }
-            "prompts/get" => {
-                let p: GetPromptRequestParams = params_of(method, params)?;
-                let (r, raw) =
-                    raw::capture(StreamLink::scope(link, self.run(Op::GetPrompt(p), ctx))).await;
-                let Reply::Prompt(r) = r? else {
-                    return Err(unexpected_reply());
-                };
-                call_result(ServerResult::from(r), raw, modern)
-            }
-            _ => {
-                let p: ReadResourceRequestParams = params_of(method, params)?;
-                let exposed = p.uri.clone();
-                let (r, raw) =
-                    raw::capture(StreamLink::scope(link, self.run(Op::ReadResource(p), ctx))).await;
-                let Reply::Resource(r) = r.map_err(|e| resource_error(e, &exposed, modern))? else {
-                    return Err(unexpected_reply());
-                };
-                // The broker rewrote the typed contents' URIs; the raw ones get the same.
-                let raw = raw.map(|mut v| {
-                    let cat = self.broker.catalog_in(!modern);
-                    if let Some(route) = cat.route_uri(&exposed) {
-                        cat.expose_read_result(&route.server, &mut v);
-                    }
-                    v
-                });
-                call_result(ServerResult::from(r), raw, modern)
-            }
-        }
+        let caller = caller_of(&ctx);
+        let down = self.downstream(&ctx);
+        let params = params_of_call(method, params)?;
+        relay_call(&self.broker, &caller, down, ctx.ct, params, modern, link).await
     }
 
     /// One list as JSON, every item as its upstream sent it (name or URI namespaced), filtered for
@@ -317,23 +272,141 @@ impl Front {
     ) -> Result<serde_json::Value, ErrorData> {
         no_cursor(cursor.as_deref())?;
         let modern = is_modern(&ctx);
-        let Reply::Listed(items, ttl_ms) = self.run(Op::List(which), ctx).await? else {
-            return Err(unexpected_reply());
-        };
-        let mut out = serde_json::Map::new();
-        out.insert(
-            which.list_field().into(),
-            serde_json::to_value(items).unwrap_or_else(|_| serde_json::Value::Array(Vec::new())),
-        );
-        if modern {
-            // SEP-2549 caching hints: the list is filtered per caller, so private, for as long as
-            // the shortest-lived of the upstreams it merges allows.
-            out.insert("resultType".into(), "complete".into());
-            out.insert("ttlMs".into(), ttl_ms.into());
-            out.insert("cacheScope".into(), "private".into());
-        }
-        Ok(serde_json::Value::Object(out))
+        let caller = caller_of(&ctx);
+        let down = self.downstream(&ctx);
+        relay_list(&self.broker, &caller, down, ctx.ct, which, modern).await
     }
+}
+
+/// The decoded params of a relayed call.
+pub enum CallParams {
+    Tool(CallToolRequestParams),
+    Prompt(GetPromptRequestParams),
+    Read(ReadResourceRequestParams),
+}
+
+impl CallParams {
+    /// The progress token the caller asked for, if any.
+    pub fn progress_token(&self) -> Option<rmcp::model::ProgressToken> {
+        match self {
+            CallParams::Tool(p) => p.meta.as_ref().and_then(|m| m.get_progress_token()),
+            CallParams::Prompt(p) => p.meta.as_ref().and_then(|m| m.get_progress_token()),
+            CallParams::Read(p) => p.meta.as_ref().and_then(|m| m.get_progress_token()),
+        }
+    }
+}
+
+/// Decode a relayed call's params (`method` is one of [`relay::CALLS`]).
+pub fn params_of_call(
+    method: &str,
+    params: Option<serde_json::Value>,
+) -> Result<CallParams, ErrorData> {
+    Ok(match method {
+        "tools/call" => CallParams::Tool(params_of(method, params)?),
+        "prompts/get" => CallParams::Prompt(params_of(method, params)?),
+        _ => CallParams::Read(params_of(method, params)?),
+    })
+}
+
+/// A relayed call through the broker's pipeline, answered with the upstream's raw result (shaped
+/// for the client's revision). Shared by rmcp's handler and the HTTP front's direct lane.
+pub async fn relay_call(
+    broker: &Broker,
+    caller: &Caller,
+    down: Downstream,
+    ct: tokio_util::sync::CancellationToken,
+    params: CallParams,
+    modern: bool,
+    link: Option<StreamLink>,
+) -> Result<serde_json::Value, ErrorData> {
+    match params {
+        CallParams::Tool(p) => {
+            let declared_tasks = down
+                .capabilities
+                .as_ref()
+                .is_some_and(|c| c.supports_tasks());
+            let run = broker.handle(caller, Op::CallTool(p), down, ct);
+            let (r, raw) = raw::capture(StreamLink::scope(link, run)).await;
+            let Reply::Tool(r) = r? else {
+                return Err(unexpected_reply());
+            };
+            // SEP-2663, as rmcp checks for typed calls.
+            if matches!(r, CallToolResponse::Task(_)) && !declared_tasks {
+                return Err(ErrorData::missing_required_client_capability(
+                    rmcp::model::ClientCapabilities::builder()
+                        .enable_tasks()
+                        .build(),
+                ));
+            }
+            call_result(ServerResult::from(r), raw, modern)
+        }
+        CallParams::Prompt(p) => {
+            let run = broker.handle(caller, Op::GetPrompt(p), down, ct);
+            let (r, raw) = raw::capture(StreamLink::scope(link, run)).await;
+            let Reply::Prompt(r) = r? else {
+                return Err(unexpected_reply());
+            };
+            call_result(ServerResult::from(r), raw, modern)
+        }
+        CallParams::Read(p) => {
+            let exposed = p.uri.clone();
+            let run = broker.handle(caller, Op::ReadResource(p), down, ct);
+            let (r, raw) = raw::capture(StreamLink::scope(link, run)).await;
+            let Reply::Resource(r) = r.map_err(|e| resource_error(e, &exposed, modern))? else {
+                return Err(unexpected_reply());
+            };
+            // The broker rewrote the typed contents' URIs; the raw ones get the same.
+            let raw = raw.map(|mut v| {
+                let cat = broker.catalog_in(!modern);
+                if let Some(route) = cat.route_uri(&exposed) {
+                    cat.expose_read_result(&route.server, &mut v);
+                }
+                v
+            });
+            call_result(ServerResult::from(r), raw, modern)
+        }
+    }
+}
+
+/// One list for the caller: the items shown and the SEP-2549 time to live (see [`Front::list_raw`]).
+/// Shared with the direct lane.
+pub async fn relay_list_items(
+    broker: &Broker,
+    caller: &Caller,
+    down: Downstream,
+    ct: tokio_util::sync::CancellationToken,
+    which: Kind,
+) -> Result<(Vec<crate::catalog::Item>, u64), ErrorData> {
+    let Reply::Listed(items, ttl_ms) = broker.handle(caller, Op::List(which), down, ct).await?
+    else {
+        return Err(unexpected_reply());
+    };
+    Ok((items, ttl_ms))
+}
+
+/// One list for the caller as JSON.
+async fn relay_list(
+    broker: &Broker,
+    caller: &Caller,
+    down: Downstream,
+    ct: tokio_util::sync::CancellationToken,
+    which: Kind,
+    modern: bool,
+) -> Result<serde_json::Value, ErrorData> {
+    let (items, ttl_ms) = relay_list_items(broker, caller, down, ct, which).await?;
+    let mut out = serde_json::Map::new();
+    out.insert(
+        which.list_field().into(),
+        serde_json::to_value(items).unwrap_or_else(|_| serde_json::Value::Array(Vec::new())),
+    );
+    if modern {
+        // SEP-2549 caching hints: the list is filtered per caller, so private, for as long as
+        // the shortest-lived of the upstreams it merges allows.
+        out.insert("resultType".into(), "complete".into());
+        out.insert("ttlMs".into(), ttl_ms.into());
+        out.insert("cacheScope".into(), "private".into());
+    }
+    Ok(serde_json::Value::Object(out))
 }
 
 impl ServerHandler for Front {
@@ -362,7 +435,15 @@ impl ServerHandler for Front {
         request: InitializeRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<InitializeResult, ErrorData> {
-        self.open_session(&ctx.peer, caller_of(&ctx))?;
+        let id = self.open_session(&ctx.peer, caller_of(&ctx))?;
+        // The HTTP front's direct lane learns which broker session the new one is.
+        if let Some(opened) = ctx
+            .extensions
+            .get::<http::request::Parts>()
+            .and_then(|p| p.extensions.get::<super::lane::OpenedSession>())
+        {
+            let _ = opened.0.set(id);
+        }
         ctx.peer.set_peer_info(request.clone());
         self.negotiate_initialize(&request)
     }

@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use rmcp::{
     RoleClient,
     model::{
-        ClientNotification, ClientRequest, CustomResult, JsonRpcMessage, JsonRpcResponse,
-        JsonRpcVersion2_0, RequestId, ServerResult,
+        CallToolResult, ClientNotification, ClientRequest, CustomResult, JsonRpcMessage,
+        JsonRpcResponse, JsonRpcVersion2_0, RequestId, ServerResult,
     },
     service::{RxJsonRpcMessage, TxJsonRpcMessage},
 };
@@ -183,9 +183,48 @@ pub fn typed(result: ServerResult) -> ServerResult {
     if KEPT.try_with(|_| ()).is_err() {
         return decode(v);
     }
-    let t = decode(v.clone());
+    // The front relays the raw result: a plain tool result is not decoded (rmcp's untagged
+    // decode tries every variant, and cost more than the rest of the call's JSON handling).
+    let t = tool_shell(&v).unwrap_or_else(|| decode(v.clone()));
     let _ = KEPT.try_with(|k| *k.borrow_mut() = Some(v));
     t
+}
+
+/// What the broker needs of a successful, complete tools/call result whose raw form is relayed:
+/// only that it is one (audit outcome, metrics). `None` for anything else, decoded in full: errors
+/// (the audit record keeps their text), `input_required`, tasks, other kinds of results.
+fn tool_shell(v: &Value) -> Option<ServerResult> {
+    /// Keys of the other results an untagged decode could pick (prompt, read, completion,
+    /// lists, task, input_required, initialize).
+    const OTHERS: [&str; 11] = [
+        "messages",
+        "contents",
+        "completion",
+        "tools",
+        "prompts",
+        "resources",
+        "resourceTemplates",
+        "task",
+        "inputRequests",
+        "requestState",
+        "protocolVersion",
+    ];
+    let o = v.as_object()?;
+    if !o.get("content")?.is_array() || OTHERS.iter().any(|k| o.contains_key(*k)) {
+        return None;
+    }
+    if o.get("resultType").is_some_and(|t| t != "complete") {
+        return None;
+    }
+    let is_error = match o.get("isError") {
+        None => None,
+        Some(Value::Bool(false)) => Some(false),
+        Some(_) => return None,
+    };
+    let mut r = CallToolResult::success(Vec::new());
+    r.is_error = is_error;
+    r.result_type = None;
+    Some(ServerResult::CallToolResult(r))
 }
 
 /// The result of a request sent as a custom request, as JSON: the raw object when the transport
@@ -252,5 +291,36 @@ mod tests {
         unmark(&mut m);
         assert!(result_text(&m).contains(r#""properties":{"zeta""#));
         assert!(result_text(&m).contains(r#""execution":{"taskSupport":"forbidden"}"#));
+    }
+
+    #[tokio::test]
+    async fn plain_tool_results_are_kept_raw_and_not_decoded() {
+        let ok =
+            serde_json::json!({"content": [{"type": "text", "text": "a"}], "execution": {"x": 1}});
+        let (t, raw) =
+            capture(async { typed(ServerResult::CustomResult(CustomResult(ok.clone()))) }).await;
+        match t {
+            ServerResult::CallToolResult(r) => {
+                assert!(r.content.is_empty(), "not decoded");
+                assert_ne!(r.is_error, Some(true));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(raw, Some(ok));
+        // An error keeps its decoded content (the audit record's text); other results decode.
+        let err =
+            serde_json::json!({"content": [{"type": "text", "text": "boom"}], "isError": true});
+        let (t, _) = capture(async { typed(ServerResult::CustomResult(CustomResult(err))) }).await;
+        match t {
+            ServerResult::CallToolResult(r) => {
+                assert_eq!(r.is_error, Some(true));
+                assert_eq!(r.content.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        let prompt = serde_json::json!({"messages": [], "content": []});
+        let (t, _) =
+            capture(async { typed(ServerResult::CustomResult(CustomResult(prompt))) }).await;
+        assert!(matches!(t, ServerResult::GetPromptResult(_)), "{t:?}");
     }
 }
