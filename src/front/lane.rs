@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use dashmap::DashMap;
@@ -237,7 +237,7 @@ impl Lanes {
             Work::List(which) => {
                 match relay_list_items(&self.broker, caller, down, ct, which).await {
                     Ok((items, _)) => {
-                        list_response(&id, which.list_field(), &self.lists.json(&items))
+                        list_response(&id, which.list_field(), self.lists.json(&items))
                     }
                     Err(e) => json_response(&id, Err(e)),
                 }
@@ -286,7 +286,7 @@ impl Lanes {
 /// is ever served, and holding them keeps their addresses from being reused).
 struct CachedList {
     items: Vec<Item>,
-    json: Arc<str>,
+    json: Bytes,
 }
 
 /// Serialised lists kept at most (a new view beyond this starts the cache afresh).
@@ -297,7 +297,7 @@ struct ListCache(Mutex<HashMap<u64, CachedList>>);
 
 impl ListCache {
     /// `items` as a JSON array, serialised once per distinct list.
-    fn json(&self, items: &[Item]) -> Arc<str> {
+    fn json(&self, items: &[Item]) -> Bytes {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         items.len().hash(&mut h);
@@ -312,9 +312,7 @@ impl ListCache {
         {
             return c.json.clone();
         }
-        let json: Arc<str> = serde_json::to_string(items)
-            .unwrap_or_else(|_| "[]".into())
-            .into();
+        let json = Bytes::from(serde_json::to_vec(items).unwrap_or_else(|_| b"[]".to_vec()));
         if lists.len() >= MAX_CACHED_LISTS {
             lists.clear();
         }
@@ -406,19 +404,24 @@ fn has_cursor(params: &RawValue) -> bool {
     serde_json::from_str::<P>(params.get()).map_or(true, |p| p.cursor.is_some())
 }
 
-/// `{"jsonrpc":"2.0","id":…,"result":{"<field>":<items>}}`, the items already serialised.
-fn list_response(id: &RequestId, field: &str, items: &str) -> Response {
+/// `{"jsonrpc":"2.0","id":…,"result":{"<field>":<items>}}`, the items already serialised (sent
+/// from the cache as they are, not copied into a new body).
+fn list_response(id: &RequestId, field: &str, items: Bytes) -> Response {
     let id = serde_json::to_string(id).unwrap_or_else(|_| "null".into());
     let field = serde_json::to_string(field).unwrap_or_else(|_| "\"items\"".into());
-    let mut body = String::with_capacity(items.len() + id.len() + field.len() + 48);
-    body.push_str(r#"{"jsonrpc":"2.0","id":"#);
-    body.push_str(&id);
-    body.push_str(r#","result":{"#);
-    body.push_str(&field);
-    body.push(':');
-    body.push_str(items);
-    body.push_str("}}");
-    json_body(body.into_bytes())
+    let head = Bytes::from(format!(
+        r#"{{"jsonrpc":"2.0","id":{id},"result":{{{field}:"#
+    ));
+    let chunks = [head, items, Bytes::from_static(b"}}")];
+    let body = Body::from_stream(futures::stream::iter(
+        chunks.map(Ok::<_, std::convert::Infallible>),
+    ));
+    let mut resp = Response::new(body);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 fn json_body(body: Vec<u8>) -> Response {
@@ -542,6 +545,23 @@ mod tests {
             cache.json(&[item(&i.to_string())]);
         }
         assert!(cache.0.lock().unwrap().len() <= MAX_CACHED_LISTS);
+    }
+
+    #[tokio::test]
+    async fn list_replies_are_one_json_document() {
+        let r = list_response(
+            &RequestId::String("a\"b".into()),
+            "tools",
+            Bytes::from_static(br#"[{"name":"x"}]"#),
+        );
+        let body = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"jsonrpc": "2.0", "id": "a\"b", "result": {"tools": [{"name": "x"}]}})
+        );
     }
 
     #[test]
