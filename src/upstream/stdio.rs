@@ -17,6 +17,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{ChildStderr, ChildStdin};
 use tokio::sync::mpsc;
 
+use super::ProgressRouter;
+use super::lane::{Pending, StdioLane};
 use super::raw::RawIds;
 
 /// How long a child gets to exit after stdin closes, and again after SIGTERM.
@@ -30,13 +32,17 @@ pub struct StdioTransport {
     rx: mpsc::Receiver<RxJsonRpcMessage<RoleClient>>,
     ids: RawIds,
     reader: tokio::task::JoinHandle<()>,
+    /// Lane calls on this connection: their responses are taken off the wire by the reader.
+    pending: Arc<Pending>,
 }
 
 impl StdioTransport {
-    /// Spawn `cmd` with piped stdio; returns the transport and the child's stderr.
+    /// Spawn `cmd` with piped stdio; returns the transport and the child's stderr. `router` gets
+    /// the lane's progress (see [`super::lane`]).
     pub fn spawn(
         server: Arc<str>,
         mut cmd: CommandWrap,
+        router: Arc<ProgressRouter>,
     ) -> std::io::Result<(Self, Option<ChildStderr>)> {
         cmd.command_mut()
             .stdin(std::process::Stdio::piped())
@@ -55,7 +61,17 @@ impl StdioTransport {
         let ids = RawIds::default();
         let (tx, rx) = mpsc::channel(256);
         let decode = ids.clone();
+        let pending = Pending::open();
+        let lane = pending.clone();
         let reader = tokio::spawn(async move {
+            // However the reader ends, lane calls waiting on it fail at once.
+            struct Close(Arc<Pending>);
+            impl Drop for Close {
+                fn drop(&mut self) {
+                    self.0.close();
+                }
+            }
+            let lane = Close(lane);
             let mut lines = tokio::io::BufReader::new(stdout);
             let mut buf = Vec::new();
             loop {
@@ -84,6 +100,10 @@ impl StdioTransport {
                 if text.is_empty() {
                     continue;
                 }
+                // The lane's response or progress: handled here, in wire order, never seen by rmcp.
+                if lane.0.route(text, &router) {
+                    continue;
+                }
                 match decode.decode(text) {
                     Ok(m) => {
                         if tx.send(m).await.is_err() {
@@ -103,9 +123,20 @@ impl StdioTransport {
                 rx,
                 ids,
                 reader,
+                pending,
             },
             stderr,
         ))
+    }
+}
+
+impl StdioTransport {
+    /// The lane onto this child: the same stdin, answered by this transport's reader.
+    pub fn lane(&self) -> StdioLane {
+        StdioLane {
+            stdin: self.stdin.clone(),
+            pending: self.pending.clone(),
+        }
     }
 }
 
