@@ -339,7 +339,7 @@ where
 
 impl RawHttpClient {
     /// Keep what this POST carries for the lane (see [`PostContext`]).
-    fn record(
+    pub(super) fn record(
         &self,
         uri: &Arc<str>,
         session_id: &Option<Arc<str>>,

@@ -205,3 +205,57 @@ impl Drop for StdioTransport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rmcp::model::{
+        CustomRequest, JsonRpcMessage, NumberOrString, ProgressToken, ServerNotification,
+    };
+
+    use super::super::lane::{Lane, LaneKind, next_id};
+    use super::*;
+
+    /// A child that answers one request line with progress, a log, then the response.
+    const CHILD: &str = r#"read line
+id=$(printf '%s' "$line" | sed 's/^{"jsonrpc":"2.0","id":\([0-9]*\).*/\1/')
+printf '{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":%s,"progress":1}}\n' "$id"
+printf '{"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":"hi"}}\n'
+printf '{"jsonrpc":"2.0","id":%s,"result":{"zeta":1,"execution":{"taskSupport":"optional"},"alpha":2}}\n' "$id"
+sleep 5
+"#;
+
+    #[tokio::test]
+    async fn the_lanes_response_and_progress_bypass_rmcp_and_the_rest_reaches_it() {
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args(["-c", CHILD]);
+        let router = Arc::new(ProgressRouter::default());
+        let spawned = StdioTransport::spawn("t".into(), CommandWrap::from(cmd), router.clone());
+        let Ok((mut transport, _)) = spawned else {
+            panic!("cannot run sh");
+        };
+        let lane = Lane::new(LaneKind::Stdio(transport.lane()), router.clone(), None);
+        let id = next_id();
+        let mut progress = router.route(&ProgressToken(NumberOrString::Number(id)));
+        let req = CustomRequest::new("tools/call", Some(serde_json::json!({"name": "echo"})));
+        let got = tokio::time::timeout(Duration::from_secs(10), lane.request(id, &req, None)).await;
+        let Ok(Ok(v)) = got else {
+            panic!("{got:?}");
+        };
+        assert_eq!(
+            v.to_string(),
+            r#"{"zeta":1,"execution":{"taskSupport":"optional"},"alpha":2}"#
+        );
+        assert_eq!(progress.try_recv().map(|p| p.progress).ok(), Some(1.0));
+        // rmcp sees the log, and neither the lane's progress nor its response.
+        let m = tokio::time::timeout(Duration::from_secs(5), transport.receive()).await;
+        assert!(
+            matches!(&m, Ok(Some(JsonRpcMessage::Notification(n)))
+                if matches!(n.notification, ServerNotification::LoggingMessageNotification(_))),
+            "{m:?}"
+        );
+        let _ = transport.close().await;
+        // The reader ended: the lane refuses at once.
+        let after = lane.request(next_id(), &req, None).await;
+        assert!(after.is_err());
+    }
+}
