@@ -61,6 +61,18 @@ pub fn is_lane_id(id: i64) -> bool {
 #[derive(Debug, Clone)]
 pub struct LaneOrigin(pub RequestId);
 
+/// `MCP_BROKER_UPSTREAM_LANE=off` sends every call through rmcp's client instead: a kill switch
+/// for the lane, and the baseline when measuring it.
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        !matches!(
+            std::env::var("MCP_BROKER_UPSTREAM_LANE").as_deref(),
+            Ok("off" | "0" | "false")
+        )
+    })
+}
+
 /// The methods the lane carries: the relayed calls.
 const METHODS: [&str; 3] = ["tools/call", "prompts/get", "resources/read"];
 

@@ -748,7 +748,7 @@ impl Upstream {
                 events.clone(),
             ));
         }
-        let lane = lane.map(|kind| {
+        let lane = lane.filter(|_| lane::enabled()).map(|kind| {
             let meta = info
                 .as_deref()
                 .filter(|_| modern)
