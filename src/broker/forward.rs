@@ -7,8 +7,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rmcp::model::{
-    CancelledNotificationParam, ClientCapabilities, ClientRequest, ProgressNotificationParam,
-    ProgressToken, RequestId, RequestMetaObject, ServerResult,
+    CancelledNotificationParam, ClientCapabilities, ClientRequest, CustomRequest, CustomResult,
+    NumberOrString, ProgressNotificationParam, ProgressToken, RequestId, RequestMetaObject,
+    ServerResult,
 };
 use rmcp::service::{PeerRequestOptions, ServiceError};
 use tokio_util::sync::CancellationToken;
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::CallRecord;
 use crate::auth::Caller;
 use crate::config::{Isolation, UpstreamAuth};
+use crate::upstream::lane::{self, Lane, LaneError};
 use crate::upstream::{Connection, Secrets, Upstream};
 
 use super::errors::{Failure, unexpected};
@@ -151,6 +153,9 @@ impl Broker {
             .connection_for(st, up, caller, &owner, tool, !down.stateless)
             .await?;
         rec.credential(kind);
+        if let Some((lane, custom)) = conn.lane_for(&req) {
+            return self.forward_lane(call, up, &conn, lane, custom, rec).await;
+        }
         let mut opts = PeerRequestOptions::with_timeout(timeout).reset_timeout_on_progress();
         if conn.modern {
             // 2026-07-28 requests carry the client's capabilities: the caller's own, so the upstream
@@ -223,6 +228,99 @@ impl Broker {
                     "server `{server}` did not answer within {timeout:?} (no result or progress in that time)"
                 )))
             }
+            Err(e) => {
+                up.report_failure();
+                up.drop_connection(conn.id);
+                tracing::warn!(server = %server, error = %e, "upstream connection failed during a request");
+                Err(Failure::Unavailable(format!(
+                    "server `{server}` is unavailable (the connection failed during the request; reconnecting)"
+                )))
+            }
+        }
+    }
+}
+
+impl Broker {
+    /// [`Broker::forward`] on the connection's lane (see `upstream::lane`): the same routes, audit,
+    /// progress, cancellation and error mapping, without rmcp's client service. The lane id is the
+    /// request id and the progress token.
+    async fn forward_lane(
+        &self,
+        call: Call<'_>,
+        up: &Upstream,
+        conn: &Arc<Connection>,
+        lane: &Lane,
+        req: &CustomRequest,
+        rec: &mut CallRecord,
+    ) -> Result<ServerResult, Failure> {
+        let Call {
+            server,
+            down,
+            ct,
+            timeout,
+            ..
+        } = call;
+        let n = lane::next_id();
+        let (id, token) = (
+            RequestId::Number(n),
+            ProgressToken(NumberOrString::Number(n)),
+        );
+        // 2026-07-28: the caller's capabilities, as `forward` gives rmcp.
+        let caps = conn
+            .modern
+            .then(|| forwarded_capabilities(down.capabilities.clone()));
+        rec.upstream_started();
+        // Routes registered before the request goes out; removed when this call ends, however.
+        let mut progress = conn.progress.route(&token);
+        let _routes = RouteGuard::new(self, server, &id, &token, conn, down);
+        let cancel = |reason: &'static str| {
+            let p = CancelledNotificationParam::new(Some(id.clone()), Some(reason.into()));
+            let peer = conn.peer.clone();
+            async move {
+                let _ = peer.notify_cancelled(p).await;
+            }
+        };
+        let mut response = std::pin::pin!(lane.request(n, req, caps));
+        // An idle timeout: each progress notification restarts it.
+        let idle = tokio::time::sleep(timeout);
+        tokio::pin!(idle);
+        let result = loop {
+            tokio::select! {
+                biased;
+                Some(p) = progress.recv() => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + timeout);
+                    relay_progress(down, p).await;
+                }
+                r = &mut response => {
+                    // Progress that preceded the response on the wire is already queued: send it first.
+                    while let Ok(p) = progress.try_recv() {
+                        relay_progress(down, p).await;
+                    }
+                    break r;
+                }
+                _ = &mut idle => {
+                    cancel("timed out at mcp-broker").await;
+                    rec.upstream_finished();
+                    return Err(Failure::Timeout(format!(
+                        "server `{server}` did not answer within {timeout:?} (no result or progress in that time)"
+                    )));
+                }
+                _ = ct.cancelled() => {
+                    cancel("cancelled by the client").await;
+                    return Err(Failure::Cancelled("request cancelled by the client".into()));
+                }
+                _ = self.drain_cancel.cancelled() => {
+                    cancel("mcp-broker is shutting down").await;
+                    return Err(Failure::Cancelled(
+                        "cancelled: mcp-broker is shutting down and the drain deadline passed".into(),
+                    ));
+                }
+            }
+        };
+        rec.upstream_finished();
+        match result {
+            Ok(v) => Ok(ServerResult::CustomResult(CustomResult(v))),
+            Err(LaneError::Rpc(e)) => Err(Failure::Rpc(e)),
             Err(e) => {
                 up.report_failure();
                 up.drop_connection(conn.id);

@@ -109,6 +109,28 @@ pub struct RawHttpClient {
     /// The HTTP status of the last `server/discover` POST (0 before any): tells a legacy server
     /// (400, 404, 405: try `initialize`) from one refusing the credential (401, 403: don't).
     pub discover_status: Arc<std::sync::atomic::AtomicU16>,
+    /// Where and how rmcp's worker POSTed last, for the lane to POST the same way.
+    pub lane: LaneSlot,
+}
+
+/// What rmcp's worker sent on its latest POST (see [`super::lane`]): the connection's URI,
+/// session, credentials and headers (`MCP-Protocol-Version` included), less the headers that
+/// describe one request (SEP-2243 `Mcp-Method`, `Mcp-Name`, `Mcp-Param-*`).
+pub struct PostContext {
+    pub url: reqwest::Url,
+    pub uri: Arc<str>,
+    pub session_id: Option<Arc<str>>,
+    pub auth: Option<String>,
+    pub headers: HashMap<HeaderName, HeaderValue>,
+    pub limits: StreamableHttpResponseLimits,
+}
+
+pub type LaneSlot = Arc<std::sync::RwLock<Option<Arc<PostContext>>>>;
+
+/// Is `name` a header that rmcp sets for one request only?
+fn per_request(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    n == "mcp-method" || n == "mcp-name" || n.starts_with("mcp-param-")
 }
 
 fn custom_request_id(message: &ClientJsonRpcMessage) -> Option<RequestId> {
@@ -137,7 +159,7 @@ fn posted_here(message: &ClientJsonRpcMessage) -> bool {
 
 /// The response body, failing once an SSE event (the bytes between blank lines) exceeds `max`, so
 /// an upstream cannot make the broker buffer an endless event.
-fn bounded_events<S, B, E>(
+pub(super) fn bounded_events<S, B, E>(
     body: S,
     max: usize,
 ) -> impl futures::Stream<Item = Result<B, std::io::Error>> + Send + 'static
@@ -184,14 +206,17 @@ impl std::fmt::Display for EventTooLarge {
 
 impl std::error::Error for EventTooLarge {}
 
-fn too_large(e: &SseError) -> bool {
+pub(super) fn too_large(e: &SseError) -> bool {
     matches!(e, SseError::Body(b) if b
         .downcast_ref::<std::io::Error>()
         .and_then(|io| io.get_ref())
         .is_some_and(|inner| inner.is::<EventTooLarge>()))
 }
 
-async fn read_bounded(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, HttpError> {
+pub(super) async fn read_bounded(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, HttpError> {
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await? {
         if body.len() + chunk.len() > max {
@@ -202,7 +227,7 @@ async fn read_bounded(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>
     Ok(body)
 }
 
-type Events = BoxStream<'static, Result<Sse, SseError>>;
+pub(super) type Events = BoxStream<'static, Result<Sse, SseError>>;
 
 /// `events` with the response to custom request `id` (if any) marked for the progress tap.
 fn marked(events: Events, id: Option<RequestId>) -> Events {
@@ -313,6 +338,44 @@ where
 }
 
 impl RawHttpClient {
+    /// Keep what this POST carries for the lane (see [`PostContext`]).
+    pub(super) fn record(
+        &self,
+        uri: &Arc<str>,
+        session_id: &Option<Arc<str>>,
+        auth: &Option<String>,
+        headers: &HashMap<HeaderName, HeaderValue>,
+        limits: StreamableHttpResponseLimits,
+    ) {
+        let Ok(mut slot) = self.lane.write() else {
+            return;
+        };
+        let url = match slot.as_ref().filter(|c| c.uri == *uri) {
+            Some(c) => c.url.clone(),
+            None => match reqwest::Url::parse(uri) {
+                Ok(u) => u,
+                Err(_) => return,
+            },
+        };
+        *slot = Some(Arc::new(PostContext {
+            url,
+            uri: uri.clone(),
+            session_id: session_id.clone(),
+            auth: auth.clone(),
+            headers: headers
+                .iter()
+                .filter(|(k, _)| !per_request(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            limits,
+        }));
+    }
+
+    /// What the lane POSTs with, once rmcp has POSTed.
+    pub fn lane_context(&self) -> Option<Arc<PostContext>> {
+        self.lane.read().ok().and_then(|s| s.clone())
+    }
+
     async fn post_custom(
         &self,
         uri: Arc<str>,
@@ -424,7 +487,7 @@ impl RawHttpClient {
                     auth_token: stream_auth,
                     custom_headers: stream_headers,
                     max_event: limits.max_sse_event_size,
-                    id,
+                    id: Some(id),
                     link,
                     current: first,
                     last_event_id: None,
@@ -479,8 +542,9 @@ struct CallStream {
     auth_token: Option<String>,
     custom_headers: HashMap<HeaderName, HeaderValue>,
     max_event: usize,
-    /// The request's id: its response event is marked.
-    id: RequestId,
+    /// The request's id: its response event is marked. `None` for the lane, which reads the
+    /// events itself and stops at its response.
+    id: Option<RequestId>,
     link: Option<StreamLink>,
     current: BoxStream<'static, Result<Sse, SseError>>,
     last_event_id: Option<String>,
@@ -492,6 +556,34 @@ struct CallStream {
     broke: bool,
     /// An error was passed on: rmcp's own reconnect takes over from here.
     failed: bool,
+}
+
+/// A lane call's SSE reply (`first`), resumed across the upstream's closes like a custom request's
+/// (SEP-1699), with the same session, credentials and headers as the POST.
+pub(super) fn lane_stream(
+    client: &RawHttpClient,
+    ctx: &PostContext,
+    session_id: Option<Arc<str>>,
+    link: Option<StreamLink>,
+    first: Events,
+) -> Events {
+    CallStream {
+        client: client.clone(),
+        uri: ctx.uri.clone(),
+        session_id,
+        auth_token: ctx.auth.clone(),
+        custom_headers: ctx.headers.clone(),
+        max_event: ctx.limits.max_sse_event_size,
+        id: None,
+        link,
+        current: first,
+        last_event_id: None,
+        retry: None,
+        answered: false,
+        broke: false,
+        failed: false,
+    }
+    .into_stream()
 }
 
 impl CallStream {
@@ -510,11 +602,11 @@ impl CallStream {
                         if let Some(ms) = ev.retry {
                             s.retry = Some(Duration::from_millis(ms));
                         }
-                        if let Some(data) = ev.data.as_deref() {
-                            if let Some(marked) = mark(data, &s.id) {
+                        if let (Some(data), Some(id)) = (ev.data.as_deref(), &s.id) {
+                            if let Some(marked) = mark(data, id) {
                                 ev.data = Some(marked);
                                 s.answered = true;
-                            } else if answers(data, &s.id) {
+                            } else if answers(data, id) {
                                 s.answered = true;
                             }
                         }
@@ -678,6 +770,7 @@ impl StreamableHttpClient for RawHttpClient {
         custom_headers: HashMap<HeaderName, HeaderValue>,
         limits: StreamableHttpResponseLimits,
     ) -> Result<StreamableHttpPostResponse, HttpError> {
+        self.record(&uri, &session_id, &auth_header, &custom_headers, limits);
         let r = if posted_here(&message) {
             self.post_custom(
                 uri,
@@ -842,6 +935,7 @@ mod tests {
         let client = RawHttpClient {
             inner: reqwest::Client::new(),
             discover_status: Default::default(),
+            lane: Default::default(),
         };
         let mut limits = StreamableHttpResponseLimits::default();
         limits.max_sse_event_size = 1 << 20;

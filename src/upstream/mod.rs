@@ -12,6 +12,7 @@
 
 mod era;
 mod http_client;
+pub mod lane;
 mod progress;
 pub mod raw;
 pub mod redirect;
@@ -144,6 +145,26 @@ pub struct Connection {
     /// Started with `server/discover`: the upstream speaks 2026-07-28 (stateless requests, no
     /// `ping`, `logging/setLevel` or `resources/subscribe`, list changes on `subscriptions/listen`).
     pub modern: bool,
+    /// The direct path for relayed calls (stdio and Streamable HTTP; not legacy SSE).
+    pub lane: Option<lane::Lane>,
+}
+
+impl Connection {
+    /// The lane and the request it carries, if `req` can go that way (see [`lane::Lane::accepts`]).
+    pub fn lane_for<'r>(
+        &self,
+        req: &'r rmcp::model::ClientRequest,
+    ) -> Option<(&lane::Lane, &'r rmcp::model::CustomRequest)> {
+        let lane = self.lane.as_ref()?;
+        let wants_params = |name: &str| {
+            self.listing.lock().map_or(true, |l| {
+                l.tools
+                    .iter()
+                    .any(|t| t.str("name") == name && wants_param_headers(t.object()))
+            })
+        };
+        lane.accepts(req, wants_params).map(|c| (lane, c))
+    }
 }
 
 /// A connection opened for one owner (a caller, or one session): `isolation = "caller" | "session"`.
@@ -697,7 +718,8 @@ impl Upstream {
             events: events.clone(),
         };
         let router = Arc::new(ProgressRouter::default());
-        let running = tokio::time::timeout(
+        let client_info = handler.get_info().client_info;
+        let (running, lane) = tokio::time::timeout(
             self.config.connect_timeout,
             self.connect(handler, router.clone(), secrets, protocol),
         )
@@ -726,6 +748,16 @@ impl Upstream {
                 events.clone(),
             ));
         }
+        let lane = lane.filter(|_| lane::enabled()).map(|kind| {
+            let meta = info
+                .as_deref()
+                .filter(|_| modern)
+                .map(|i| lane::ModernMeta {
+                    version: i.protocol_version.clone(),
+                    client: client_info,
+                });
+            lane::Lane::new(kind, router.clone(), meta)
+        });
         let conn = Arc::new(Connection {
             id,
             peer,
@@ -734,6 +766,7 @@ impl Upstream {
             progress: router,
             active: Default::default(),
             modern,
+            lane,
         });
         Ok((running, conn))
     }
@@ -744,7 +777,13 @@ impl Upstream {
         router: Arc<ProgressRouter>,
         secrets: &Secrets,
         protocol: Protocol,
-    ) -> Result<RunningService<RoleClient, UpstreamHandler>, UpstreamError> {
+    ) -> Result<
+        (
+            RunningService<RoleClient, UpstreamHandler>,
+            Option<lane::LaneKind>,
+        ),
+        UpstreamError,
+    > {
         use progress::ProgressTap;
         let init =
             |e: rmcp::service::ClientInitializeError| UpstreamError::Initialize(e.to_string());
@@ -772,11 +811,14 @@ impl Upstream {
                 // Own process group, so stopping it reaches grandchildren (npx → sh → node).
                 wrap.wrap(process_wrap::tokio::ProcessGroup::leader());
                 wrap.wrap(process_wrap::tokio::KillOnDrop);
-                let (transport, stderr) = stdio::StdioTransport::spawn(self.name.clone(), wrap)
-                    .map_err(|source| UpstreamError::Spawn {
-                        command: command.clone(),
-                        source,
-                    })?;
+                let (transport, stderr) =
+                    stdio::StdioTransport::spawn(self.name.clone(), wrap, router.clone()).map_err(
+                        |source| UpstreamError::Spawn {
+                            command: command.clone(),
+                            source,
+                        },
+                    )?;
+                let lane = lane::LaneKind::Stdio(transport.lane());
                 if let Some(stderr) = stderr {
                     let server = self.name.clone();
                     tokio::spawn(async move {
@@ -789,6 +831,7 @@ impl Upstream {
                 handler
                     .serve_with_lifecycle(ProgressTap::new(transport, router), lifecycle(protocol))
                     .await
+                    .map(|r| (r, Some(lane)))
                     .map_err(init)
             }
             TransportConfig::Http { url, headers, .. } => {
@@ -804,25 +847,31 @@ impl Upstream {
                 let cfg = StreamableHttpClientTransportConfig::with_uri(url.as_str())
                     .custom_headers(custom);
                 let discover_status = Arc::new(std::sync::atomic::AtomicU16::new(0));
+                // Each transport with its lane: the lane POSTs as that transport's worker did and
+                // injects into that transport's receive side.
                 let transport = || {
                     let client = http_client::RawHttpClient {
                         inner: self.http.clone(),
                         discover_status: discover_status.clone(),
+                        lane: Default::default(),
                     };
+                    let (inject, injected) = mpsc::channel(256);
+                    let lane =
+                        lane::LaneKind::Http(lane::http::HttpLane::new(client.clone(), inject));
                     let t = StreamableHttpClientTransport::with_client(client, cfg.clone());
-                    ProgressTap::new(t, router.clone())
+                    (
+                        ProgressTap::new(t, router.clone()).with_injection(injected),
+                        lane,
+                    )
                 };
                 if protocol == Protocol::Auto {
                     // rmcp's own fallback needs a correlated JSON-RPC error, but a 2025-era HTTP
                     // server answers an unknown first request without a session with HTTP 400 and
                     // `id: null`. So: discover on one transport; anything but a 2026-07-28 answer
                     // gets `initialize` on a fresh one.
-                    match handler
-                        .clone()
-                        .serve_with_lifecycle(transport(), discover())
-                        .await
-                    {
-                        Ok(running) => return Ok(running),
+                    let (t, lane) = transport();
+                    match handler.clone().serve_with_lifecycle(t, discover()).await {
+                        Ok(running) => return Ok((running, Some(lane))),
                         // The credential was refused: `initialize` would be refused the same way.
                         Err(e) if matches!(discover_status.load(Ordering::Relaxed), 401 | 403) => {
                             return Err(init(e));
@@ -831,11 +880,18 @@ impl Upstream {
                             tracing::debug!(server = %self.name, error = %e, "server/discover refused; using initialize");
                         }
                     }
-                    return handler.serve(transport()).await.map_err(init);
+                    let (t, lane) = transport();
+                    return handler
+                        .serve(t)
+                        .await
+                        .map(|r| (r, Some(lane)))
+                        .map_err(init);
                 }
+                let (t, lane) = transport();
                 handler
-                    .serve_with_lifecycle(transport(), lifecycle(protocol))
+                    .serve_with_lifecycle(t, lifecycle(protocol))
                     .await
+                    .map(|r| (r, Some(lane)))
                     .map_err(init)
             }
             TransportConfig::Sse { url, headers, .. } => {
@@ -852,9 +908,11 @@ impl Upstream {
                 let transport =
                     sse::SseTransport::connect(self.name.clone(), self.http.clone(), url, map)
                         .await?;
+                // Legacy SSE keeps rmcp's path: no lane.
                 handler
                     .serve(ProgressTap::new(transport, router))
                     .await
+                    .map(|r| (r, None))
                     .map_err(init)
             }
         }
@@ -1046,7 +1104,11 @@ impl UpstreamHandler {
     ) -> Result<ClientResult, ErrorData> {
         let origin = match ctx.extensions.get::<InboundStreamOrigin>() {
             Some(InboundStreamOrigin::OutboundRequest(id)) => Some(id.clone()),
-            _ => None,
+            // Read on a lane call's stream (see `lane::http`).
+            _ => ctx
+                .extensions
+                .get::<lane::LaneOrigin>()
+                .map(|o| o.0.clone()),
         };
         let (reply, rx) = oneshot::channel();
         self.emit(UpstreamEvent::Request {

@@ -58,6 +58,16 @@ impl ProgressRouter {
         }
     }
 
+    /// Progress for a token only a call can own (a lane call's): passed on if the call still
+    /// runs, else dropped (nothing will claim it later).
+    pub(super) fn deliver_routed(&self, p: &ProgressNotificationParam) {
+        if let Ok(slots) = self.slots.lock()
+            && let Some(Slot::Routed(tx)) = slots.get(&p.progress_token)
+        {
+            let _ = tx.send(p.clone());
+        }
+    }
+
     /// Claim `token` for a call: its progress (including any that already arrived) goes to the receiver.
     pub fn route(
         &self,
@@ -84,14 +94,32 @@ impl ProgressRouter {
 }
 
 /// A transport wrapper that routes progress notifications as they are received.
+///
+/// It also receives what the lane (see [`super::lane`]) read on its own HTTP streams that is not
+/// its response (logs, server-to-client requests): those reach rmcp here as if its transport had
+/// read them.
 pub struct ProgressTap<T> {
     inner: T,
     router: Arc<ProgressRouter>,
+    injected: Option<mpsc::Receiver<RxJsonRpcMessage<RoleClient>>>,
 }
 
 impl<T> ProgressTap<T> {
     pub fn new(inner: T, router: Arc<ProgressRouter>) -> Self {
-        Self { inner, router }
+        Self {
+            inner,
+            router,
+            injected: None,
+        }
+    }
+
+    /// Also receive the messages sent on `injected`.
+    pub fn with_injection(
+        mut self,
+        injected: mpsc::Receiver<RxJsonRpcMessage<RoleClient>>,
+    ) -> Self {
+        self.injected = Some(injected);
+        self
     }
 }
 
@@ -106,7 +134,14 @@ impl<T: Transport<RoleClient>> Transport<RoleClient> for ProgressTap<T> {
     }
 
     async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleClient>> {
-        let mut msg = self.inner.receive().await;
+        // Both are cancel-safe (channel receives), as rmcp's loop requires of `receive`.
+        let mut msg = match &mut self.injected {
+            Some(injected) => tokio::select! {
+                m = self.inner.receive() => m,
+                Some(m) = injected.recv() => Some(m),
+            },
+            None => self.inner.receive().await,
+        };
         if let Some(m) = &mut msg {
             super::raw::unmark(m);
         }

@@ -17,6 +17,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{ChildStderr, ChildStdin};
 use tokio::sync::mpsc;
 
+use super::ProgressRouter;
+use super::lane::{Pending, StdioLane};
 use super::raw::RawIds;
 
 /// How long a child gets to exit after stdin closes, and again after SIGTERM.
@@ -30,13 +32,17 @@ pub struct StdioTransport {
     rx: mpsc::Receiver<RxJsonRpcMessage<RoleClient>>,
     ids: RawIds,
     reader: tokio::task::JoinHandle<()>,
+    /// Lane calls on this connection: their responses are taken off the wire by the reader.
+    pending: Arc<Pending>,
 }
 
 impl StdioTransport {
-    /// Spawn `cmd` with piped stdio; returns the transport and the child's stderr.
+    /// Spawn `cmd` with piped stdio; returns the transport and the child's stderr. `router` gets
+    /// the lane's progress (see [`super::lane`]).
     pub fn spawn(
         server: Arc<str>,
         mut cmd: CommandWrap,
+        router: Arc<ProgressRouter>,
     ) -> std::io::Result<(Self, Option<ChildStderr>)> {
         cmd.command_mut()
             .stdin(std::process::Stdio::piped())
@@ -55,7 +61,17 @@ impl StdioTransport {
         let ids = RawIds::default();
         let (tx, rx) = mpsc::channel(256);
         let decode = ids.clone();
+        let pending = Pending::open();
+        let lane = pending.clone();
         let reader = tokio::spawn(async move {
+            // However the reader ends, lane calls waiting on it fail at once.
+            struct Close(Arc<Pending>);
+            impl Drop for Close {
+                fn drop(&mut self) {
+                    self.0.close();
+                }
+            }
+            let lane = Close(lane);
             let mut lines = tokio::io::BufReader::new(stdout);
             let mut buf = Vec::new();
             loop {
@@ -84,6 +100,10 @@ impl StdioTransport {
                 if text.is_empty() {
                     continue;
                 }
+                // The lane's response or progress: handled here, in wire order, never seen by rmcp.
+                if lane.0.route(text, &router) {
+                    continue;
+                }
                 match decode.decode(text) {
                     Ok(m) => {
                         if tx.send(m).await.is_err() {
@@ -103,9 +123,20 @@ impl StdioTransport {
                 rx,
                 ids,
                 reader,
+                pending,
             },
             stderr,
         ))
+    }
+}
+
+impl StdioTransport {
+    /// The lane onto this child: the same stdin, answered by this transport's reader.
+    pub fn lane(&self) -> StdioLane {
+        StdioLane {
+            stdin: self.stdin.clone(),
+            pending: self.pending.clone(),
+        }
     }
 }
 
@@ -172,5 +203,59 @@ impl Drop for StdioTransport {
                 let _ = child.start_kill();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rmcp::model::{
+        CustomRequest, JsonRpcMessage, NumberOrString, ProgressToken, ServerNotification,
+    };
+
+    use super::super::lane::{Lane, LaneKind, next_id};
+    use super::*;
+
+    /// A child that answers one request line with progress, a log, then the response.
+    const CHILD: &str = r#"read line
+id=$(printf '%s' "$line" | sed 's/^{"jsonrpc":"2.0","id":\([0-9]*\).*/\1/')
+printf '{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":%s,"progress":1}}\n' "$id"
+printf '{"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":"hi"}}\n'
+printf '{"jsonrpc":"2.0","id":%s,"result":{"zeta":1,"execution":{"taskSupport":"optional"},"alpha":2}}\n' "$id"
+sleep 5
+"#;
+
+    #[tokio::test]
+    async fn the_lanes_response_and_progress_bypass_rmcp_and_the_rest_reaches_it() {
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args(["-c", CHILD]);
+        let router = Arc::new(ProgressRouter::default());
+        let spawned = StdioTransport::spawn("t".into(), CommandWrap::from(cmd), router.clone());
+        let Ok((mut transport, _)) = spawned else {
+            panic!("cannot run sh");
+        };
+        let lane = Lane::new(LaneKind::Stdio(transport.lane()), router.clone(), None);
+        let id = next_id();
+        let mut progress = router.route(&ProgressToken(NumberOrString::Number(id)));
+        let req = CustomRequest::new("tools/call", Some(serde_json::json!({"name": "echo"})));
+        let got = tokio::time::timeout(Duration::from_secs(10), lane.request(id, &req, None)).await;
+        let Ok(Ok(v)) = got else {
+            panic!("{got:?}");
+        };
+        assert_eq!(
+            v.to_string(),
+            r#"{"zeta":1,"execution":{"taskSupport":"optional"},"alpha":2}"#
+        );
+        assert_eq!(progress.try_recv().map(|p| p.progress).ok(), Some(1.0));
+        // rmcp sees the log, and neither the lane's progress nor its response.
+        let m = tokio::time::timeout(Duration::from_secs(5), transport.receive()).await;
+        assert!(
+            matches!(&m, Ok(Some(JsonRpcMessage::Notification(n)))
+                if matches!(n.notification, ServerNotification::LoggingMessageNotification(_))),
+            "{m:?}"
+        );
+        let _ = transport.close().await;
+        // The reader ended: the lane refuses at once.
+        let after = lane.request(next_id(), &req, None).await;
+        assert!(after.is_err());
     }
 }
