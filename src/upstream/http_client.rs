@@ -488,6 +488,7 @@ impl RawHttpClient {
                     custom_headers: stream_headers,
                     max_event: limits.max_sse_event_size,
                     id: Some(id),
+                    watch: None,
                     link,
                     current: first,
                     last_event_id: None,
@@ -545,6 +546,8 @@ struct CallStream {
     /// The request's id: its response event is marked. `None` for the lane, which reads the
     /// events itself and stops at its response.
     id: Option<RequestId>,
+    /// The lane's request id: its response ends the stream's need for resuming (not marked).
+    watch: Option<RequestId>,
     link: Option<StreamLink>,
     current: BoxStream<'static, Result<Sse, SseError>>,
     last_event_id: Option<String>,
@@ -566,6 +569,7 @@ pub(super) fn lane_stream(
     session_id: Option<Arc<str>>,
     link: Option<StreamLink>,
     first: Events,
+    id: RequestId,
 ) -> Events {
     CallStream {
         client: client.clone(),
@@ -575,6 +579,7 @@ pub(super) fn lane_stream(
         custom_headers: ctx.headers.clone(),
         max_event: ctx.limits.max_sse_event_size,
         id: None,
+        watch: Some(id),
         link,
         current: first,
         last_event_id: None,
@@ -609,6 +614,10 @@ impl CallStream {
                             } else if answers(data, id) {
                                 s.answered = true;
                             }
+                        } else if let (Some(data), Some(id)) = (ev.data.as_deref(), &s.watch)
+                            && answers(data, id)
+                        {
+                            s.answered = true;
                         }
                         return Some((Ok(ev), s));
                     }

@@ -23,6 +23,28 @@ pub struct HttpLane {
 
 /// The `Mcp-Name` of a relayed call, if it can travel as a plain header value (else the call
 /// takes rmcp's path, which Base64-wraps it).
+/// Let an answered call's stream run to its end, so its connection goes back to the pool (a reply
+/// body dropped before its end closes the connection: a new TCP connection per call). Servers end
+/// the stream right after the response, so the end is usually already read; otherwise a short task
+/// waits for it. Events after the response are not the call's business and are dropped.
+fn drain(mut events: crate::upstream::http_client::Events) {
+    use futures::FutureExt;
+    for _ in 0..8 {
+        match events.next().now_or_never() {
+            Some(None) => return,
+            Some(Some(_)) => continue,
+            None => break,
+        }
+    }
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(DRAIN_WAIT, async { while events.next().await.is_some() {} })
+            .await;
+    });
+}
+
+/// How long an answered call's stream may take to end before its connection is given up.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub fn mcp_name(c: &CustomRequest) -> Option<&str> {
     let key = if c.method == "resources/read" {
         "uri"
@@ -118,7 +140,14 @@ impl HttpLane {
             let link = call.request.extensions.get::<StreamLink>().cloned();
             let body = bounded_events(resp.bytes_stream(), ctx.limits.max_sse_event_size);
             let first = sse_stream::SseStream::from_bytes_stream(body).boxed();
-            let mut events = lane_stream(&self.client, &ctx, session, link, first);
+            let mut events = lane_stream(
+                &self.client,
+                &ctx,
+                session,
+                link,
+                first,
+                RequestId::Number(call.id),
+            );
             while let Some(ev) = events.next().await {
                 match ev {
                     Ok(ev) => {
@@ -126,6 +155,7 @@ impl HttpLane {
                             continue;
                         };
                         if let Some(a) = self.on_message(data, call.id, router).await {
+                            drain(events);
                             return Ok(a);
                         }
                     }
@@ -229,6 +259,8 @@ mod tests {
         Error,
         /// HTTP 404 (its session is gone).
         Gone,
+        /// SSE: the response, then the stream ends a little later (as rmcp's server does).
+        LateEnd,
     }
 
     const RESULT: &str = r#"{"zeta":1,"execution":{"taskSupport":"optional"},"alpha":[2]}"#;
@@ -240,8 +272,41 @@ mod tests {
             .unwrap_or_default()
     }
 
+    /// Counts the TCP connections the stand-in upstream accepts.
+    struct Counting(tokio::net::TcpListener, Arc<std::sync::atomic::AtomicUsize>);
+
+    impl axum::serve::Listener for Counting {
+        type Io = tokio::net::TcpStream;
+        type Addr = std::net::SocketAddr;
+
+        async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+            loop {
+                if let Ok(c) = self.0.accept().await {
+                    self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return c;
+                }
+            }
+        }
+
+        fn local_addr(&self) -> std::io::Result<Self::Addr> {
+            self.0.local_addr()
+        }
+    }
+
     /// Serve `reply`; returns the URL and the headers of each request seen.
     async fn upstream(reply: Reply) -> (String, Arc<Mutex<Vec<HeaderMap>>>) {
+        let (url, seen, _) = upstream_counting(reply).await;
+        (url, seen)
+    }
+
+    /// As [`upstream`], with the count of connections accepted.
+    async fn upstream_counting(
+        reply: Reply,
+    ) -> (
+        String,
+        Arc<Mutex<Vec<HeaderMap>>>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
         use axum::routing::post;
         let seen: Arc<Mutex<Vec<HeaderMap>>> = Arc::default();
         let (on_post, on_get) = (seen.clone(), seen.clone());
@@ -277,6 +342,18 @@ mod tests {
                         .status(404)
                         .body(Body::empty())
                         .unwrap_or_default(),
+                    Reply::LateEnd => {
+                        let event = format!("data: {{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{RESULT}}}\n\n");
+                        let chunks = futures::stream::iter([Ok::<_, std::convert::Infallible>(event)])
+                            .chain(futures::stream::once(async {
+                                tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+                                Ok(String::new())
+                            }));
+                        axum::response::Response::builder()
+                            .header("content-type", "text/event-stream")
+                            .body(Body::from_stream(chunks))
+                            .unwrap_or_default()
+                    }
                 }
             })
             .get(move |headers: HeaderMap| async move {
@@ -296,10 +373,12 @@ mod tests {
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
+        let accepted: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let counting = Counting(listener, accepted.clone());
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(counting, app).await;
         });
-        (format!("http://{addr}/mcp"), seen)
+        (format!("http://{addr}/mcp"), seen, accepted)
     }
 
     /// A lane whose rmcp worker "POSTed" to `url` with a session and a custom header.
@@ -348,6 +427,23 @@ mod tests {
             "tools/call",
             Some(serde_json::json!({"name": "echo", "arguments": {}})),
         )
+    }
+
+    #[tokio::test]
+    async fn calls_reuse_one_connection_when_the_stream_ends_after_the_response() {
+        let (url, _, accepted) = upstream_counting(Reply::LateEnd).await;
+        let (lane, _injected, _router) = lane(&url);
+        for _ in 0..3 {
+            let got = lane.request(next_id(), &call(), None).await;
+            assert!(got.is_ok(), "{got:?}");
+            // The stream's end comes 30 ms after the response; the drain waits for it.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "each call opened a new connection"
+        );
     }
 
     #[tokio::test]
