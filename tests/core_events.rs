@@ -282,6 +282,28 @@ async fn log_level_is_per_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_has_no_queue_until_its_first_notification() {
+    let broker = start_broker("", "").await;
+    let mut a = connect(&broker).await;
+    let _idle = connect(&broker).await;
+    assert_eq!(broker.session_entries(), 2);
+    assert_eq!(
+        broker.session_queues(),
+        0,
+        "idle sessions hold no queue or writer"
+    );
+    set_level(&a, LoggingLevel::Debug).await;
+    emit(&a, "info", 2).await;
+    let got = drain_logs(&mut a.1, Duration::from_millis(300)).await;
+    assert_eq!(
+        got.len(),
+        2,
+        "the first messages start the queue and arrive"
+    );
+    assert_eq!(broker.session_queues(), 1, "only the session that got one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_isolation_keeps_logs_with_their_owner() {
     let broker = start_broker("", "isolation = \"session\"").await;
     let mut a = connect(&broker).await;
