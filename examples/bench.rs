@@ -31,6 +31,13 @@
 //!    (cold) and repeated lists (warm), against one ledger listed directly.
 //! 3. **Memory**: broker RSS per open client session (100 sessions, 10 upstreams), and RSS before
 //!    and after 100,000 calls with every layer on.
+//! 4. **Idle sessions**: 10,000 sessions (`--idle-sessions`) held open at once over one pooled
+//!    client, 10 upstreams: RSS before, with them open and after closing them, KiB per session,
+//!    and RSS at 10,000 against the target of under 300 MB (`examples/bench/idle.rs`).
+//!
+//! The front's CPU per call is its utime + stime over the cell; a timed broker cell runs on until
+//! it has made `--cpu-calls` (10,000) calls, so the 10 ms ticks it is counted in resolve 1 µs.
+//! `--profile [CELL]` measures one cell under `perf record` instead (`examples/bench/profile.rs`).
 //!
 //! # How
 //!

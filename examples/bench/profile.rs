@@ -1,7 +1,8 @@
 //! `--profile [CELL]`: one calls cell measured while `perf record` samples the process the client
 //! talks to (the broker, for a broker front), then a summary of where its CPU went: the top
 //! symbols by self time and by cumulative (children) time, printed and written to
-//! `<target>/bench/profile.txt` (the raw `perf.data` stays beside it for `perf report`).
+//! `<target>/bench/profile.txt` (the raw `perf.data` stays beside it for `perf report`). Reading
+//! the DWARF stacks back takes perf a few minutes on 2 cores.
 //!
 //! Call graphs are unwound from DWARF (`--call-graph dwarf`): a release build keeps no frame
 //! pointers, so frame-pointer graphs would stop at the first Rust frame. Without perf, or without
@@ -197,7 +198,7 @@ async fn record(pid: u32, seconds: f64, data: &Path) -> Result<(), String> {
 async fn summarise(data: &Path, cell: &Cell) -> Result<String, String> {
     let s = &cell.stats;
     let mut text = format!(
-        "profile of {} over {} at concurrency {}: {} calls, {:.0} calls/s, p50 {:.3} ms, server CPU {} us per call\n",
+        "profile of {} over {} at concurrency {}: {} calls, {:.0} calls/s, p50 {:.3} ms, server CPU {} us per call (perf attached)\n",
         cell.front,
         cell.upstream,
         cell.concurrency,
@@ -207,35 +208,71 @@ async fn summarise(data: &Path, cell: &Cell) -> Result<String, String> {
         cell.server_cpu_us_per_call
             .map_or("?".into(), |v| format!("{v:.0}"))
     );
-    for (title, children) in [
-        ("self time (perf report --no-children)", false),
-        (
-            "cumulative time, callees included (perf report --children)",
-            true,
-        ),
-    ] {
-        let rows = report(data, children).await?;
-        text.push_str(&format!("\ntop {TOP} symbols by {title}\n"));
-        for row in rows.iter().take(TOP) {
-            text.push_str(row);
-            text.push('\n');
-        }
+    // One report carries both columns: unwinding the DWARF stacks is most of its (minutes long)
+    // cost, so it is not run twice.
+    let mut rows = report(data).await?;
+    text.push_str(&format!(
+        "\ntop {TOP} symbols by self time\n{:>8}  {:>8}  symbol\n",
+        "self", "children"
+    ));
+    rows.sort_by(|a, b| b.self_pct.total_cmp(&a.self_pct));
+    for row in rows.iter().take(TOP) {
+        text.push_str(&row.line());
+    }
+    text.push_str(&format!(
+        "\ntop {TOP} symbols by cumulative time (callees included)\n{:>8}  {:>8}  symbol\n",
+        "self", "children"
+    ));
+    rows.sort_by(|a, b| b.children_pct.total_cmp(&a.children_pct));
+    for row in rows.iter().take(TOP) {
+        text.push_str(&row.line());
     }
     Ok(text)
 }
 
-/// `perf report --stdio` rows (no call graphs), comments and blank lines dropped.
-async fn report(data: &Path, children: bool) -> Result<Vec<String>, String> {
+/// One symbol of `perf report --children`.
+struct Row {
+    children_pct: f64,
+    self_pct: f64,
+    /// `[.]` user space, `[k]` kernel, then the name.
+    symbol: String,
+}
+
+impl Row {
+    /// `  68.87%     0.00%  [.] name   -   -` (perf pads the name and may add empty columns).
+    fn parse(line: &str) -> Option<Self> {
+        let mut words = line.split_whitespace();
+        let pct = |w: Option<&str>| w?.strip_suffix('%')?.parse::<f64>().ok();
+        let children_pct = pct(words.next())?;
+        let self_pct = pct(words.next())?;
+        let mut symbol: Vec<&str> = words.collect();
+        while symbol.last() == Some(&"-") {
+            symbol.pop();
+        }
+        Some(Self {
+            children_pct,
+            self_pct,
+            symbol: symbol.join(" "),
+        })
+    }
+
+    fn line(&self) -> String {
+        // Generic types make names of thousands of characters; the head names the function.
+        let name: String = self.symbol.chars().take(160).collect();
+        format!(
+            "{:>7.2}%  {:>7.2}%  {name}\n",
+            self.self_pct, self.children_pct
+        )
+    }
+}
+
+/// `perf report --children --stdio` rows without call graphs.
+async fn report(data: &Path) -> Result<Vec<Row>, String> {
     let out = Command::new("perf")
         .arg("report")
         .arg("-i")
         .arg(data)
-        .arg(if children {
-            "--children"
-        } else {
-            "--no-children"
-        })
-        .args(["--sort", "symbol", "--stdio", "-g", "none"])
+        .args(["--children", "--sort", "symbol", "--stdio", "-g", "none"])
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output()
@@ -246,7 +283,7 @@ async fn report(data: &Path, children: bool) -> Result<Vec<String>, String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-        .map(str::to_owned)
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(Row::parse)
         .collect())
 }
