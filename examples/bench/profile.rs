@@ -287,3 +287,36 @@ async fn report(data: &Path) -> Result<Vec<Row>, String> {
         .filter_map(Row::parse)
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_rows_parse_with_perfs_padding() {
+        let row = Row::parse(
+            "    17.31%     0.05%  [.] serde_json::de::from_trait<R, T>                 -      -   ",
+        )
+        .expect("a row");
+        assert_eq!(row.children_pct, 17.31);
+        assert_eq!(row.self_pct, 0.05);
+        assert_eq!(row.symbol, "[.] serde_json::de::from_trait<R, T>");
+        assert!(Row::parse("# Children      Self  Symbol").is_none());
+        assert!(Row::parse("").is_none());
+    }
+
+    #[test]
+    fn cells_parse() {
+        let c = CellSpec::parse(DEFAULT_CELL).expect("the default parses");
+        assert_eq!(c.label(), DEFAULT_CELL);
+        for bad in [
+            "broker",
+            "broker:http",
+            "broker:http:0",
+            "nope:http:8",
+            "broker:ftp:8",
+        ] {
+            assert!(CellSpec::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
