@@ -31,6 +31,13 @@
 //!    (cold) and repeated lists (warm), against one ledger listed directly.
 //! 3. **Memory**: broker RSS per open client session (100 sessions, 10 upstreams), and RSS before
 //!    and after 100,000 calls with every layer on.
+//! 4. **Idle sessions**: 10,000 sessions (`--idle-sessions`) held open at once over one pooled
+//!    client, 10 upstreams: RSS before, with them open and after closing them, KiB per session,
+//!    and RSS at 10,000 against the target of under 300 MB (`examples/bench/idle.rs`).
+//!
+//! The front's CPU per call is its utime + stime over the cell; a timed broker cell runs on until
+//! it has made `--cpu-calls` (10,000) calls, so the 10 ms ticks it is counted in resolve 1 µs.
+//! `--profile [CELL]` measures one cell under `perf record` instead (`examples/bench/profile.rs`).
 //!
 //! # How
 //!
@@ -52,6 +59,8 @@ mod calls;
 mod config;
 #[path = "bench/fanout.rs"]
 mod fanout;
+#[path = "bench/idle.rs"]
+mod idle;
 #[path = "bench/idp.rs"]
 mod idp;
 #[path = "bench/load.rs"]
@@ -60,6 +69,8 @@ mod load;
 mod mcp;
 #[path = "bench/procs.rs"]
 mod procs;
+#[path = "bench/profile.rs"]
+mod profile;
 #[path = "bench/report.rs"]
 mod report;
 #[path = "bench/soak.rs"]
@@ -82,7 +93,8 @@ use targets::{Front, Transport};
     args_override_self = true
 )]
 struct Args {
-    /// A short smoke run: 0.5 s cells after 0.2 s warm-up, fewer lists, 10,000 soak calls.
+    /// A short smoke run: 0.5 s cells after 0.2 s warm-up, fewer lists, 10,000 soak calls,
+    /// 2,000 idle sessions.
     #[arg(long)]
     quick: bool,
     /// Seconds each cell measures [default: 3, --quick 0.5].
@@ -94,6 +106,10 @@ struct Args {
     /// Measure a fixed number of calls per cell instead of a duration.
     #[arg(long, value_name = "N")]
     calls: Option<u64>,
+    /// A timed broker cell runs on until it has made at least this many calls, so the broker's
+    /// CPU per call is taken over them [default: 10000, --quick 0].
+    #[arg(long, value_name = "N")]
+    cpu_calls: Option<u64>,
     /// Concurrency levels (calls in flight).
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     concurrency: Vec<usize>,
@@ -115,6 +131,17 @@ struct Args {
     /// Concurrency of the memory-growth run.
     #[arg(long, default_value_t = 8)]
     soak_concurrency: usize,
+    /// Idle sessions held open at once for the session-memory row [default: 10000, --quick 2000].
+    #[arg(long, value_name = "N")]
+    idle_sessions: Option<usize>,
+    /// Only profile one calls cell, FRONT:TRANSPORT:CONCURRENCY, with `perf record` (DWARF call
+    /// graphs) and print the top symbols by self and cumulative time (also written to
+    /// <target dir>/bench/profile.txt); every other suite is skipped.
+    #[arg(long, value_name = "CELL", num_args = 0..=1, default_missing_value = profile::DEFAULT_CELL)]
+    profile: Option<String>,
+    /// Seconds perf records during the profiled cell.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    profile_seconds: f64,
     /// Suites to leave out.
     #[arg(long, value_delimiter = ',', value_enum)]
     skip: Vec<Suite>,
@@ -143,6 +170,8 @@ enum Suite {
     Lists,
     /// RSS growth over many calls.
     Memory,
+    /// RSS with many concurrent idle sessions.
+    Idle,
 }
 
 fn main() -> ExitCode {
@@ -179,6 +208,11 @@ async fn run(args: Args) -> Result<(), String> {
     let idp = idp::Idp::start().await?;
     let token = idp.caller_token("bench-user")?;
     let env = targets::Env { paths, idp, token };
+    if let Some(cell) = &args.profile {
+        let spec = profile::CellSpec::parse(cell)?;
+        let warmup = Duration::from_secs_f64(args.warmup.unwrap_or(1.0));
+        return profile::run(&env, &spec, warmup, args.profile_seconds).await;
+    }
     let mut notes = Vec::new();
     let meta = report::Meta::collect(args.client_threads, &env.paths.broker, &env.paths.ledger);
     if meta.cores < 4 {
@@ -199,6 +233,9 @@ async fn run(args: Args) -> Result<(), String> {
                 calls::Measure::Seconds(args.duration.unwrap_or(if args.quick { 0.5 } else { 3.0 }))
             }
         },
+        cpu_calls: args
+            .cpu_calls
+            .unwrap_or(if args.quick { 0 } else { 10_000 }),
     };
     let fanout_settings = fanout::Settings {
         upstream_counts: args.upstreams.clone(),
@@ -212,6 +249,15 @@ async fn run(args: Args) -> Result<(), String> {
             .soak_calls
             .unwrap_or(if args.quick { 10_000 } else { 100_000 }),
         concurrency: args.soak_concurrency,
+    };
+    let idle_settings = idle::Settings {
+        sessions: args.idle_sessions.unwrap_or(if args.quick {
+            2_000
+        } else {
+            idle::TARGET_SESSIONS
+        }),
+        upstreams: 10,
+        open_concurrency: 8,
     };
 
     let calls = if args.skip.contains(&Suite::Calls) {
@@ -236,6 +282,18 @@ async fn run(args: Args) -> Result<(), String> {
         }
     };
 
+    let idle = if args.skip.contains(&Suite::Idle) || idle_settings.sessions == 0 {
+        None
+    } else {
+        match idle::run(&env, &idle_settings).await {
+            Ok(i) => Some(i),
+            Err(e) => {
+                calls::note(&mut notes, format!("idle sessions: {e}"));
+                None
+            }
+        }
+    };
+
     let counters = &env.idp.counters;
     let mut report = report::Report {
         meta,
@@ -244,6 +302,7 @@ async fn run(args: Args) -> Result<(), String> {
             "sessions": "one Streamable HTTP session per worker (stdio direct: one connection, one id per in-flight request)",
             "warmup_seconds": call_settings.warmup.as_secs_f64(),
             "measure": call_settings.measure,
+            "cpu_calls": call_settings.cpu_calls,
             "concurrency": call_settings.concurrency,
             "upstream_counts": fanout_settings.upstream_counts,
             "cold_lists": fanout_settings.cold_lists,
@@ -251,11 +310,13 @@ async fn run(args: Args) -> Result<(), String> {
             "rss_sessions": fanout_settings.sessions,
             "soak_calls": soak_settings.calls,
             "soak_concurrency": soak_settings.concurrency,
+            "idle_sessions": idle_settings.sessions,
             "quick": args.quick,
         }),
         calls,
         fanout,
         soak,
+        idle,
         idp: json!({
             "jwks_fetches": counters.jwks_fetches.load(std::sync::atomic::Ordering::Relaxed),
             "exchanges": counters.exchanges.load(std::sync::atomic::Ordering::Relaxed),

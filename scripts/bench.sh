@@ -4,6 +4,13 @@
 #   scripts/bench.sh                 install the peer gateways (once), build in release, run the bench
 #   scripts/bench.sh --quick         a short smoke run
 #   scripts/bench.sh ARGS...         extra arguments go to the bench (see: scripts/bench.sh --help)
+#   scripts/bench.sh --profile [CELL]
+#                                    only profile one tools/call cell (FRONT:TRANSPORT:CONCURRENCY,
+#                                    default broker+auth+exchange:http:8) with `perf record -g`
+#                                    (DWARF call graphs, --profile-seconds 5) and print the top 25
+#                                    symbols by self and by cumulative time, also written to
+#                                    target/bench/profile.txt; without perf (or permission to use it)
+#                                    it says so and still measures the cell
 #
 # The peer gateways it compares against are installed into the git-ignored target/bench-peers/
 # (a venv for PyPI mcp-proxy, an npm prefix for supergateway), pinned below; a stamp file records

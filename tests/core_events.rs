@@ -282,6 +282,30 @@ async fn log_level_is_per_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_has_no_queue_until_its_first_notification() {
+    let broker = start_broker("", "").await;
+    let mut a = connect(&broker).await;
+    // The first list waits for the upstream; after it the catalog stays put, so no list_changed
+    // reaches a session that connects from here on.
+    a.0.peer().list_all_tools().await.expect("list");
+    let _idle = connect(&broker).await;
+    set_level(&a, LoggingLevel::Debug).await;
+    emit(&a, "info", 2).await;
+    let got = drain_logs(&mut a.1, Duration::from_millis(300)).await;
+    assert_eq!(
+        got.len(),
+        2,
+        "the first messages start the queue and arrive"
+    );
+    assert_eq!(broker.session_entries(), 2);
+    assert_eq!(
+        broker.session_queues(),
+        1,
+        "the idle session holds no queue or writer"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_isolation_keeps_logs_with_their_owner() {
     let broker = start_broker("", "isolation = \"session\"").await;
     let mut a = connect(&broker).await;

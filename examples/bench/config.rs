@@ -30,12 +30,29 @@ pub enum Upstream {
 
 /// The TOML for a broker on a free loopback port with `upstreams`.
 pub fn render(layers: Layers, upstreams: &[(String, Upstream)], idp: &Idp) -> String {
+    render_with(layers, upstreams, idp, None)
+}
+
+/// As [`render`], with `[broker] max_sessions` and `max_sessions_per_subject` both set to
+/// `max_sessions` when given (the defaults, 10,000 and 1,000, would refuse the sessions a memory
+/// row opens as one anonymous caller).
+pub fn render_with(
+    layers: Layers,
+    upstreams: &[(String, Upstream)],
+    idp: &Idp,
+    max_sessions: Option<usize>,
+) -> String {
     let mut toml = String::from(
         "# Written by examples/bench.rs.\n\
          [broker]\n\
          listen = \"127.0.0.1:0\"\n\
          session_idle_timeout = \"10m\"\n",
     );
+    if let Some(n) = max_sessions {
+        toml.push_str(&format!(
+            "max_sessions = {n}\nmax_sessions_per_subject = {n}\n"
+        ));
+    }
     if layers.authenticates() {
         toml.push_str(&auth_and_policy(idp));
     }

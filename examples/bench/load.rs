@@ -20,6 +20,13 @@ pub enum Stop {
     At(Instant),
     /// This many calls in total, shared by the workers.
     Budget(Arc<AtomicU64>),
+    /// Until the instant and at least `min` calls (counted in `started`): a CPU-per-call figure
+    /// read from 10 ms clock ticks needs enough calls whatever the throughput.
+    AtLeast {
+        deadline: Instant,
+        min: u64,
+        started: Arc<AtomicU64>,
+    },
 }
 
 impl Stop {
@@ -31,6 +38,14 @@ impl Stop {
         Self::Budget(Arc::new(AtomicU64::new(n)))
     }
 
+    pub fn after_at_least(d: Duration, min: u64) -> Self {
+        Self::AtLeast {
+            deadline: Instant::now() + d,
+            min,
+            started: Arc::default(),
+        }
+    }
+
     /// Whether a worker may start another call (taking it from the budget).
     fn take(&self) -> bool {
         match self {
@@ -38,6 +53,11 @@ impl Stop {
             Self::Budget(left) => left
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
                 .is_ok(),
+            Self::AtLeast {
+                deadline,
+                min,
+                started,
+            } => started.fetch_add(1, Ordering::Relaxed) < *min || Instant::now() < *deadline,
         }
     }
 }

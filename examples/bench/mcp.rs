@@ -107,6 +107,16 @@ impl Session {
     }
 }
 
+/// A pooled HTTP client as every session uses (`TCP_NODELAY`, no proxy, a request timeout).
+pub fn http_client() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .no_proxy()
+        .timeout(REQUEST_TIMEOUT)
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))
+}
+
 fn initialize_params() -> Value {
     json!({
         "protocolVersion": PROTOCOL_VERSION,
@@ -130,12 +140,16 @@ pub struct HttpSession {
 impl HttpSession {
     /// Open a session: `initialize`, then `notifications/initialized`.
     pub async fn open(url: &str, token: Option<&str>) -> Result<Self, String> {
-        let http = reqwest::Client::builder()
-            .tcp_nodelay(true)
-            .no_proxy()
-            .timeout(REQUEST_TIMEOUT)
-            .build()
-            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        Self::open_with(http_client()?, url, token).await
+    }
+
+    /// Open a session over `http`, a client (and so a connection pool) other sessions may share:
+    /// thousands of sessions need not mean thousands of TCP connections.
+    pub async fn open_with(
+        http: reqwest::Client,
+        url: &str,
+        token: Option<&str>,
+    ) -> Result<Self, String> {
         let mut session = Self {
             http,
             url: url.into(),
@@ -228,7 +242,7 @@ impl HttpSession {
         Err(format!("HTTP {status}: {}", clip(&text)))
     }
 
-    async fn close(self) {
+    pub async fn close(self) {
         let Some(id) = &self.session_id else { return };
         let mut request = self.http.delete(&self.url).header(SESSION_HEADER, id);
         if let Some(auth) = &self.authorization {

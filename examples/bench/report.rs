@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::calls::Cell;
 use crate::fanout::Fanout;
+use crate::idle::IdleSessions;
 use crate::soak::Soak;
 
 /// Where and with what the figures were taken.
@@ -102,6 +103,7 @@ pub struct Report {
     pub calls: Vec<Cell>,
     pub fanout: Option<Fanout>,
     pub soak: Option<Soak>,
+    pub idle: Option<IdleSessions>,
     /// Requests the bench IdP served: JWKS fetches by the broker, token exchanges.
     pub idp: serde_json::Value,
     /// Skipped or failed parts, with the reason.
@@ -144,6 +146,9 @@ impl Report {
         if let Some(s) = &self.soak {
             print_soak(s);
         }
+        if let Some(i) = &self.idle {
+            print_idle(i);
+        }
         println!(
             "\nbench IdP: {} JWKS fetches, {} token exchanges",
             self.idp["jwks_fetches"], self.idp["exchanges"]
@@ -163,10 +168,11 @@ fn print_calls(cells: &[Cell]) {
         "\ntools/call ledger get_account {{account_id: ACC-1001}}; one session per worker; overhead vs `direct` over the same upstream transport at the same concurrency"
     );
     println!(
-        "{:<8} {:<21} {:>4} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8} {:>6} {:>6} {:>7} {:>7} {:>6}",
+        "{:<8} {:<21} {:>4} {:>7} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8} {:>6} {:>6} {:>7} {:>7} {:>6}",
         "upstream",
         "front",
         "conc",
+        "calls",
         "calls/s",
         "p50 ms",
         "p90 ms",
@@ -189,10 +195,11 @@ fn print_calls(cells: &[Cell]) {
             _ => "-".to_owned(),
         };
         println!(
-            "{:<8} {:<21} {:>4} {:>9.0} {:>7.3} {:>7.3} {:>7.3} {:>8} {:>8} {:>6} {:>6} {:>7} {:>7} {:>6}",
+            "{:<8} {:<21} {:>4} {:>7} {:>9.0} {:>7.3} {:>7.3} {:>7.3} {:>8} {:>8} {:>6} {:>6} {:>7} {:>7} {:>6}",
             cell.upstream,
             cell.front,
             cell.concurrency,
+            s.calls,
             s.rps,
             s.p50_ms,
             s.p90_ms,
@@ -207,8 +214,13 @@ fn print_calls(cells: &[Cell]) {
         );
     }
     println!(
-        "+p50/+p99: added latency vs direct; p50 x / rps x: ratios vs direct; srv us: CPU time per call of the process the client talks to (ledger, broker or peer; the broker's upstream not included); gen us: the load generator's CPU time per call"
+        "calls: successful calls measured (timed broker cells run on to at least --cpu-calls); +p50/+p99: added latency vs direct; p50 x / rps x: ratios vs direct; srv us: CPU time (utime + stime from /proc, 10 ms ticks) per call over those calls, of the process the client talks to (ledger, broker or peer; the broker's upstream not included); gen us: the load generator's CPU time per call"
     );
+}
+
+/// The calls table alone (the profile run prints its one cell with it).
+pub fn print_cells(cells: &[Cell]) {
+    print_calls(cells);
 }
 
 fn micros(v: Option<f64>) -> String {
@@ -288,5 +300,33 @@ fn print_soak(s: &Soak) {
         s.growth_kib,
         s.stats.rps,
         s.stats.errors
+    );
+}
+
+fn print_idle(i: &IdleSessions) {
+    let mib = |kib: f64| kib / 1024.0;
+    println!(
+        "\nidle sessions: {} open at once on the broker with {} stdio upstreams (opened {} at a time in {:.1} s over one pooled client)",
+        i.sessions, i.upstreams, i.open_concurrency, i.open_seconds
+    );
+    println!(
+        "RSS {:.1} → {:.1} MiB: {:.1} KiB per session; after closing them all {}",
+        mib(i.rss_before_kib as f64),
+        mib(i.rss_after_kib as f64),
+        i.per_session_kib,
+        i.rss_closed_kib
+            .map_or("?".into(), |k| format!("{:.1} MiB", mib(k as f64)))
+    );
+    println!(
+        "at {} sessions: {:.1} MiB ({}) against the 300 MB ({:.1} MiB) target: {}",
+        crate::idle::TARGET_SESSIONS,
+        mib(i.at_target_kib),
+        if i.at_target_measured {
+            "measured"
+        } else {
+            "projected from the per-session figure"
+        },
+        mib(i.target_kib as f64),
+        if i.under_target { "under" } else { "OVER" }
     );
 }

@@ -427,6 +427,12 @@ impl Broker {
         self.sessions.len()
     }
 
+    /// Sessions whose outbound queue and writer have started (a test hook: an idle session has
+    /// none; they start with its first notification).
+    pub fn session_queues(&self) -> usize {
+        self.sessions.queues()
+    }
+
     // -- draining ---------------------------------------------------------------------------------
 
     /// Stop taking new requests, let the ones in flight finish for up to `deadline`, then cancel

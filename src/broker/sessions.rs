@@ -1,7 +1,8 @@
 //! Downstream sessions: who owns each, what it may see, and a bounded outbound queue per session.
 //!
 //! The event router never awaits a session: it puts a message in the session's queue (`try_send`)
-//! and a writer task per session sends it. A session whose client stops reading fills only its own
+//! and a writer task per session sends it. Queue and writer start with the session's first message:
+//! most sessions never get one, and idle sessions are what a broker holds most of. A session whose client stops reading fills only its own
 //! queue; further notifications for it are dropped and counted. A session is removed when it closes
 //! (its front handle is dropped) or its transport is found closed.
 
@@ -10,7 +11,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -68,7 +69,8 @@ pub(super) struct Session {
     pub id: u64,
     pub caller: Caller,
     pub peer: Peer<RoleServer>,
-    queue: mpsc::Sender<Outbound>,
+    /// Set, and the writer started, by the first message ([`Session::queue`]).
+    queue: OnceLock<mpsc::Sender<Outbound>>,
     /// The level set by this session's `logging/setLevel`; `None` = no logs forwarded.
     level: Mutex<Option<LoggingLevel>>,
     pub view: Mutex<View>,
@@ -132,12 +134,27 @@ impl Session {
         self.view.lock().is_ok_and(|v| v.servers.contains(server))
     }
 
+    /// The outbound queue, created with its writer on first use. `None` outside a tokio runtime
+    /// (nothing could write it there).
+    fn queue(self: &Arc<Self>) -> Option<&mpsc::Sender<Outbound>> {
+        if let Some(q) = self.queue.get() {
+            return Some(q);
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        Some(self.queue.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            runtime.spawn(write(self.clone(), rx));
+            tx
+        }))
+    }
+
     /// Queue a message without waiting; false if the queue is full, by count or by bytes (the
     /// message is dropped).
-    fn offer(&self, m: Outbound) -> bool {
+    fn offer(self: &Arc<Self>, m: Outbound) -> bool {
         let n = m.bytes();
         let held = self.queued_bytes.fetch_add(n, Ordering::AcqRel);
-        if held + n > QUEUE_BYTES && n > 0 || self.queue.try_send(m).is_err() {
+        let queued = held + n <= QUEUE_BYTES || n == 0;
+        if !queued || self.queue().is_none_or(|q| q.try_send(m).is_err()) {
             self.queued_bytes.fetch_sub(n, Ordering::AcqRel);
             return false;
         }
@@ -183,7 +200,7 @@ pub(super) struct Sessions {
 }
 
 impl Sessions {
-    /// Register a session, within the caps; starts its writer.
+    /// Register a session, within the caps (its writer starts with its first message).
     pub fn open(
         &self,
         peer: Peer<RoleServer>,
@@ -205,12 +222,11 @@ impl Sessions {
         }
         *count += 1;
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let (tx, rx) = mpsc::channel(QUEUE);
         let s = Arc::new(Session {
             id,
             caller,
             peer,
-            queue: tx,
+            queue: OnceLock::new(),
             level: Mutex::new(None),
             view: Mutex::new(view),
             pending: Default::default(),
@@ -222,7 +238,6 @@ impl Sessions {
         });
         self.map.insert(id, s.clone());
         drop(per);
-        tokio::spawn(write(s.clone(), rx));
         Ok(s)
     }
 
@@ -254,6 +269,14 @@ impl Sessions {
         self.map.len()
     }
 
+    /// Sessions whose queue (and writer) has started.
+    pub fn queues(&self) -> usize {
+        self.map
+            .iter()
+            .filter(|e| e.value().queue.get().is_some())
+            .count()
+    }
+
     /// Ids of sessions whose transport is closed (for the sweeper).
     pub fn closed(&self) -> Vec<u64> {
         self.map
@@ -264,14 +287,14 @@ impl Sessions {
     }
 
     /// Queue `m` for `s`; a full queue drops it and counts the drop.
-    pub fn send(&self, s: &Session, m: Outbound) {
+    pub fn send(&self, s: &Arc<Session>, m: Outbound) {
         if !s.offer(m) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Queue a list_changed of `kind` unless one is already waiting (coalesced).
-    pub fn list_changed(&self, s: &Session, kind: Kind) {
+    pub fn list_changed(&self, s: &Arc<Session>, kind: Kind) {
         let i = kind.index();
         if s.pending[i].swap(true, Ordering::AcqRel) {
             return;

@@ -105,7 +105,10 @@ impl Front {
     async fn run(&self, op: Op, ctx: RequestContext<RoleServer>) -> Result<Reply, ErrorData> {
         let caller = caller_of(&ctx);
         let down = self.downstream(&ctx);
-        self.broker.handle(&caller, op, down, ctx.ct.clone()).await
+        // Boxed, as every large future under a handler method is: rmcp awaits `initialize` inline
+        // in the session's own task, whose future is sized for the largest handler future and
+        // lives as long as the session (see `handler_futures_stay_small`).
+        Box::pin(self.broker.handle(&caller, op, down, ctx.ct.clone())).await
     }
 }
 
@@ -455,7 +458,7 @@ impl ServerHandler for Front {
         p: Option<PaginatedRequestParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        typed(self.list_raw(Kind::Tool, cursor_of(&p), ctx).await?)
+        typed(Box::pin(self.list_raw(Kind::Tool, cursor_of(&p), ctx)).await?)
     }
 
     async fn call_tool(
@@ -474,7 +477,7 @@ impl ServerHandler for Front {
         p: Option<PaginatedRequestParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, ErrorData> {
-        typed(self.list_raw(Kind::Prompt, cursor_of(&p), ctx).await?)
+        typed(Box::pin(self.list_raw(Kind::Prompt, cursor_of(&p), ctx)).await?)
     }
 
     async fn get_prompt(
@@ -493,7 +496,7 @@ impl ServerHandler for Front {
         p: Option<PaginatedRequestParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, ErrorData> {
-        typed(self.list_raw(Kind::Resource, cursor_of(&p), ctx).await?)
+        typed(Box::pin(self.list_raw(Kind::Resource, cursor_of(&p), ctx)).await?)
     }
 
     async fn list_resource_templates(
@@ -501,7 +504,7 @@ impl ServerHandler for Front {
         p: Option<PaginatedRequestParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, ErrorData> {
-        typed(self.list_raw(Kind::Template, cursor_of(&p), ctx).await?)
+        typed(Box::pin(self.list_raw(Kind::Template, cursor_of(&p), ctx)).await?)
     }
 
     async fn read_resource(
@@ -581,11 +584,12 @@ impl ServerHandler for Front {
                 "resources/list" => Kind::Resource,
                 _ => Kind::Template,
             };
-            return Ok(CustomResult(self.list_raw(which, cursor, ctx).await?));
+            return Ok(CustomResult(
+                Box::pin(self.list_raw(which, cursor, ctx)).await?,
+            ));
         }
         if let Some(call) = relay::call_method(&request.method) {
-            return self
-                .call_raw(call, request.params, ctx)
+            return Box::pin(self.call_raw(call, request.params, ctx))
                 .await
                 .map(CustomResult);
         }
@@ -615,6 +619,14 @@ impl ServerHandler for Front {
     }
 
     async fn listen(&self, ctx: SubscriptionContext) -> Result<(), ErrorData> {
+        // Boxed like `run`: this loop's state would otherwise size every session's task.
+        Box::pin(self.listen_changes(ctx)).await
+    }
+}
+
+impl Front {
+    /// The subscription loop of [`ServerHandler::listen`].
+    async fn listen_changes(&self, ctx: SubscriptionContext) -> Result<(), ErrorData> {
         // Announce a change only where this caller's own view changed (a change hidden from it is
         // not its business).
         let caller = caller_of(ctx.request_context());
@@ -695,6 +707,21 @@ mod tests {
             true,
         );
         assert_eq!(with_data.data, Some(serde_json::json!("why")));
+    }
+
+    /// The size of the future an async fn `f(&A, B, C)` returns (named by the fn item alone).
+    fn future_size<'a, A: 'a, B, C, F>(_: impl Fn(&'a A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn handler_futures_stay_small() {
+        // rmcp awaits `initialize` through `handle_request` inside each session's own task, so
+        // that task holds a future sized for the largest request handler for as long as the
+        // session lives: unboxed, the relay's call path made it ~20 KB per idle session.
+        use rmcp::Service;
+        let size = future_size(<Front as Service<RoleServer>>::handle_request);
+        assert!(size <= 6 * 1024, "handle_request future is {size} bytes");
     }
 
     #[test]

@@ -49,7 +49,9 @@ const POLLING_REVISION: &str = "2025-11-25";
 /// rmcp's. 2026-07-28 requests carry no session, and so are not resumable.
 pub(super) struct ResumableSessions {
     inner: LocalSessionManager,
-    replays: std::sync::Mutex<HashMap<SessionId, Arc<Replay>>>,
+    /// Every open session; its [`Replay`] is made by its first request stream (an idle session,
+    /// or one that only sends notifications, holds none).
+    replays: std::sync::Mutex<HashMap<SessionId, Option<Arc<Replay>>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,13 +70,17 @@ impl ResumableSessions {
         }
     }
 
-    fn replays(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Arc<Replay>>> {
+    fn replays(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Option<Arc<Replay>>>> {
         self.replays.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The session's replay (a detached one if the session closed meanwhile: freed with the stream).
+    /// The session's replay, made on first use (a detached one if the session closed meanwhile:
+    /// freed with the stream).
     fn replay(&self, id: &SessionId) -> Arc<Replay> {
-        self.replays().get(id).cloned().unwrap_or_default()
+        match self.replays().get_mut(id) {
+            Some(slot) => slot.get_or_insert_with(Arc::default).clone(),
+            None => Arc::default(),
+        }
     }
 }
 
@@ -84,7 +90,7 @@ impl SessionManager for ResumableSessions {
 
     async fn create_session(&self) -> Result<(SessionId, Self::Transport), Self::Error> {
         let (id, transport) = self.inner.create_session().await?;
-        self.replays().insert(id.clone(), Arc::default());
+        self.replays().insert(id.clone(), None);
         Ok((id, transport))
     }
 
@@ -103,7 +109,7 @@ impl SessionManager for ResumableSessions {
     /// Also when the session idles out or its worker ends (rmcp closes it then): its streams end
     /// and their kept events go.
     async fn close_session(&self, id: &SessionId) -> Result<(), Self::Error> {
-        let replay = self.replays().remove(id);
+        let replay = self.replays().remove(id).flatten();
         if let Some(r) = replay {
             r.closed.cancel();
         }
@@ -159,7 +165,10 @@ impl SessionManager for ResumableSessions {
         };
         let attach = {
             let replays = self.replays();
-            replays.get(id).and_then(|r| r.attach_to(stream))
+            replays
+                .get(id)
+                .and_then(Option::as_ref)
+                .and_then(|r| r.attach_to(stream))
         };
         let attach = attach.ok_or(SessionError::NoStream)?;
         let (reply, connection) = oneshot::channel();
@@ -522,6 +531,31 @@ mod tests {
             assert!(!client_polls(&ext(older)), "{older:?}");
         }
         assert!(!client_polls(&rmcp::model::Extensions::new()));
+    }
+
+    #[tokio::test]
+    async fn a_session_holds_no_replay_until_its_first_request_stream() {
+        let sessions = ResumableSessions::new(LocalSessionManager::default());
+        let (id, _transport) = sessions.create_session().await.expect("session");
+        assert!(
+            matches!(sessions.replays().get(&id), Some(None)),
+            "a fresh session is registered without a replay"
+        );
+        let first = sessions.replay(&id);
+        assert!(
+            sessions
+                .replays()
+                .get(&id)
+                .and_then(Option::as_ref)
+                .is_some_and(|r| Arc::ptr_eq(r, &first)),
+            "the first request stream makes it, and later ones share it"
+        );
+        sessions.close_session(&id).await.ok();
+        assert!(sessions.replays().get(&id).is_none());
+        assert!(first.closed.is_cancelled(), "closing ends its streams");
+        // A stream that raced the close gets a detached replay, not a new entry.
+        let _detached = sessions.replay(&id);
+        assert!(sessions.replays().get(&id).is_none());
     }
 
     #[test]
