@@ -29,6 +29,19 @@ pub enum Upstream {
 }
 
 /// The TOML for a broker on a free loopback port with `upstreams`.
+/// `n` stdio ledgers named `l01`, `l02`, …: their names and their server entries.
+pub fn ledgers(ledger: &Path, n: usize) -> (Vec<String>, Vec<(String, Upstream)>) {
+    let names: Vec<String> = (1..=n).map(|i| format!("l{i:02}")).collect();
+    let servers = names
+        .iter()
+        .map(|name| {
+            let ledger = ledger.to_path_buf();
+            (name.clone(), Upstream::Stdio { ledger })
+        })
+        .collect();
+    (names, servers)
+}
+
 pub fn render(layers: Layers, upstreams: &[(String, Upstream)], idp: &Idp) -> String {
     render_with(layers, upstreams, idp, None)
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::config::{self, Layers, Upstream};
+use crate::config::{self, Layers};
 use crate::load::{ms, percentile_ms};
 use crate::mcp::{HttpSession, Session};
 use crate::procs;
@@ -133,14 +133,7 @@ async fn broker(
     n: usize,
     session_rss: &mut Option<SessionRss>,
 ) -> Result<FanoutRun, String> {
-    let names: Vec<String> = (1..=n).map(|i| format!("l{i:02}")).collect();
-    let servers: Vec<(String, Upstream)> = names
-        .iter()
-        .map(|name| {
-            let ledger = env.paths.ledger.clone();
-            (name.clone(), Upstream::Stdio { ledger })
-        })
-        .collect();
+    let (names, servers) = config::ledgers(&env.paths.ledger, n);
     let tag = format!("lists-{n}-{}", layers_label(layers).replace('+', "-"));
     let path = config::write(
         &env.paths.out_dir,

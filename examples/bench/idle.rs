@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::config::{self, Layers, Upstream};
+use crate::config::{self, Layers};
 use crate::mcp::{self, HttpSession};
 use crate::procs;
 use crate::targets::{self, Env};
@@ -61,14 +61,7 @@ pub async fn run(env: &Env, settings: &Settings) -> Result<IdleSessions, String>
         "== idle sessions: {} sessions on the broker with {n} stdio upstreams",
         settings.sessions
     );
-    let names: Vec<String> = (1..=n).map(|i| format!("l{i:02}")).collect();
-    let servers: Vec<(String, Upstream)> = names
-        .iter()
-        .map(|name| {
-            let ledger = env.paths.ledger.clone();
-            (name.clone(), Upstream::Stdio { ledger })
-        })
-        .collect();
+    let (names, servers) = config::ledgers(&env.paths.ledger, n);
     let tag = "idle-sessions";
     let caps = settings.sessions + SLACK;
     let toml = config::render_with(Layers::Off, &servers, &env.idp, Some(caps));

@@ -673,15 +673,7 @@ async fn jsonrpc_errors(State(rules): State<BodyRules>, req: Request, next: Next
     if serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() {
         return rpc_error(-32700, "Parse error: the body is not valid JSON");
     }
-    let is_json = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("application/json")
-        });
+    let is_json = is_json(&parts.headers);
     let batch = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
     let resp = next
         .run(Request::from_parts(parts, Body::from(bytes)))

@@ -38,7 +38,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
-use super::mcp::{CallParams, params_of_call, relay_call, relay_list_items};
+use super::mcp::{CallParams, relay_call, relay_list_items};
 use crate::auth::Caller;
 use crate::broker::{Broker, Downstream};
 use crate::catalog::{Item, Kind};
@@ -49,7 +49,9 @@ use crate::catalog::{Item, Kind};
 pub struct OpenedSession(pub Arc<OnceLock<u64>>);
 
 /// The sessions the HTTP front knows: their broker ids, whether the lane may serve them, and when
-/// they were last used.
+/// they were last used. One entry per session rmcp opened (registered from the `initialize`
+/// response naming it), freed on `DELETE`, when the session idles out (the sweeper closes it), or
+/// when the broker no longer has it (the sweeper's next pass).
 pub struct Lanes {
     broker: Arc<Broker>,
     sessions: DashMap<Arc<str>, Entry>,
@@ -67,7 +69,9 @@ struct Entry {
     direct: bool,
     /// Milliseconds after `epoch` of the last request naming the session.
     seen: AtomicU64,
-    /// Lane calls in flight, by JSON-RPC id, for `notifications/cancelled`.
+    /// Lane calls in flight, by JSON-RPC id, for `notifications/cancelled`: each entry lives as
+    /// long as its HTTP request (removed on drop), so it holds at most the session's concurrent
+    /// requests (bounded by the front's connection cap).
     inflight: Mutex<HashMap<RequestId, CancellationToken>>,
 }
 
@@ -193,7 +197,6 @@ impl Lanes {
         if !direct || !accepts_json(headers) || !lane_version(headers) {
             return None;
         }
-        let params = || env.params.and_then(|p| serde_json::from_str(p.get()).ok());
         let work = match method {
             "tools/list" | "prompts/list" | "resources/list" | "resources/templates/list" => {
                 if env.params.is_some_and(has_cursor) {
@@ -208,7 +211,7 @@ impl Lanes {
             }
             "tools/call" | "prompts/get" | "resources/read" => {
                 // Params that do not decode get rmcp's own error answer.
-                let p = params_of_call(method, params()).ok()?;
+                let p = CallParams::from_raw(method, env.params?.get())?;
                 if p.progress_token().is_some() {
                     return None;
                 }
@@ -289,11 +292,21 @@ struct CachedList {
     json: Bytes,
 }
 
-/// Serialised lists kept at most (a new view beyond this starts the cache afresh).
+/// Serialised lists kept at most, and their bytes at most (beyond either, the cache starts
+/// afresh: a stale entry holds a replaced catalog's items only until then).
 const MAX_CACHED_LISTS: usize = 64;
+const MAX_CACHED_BYTES: usize = 32 << 20;
+
+/// Shared by every caller (an entry is a list of items some caller may see, served only to a
+/// caller shown exactly those items); bounded by [`MAX_CACHED_LISTS`] and [`MAX_CACHED_BYTES`].
+#[derive(Default)]
+struct ListCache(Mutex<CachedLists>);
 
 #[derive(Default)]
-struct ListCache(Mutex<HashMap<u64, CachedList>>);
+struct CachedLists {
+    map: HashMap<u64, CachedList>,
+    bytes: usize,
+}
 
 impl ListCache {
     /// `items` as a JSON array, serialised once per distinct list.
@@ -306,23 +319,30 @@ impl ListCache {
         }
         let key = h.finish();
         let mut lists = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = lists.get(&key)
+        if let Some(c) = lists.map.get(&key)
             && c.items.len() == items.len()
             && c.items.iter().zip(items).all(|(a, b)| a.same(b))
         {
             return c.json.clone();
         }
         let json = Bytes::from(serde_json::to_vec(items).unwrap_or_else(|_| b"[]".to_vec()));
-        if lists.len() >= MAX_CACHED_LISTS {
-            lists.clear();
+        if lists.map.len() >= MAX_CACHED_LISTS || lists.bytes + json.len() > MAX_CACHED_BYTES {
+            lists.map.clear();
+            lists.bytes = 0;
         }
-        lists.insert(
-            key,
-            CachedList {
-                items: items.to_vec(),
-                json: json.clone(),
-            },
-        );
+        if json.len() <= MAX_CACHED_BYTES {
+            lists.bytes += json.len();
+            let old = lists.map.insert(
+                key,
+                CachedList {
+                    items: items.to_vec(),
+                    json: json.clone(),
+                },
+            );
+            if let Some(old) = old {
+                lists.bytes -= old.json.len();
+            }
+        }
         json
     }
 }
@@ -545,7 +565,12 @@ mod tests {
         for i in 0..(MAX_CACHED_LISTS + 1) {
             cache.json(&[item(&i.to_string())]);
         }
-        assert!(cache.0.lock().unwrap().len() <= MAX_CACHED_LISTS);
+        let lists = cache.0.lock().unwrap();
+        assert!(lists.map.len() <= MAX_CACHED_LISTS);
+        assert_eq!(
+            lists.bytes,
+            lists.map.values().map(|c| c.json.len()).sum::<usize>()
+        );
     }
 
     #[tokio::test]

@@ -289,6 +289,17 @@ pub enum CallParams {
 }
 
 impl CallParams {
+    /// Decode a relayed call's params straight from their JSON text (`None` when they do not
+    /// decode: rmcp then answers with its own error).
+    pub fn from_raw(method: &str, params: &str) -> Option<Self> {
+        Some(match method {
+            "tools/call" => CallParams::Tool(serde_json::from_str(params).ok()?),
+            "prompts/get" => CallParams::Prompt(serde_json::from_str(params).ok()?),
+            "resources/read" => CallParams::Read(serde_json::from_str(params).ok()?),
+            _ => return None,
+        })
+    }
+
     /// The progress token the caller asked for, if any.
     pub fn progress_token(&self) -> Option<rmcp::model::ProgressToken> {
         match self {

@@ -304,6 +304,9 @@ fn lane_number(raw: &str) -> Option<i64> {
 }
 
 /// Lane calls waiting for their response on a stdio connection; `None` once the reader ended.
+/// One entry per call in flight on the connection, removed when the response arrives or the
+/// call is dropped (cancelled, timed out), and all at once when the reader ends: so it holds at
+/// most the calls the pipeline admitted (its per-session and per-server caps).
 #[derive(Default)]
 pub struct Pending(Mutex<Option<HashMap<i64, oneshot::Sender<Answer>>>>);
 

@@ -855,6 +855,8 @@ impl Upstream {
                         discover_status: discover_status.clone(),
                         lane: Default::default(),
                     };
+                    // Bounded: a lane call whose stream carries more than rmcp has taken waits
+                    // for it (as rmcp's own worker would); freed with the connection.
                     let (inject, injected) = mpsc::channel(256);
                     let lane =
                         lane::LaneKind::Http(lane::http::HttpLane::new(client.clone(), inject));
