@@ -117,6 +117,7 @@ fn reload(path: &std::path::Path, initial: &Config, broker: &Broker, why: &str) 
             format!("{:?}", new.auth) != format!("{:?}", initial.auth),
         ),
         ("audit", new.audit != initial.audit),
+        ("cluster", new.cluster != initial.cluster),
     ] {
         if changed {
             tracing::warn!(
@@ -128,6 +129,7 @@ fn reload(path: &std::path::Path, initial: &Config, broker: &Broker, why: &str) 
     new.broker = running.broker.clone();
     new.auth = running.auth.clone();
     new.audit = running.audit.clone();
+    new.cluster = running.cluster.clone();
     match broker.reload(Arc::new(new)) {
         Ok(s) => tracing::info!(
             reason = why,

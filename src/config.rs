@@ -93,7 +93,27 @@ pub struct Config {
     pub limits: GlobalLimits,
     /// Identifies the `[credentials]` section, so a reload keeps the credential caches when it is unchanged.
     pub credentials_fingerprint: String,
+    /// `[cluster]`: state shared with other instances in Redis; `None` = everything in process.
+    /// Read at start only (a reload that changes it is refused).
+    pub cluster: Option<ClusterConfig>,
 }
+
+/// `[cluster]`: several broker instances behind one load balancer, sharing state in Redis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// `redis://[user:password@]host:port[/db]` (may hold a password, hence secret).
+    pub redis_url: Secret,
+    /// This instance's name in Redis and in logs; default `HOSTNAME-PID`.
+    pub instance_id: String,
+    /// Signs and encrypts what any instance must be able to verify (sealed `requestState`, shared
+    /// credentials); at least 32 bytes.
+    pub secret_key: Secret,
+    /// Store exchanged tokens and Vault secrets in Redis (encrypted with `secret_key`).
+    pub share_credentials: bool,
+}
+
+/// The fewest bytes `[cluster] secret_key` may have.
+pub const MIN_SECRET_KEY: usize = 32;
 
 /// `[audit]`: where decision records go and how arguments appear in them.
 #[derive(Debug, Clone, PartialEq)]
@@ -640,6 +660,10 @@ impl Config {
                 ));
             }
         }
+        let cluster = match raw.cluster {
+            Some(c) => Some(ctx.cluster(c)?),
+            None => None,
+        };
         let auth = match raw.auth {
             Some(a) => Some(ctx.auth(a, &broker)?),
             None => None,
@@ -679,12 +703,27 @@ impl Config {
             audit,
             limits,
             credentials_fingerprint: stores_text,
+            cluster,
         })
     }
 
     pub fn server(&self, name: &str) -> Option<&ServerConfig> {
         self.servers.iter().find(|s| s.name == name)
     }
+}
+
+/// `HOSTNAME-PID`, with anything but letters, digits, `-`, `_`, `.` dropped from the host name.
+fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "broker".into());
+    let host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .take(48)
+        .collect();
+    format!("{host}-{}", std::process::id())
 }
 
 struct Ctx<'a> {
@@ -705,6 +744,63 @@ impl Ctx<'_> {
             key: dotted,
             message,
         }
+    }
+
+    fn cluster(&self, c: raw::RawCluster) -> Result<ClusterConfig, ConfigError> {
+        let t = &["cluster"];
+        let redis_url = self.expand(t, "redis_url", &c.redis_url)?;
+        match url::Url::parse(&redis_url) {
+            Ok(u) if u.scheme() == "redis" && u.host_str().is_some() => {}
+            _ => {
+                return Err(self.invalid(
+                    t,
+                    "redis_url",
+                    "must be a `redis://host:port` URL".into(),
+                ));
+            }
+        }
+        let secret_key = self.expand(t, "secret_key", &c.secret_key)?;
+        if secret_key.len() < MIN_SECRET_KEY {
+            return Err(self.invalid(
+                t,
+                "secret_key",
+                format!(
+                    "must be at least {MIN_SECRET_KEY} bytes (every instance must have the same one; e.g. `openssl rand -hex 32`)"
+                ),
+            ));
+        }
+        if secret_key == c.secret_key && !c.secret_key.is_empty() {
+            return Err(self.invalid(
+                t,
+                "secret_key",
+                "must come from the environment (`${VAR}`), not be written in the file".into(),
+            ));
+        }
+        let instance_id = match c.instance_id {
+            Some(id) => {
+                let id = self.expand(t, "instance_id", &id)?;
+                if id.is_empty()
+                    || id.len() > 64
+                    || !id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                {
+                    return Err(self.invalid(
+                        t,
+                        "instance_id",
+                        "must be 1 to 64 letters, digits, `-`, `_` or `.`".into(),
+                    ));
+                }
+                id
+            }
+            None => default_instance_id(),
+        };
+        Ok(ClusterConfig {
+            redis_url: Secret::new(redis_url),
+            instance_id,
+            secret_key: Secret::new(secret_key),
+            share_credentials: c.share_credentials.unwrap_or(false),
+        })
     }
 
     /// Expand `${VAR}` (and `$$` → `$`); an unset variable is an error naming the key.

@@ -9,6 +9,7 @@
 //! | 1 | [`upstream`] | supervised MCP client connections over stdio, legacy SSE and Streamable HTTP |
 //! | 1 | [`catalog`] | pure: the namespaced, collision-checked view of every upstream's lists (raw JSON items); the one [`catalog::Kind`] |
 //! | 1 | [`auth`] | the [`auth::Caller`] behind a request |
+//! | 1 | [`cluster`] | `[cluster]`: the Redis connection, shared session records, instance-to-instance messages, global limits |
 //! | 1 | [`metrics`] | Prometheus counters; fed plain values, it imports no other module |
 //! | 1 | [`audit`] | decision records (JSONL sinks), written on drop; each record also feeds [`metrics`] |
 //! | 2 | [`policy`] | pure: one decision for what is listed and what is called |
@@ -26,6 +27,7 @@ pub mod auth;
 pub mod broker;
 pub mod catalog;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod credentials;
 pub mod front;

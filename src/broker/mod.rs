@@ -83,6 +83,8 @@ pub enum BrokerError {
     Credential(#[from] CredentialError),
     #[error("no OS random source for the requestState key: {0}")]
     Random(#[from] getrandom::Error),
+    #[error("[cluster]: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// (server, connection id, upstream request id): request ids are only unique per connection.
@@ -122,6 +124,8 @@ pub struct Broker {
     /// swept once `request_state_ttl` passed.
     parked: DashMap<u64, mrtr::Parked>,
     next_park: AtomicU64,
+    /// `[cluster]`: state shared with the other instances; `None` = everything in process.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     /// This broker (for the tasks a parked call runs in).
     me: std::sync::Weak<Broker>,
     /// Last audited limit refusal per subject: at most one such record per caller per second.
@@ -147,13 +151,26 @@ pub struct Broker {
 
 impl Broker {
     pub fn new(config: Arc<Config>, audit: Arc<Audit>) -> Result<Arc<Self>, BrokerError> {
-        let state = State::build(config, None)?;
-        let seal = mrtr::Seal::new()?;
+        let state = State::build(config.clone(), None)?;
+        let shutdown = CancellationToken::new();
+        // One key for the whole cluster: any instance opens what another sealed.
+        let (seal, cluster) = match &config.cluster {
+            Some(c) => (
+                mrtr::Seal::with_secret(c.secret_key.expose()),
+                Some(crate::cluster::Cluster::start(
+                    c.clone(),
+                    config.broker.session_idle_timeout,
+                    shutdown.clone(),
+                )?),
+            ),
+            None => (mrtr::Seal::new()?, None),
+        };
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         Ok(Arc::new_cyclic(|me| Self {
             me: me.clone(),
             parked: DashMap::new(),
             next_park: AtomicU64::new(1),
+            cluster,
             state: RwLock::new(Arc::new(state)),
             stops: Mutex::new(HashMap::new()),
             catalog: RwLock::new(Arc::new(Catalog::default())),
@@ -176,7 +193,7 @@ impl Broker {
             started: Instant::now(),
             events_tx,
             events_rx: Mutex::new(Some(events_rx)),
-            shutdown: CancellationToken::new(),
+            shutdown,
             tasks: TaskTracker::new(),
         }))
     }
@@ -313,6 +330,11 @@ impl Broker {
     }
 
     /// The configuration in force (it changes on reload).
+    /// The cluster this instance is part of (`[cluster]`), if any.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.as_ref()
+    }
+
     pub fn config(&self) -> Arc<Config> {
         self.state().config.clone()
     }

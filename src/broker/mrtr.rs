@@ -112,6 +112,19 @@ impl Seal {
         })
     }
 
+    /// A seal whose key comes from `[cluster] secret_key`, so every instance opens what any other
+    /// sealed. The key is derived for this use alone (the secret also seals other things).
+    pub fn with_secret(secret: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        let key = Sha256::new()
+            .chain_update(b"mcp-broker requestState v1\0")
+            .chain_update(secret.as_bytes())
+            .finalize();
+        Self {
+            codec: RequestStateCodec::new(key.to_vec()),
+        }
+    }
+
     /// The token a client echoes instead of the upstream's `state` (or to continue a parked call).
     pub fn seal(&self, bind: &[u8], sealed: &Sealed, ttl: Duration) -> String {
         let payload = serde_json::to_vec(sealed).unwrap_or_default();

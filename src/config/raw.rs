@@ -32,6 +32,17 @@ pub(super) struct RawConfig {
     /// Typed per store by [`Ctx::tagged`]: `kind` decides which keys apply.
     #[serde(default)]
     pub(super) credentials: IndexMap<String, Spanned<KeyedTable>>,
+    pub(super) cluster: Option<RawCluster>,
+}
+
+/// `[cluster]`: several brokers sharing state in Redis.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    pub(super) redis_url: String,
+    pub(super) instance_id: Option<String>,
+    pub(super) secret_key: String,
+    pub(super) share_credentials: Option<bool>,
 }
 
 #[derive(Deserialize)]
