@@ -126,6 +126,8 @@ pub struct Cluster {
     conn: ConnectionManager,
     pubsub: tokio::sync::Mutex<ConnectionManager>,
     up: AtomicBool,
+    /// The pub/sub connection must subscribe again (at start, and after it was lost).
+    resubscribe: AtomicBool,
     /// Sessions this instance holds (created or restored), for re-registration.
     known: DashMap<String, Registered>,
     /// Sessions whose standalone stream this instance holds, with how many are open.
@@ -175,6 +177,7 @@ impl Cluster {
             conn,
             pubsub: tokio::sync::Mutex::new(pubsub),
             up: AtomicBool::new(false),
+            resubscribe: AtomicBool::new(true),
             known: DashMap::new(),
             streams: DashMap::new(),
             inbound: std::sync::Mutex::new(Some(rx)),
@@ -399,7 +402,6 @@ impl Cluster {
     /// lost our data (then the sessions held here are written again).
     async fn heartbeat(self: Arc<Self>, stop: CancellationToken) {
         let key = format!("{PREFIX}i:{}", self.tag);
-        let mut subscribed = false;
         loop {
             let mut c = self.conn();
             let was: Result<Option<String>, _> = redis::cmd("SET")
@@ -412,8 +414,12 @@ impl Cluster {
                 .await;
             match was {
                 Ok(previous) => {
+                    // After a start, a lost connection or a Redis restart, listen again (the
+                    // channels of a new or restarted Redis have no subscribers).
+                    let mut subscribed = !self.resubscribe.load(Ordering::Acquire);
                     if !subscribed {
-                        subscribed = self.subscribe_fixed().await;
+                        subscribed = self.subscribe_all().await;
+                        self.resubscribe.store(!subscribed, Ordering::Release);
                     }
                     let was_up = self.up.swap(subscribed, Ordering::AcqRel);
                     if previous.is_none() && !self.known.is_empty() {
@@ -423,6 +429,7 @@ impl Cluster {
                     }
                 }
                 Err(e) => {
+                    self.resubscribe.store(true, Ordering::Release);
                     if self.up.swap(false, Ordering::AcqRel) {
                         tracing::warn!(error = %e, "cluster: Redis unreachable; new sessions are refused until it is back");
                     }
@@ -438,11 +445,12 @@ impl Cluster {
         }
     }
 
-    async fn subscribe_fixed(&self) -> bool {
+    /// The cluster's channel, this instance's, and those of the sessions whose stream it holds.
+    async fn subscribe_all(&self) -> bool {
+        let mut channels = vec![Self::EVENTS.to_string(), Self::instance_channel(&self.tag)];
+        channels.extend(self.streams.iter().map(|e| Self::session_channel(e.key())));
         let mut ps = self.pubsub.lock().await;
-        let a = ps.subscribe(Self::EVENTS).await;
-        let b = ps.subscribe(Self::instance_channel(&self.tag)).await;
-        match a.and(b) {
+        match ps.subscribe(channels).await {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "cluster: cannot subscribe");
@@ -505,6 +513,7 @@ impl Cluster {
                 }
                 redis::PushKind::Disconnection => {
                     self.up.store(false, Ordering::Release);
+                    self.resubscribe.store(true, Ordering::Release);
                 }
                 _ => {}
             }
