@@ -281,6 +281,15 @@ impl Broker {
         {
             match self.seal.open(&bind, &token) {
                 Ok(sealed) => {
+                    // Under `[cluster]` a parked call lives on the instance that parked it.
+                    if sealed.parked.is_some()
+                        && let Some(c) = &self.cluster
+                        && sealed.instance.as_deref().is_some_and(|t| t != c.tag)
+                    {
+                        let why = "requestState refused: the call it continues waits on another broker instance (parked calls are not shared); start the request again without it";
+                        rec.decision(false, why, Some("request_state".into()));
+                        return Err(Failure::Rpc(ErrorData::invalid_params(why, None)));
+                    }
                     *state = sealed.upstream;
                     parked = sealed.parked;
                 }
@@ -365,6 +374,7 @@ impl Broker {
                         let sealed = mrtr::Sealed {
                             upstream: ir.request_state.take(),
                             parked: None,
+                            instance: None,
                         };
                         let sealed =
                             self.seal
