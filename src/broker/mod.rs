@@ -533,6 +533,26 @@ impl Broker {
             "Live stdio upstream child processes.",
             &[(vec![], children as f64)],
         );
+        if let Some(c) = &self.cluster {
+            metrics::gauge(
+                &mut g,
+                "mcp_broker_cluster_up",
+                "1 while the cluster store (Redis) answers this instance's heartbeat.",
+                &[(vec![], if c.is_up() { 1.0 } else { 0.0 })],
+            );
+            metrics::counter(
+                &mut g,
+                "mcp_broker_cluster_messages_dropped_total",
+                "Messages from other instances dropped (queue full or unreadable).",
+                &[(vec![], c.dropped.load(Ordering::Relaxed) as f64)],
+            );
+            metrics::counter(
+                &mut g,
+                "mcp_broker_cluster_sessions_reregistered_total",
+                "Sessions written to Redis again after it lost them (restarted empty).",
+                &[(vec![], c.reregistered.load(Ordering::Relaxed) as f64)],
+            );
+        }
         let all = self.sessions.all();
         let live = all.iter().filter(|s| !s.peer.is_transport_closed()).count();
         metrics::gauge(
