@@ -441,11 +441,11 @@ async fn gate_inner(State(g): State<Gate>, mut req: Request, next: Next) -> Resp
 /// session and need none).
 fn opens_session(req: &Request) -> bool {
     req.method() == Method::POST
-        && !req
+        && req
             .headers()
             .get("mcp-protocol-version")
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v >= "2026-07-28")
+            .is_none_or(|v| v < "2026-07-28")
 }
 
 /// `[cluster]`: a session this instance does not know is looked up in Redis (its owner decides, as
