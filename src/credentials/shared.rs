@@ -75,10 +75,9 @@ impl SharedCache {
             return None;
         }
         let mut c = self.cluster.conn();
-        let read = redis::pipe()
-            .get(key)
-            .pttl(key)
-            .query_async::<(Option<String>, i64)>(&mut c);
+        let mut pipe = redis::pipe();
+        pipe.get(key).pttl(key);
+        let read = pipe.query_async::<(Option<String>, i64)>(&mut c);
         let (text, pttl) = match tokio::time::timeout(OP_TIMEOUT, read).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
@@ -118,12 +117,9 @@ impl SharedCache {
             }
         };
         let mut c = self.cluster.conn();
-        let write = redis::cmd("SET")
-            .arg(key)
-            .arg(text)
-            .arg("PX")
-            .arg(ms)
-            .query_async::<()>(&mut c);
+        let mut set = redis::cmd("SET");
+        set.arg(key).arg(text).arg("PX").arg(ms);
+        let write = set.query_async::<()>(&mut c);
         match tokio::time::timeout(OP_TIMEOUT, write).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => self.warn(&format!("Redis: {e}")),
