@@ -145,8 +145,9 @@ impl Cluster {
         idle: Duration,
         stop: CancellationToken,
     ) -> Result<Arc<Self>, ClusterError> {
-        let mut url = url::Url::parse(config.redis_url.expose())
-            .map_err(|e| ClusterError::Sealed(format!("[cluster] redis_url: {e}")))?;
+        let mut url = url::Url::parse(config.redis_url.expose()).map_err(|e| {
+            ClusterError::Sealed(format!("[cluster] redis_url: {e}"))
+        })?;
         // Pub/sub on the multiplexed connection needs RESP3 (Redis 6 or later, and Valkey).
         if !url.query_pairs().any(|(k, _)| k == "protocol") {
             url.query_pairs_mut().append_pair("protocol", "resp3");
@@ -339,7 +340,9 @@ impl Cluster {
             return Ok(0);
         }
         let mut c = self.conn();
-        c.publish(channel, body).await.map_err(redis_err("publish"))
+        c.publish(channel, body)
+            .await
+            .map_err(redis_err("publish"))
     }
 
     /// To every instance, this one included.
@@ -467,10 +470,7 @@ impl Cluster {
             }
         }
         self.reregistered.fetch_add(n as u64, Ordering::Relaxed);
-        tracing::info!(
-            sessions = n,
-            "cluster: Redis had lost this instance's sessions; written again"
-        );
+        tracing::info!(sessions = n, "cluster: Redis had lost this instance's sessions; written again");
     }
 
     /// RESP3 pushes → parsed [`Inbound`] messages (bounded; the excess is dropped and counted).
