@@ -162,10 +162,8 @@ impl TokenExchange {
                     .unwrap_or(true)
             });
         }
-        let shared = self
-            .shared
-            .as_ref()
-            .map(|s| (s.as_ref(), self.shared_key(s, &key)));
+        // Named only on a local miss (a hash), but the key moves into the map here.
+        let shared_key = self.shared.is_some().then(|| key.clone());
         let slot = self.cache.entry(key).or_default().clone();
         let mut held = slot.lock().await;
         if !fresh
@@ -176,6 +174,11 @@ impl TokenExchange {
             return Ok(c.token.clone());
         }
         crate::metrics::global().credential_cache("token_exchange", false);
+        let shared = self
+            .shared
+            .as_deref()
+            .zip(shared_key)
+            .map(|(s, key)| (s, self.shared_key(s, &key)));
         // `fresh`: the upstream refused what the caches hold, the shared entry included.
         if !fresh
             && let Some((s, name)) = &shared
