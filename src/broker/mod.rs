@@ -151,7 +151,6 @@ pub struct Broker {
 
 impl Broker {
     pub fn new(config: Arc<Config>, audit: Arc<Audit>) -> Result<Arc<Self>, BrokerError> {
-        let state = State::build(config.clone(), None)?;
         let shutdown = CancellationToken::new();
         // One key for the whole cluster: any instance opens what another sealed.
         let (seal, cluster) = match &config.cluster {
@@ -165,6 +164,9 @@ impl Broker {
             ),
             None => (mrtr::Seal::new()?, None),
         };
+        // After the cluster: shared credentials go through it. A failure stops its heartbeat.
+        let state = State::build(config.clone(), None, cluster.as_ref())
+            .inspect_err(|_| shutdown.cancel())?;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         Ok(Arc::new_cyclic(|me| Self {
             me: me.clone(),
@@ -274,7 +276,7 @@ impl Broker {
     /// list_changed. On error nothing changes.
     pub fn reload(&self, config: Arc<Config>) -> Result<ReloadSummary, BrokerError> {
         let old = self.state();
-        let new = match State::build(config, Some(&old)) {
+        let new = match State::build(config, Some(&old), self.cluster.as_ref()) {
             Ok(s) => s,
             Err(e) => {
                 metrics::global().reload(false);
