@@ -737,11 +737,38 @@ impl Broker {
         rec: &mut CallRecord,
     ) -> Result<Reply, Failure> {
         let session = call.down.session.ok_or_else(no_session)?;
+        self.unsubscribe_session(call.server, original, session, call.caller)
+            .await;
+        // Under `[cluster]` the subscription may have been made on another instance.
+        if let Some(c) = &self.cluster
+            && let Some(front) = self.sessions.get(session).and_then(|s| s.front.clone())
+        {
+            let _ = c
+                .broadcast(&crate::cluster::Wire::Unsubscribed {
+                    from: c.tag.clone(),
+                    session: front.to_string(),
+                    server: call.server.to_string(),
+                    uri: original.to_string(),
+                })
+                .await;
+        }
+        rec.finish(Outcome::Ok, None);
+        Ok(Reply::Empty)
+    }
+
+    /// `session` no longer wants updates of `server`'s `uri` (the upstream's own URI).
+    async fn unsubscribe_session(
+        &self,
+        server: &Arc<str>,
+        original: &str,
+        session: u64,
+        caller: &Caller,
+    ) {
         let mut last_on = Vec::new();
         let mut removed = 0;
         if let Ok(mut subs) = self.subscriptions.lock() {
-            subs.retain(|(server, conn, uri), ids| {
-                if server == call.server && uri == original && ids.remove(&session) {
+            subs.retain(|(srv, conn, uri), ids| {
+                if srv == server && uri == original && ids.remove(&session) {
                     removed += 1;
                     if ids.is_empty() {
                         last_on.push(*conn);
@@ -755,12 +782,22 @@ impl Broker {
                 .fetch_sub(removed, std::sync::atomic::Ordering::AcqRel);
         }
         for conn in last_on {
-            let key = (call.server.clone(), conn, original.to_string());
-            self.end_subscription(&key, call.caller, Some(session))
-                .await;
+            let key = (server.clone(), conn, original.to_string());
+            self.end_subscription(&key, caller, Some(session)).await;
         }
-        rec.finish(Outcome::Ok, None);
-        Ok(Reply::Empty)
+    }
+
+    /// An unsubscribe another instance of the cluster served, for this instance's copy of the
+    /// session.
+    pub async fn unsubscribe_front(&self, front: &str, server: &str, uri: &str) {
+        let Some(s) = self.sessions.by_front(front) else {
+            return;
+        };
+        let Some(server) = self.state().upstream(server).map(|u| u.name.clone()) else {
+            return;
+        };
+        self.unsubscribe_session(&server, uri, s.id, &s.caller)
+            .await;
     }
 
     /// End upstream what `key` subscribed to, once its last subscriber (a session of `caller`)
