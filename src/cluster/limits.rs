@@ -338,3 +338,26 @@ fn fell_back(what: &'static str, error: Option<&ClusterError>) {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_keys_hash_what_callers_choose() {
+        let k = bucket_key("caller", "alice");
+        assert!(k.starts_with("mcpb:rl:caller:"), "{k}");
+        assert_eq!(k.len(), "mcpb:rl:caller:".len() + 32);
+        assert_eq!(k, bucket_key("caller", "alice"));
+        // Key syntax in a subject stays out of the key, and near-identical subjects do not collide.
+        let odd = bucket_key("caller", "alice:*\r\n{x}");
+        assert!(!odd.contains("alice") && !odd.contains('*') && !odd.contains('\n'));
+        assert_ne!(
+            bucket_key("caller", "alice"),
+            bucket_key("caller", "alice ")
+        );
+        // Scopes are apart even for the same key.
+        assert_ne!(bucket_key("server", "a"), bucket_key("caller", "a"));
+        assert_eq!(leases_key("ledger"), "mcpb:cc:ledger");
+    }
+}
