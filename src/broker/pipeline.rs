@@ -24,12 +24,12 @@ use rmcp::{
         UnsubscribeRequestParams,
     },
 };
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{CallRecord, Outcome, clip};
 use crate::auth::Caller;
 use crate::catalog::Item;
+use crate::cluster::limits::{Permit, acquire_slot, take_token};
 use crate::limits::{Refusal, retry_hint, tool_key};
 use crate::metrics;
 use crate::policy::Kind;
@@ -194,7 +194,7 @@ impl Broker {
         // unknown ones too. Lists and setLevel are answered locally and are not counted: clients send
         // several at connect, and a limit meant for calls must not break connecting.
         if op.forwards()
-            && let Err(r) = self.limit_caller(&st, caller)
+            && let Err(r) = self.limit_caller(&st, caller).await
         {
             // The metric names the server the request was for, where it names a known one.
             let server = self
@@ -534,12 +534,13 @@ impl Broker {
     // -- limits -----------------------------------------------------------------------------------
 
     /// The caller's own rate limit (`[limits] per_caller`), before anything else is done.
-    fn limit_caller(&self, st: &State, caller: &Caller) -> Result<(), Refusal> {
+    async fn limit_caller(&self, st: &State, caller: &Caller) -> Result<(), Refusal> {
         let Some(limit) = st.config.limits.per_caller.as_ref() else {
             return Ok(());
         };
-        self.limiter
-            .take("caller", &caller.sub, limit, Instant::now())
+        let cluster = self.cluster().map(|c| &**c);
+        take_token(cluster, &self.limiter, "caller", &caller.sub, limit)
+            .await
             .map_err(|wait| Refusal {
                 scope: "caller",
                 message: format!(
@@ -554,7 +555,8 @@ impl Broker {
     }
 
     /// Server and tool rate limits, then the server's concurrency cap. The permit, if any, is held
-    /// until the call ends.
+    /// until the call ends. Under `[cluster]` both are cluster-wide while Redis answers, and this
+    /// instance's own otherwise ([`crate::cluster::limits`]).
     async fn admit(
         &self,
         st: &State,
@@ -563,9 +565,9 @@ impl Broker {
         tool: Option<&str>,
         timeout: Duration,
         rec: &mut CallRecord,
-    ) -> Result<Option<OwnedSemaphorePermit>, Failure> {
+    ) -> Result<Option<Permit>, Failure> {
         let _ = caller;
-        let now = Instant::now();
+        let cluster = self.cluster().map(|c| &**c);
         let Some(cfg) = st.config.server(server) else {
             return Ok(None);
         };
@@ -582,7 +584,7 @@ impl Broker {
         ];
         for (scope, key, limit) in checks {
             let Some(limit) = limit else { continue };
-            if let Err(wait) = self.limiter.take(scope, &key, limit, now) {
+            if let Err(wait) = take_token(cluster, &self.limiter, scope, &key, limit).await {
                 let what = match scope {
                     "server" => format!("server `{server}`"),
                     _ => format!("tool `{}` on server `{server}`", tool.unwrap_or_default()),
@@ -606,7 +608,7 @@ impl Broker {
         let Some(slots) = st.concurrency.get(server) else {
             return Ok(None);
         };
-        match slots.acquire(timeout).await {
+        match acquire_slot(cluster, slots, server, timeout, timeout).await {
             Some(p) => Ok(Some(p)),
             None => Err(self.refused(
                 rec,
