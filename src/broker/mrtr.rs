@@ -426,6 +426,12 @@ impl Broker {
             },
             ttl,
         );
+        // Under `[cluster]` the state names the instance holding the call (`TAG~…`), so a retry
+        // that lands elsewhere is passed here (see `front::forward`).
+        let state = match &self.cluster {
+            Some(c) => format!("{}~{state}", c.tag),
+            None => state,
+        };
         let result = InputRequiredResult::new(Some(requests), Some(state));
         raw::keep(serde_json::to_value(&result).unwrap_or_default());
         Ok(result)

@@ -279,6 +279,15 @@ impl Broker {
         if let Some((state, _)) = op.mrtr()
             && let Some(token) = state.take()
         {
+            // A parked call's state may start with its instance's tag (`[cluster]`).
+            let token = match token.split_once('~') {
+                Some((tag, rest))
+                    if tag.len() == 8 && tag.bytes().all(|b| b.is_ascii_hexdigit()) =>
+                {
+                    rest.to_string()
+                }
+                _ => token,
+            };
             match self.seal.open(&bind, &token) {
                 Ok(sealed) => {
                     // Under `[cluster]` a parked call lives on the instance that parked it.

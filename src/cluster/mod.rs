@@ -115,6 +115,41 @@ pub enum Wire {
     Answer { session: String, message: Value },
     /// `mcpb:s:{session}`: a notification for the session's standalone stream.
     Deliver { session: String, message: Value },
+    /// `mcpb:i:{tag}`: an HTTP request to `/mcp` that `from` received and this instance must serve
+    /// (it holds what the request continues); sealed, headers and all (see [`Forwarded`]).
+    Forward {
+        from: String,
+        rid: u64,
+        request: String,
+    },
+    /// `mcpb:i:{tag}`: `from` no longer wants the answer to its forwarded request `rid`.
+    ForwardCancel { from: String, rid: u64 },
+    /// `mcpb:i:{tag}`: part of the answer to forwarded request `rid`, in order.
+    Reply { rid: u64, part: ReplyPart },
+}
+
+/// A forwarded HTTP request, sealed with the cluster key (it carries the caller's token).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Forwarded {
+    pub method: String,
+    pub headers: Vec<(String, String)>,
+    /// Base64url.
+    pub body: String,
+}
+
+/// One part of a forwarded request's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "p", rename_all = "snake_case")]
+pub enum ReplyPart {
+    Head {
+        status: u16,
+        headers: Vec<(String, String)>,
+    },
+    /// Base64url bytes of the body.
+    Chunk {
+        data: String,
+    },
+    End,
 }
 
 /// A message from another instance (or this one), with the channel it came on.
@@ -131,6 +166,8 @@ pub struct Cluster {
     pub idle: Duration,
     /// A random tag naming this process in ids and channels (not its instance id, which names a host).
     pub tag: String,
+    /// Seals what crosses Redis and must not be read there (forwarded requests carry tokens).
+    pub sealer: sealed::Sealer,
     conn: ConnectionManager,
     pubsub: tokio::sync::Mutex<ConnectionManager>,
     up: AtomicBool,
@@ -178,10 +215,12 @@ impl Cluster {
         .map_err(redis_err("connect"))?;
         let mut tag = [0u8; 4];
         getrandom::fill(&mut tag)?;
+        let sealer = sealed::Sealer::new(config.secret_key.expose());
         let me = Arc::new(Cluster {
             config,
             idle,
             tag: crate::hex(&tag),
+            sealer,
             conn,
             pubsub: tokio::sync::Mutex::new(pubsub),
             up: AtomicBool::new(false),

@@ -73,6 +73,23 @@ pub(super) fn outbound_ids(
     })
 }
 
+/// Event ids of a call's stream name this instance (`TAG:INDEX/STREAM`): a client resuming it with
+/// `Last-Event-ID` through another instance is passed here (see `front::forward`).
+pub(super) fn tag_event_ids(
+    cluster: &Arc<Cluster>,
+    stream: impl Stream<Item = ServerSseMessage> + Send + Sync + 'static,
+) -> impl Stream<Item = ServerSseMessage> + Send + Sync + 'static {
+    let tag = cluster.tag.clone();
+    stream.map(move |mut ev| {
+        if let Some(id) = &ev.event_id
+            && id.contains('/')
+        {
+            ev.event_id = Some(format!("{tag}:{id}"));
+        }
+        ev
+    })
+}
+
 fn id_text(id: &NumberOrString) -> String {
     match id {
         NumberOrString::Number(n) => n.to_string(),
@@ -134,6 +151,7 @@ pub(super) async fn inbound(
     broker: Arc<Broker>,
     lanes: Arc<Lanes>,
     owners: Arc<SessionOwners>,
+    forwarder: Option<Arc<super::forward::Forwarder>>,
 ) {
     let Some(mut rx) = cluster.take_inbound() else {
         return;
@@ -209,6 +227,21 @@ pub(super) async fn inbound(
             } => {
                 if let Ok(params) = serde_json::from_value(params) {
                     broker.route_cluster_log(&server, owner.as_deref(), params);
+                }
+            }
+            Wire::Forward { from, rid, request } => {
+                if let Some(f) = &forwarder {
+                    tokio::spawn(f.clone().serve(from, rid, request));
+                }
+            }
+            Wire::ForwardCancel { from, rid } => {
+                if let Some(f) = &forwarder {
+                    f.cancel(&from, rid);
+                }
+            }
+            Wire::Reply { rid, part } => {
+                if let Some(f) = &forwarder {
+                    f.reply(rid, part);
                 }
             }
             Wire::Deliver { session, message } => {

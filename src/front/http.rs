@@ -76,6 +76,9 @@ pub fn router(
     let sessions = Arc::new(ResumableSessions::new(sessions, cluster.clone()));
     let lanes = Arc::new(Lanes::new(broker.clone(), hosts.clone()));
     let owners = Arc::new(SessionOwners::default());
+    let forwarder = cluster
+        .as_ref()
+        .map(|c| Arc::new(super::forward::Forwarder::new(c.clone())));
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         rt.spawn(
             lanes
@@ -89,6 +92,7 @@ pub fn router(
                 broker.clone(),
                 lanes.clone(),
                 owners.clone(),
+                forwarder.clone(),
             ));
         }
     }
@@ -163,13 +167,19 @@ pub fn router(
         lanes,
         direct: cfg.direct_lane,
         cluster: cluster.is_some(),
+        forwarder: forwarder.clone(),
     };
-    app.layer(middleware::from_fn_with_state(relay, relay_rename))
+    let app = app
+        .layer(middleware::from_fn_with_state(relay, relay_rename))
         .layer(middleware::from_fn_with_state(state.clone(), step_up))
         .layer(middleware::from_fn_with_state(body, jsonrpc_errors))
         .layer(middleware::from_fn_with_state(state, gate))
         .layer(middleware::from_fn(normalize_accept))
-        .layer(middleware::from_fn_with_state(posts, track_posts))
+        .layer(middleware::from_fn_with_state(posts, track_posts));
+    if let Some(f) = &forwarder {
+        let _ = f.app.set(app.clone());
+    }
+    app
 }
 
 /// POST requests to `/mcp` whose responses are still being written (an SSE response stream counts
@@ -224,7 +234,7 @@ async fn track_posts(State(posts): State<Posts>, req: Request, next: Next) -> Re
     Response::from_parts(parts, Body::from_stream(stream))
 }
 
-const MCP_PATH: &str = "/mcp";
+pub(super) const MCP_PATH: &str = "/mcp";
 
 /// `/healthz` (the process answers), `/readyz` (every `required` server is up and the broker is not
 /// draining) and, with `metrics`, `/metrics` (Prometheus text). None of them needs a token.
@@ -816,6 +826,8 @@ struct Relay {
     direct: bool,
     /// `[cluster]`: a request may restore a session another instance opened.
     cluster: bool,
+    /// `[cluster]`: passes a request that continues what another instance holds to it.
+    forwarder: Option<Arc<super::forward::Forwarder>>,
 }
 
 /// The innermost layer (the step-up check sees the original request). A request the direct lane
@@ -836,6 +848,13 @@ async fn relay_rename(State(r): State<Relay>, req: Request, next: Next) -> Respo
     }
     if req.method() != Method::POST {
         let delete = req.method() == Method::DELETE;
+        // A `Last-Event-ID` naming a stream another instance holds: served there.
+        if let Some(f) = &r.forwarder
+            && let Some(tag) = f.stream_elsewhere(req.headers())
+        {
+            let (parts, _) = req.into_parts();
+            return f.forward(&tag, &parts, Default::default()).await;
+        }
         let mut req = req;
         // A GET may restore a session here (`[cluster]`): the lane learns it, as for a POST.
         let opened =
@@ -863,6 +882,12 @@ async fn relay_rename(State(r): State<Relay>, req: Request, next: Next) -> Respo
         Ok(b) => b,
         Err(refused) => return refused,
     };
+    // A 2026-07-28 retry continuing a call parked on another instance: served there.
+    if let Some(f) = &r.forwarder
+        && let Some(tag) = f.parked_elsewhere(&bytes)
+    {
+        return f.forward(&tag, &parts, bytes).await;
+    }
     // Browsers send `Origin` on every POST: those requests get rmcp's Origin check, so the lane
     // serves only non-browser clients, on a Host rmcp would accept too.
     if let Some(s) = &session

@@ -2,6 +2,7 @@
 //! adapting MCP requests onto the [`crate::broker::Broker`] through [`mcp::Front`].
 
 mod cluster;
+mod forward;
 pub mod http;
 mod lane;
 pub mod mcp;

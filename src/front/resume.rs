@@ -208,7 +208,7 @@ impl SessionManager for ResumableSessions {
         let closes = link.as_ref().map(StreamLink::closes);
         let inner = self.inner.create_stream(id, message).await?;
         let inner = match &self.cluster {
-            Some(c) => cluster::outbound_ids(c, inner).left_stream(),
+            Some(c) => cluster::tag_event_ids(c, cluster::outbound_ids(c, inner)).left_stream(),
             None => inner.right_stream(),
         };
         let (tx, rx) = mpsc::channel(LIVE_CAPACITY);
@@ -266,6 +266,15 @@ impl SessionManager for ResumableSessions {
         id: &SessionId,
         last_event_id: String,
     ) -> Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error> {
+        // Under `[cluster]` a request stream's ids name the instance holding it; another
+        // instance's was passed there before it got here (see `front::forward`).
+        if let (Some(c), Some((tag, _))) = (
+            &self.cluster,
+            super::forward::split_tag(&last_event_id, ':'),
+        ) && tag != c.tag
+        {
+            return Err(SessionError::NoStream);
+        }
         let Some((after, stream)) = request_event_id(&last_event_id) else {
             let s = self.inner.resume(id, last_event_id).await?;
             return Ok(self.standalone(id, s).await.right_stream());
@@ -299,6 +308,8 @@ fn client_polls(ext: &rmcp::model::Extensions) -> bool {
 
 /// rmcp's id of an event on a request stream, `INDEX/STREAM`, as (index, stream).
 fn request_event_id(id: &str) -> Option<(usize, u64)> {
+    // Under `[cluster]`: `TAG:INDEX/STREAM`.
+    let id = super::forward::split_tag(id, ':').map_or(id, |(_, rest)| rest);
     let (index, stream) = id.split_once('/')?;
     Some((index.parse().ok()?, stream.parse().ok()?))
 }
