@@ -58,6 +58,8 @@ pub enum ClusterError {
     },
     #[error("the cluster store (Redis) is unreachable")]
     Down,
+    #[error("a message of {0} bytes is larger than the cluster passes between instances")]
+    TooLarge(usize),
     #[error("no OS random source: {0}")]
     Random(#[from] getrandom::Error),
     #[error("{0}")]
@@ -386,7 +388,7 @@ impl Cluster {
     async fn publish(&self, channel: &str, wire: &Wire) -> Result<usize, ClusterError> {
         let body = serde_json::to_string(wire).map_err(|e| ClusterError::Sealed(e.to_string()))?;
         if body.len() > MAX_MESSAGE {
-            return Ok(0);
+            return Err(ClusterError::TooLarge(body.len()));
         }
         let mut c = self.conn();
         c.publish(channel, body).await.map_err(redis_err("publish"))

@@ -26,13 +26,15 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::{Cluster, Forwarded, ReplyPart, Wire};
+use crate::cluster::{Cluster, ClusterError, Forwarded, ReplyPart, Wire};
 
 /// How long the answer's head may take (a forwarded call answered as JSON sends its head only
 /// with its result).
 const HEAD_WAIT: Duration = Duration::from_secs(300);
 /// Parts of one answer waiting for the client; a client slower than this loses the stream.
 const QUEUE: usize = 256;
+/// Bytes of an answer per message.
+const CHUNK: usize = 256 * 1024;
 /// Requests forwarded to this instance served at once; more are refused (answered 503).
 const MAX_SERVING: usize = 1024;
 /// Headers that describe one connection, not the request or answer.
@@ -145,6 +147,13 @@ impl Forwarder {
                 );
             }
             Ok(_) => {}
+            Err(ClusterError::TooLarge(_)) => {
+                guard.done = true;
+                return plain_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "mcp-broker: this request is too large to pass to the broker instance holding what it continues",
+                );
+            }
             Err(e) => {
                 guard.done = true;
                 tracing::warn!(error = %e, "cluster: cannot forward a request");
@@ -251,11 +260,14 @@ impl Forwarder {
             }
             let mut body = resp.into_body().into_data_stream();
             while let Some(Ok(chunk)) = body.next().await {
-                let part = ReplyPart::Chunk {
-                    data: B64.encode(&chunk),
-                };
-                if send(part).await.is_err() {
-                    return;
+                // In pieces a cluster message can carry (base64 makes them a third larger).
+                for piece in chunk.chunks(CHUNK) {
+                    let part = ReplyPart::Chunk {
+                        data: B64.encode(piece),
+                    };
+                    if send(part).await.is_err() {
+                        return;
+                    }
                 }
             }
             let _ = send(ReplyPart::End).await;
