@@ -572,18 +572,25 @@ fn learned_url_allowed(u: &url::Url, issuer: &url::Url) -> bool {
 /// Session ids bound to the subject that created them (a session id is never a credential).
 #[derive(Default)]
 pub struct SessionOwners {
-    owners: DashMap<String, (String, Instant)>,
+    owners: DashMap<String, Owner>,
+}
+
+struct Owner {
+    sub: String,
+    seen: Instant,
+    /// When this instance last told the cluster the session is in use (`[cluster]`).
+    touched: Instant,
 }
 
 impl SessionOwners {
     const MAX: usize = 100_000;
 
-    /// Whether `sub` may use `session`: it opened it, or the session is unknown (rmcp then answers
-    /// 404 itself).
+    /// Whether `sub` may use `session`: it opened it, or the session is unknown here (rmcp then
+    /// answers 404 itself, or, under `[cluster]`, the front asks Redis first).
     pub fn may_use(&self, session: &str, sub: &str) -> bool {
         match self.owners.get_mut(session) {
-            Some(mut o) if o.0 == sub => {
-                o.1 = Instant::now();
+            Some(mut o) if o.sub == sub => {
+                o.seen = Instant::now();
                 true
             }
             Some(_) => false,
@@ -591,12 +598,35 @@ impl SessionOwners {
         }
     }
 
+    /// Whether this instance knows who owns `session`.
+    pub fn knows(&self, session: &str) -> bool {
+        self.owners.contains_key(session)
+    }
+
     pub fn bind(&self, session: &str, sub: &str, idle: Duration) {
         if self.owners.len() >= Self::MAX {
-            self.owners.retain(|_, (_, seen)| seen.elapsed() < idle);
+            self.owners.retain(|_, o| o.seen.elapsed() < idle);
         }
-        self.owners
-            .insert(session.to_string(), (sub.to_string(), Instant::now()));
+        let now = Instant::now();
+        self.owners.insert(
+            session.to_string(),
+            Owner {
+                sub: sub.to_string(),
+                seen: now,
+                touched: now,
+            },
+        );
+    }
+
+    /// Whether the cluster was last told of `session` at least `every` ago (and mark it told now).
+    pub fn touch_due(&self, session: &str, every: Duration) -> bool {
+        match self.owners.get_mut(session) {
+            Some(mut o) if o.touched.elapsed() >= every => {
+                o.touched = Instant::now();
+                true
+            }
+            _ => false,
+        }
     }
 
     pub fn forget(&self, session: &str) {

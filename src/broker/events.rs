@@ -32,6 +32,7 @@ use crate::upstream::UpstreamEvent;
 use super::Broker;
 use super::errors::service_error;
 use super::sessions::{MAX_PENDING_REQUESTS, Outbound, Session, Slot};
+use crate::cluster::Wire;
 
 impl Broker {
     pub(super) async fn route_events(
@@ -102,6 +103,8 @@ impl Broker {
             Some(o) => {
                 o == Session::owner_key(s.id)
                     || o.strip_prefix("sub:") == Some(s.caller.sub.as_str())
+                    || o.strip_prefix("front:")
+                        .is_some_and(|f| s.front.as_deref() == Some(f))
             }
         }
     }
@@ -118,11 +121,82 @@ impl Broker {
 
     fn route_log(&self, server: &Arc<str>, conn: u64, params: LoggingMessageNotificationParam) {
         let owner = self.owner_of(server, conn);
+        if let Some(c) = &self.cluster {
+            // Every instance routes it to the sessions whose stream it holds (wherever their
+            // requests went); a per-session owner is named by the front's session id, which
+            // every instance knows.
+            let owner = owner.as_deref().map(|o| match o.strip_prefix("session:") {
+                Some(id) => id
+                    .parse()
+                    .ok()
+                    .and_then(|id| self.sessions.get(id))
+                    .and_then(|s| s.front.clone())
+                    .map_or_else(|| "gone:".to_string(), |f| format!("front:{f}")),
+                None => o.to_string(),
+            });
+            let wire = Wire::Log {
+                from: c.tag.clone(),
+                server: server.to_string(),
+                owner,
+                params: serde_json::to_value(&params).unwrap_or_default(),
+            };
+            let c = c.clone();
+            let me = self.me.upgrade();
+            let (server, params2) = (server.clone(), params);
+            tokio::spawn(async move {
+                if let Err(e) = c.broadcast(&wire).await
+                    && let Some(me) = me
+                {
+                    // Redis unreachable: at least the sessions held here get it.
+                    tracing::debug!(error = %e, "cluster: a log message reached this instance's sessions only");
+                    let owner = me.owner_of(&server, conn);
+                    me.route_log_to(&server, owner.as_deref(), params2, |_| true);
+                }
+            });
+            return;
+        }
+        self.route_log_to(server, owner.as_deref(), params, |_| true);
+    }
+
+    /// A log message to every session that set a level it meets, hears that connection, and
+    /// passes `only`.
+    fn route_log_to(
+        &self,
+        server: &str,
+        owner: Option<&str>,
+        params: LoggingMessageNotificationParam,
+        only: impl Fn(&Session) -> bool,
+    ) {
         let bytes = encoded_len(&params);
         for s in self.sessions.all() {
-            if s.wants_log(params.level) && self.hears(&s, server, owner.as_deref()) {
+            if s.wants_log(params.level) && self.hears(&s, server, owner) && only(&s) {
                 self.sessions.send(&s, Outbound::Log(params.clone(), bytes));
             }
+        }
+    }
+
+    /// A log message broadcast by an instance of the cluster (this one included): to the sessions
+    /// whose standalone stream this instance holds (each stream is held by one instance, so each
+    /// session gets it once).
+    pub fn route_cluster_log(
+        &self,
+        server: &str,
+        owner: Option<&str>,
+        params: LoggingMessageNotificationParam,
+    ) {
+        let Some(c) = &self.cluster else {
+            return;
+        };
+        self.route_log_to(server, owner, params, |s| {
+            s.front.as_deref().is_some_and(|f| c.holds_stream(f))
+        });
+    }
+
+    /// A notification another instance decided to send the session whose stream this one holds.
+    pub fn deliver_relayed(&self, front: &str, n: rmcp::model::ServerNotification) {
+        if let Some(s) = self.sessions.by_front(front) {
+            let bytes = encoded_len(&n);
+            self.sessions.send(&s, Outbound::Relayed(n, bytes));
         }
     }
 

@@ -393,6 +393,7 @@ impl Broker {
         &self,
         peer: Peer<RoleServer>,
         caller: Caller,
+        front: Option<Arc<str>>,
     ) -> Result<u64, SessionError> {
         // Sessions are 2025-era clients (2026-07-28 requests have none).
         let view = self.view_of(&self.state(), &self.catalog_in(true), &caller);
@@ -400,6 +401,8 @@ impl Broker {
         let s = self.sessions.open(
             peer,
             caller,
+            front,
+            self.cluster.clone(),
             view,
             cfg.broker.max_sessions,
             cfg.broker.max_sessions_per_subject,

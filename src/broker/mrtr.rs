@@ -60,6 +60,9 @@ pub(super) struct Sealed {
     pub upstream: Option<String>,
     #[serde(rename = "p", default, skip_serializing_if = "Option::is_none")]
     pub parked: Option<u64>,
+    /// Under `[cluster]`: the instance holding the parked call.
+    #[serde(rename = "i", default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 /// A server-to-client request from an upstream during a 2026-07-28 client's call, and where its
@@ -419,6 +422,7 @@ impl Broker {
             &Sealed {
                 upstream: None,
                 parked: Some(id),
+                instance: self.cluster.as_ref().map(|c| c.tag.clone()),
             },
             ttl,
         );
@@ -467,6 +471,7 @@ mod tests {
             &Sealed {
                 upstream: Some("upstream-state".into()),
                 parked: None,
+                instance: None,
             },
             Duration::from_secs(600),
         );

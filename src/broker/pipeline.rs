@@ -281,6 +281,15 @@ impl Broker {
         {
             match self.seal.open(&bind, &token) {
                 Ok(sealed) => {
+                    // Under `[cluster]` a parked call lives on the instance that parked it.
+                    if sealed.parked.is_some()
+                        && let Some(c) = &self.cluster
+                        && sealed.instance.as_deref().is_some_and(|t| t != c.tag)
+                    {
+                        let why = "requestState refused: the call it continues waits on another broker instance (parked calls are not shared); start the request again without it";
+                        rec.decision(false, why, Some("request_state".into()));
+                        return Err(Failure::Rpc(ErrorData::invalid_params(why, None)));
+                    }
                     *state = sealed.upstream;
                     parked = sealed.parked;
                 }
@@ -365,6 +374,7 @@ impl Broker {
                         let sealed = mrtr::Sealed {
                             upstream: ir.request_state.take(),
                             parked: None,
+                            instance: None,
                         };
                         let sealed =
                             self.seal
@@ -835,8 +845,47 @@ impl Broker {
     ) -> Result<Reply, Failure> {
         let id = down.session.ok_or_else(no_session)?;
         let session = self.sessions.get(id).ok_or_else(no_session)?;
+        let _ = caller;
         session.set_level(level);
         rec.decision(true, "the session's own log level", None);
+        self.push_level(st, &session, level).await;
+        // Under `[cluster]`: the instance holding the client's stream filters its logs by this
+        // level, and an instance that restores the session later reads it.
+        if let (Some(c), Some(front)) = (&self.cluster, &session.front) {
+            let name = serde_json::to_value(level).unwrap_or_default();
+            let text = name.as_str().unwrap_or_default().to_string();
+            if let Err(e) = c.set_level(front, &text).await {
+                tracing::warn!(error = %e, "cluster: a session's log level is known to this instance only");
+            }
+            let _ = c
+                .broadcast(&crate::cluster::Wire::Level {
+                    from: c.tag.clone(),
+                    session: front.to_string(),
+                    level: name,
+                })
+                .await;
+        }
+        rec.finish(Outcome::Ok, None);
+        Ok(Reply::Empty)
+    }
+
+    /// A session's log level set where another instance decided it (`[cluster]`).
+    pub async fn apply_level(&self, front: &str, level: LoggingLevel) {
+        if let Some(s) = self.sessions.by_front(front) {
+            s.set_level(level);
+            self.push_level(&self.state(), &s, level).await;
+        }
+    }
+
+    /// Ask the upstream connections `session` hears for logs at `level`, where none was asked for
+    /// a more verbose one already.
+    async fn push_level(
+        &self,
+        st: &State,
+        session: &super::sessions::Session,
+        level: LoggingLevel,
+    ) {
+        let (caller, id) = (&session.caller, session.id);
         // Levels sent to connections that have since closed are forgotten here (setLevel is rare).
         let live: std::collections::HashSet<u64> = st
             .upstreams
@@ -880,8 +929,6 @@ impl Broker {
                 }
             }
         }
-        rec.finish(Outcome::Ok, None);
-        Ok(Reply::Empty)
     }
 }
 

@@ -17,7 +17,10 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use rmcp::{
     RoleServer,
-    model::{LoggingLevel, LoggingMessageNotificationParam, ResourceUpdatedNotificationParam},
+    model::{
+        LoggingLevel, LoggingMessageNotificationParam, ResourceUpdatedNotificationParam,
+        ServerJsonRpcMessage, ServerNotification,
+    },
     service::Peer,
 };
 use tokio::sync::mpsc;
@@ -25,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Caller;
 use crate::catalog::Kind;
+use crate::cluster::{Cluster, Wire};
 
 /// Messages a session's queue holds before new ones are dropped…
 const QUEUE: usize = 1024;
@@ -45,12 +49,14 @@ pub(super) enum Outbound {
     Log(LoggingMessageNotificationParam, usize),
     Updated(ResourceUpdatedNotificationParam, usize),
     ListChanged(Kind),
+    /// Decided on another instance, for the standalone stream this one holds: sent as is.
+    Relayed(ServerNotification, usize),
 }
 
 impl Outbound {
     fn bytes(&self) -> usize {
         match self {
-            Outbound::Log(_, n) | Outbound::Updated(_, n) => *n,
+            Outbound::Log(_, n) | Outbound::Updated(_, n) | Outbound::Relayed(_, n) => *n,
             Outbound::ListChanged(_) => 0,
         }
     }
@@ -69,6 +75,11 @@ pub(super) struct Session {
     pub id: u64,
     pub caller: Caller,
     pub peer: Peer<RoleServer>,
+    /// The HTTP front's session id (`Mcp-Session-Id`); none on the stdio front.
+    pub front: Option<Arc<str>>,
+    /// Under `[cluster]`: the client's standalone stream may be open on another instance, and
+    /// what this session is sent goes there (see [`write`]).
+    pub cluster: Option<Arc<Cluster>>,
     /// Set, and the writer started, by the first message ([`Session::queue`]).
     queue: OnceLock<mpsc::Sender<Outbound>>,
     /// The level set by this session's `logging/setLevel`; `None` = no logs forwarded.
@@ -162,6 +173,34 @@ impl Session {
     }
 }
 
+/// The notification an outbound message is.
+fn notification_of(m: Outbound) -> ServerNotification {
+    use rmcp::model::{
+        LoggingMessageNotification, PromptListChangedNotification, ResourceListChangedNotification,
+        ResourceUpdatedNotification, ToolListChangedNotification,
+    };
+    match m {
+        Outbound::Log(p, _) => {
+            ServerNotification::LoggingMessageNotification(LoggingMessageNotification::new(p))
+        }
+        Outbound::Updated(p, _) => {
+            ServerNotification::ResourceUpdatedNotification(ResourceUpdatedNotification::new(p))
+        }
+        Outbound::ListChanged(Kind::Tool) => {
+            ServerNotification::ToolListChangedNotification(ToolListChangedNotification::default())
+        }
+        Outbound::ListChanged(Kind::Prompt) => ServerNotification::PromptListChangedNotification(
+            PromptListChangedNotification::default(),
+        ),
+        Outbound::ListChanged(Kind::Resource | Kind::Template) => {
+            ServerNotification::ResourceListChangedNotification(
+                ResourceListChangedNotification::default(),
+            )
+        }
+        Outbound::Relayed(n, _) => n,
+    }
+}
+
 /// Severity order of MCP log levels (RFC 5424 names, debug lowest).
 pub(super) fn rank(l: LoggingLevel) -> u8 {
     match l {
@@ -192,6 +231,8 @@ pub enum SessionError {
 #[derive(Default)]
 pub(super) struct Sessions {
     map: DashMap<u64, Arc<Session>>,
+    /// The HTTP front's session id → ours.
+    by_front: DashMap<Arc<str>, u64>,
     /// Open sessions per subject; the lock also makes check-then-insert atomic for the caps.
     per_subject: Mutex<std::collections::HashMap<String, usize>>,
     next: AtomicU64,
@@ -201,10 +242,13 @@ pub(super) struct Sessions {
 
 impl Sessions {
     /// Register a session, within the caps (its writer starts with its first message).
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         &self,
         peer: Peer<RoleServer>,
         caller: Caller,
+        front: Option<Arc<str>>,
+        cluster: Option<Arc<Cluster>>,
         view: View,
         max_total: usize,
         max_per_subject: usize,
@@ -226,6 +270,8 @@ impl Sessions {
             id,
             caller,
             peer,
+            cluster: front.as_ref().and(cluster),
+            front,
             queue: OnceLock::new(),
             level: Mutex::new(None),
             view: Mutex::new(view),
@@ -237,6 +283,9 @@ impl Sessions {
             pending_requests: AtomicUsize::new(0),
         });
         self.map.insert(id, s.clone());
+        if let Some(f) = &s.front {
+            self.by_front.insert(f.clone(), id);
+        }
         drop(per);
         Ok(s)
     }
@@ -245,6 +294,9 @@ impl Sessions {
     pub fn remove(&self, id: u64) -> Option<Arc<Session>> {
         let (_, s) = self.map.remove(&id)?;
         s.closed.cancel();
+        if let Some(f) = &s.front {
+            self.by_front.remove_if(f, |_, v| *v == id);
+        }
         let mut per = self.per_subject.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = per.get_mut(&s.caller.sub) {
             *n = n.saturating_sub(1);
@@ -257,6 +309,12 @@ impl Sessions {
 
     pub fn get(&self, id: u64) -> Option<Arc<Session>> {
         self.map.get(&id).map(|s| s.clone())
+    }
+
+    /// The session the HTTP front knows as `front`.
+    pub fn by_front(&self, front: &str) -> Option<Arc<Session>> {
+        let id = *self.by_front.get(front)?;
+        self.get(id)
     }
 
     /// A snapshot of every registered session.
@@ -316,7 +374,37 @@ async fn write(s: Arc<Session>, mut rx: mpsc::Receiver<Outbound>) {
         };
         s.queued_bytes.fetch_sub(m.bytes(), Ordering::AcqRel);
         let sent = async {
+            // Under `[cluster]`, the client's standalone stream may be open on another instance:
+            // what this instance decided to send goes there, as it is.
+            let elsewhere = match (&s.cluster, &s.front) {
+                (Some(c), Some(f)) if !c.holds_stream(f) && !matches!(m, Outbound::Relayed(..)) => {
+                    Some((c, f))
+                }
+                _ => None,
+            };
+            if let Some((c, f)) = elsewhere {
+                if let Outbound::ListChanged(kind) = &m {
+                    let i = kind.index();
+                    if let Some(t) = last_list[i] {
+                        tokio::time::sleep_until((t + LIST_CHANGED_EVERY).into()).await;
+                    }
+                    s.pending[i].store(false, Ordering::Release);
+                    last_list[i] = Some(Instant::now());
+                }
+                let message =
+                    serde_json::to_value(ServerJsonRpcMessage::notification(notification_of(m)))
+                        .unwrap_or_default();
+                let wire = Wire::Deliver {
+                    session: f.to_string(),
+                    message,
+                };
+                if let Err(e) = c.to_stream(f, &wire).await {
+                    tracing::debug!(error = %e, "cluster: a notification for a session's stream on another instance was lost");
+                }
+                return Ok(());
+            }
             match m {
+                Outbound::Relayed(n, _) => s.peer.send_notification(n).await,
                 Outbound::Log(p, _) => s.peer.notify_logging_message(p).await,
                 Outbound::Updated(p, _) => s.peer.notify_resource_updated(p).await,
                 Outbound::ListChanged(kind) => {

@@ -126,6 +126,8 @@ pub struct Cluster {
     conn: ConnectionManager,
     pubsub: tokio::sync::Mutex<ConnectionManager>,
     up: AtomicBool,
+    /// The pub/sub connection must subscribe again (at start, and after it was lost).
+    resubscribe: AtomicBool,
     /// Sessions this instance holds (created or restored), for re-registration.
     known: DashMap<String, Registered>,
     /// Sessions whose standalone stream this instance holds, with how many are open.
@@ -145,9 +147,8 @@ impl Cluster {
         idle: Duration,
         stop: CancellationToken,
     ) -> Result<Arc<Self>, ClusterError> {
-        let mut url = url::Url::parse(config.redis_url.expose()).map_err(|e| {
-            ClusterError::Sealed(format!("[cluster] redis_url: {e}"))
-        })?;
+        let mut url = url::Url::parse(config.redis_url.expose())
+            .map_err(|e| ClusterError::Sealed(format!("[cluster] redis_url: {e}")))?;
         // Pub/sub on the multiplexed connection needs RESP3 (Redis 6 or later, and Valkey).
         if !url.query_pairs().any(|(k, _)| k == "protocol") {
             url.query_pairs_mut().append_pair("protocol", "resp3");
@@ -176,6 +177,7 @@ impl Cluster {
             conn,
             pubsub: tokio::sync::Mutex::new(pubsub),
             up: AtomicBool::new(false),
+            resubscribe: AtomicBool::new(true),
             known: DashMap::new(),
             streams: DashMap::new(),
             inbound: std::sync::Mutex::new(Some(rx)),
@@ -340,9 +342,7 @@ impl Cluster {
             return Ok(0);
         }
         let mut c = self.conn();
-        c.publish(channel, body)
-            .await
-            .map_err(redis_err("publish"))
+        c.publish(channel, body).await.map_err(redis_err("publish"))
     }
 
     /// To every instance, this one included.
@@ -402,7 +402,6 @@ impl Cluster {
     /// lost our data (then the sessions held here are written again).
     async fn heartbeat(self: Arc<Self>, stop: CancellationToken) {
         let key = format!("{PREFIX}i:{}", self.tag);
-        let mut subscribed = false;
         loop {
             let mut c = self.conn();
             let was: Result<Option<String>, _> = redis::cmd("SET")
@@ -415,8 +414,12 @@ impl Cluster {
                 .await;
             match was {
                 Ok(previous) => {
+                    // After a start, a lost connection or a Redis restart, listen again (the
+                    // channels of a new or restarted Redis have no subscribers).
+                    let mut subscribed = !self.resubscribe.load(Ordering::Acquire);
                     if !subscribed {
-                        subscribed = self.subscribe_fixed().await;
+                        subscribed = self.subscribe_all().await;
+                        self.resubscribe.store(!subscribed, Ordering::Release);
                     }
                     let was_up = self.up.swap(subscribed, Ordering::AcqRel);
                     if previous.is_none() && !self.known.is_empty() {
@@ -426,6 +429,7 @@ impl Cluster {
                     }
                 }
                 Err(e) => {
+                    self.resubscribe.store(true, Ordering::Release);
                     if self.up.swap(false, Ordering::AcqRel) {
                         tracing::warn!(error = %e, "cluster: Redis unreachable; new sessions are refused until it is back");
                     }
@@ -441,11 +445,12 @@ impl Cluster {
         }
     }
 
-    async fn subscribe_fixed(&self) -> bool {
+    /// The cluster's channel, this instance's, and those of the sessions whose stream it holds.
+    async fn subscribe_all(&self) -> bool {
+        let mut channels = vec![Self::EVENTS.to_string(), Self::instance_channel(&self.tag)];
+        channels.extend(self.streams.iter().map(|e| Self::session_channel(e.key())));
         let mut ps = self.pubsub.lock().await;
-        let a = ps.subscribe(Self::EVENTS).await;
-        let b = ps.subscribe(Self::instance_channel(&self.tag)).await;
-        match a.and(b) {
+        match ps.subscribe(channels).await {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "cluster: cannot subscribe");
@@ -470,7 +475,10 @@ impl Cluster {
             }
         }
         self.reregistered.fetch_add(n as u64, Ordering::Relaxed);
-        tracing::info!(sessions = n, "cluster: Redis had lost this instance's sessions; written again");
+        tracing::info!(
+            sessions = n,
+            "cluster: Redis had lost this instance's sessions; written again"
+        );
     }
 
     /// RESP3 pushes → parsed [`Inbound`] messages (bounded; the excess is dropped and counted).
@@ -505,6 +513,7 @@ impl Cluster {
                 }
                 redis::PushKind::Disconnection => {
                     self.up.store(false, Ordering::Release);
+                    self.resubscribe.store(true, Ordering::Release);
                 }
                 _ => {}
             }

@@ -72,21 +72,35 @@ pub fn router(
     // Idleness is kept by the front (`lane`): requests served on the direct lane never reach
     // rmcp's session worker, whose own timer would close a busy session.
     sessions.session_config.keep_alive = None;
-    let sessions = Arc::new(ResumableSessions::new(sessions));
+    let cluster = broker.cluster().cloned();
+    let sessions = Arc::new(ResumableSessions::new(sessions, cluster.clone()));
     let lanes = Arc::new(Lanes::new(broker.clone(), hosts.clone()));
+    let owners = Arc::new(SessionOwners::default());
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         rt.spawn(
             lanes
                 .clone()
                 .sweep(sessions.clone(), cfg.session_idle_timeout, ct.clone()),
         );
+        if let Some(c) = &cluster {
+            rt.spawn(super::cluster::inbound(
+                c.clone(),
+                sessions.clone(),
+                broker.clone(),
+                lanes.clone(),
+                owners.clone(),
+            ));
+        }
     }
-    let server_cfg = StreamableHttpServerConfig::default()
+    let mut server_cfg = StreamableHttpServerConfig::default()
         .with_allowed_hosts(hosts)
         .with_allowed_origins(origins)
         .enforce_origin_validation()
         .with_max_request_body_bytes(cfg.max_request_body)
         .with_cancellation_token(ct);
+    if let Some(c) = &cluster {
+        server_cfg.session_store = Some(Arc::new(super::cluster::StoredSessions(c.clone())));
+    }
     let b = broker.clone();
     let mcp = Arc::new(StreamableHttpService::new(
         move || Ok(Front::new(b.clone())),
@@ -102,7 +116,7 @@ pub fn router(
     let state = Gate {
         broker: broker.clone(),
         auth: auth.clone(),
-        owners: Arc::new(SessionOwners::default()),
+        owners,
         metadata_url: Arc::from(metadata_url),
     };
     let mut app = ops_routes(Router::new(), &broker, cfg.metrics_listen.is_none()).route(
@@ -148,6 +162,7 @@ pub fn router(
         body,
         lanes,
         direct: cfg.direct_lane,
+        cluster: cluster.is_some(),
     };
     app.layer(middleware::from_fn_with_state(relay, relay_rename))
         .layer(middleware::from_fn_with_state(state.clone(), step_up))
@@ -223,6 +238,11 @@ pub fn ops_routes(app: Router, broker: &Arc<Broker>, metrics: bool) -> Router {
                 let down = b.required_down();
                 if b.is_draining() {
                     (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_string())
+                } else if b.cluster().is_some_and(|c| !c.is_up()) {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: the cluster store (Redis) is unreachable\n".to_string(),
+                    )
                 } else if down.is_empty() {
                     (StatusCode::OK, "ready\n".to_string())
                 } else {
@@ -302,7 +322,20 @@ async fn gate_inner(State(g): State<Gate>, mut req: Request, next: Next) -> Resp
         return next.run(req).await;
     }
     let Some(auth) = g.auth.clone() else {
-        req.extensions_mut().insert(Caller::anonymous());
+        let caller = Caller::anonymous();
+        if let Some(c) = g.broker.cluster() {
+            let session = req
+                .headers()
+                .get(SESSION_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            if let Some(refused) =
+                cluster_gate(&g, c, session.as_deref(), &caller, opens_session(&req)).await
+            {
+                return refused;
+            }
+        }
+        req.extensions_mut().insert(caller);
         return next.run(req).await;
     };
     let required = auth.config().required_scopes.clone();
@@ -363,6 +396,12 @@ async fn gate_inner(State(g): State<Gate>, mut req: Request, next: Next) -> Resp
         tracing::warn!(sub = %caller.sub, "refused a session opened by another subject");
         return plain(StatusCode::NOT_FOUND, "Not Found: Session not found".into());
     }
+    if let Some(c) = g.broker.cluster()
+        && let Some(refused) =
+            cluster_gate(&g, c, session.as_deref(), &caller, opens_session(&req)).await
+    {
+        return refused;
+    }
     let method = req.method().clone();
     let sub = caller.sub.clone();
     req.extensions_mut().insert(caller);
@@ -382,6 +421,72 @@ async fn gate_inner(State(g): State<Gate>, mut req: Request, next: Next) -> Resp
         _ => {}
     }
     resp
+}
+
+/// A POST without a session of a 2025-era client: an `initialize` (2026-07-28 requests carry no
+/// session and need none).
+fn opens_session(req: &Request) -> bool {
+    req.method() == Method::POST
+        && !req
+            .headers()
+            .get("mcp-protocol-version")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v >= "2026-07-28")
+}
+
+/// `[cluster]`: a session this instance does not know is looked up in Redis (its owner decides, as
+/// here: another subject gets 404); a known one is marked in use there now and then, and found
+/// deleted or expired if it is gone. A new session is refused (503) while Redis is unreachable:
+/// no other instance could serve it. Without auth every caller is `anonymous`, as locally.
+async fn cluster_gate(
+    g: &Gate,
+    c: &Arc<crate::cluster::Cluster>,
+    session: Option<&str>,
+    caller: &Caller,
+    opens: bool,
+) -> Option<Response> {
+    let idle = g.broker.config().broker.session_idle_timeout;
+    let not_found = || plain(StatusCode::NOT_FOUND, "Not Found: Session not found".into());
+    let Some(s) = session else {
+        if opens && !c.is_up() {
+            return Some(plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "mcp-broker: the cluster's session store (Redis) is unreachable, so no new session can be opened; retry shortly".into(),
+            ));
+        }
+        return None;
+    };
+    if g.owners.knows(s) {
+        let every = (idle / 4).clamp(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(60),
+        );
+        if g.owners.touch_due(s, every)
+            && let Ok(false) = c.touch(s, idle).await
+        {
+            g.owners.forget(s);
+            return Some(not_found());
+        }
+        return None;
+    }
+    match c.load(s).await {
+        Ok(Some(reg)) if reg.owner == caller.sub => {
+            g.owners.bind(s, &caller.sub, idle);
+            None
+        }
+        Ok(Some(_)) => {
+            tracing::warn!(sub = %caller.sub, "refused a session opened by another subject");
+            Some(not_found())
+        }
+        Ok(None) => Some(not_found()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cluster: cannot look up a session");
+            Some(plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "mcp-broker: the cluster's session store (Redis) is unreachable and this instance does not hold the session; retry shortly".into(),
+            ))
+        }
+    }
 }
 
 /// A `tools/call` whose policy rule wants a scope the caller's token lacks is refused with an
@@ -695,6 +800,8 @@ struct Relay {
     lanes: Arc<Lanes>,
     /// `[broker] direct_lane`.
     direct: bool,
+    /// `[cluster]`: a request may restore a session another instance opened.
+    cluster: bool,
 }
 
 /// The innermost layer (the step-up check sees the original request). A request the direct lane
@@ -715,12 +822,25 @@ async fn relay_rename(State(r): State<Relay>, req: Request, next: Next) -> Respo
     }
     if req.method() != Method::POST {
         let delete = req.method() == Method::DELETE;
+        let mut req = req;
+        // A GET may restore a session here (`[cluster]`): the lane learns it, as for a POST.
+        let opened =
+            (r.cluster && !delete && session.as_deref().is_some_and(|s| !r.lanes.knows(s)))
+                .then(OpenedSession::default);
+        if let Some(o) = &opened {
+            req.extensions_mut().insert(o.clone());
+        }
         let resp = next.run(req).await;
         if delete
             && let Some(s) = &session
             && resp.status().is_success()
         {
             r.lanes.forget(s);
+        }
+        if let (Some(o), Some(s)) = (opened, &session)
+            && let Some((id, direct)) = o.0.get().copied()
+        {
+            r.lanes.register(s, Some(id), direct);
         }
         return resp;
     }
@@ -741,7 +861,10 @@ async fn relay_rename(State(r): State<Relay>, req: Request, next: Next) -> Respo
     {
         return resp;
     }
-    let opened = session.is_none().then(OpenedSession::default);
+    // A new session, or (under `[cluster]`) one restored here from another instance.
+    let opened = (session.is_none()
+        || r.cluster && !session.as_deref().is_some_and(|s| r.lanes.knows(s)))
+    .then(OpenedSession::default);
     if let Some(o) = &opened {
         parts.extensions.insert(o.clone());
     }
@@ -751,12 +874,14 @@ async fn relay_rename(State(r): State<Relay>, req: Request, next: Next) -> Respo
     };
     let resp = next.run(Request::from_parts(parts, body)).await;
     if let Some(o) = opened
-        && let Some(new) = resp
-            .headers()
-            .get(SESSION_HEADER)
-            .and_then(|v| v.to_str().ok())
+        && let Some((id, direct)) = o.0.get().copied()
+        && let Some(s) = session.as_deref().or_else(|| {
+            resp.headers()
+                .get(SESSION_HEADER)
+                .and_then(|v| v.to_str().ok())
+        })
     {
-        r.lanes.register(new, o.0.get().copied(), &bytes);
+        r.lanes.register(s, Some(id), direct);
     }
     resp
 }

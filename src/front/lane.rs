@@ -43,10 +43,11 @@ use crate::auth::Caller;
 use crate::broker::{Broker, Downstream};
 use crate::catalog::{Item, Kind};
 
-/// Set by `Front::initialize` to the broker's id of the session it opened (the initialize
-/// request carries it in its extensions; the lane reads it when the response names the session).
+/// Set by `Front::initialize` to the broker's id of the session it opened (or restored, under
+/// `[cluster]`), and whether the lane may serve it (the client declared no sampling, elicitation or
+/// roots). The request carries it in its extensions; the lane reads it once rmcp answered.
 #[derive(Clone, Default)]
-pub struct OpenedSession(pub Arc<OnceLock<u64>>);
+pub struct OpenedSession(pub Arc<OnceLock<(u64, bool)>>);
 
 /// The sessions the HTTP front knows: their broker ids, whether the lane may serve them, and when
 /// they were last used. One entry per session rmcp opened (registered from the `initialize`
@@ -111,25 +112,8 @@ impl Lanes {
             .is_some_and(|host| host_matches(&self.hosts, host))
     }
 
-    /// A session was opened by `initialize` (whose body is `body`).
-    pub fn register(&self, session: &str, id: Option<u64>, body: &[u8]) {
-        #[derive(Deserialize)]
-        struct Init {
-            params: Option<InitParams>,
-        }
-        #[derive(Deserialize)]
-        struct InitParams {
-            capabilities: Option<serde_json::Map<String, serde_json::Value>>,
-        }
-        let caps = serde_json::from_slice::<Init>(body)
-            .ok()
-            .and_then(|i| i.params)
-            .and_then(|p| p.capabilities);
-        let direct = caps.is_some_and(|c| {
-            !["sampling", "elicitation", "roots"]
-                .iter()
-                .any(|k| c.contains_key(*k))
-        });
+    /// A session was opened by `initialize`, or restored from another instance.
+    pub fn register(&self, session: &str, id: Option<u64>, direct: bool) {
         self.sessions.insert(
             Arc::from(session),
             Entry {
@@ -163,12 +147,22 @@ impl Lanes {
         let Some(p) = params.and_then(|p| serde_json::from_str::<Cancelled>(p.get()).ok()) else {
             return;
         };
+        self.cancel_request(session, &p.request_id);
+    }
+
+    /// Cancel the lane call `request` of `session`, if one runs here.
+    pub fn cancel_request(&self, session: &str, request: &RequestId) {
         if let Some(e) = self.sessions.get(session)
             && let Ok(map) = e.inflight.lock()
-            && let Some(ct) = map.get(&p.request_id)
+            && let Some(ct) = map.get(request)
         {
             ct.cancel();
         }
+    }
+
+    /// Whether the lane knows the session (opened or restored here).
+    pub fn knows(&self, session: &str) -> bool {
+        self.sessions.contains_key(session)
     }
 
     /// Serve `body` on the lane if it qualifies (see the module docs); `None` hands it to rmcp.

@@ -62,13 +62,14 @@ impl Front {
         &self,
         peer: &rmcp::service::Peer<RoleServer>,
         caller: Caller,
+        front: Option<Arc<str>>,
     ) -> Result<u64, ErrorData> {
         if let Some(g) = self.session.get() {
             return Ok(g.id);
         }
         let id = self
             .broker
-            .open_session(peer.clone(), caller)
+            .open_session(peer.clone(), caller, front)
             .map_err(|e| ErrorData::new(ErrorCode(SESSION_LIMIT), e.to_string(), None))?;
         if let Err(dup) = self.session.set(SessionGuard {
             broker: self.broker.clone(),
@@ -78,6 +79,42 @@ impl Front {
             drop(dup);
         }
         Ok(self.session.get().map_or(id, |g| g.id))
+    }
+
+    /// `[cluster]`: a new session is written to Redis (owner and `initialize` params) before the
+    /// client learns its id, so any instance can serve its next request; one restored here from
+    /// there is remembered (written again if Redis loses it), and gets the log level it set.
+    async fn share_session(
+        &self,
+        c: &Arc<crate::cluster::Cluster>,
+        front: &str,
+        caller: &Caller,
+        request: &InitializeRequestParams,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let reg = crate::cluster::Registered {
+            owner: caller.sub.clone(),
+            init: serde_json::to_string(request).unwrap_or_default(),
+        };
+        let restored = ctx
+            .extensions
+            .get::<rmcp::transport::streamable_http_server::SessionRestoreMarker>()
+            .is_some();
+        if !restored {
+            return c.register(front, reg, c.idle).await.map_err(|e| {
+                ErrorData::internal_error(
+                    format!("mcp-broker cannot open a session: {e}; new sessions are refused until it is back"),
+                    None,
+                )
+            });
+        }
+        c.remember(front, reg);
+        if let Ok(Some(level)) = c.level(front).await
+            && let Ok(level) = serde_json::from_value(serde_json::Value::String(level))
+        {
+            self.broker.apply_level(front, level).await;
+        }
+        Ok(())
     }
 
     fn downstream(&self, ctx: &RequestContext<RoleServer>) -> Downstream {
@@ -97,7 +134,7 @@ impl Front {
                 self.session
                     .get()
                     .map(|g| g.id)
-                    .or_else(|| self.open_session(&ctx.peer, caller_of(ctx)).ok())
+                    .or_else(|| self.open_session(&ctx.peer, caller_of(ctx), None).ok())
             },
         }
     }
@@ -449,14 +486,25 @@ impl ServerHandler for Front {
         request: InitializeRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<InitializeResult, ErrorData> {
-        let id = self.open_session(&ctx.peer, caller_of(&ctx))?;
-        // The HTTP front's direct lane learns which broker session the new one is.
+        let front = ctx
+            .extensions
+            .get::<super::cluster::FrontSession>()
+            .map(|f| f.0.clone());
+        let caller = caller_of(&ctx);
+        let id = self.open_session(&ctx.peer, caller.clone(), front.clone())?;
+        if let (Some(c), Some(f)) = (self.broker.cluster(), &front) {
+            self.share_session(c, f, &caller, &request, &ctx).await?;
+        }
+        // The HTTP front's direct lane learns which broker session the new one is, and whether
+        // it may serve it (only clients the broker never has to ask anything).
         if let Some(opened) = ctx
             .extensions
             .get::<http::request::Parts>()
             .and_then(|p| p.extensions.get::<super::lane::OpenedSession>())
         {
-            let _ = opened.0.set(id);
+            let c = &request.capabilities;
+            let direct = c.sampling.is_none() && c.elicitation.is_none() && c.roots.is_none();
+            let _ = opened.0.set((id, direct));
         }
         ctx.peer.set_peer_info(request.clone());
         self.negotiate_initialize(&request)

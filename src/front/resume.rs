@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use rmcp::model::{ClientJsonRpcMessage, GetExtensions, JsonRpcMessage, ServerJsonRpcMessage};
 use rmcp::transport::streamable_http_server::{
-    SessionId, SessionManager,
+    RestoreOutcome, SessionId, SessionManager,
     session::ServerSseMessage,
     session::local::{LocalSessionManager, LocalSessionManagerError},
 };
@@ -18,7 +18,25 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use super::cluster;
+use crate::cluster::{Cluster, Wire};
 use crate::upstream::StreamLink;
+
+/// Holds a session's standalone stream for this instance while alive (see
+/// [`ResumableSessions::standalone`]).
+struct Held {
+    cluster: Arc<Cluster>,
+    session: String,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let (c, s) = (self.cluster.clone(), std::mem::take(&mut self.session));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { c.stream_closed(&s).await });
+        }
+    }
+}
 
 /// Events kept per session for clients that come back with `Last-Event-ID`: at most this many...
 const REPLAY_MAX_EVENTS: usize = 256;
@@ -49,6 +67,10 @@ const POLLING_REVISION: &str = "2025-11-25";
 /// rmcp's. 2026-07-28 requests carry no session, and so are not resumable.
 pub(super) struct ResumableSessions {
     inner: LocalSessionManager,
+    /// Under `[cluster]`: sessions are restored from Redis, requests to the client name this
+    /// instance, and client answers and cancellations reach the instance they are for (see
+    /// `front::cluster`).
+    cluster: Option<Arc<Cluster>>,
     /// Every open session; its [`Replay`] is made by its first request stream (an idle session,
     /// or one that only sends notifications, holds none).
     replays: std::sync::Mutex<HashMap<SessionId, Option<Arc<Replay>>>>,
@@ -63,11 +85,47 @@ pub(super) enum SessionError {
 }
 
 impl ResumableSessions {
-    pub(super) fn new(inner: LocalSessionManager) -> Self {
+    pub(super) fn new(inner: LocalSessionManager, cluster: Option<Arc<Cluster>>) -> Self {
         ResumableSessions {
             inner,
+            cluster,
             replays: Default::default(),
         }
+    }
+
+    /// Hand a client message to this instance's copy of the session (no cluster routing).
+    pub(super) async fn accept_local(
+        &self,
+        id: &str,
+        message: ClientJsonRpcMessage,
+    ) -> Result<(), SessionError> {
+        Ok(self
+            .inner
+            .accept_message(&SessionId::from(id.to_string()), message)
+            .await?)
+    }
+
+    /// A standalone stream: under `[cluster]`, this instance holds the session's stream while it
+    /// is open (notifications decided elsewhere come here), and its requests name this instance.
+    async fn standalone(
+        &self,
+        id: &SessionId,
+        stream: impl Stream<Item = ServerSseMessage> + Send + Sync + 'static,
+    ) -> impl Stream<Item = ServerSseMessage> + Send + Sync + 'static {
+        let Some(c) = &self.cluster else {
+            return stream.left_stream();
+        };
+        c.stream_opened(id).await;
+        let held = Held {
+            cluster: c.clone(),
+            session: id.to_string(),
+        };
+        cluster::outbound_ids(c, stream)
+            .map(move |ev| {
+                let _held = &held;
+                ev
+            })
+            .right_stream()
     }
 
     fn replays(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Option<Arc<Replay>>>> {
@@ -97,9 +155,23 @@ impl SessionManager for ResumableSessions {
     async fn initialize_session(
         &self,
         id: &SessionId,
-        message: ClientJsonRpcMessage,
+        mut message: ClientJsonRpcMessage,
     ) -> Result<ServerJsonRpcMessage, Self::Error> {
+        message.insert_extension(cluster::FrontSession(Arc::from(id.as_ref())));
         Ok(self.inner.initialize_session(id, message).await?)
+    }
+
+    /// A session another instance opened: a fresh local session under its id (rmcp then replays
+    /// the client's `initialize` into it).
+    async fn restore_session(
+        &self,
+        id: SessionId,
+    ) -> Result<RestoreOutcome<Self::Transport>, Self::Error> {
+        let r = self.inner.restore_session(id.clone()).await?;
+        if matches!(r, RestoreOutcome::Restored(_)) {
+            self.replays().insert(id, None);
+        }
+        Ok(r)
     }
 
     async fn has_session(&self, id: &SessionId) -> Result<bool, Self::Error> {
@@ -112,6 +184,9 @@ impl SessionManager for ResumableSessions {
         let replay = self.replays().remove(id).flatten();
         if let Some(r) = replay {
             r.closed.cancel();
+        }
+        if let Some(c) = &self.cluster {
+            c.forget(id);
         }
         Ok(self.inner.close_session(id).await?)
     }
@@ -132,6 +207,10 @@ impl SessionManager for ResumableSessions {
         // Subscribed before the request runs: an upstream close cannot come first.
         let closes = link.as_ref().map(StreamLink::closes);
         let inner = self.inner.create_stream(id, message).await?;
+        let inner = match &self.cluster {
+            Some(c) => cluster::outbound_ids(c, inner).left_stream(),
+            None => inner.right_stream(),
+        };
         let (tx, rx) = mpsc::channel(LIVE_CAPACITY);
         tokio::spawn(forward(inner, tx, self.replay(id), closes, link));
         Ok(ReceiverStream::new(rx))
@@ -142,14 +221,41 @@ impl SessionManager for ResumableSessions {
         id: &SessionId,
         message: ClientJsonRpcMessage,
     ) -> Result<(), Self::Error> {
-        Ok(self.inner.accept_message(id, message).await?)
+        let Some(c) = &self.cluster else {
+            return Ok(self.inner.accept_message(id, message).await?);
+        };
+        match cluster::route(c, message) {
+            cluster::Route::Here(m) => Ok(self.inner.accept_message(id, m).await?),
+            cluster::Route::Instance(tag, m) => {
+                let wire = Wire::Answer {
+                    session: id.to_string(),
+                    message: serde_json::to_value(&m).unwrap_or_default(),
+                };
+                if let Err(e) = c.to_instance(&tag, &wire).await {
+                    tracing::warn!(error = %e, "cluster: a client's answer could not be passed to the instance that asked");
+                }
+                Ok(())
+            }
+            cluster::Route::Everywhere(m) => {
+                let wire = Wire::Notify {
+                    from: c.tag.clone(),
+                    session: id.to_string(),
+                    message: serde_json::to_value(&m).unwrap_or_default(),
+                };
+                if let Err(e) = c.broadcast(&wire).await {
+                    tracing::debug!(error = %e, "cluster: a cancellation reached this instance only");
+                }
+                Ok(self.inner.accept_message(id, m).await?)
+            }
+        }
     }
 
     async fn create_standalone_stream(
         &self,
         id: &SessionId,
     ) -> Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error> {
-        Ok(self.inner.create_standalone_stream(id).await?)
+        let s = self.inner.create_standalone_stream(id).await?;
+        Ok(self.standalone(id, s).await)
     }
 
     /// A request stream's id (`INDEX/STREAM`) is looked up in this session's replay only: another
@@ -161,7 +267,8 @@ impl SessionManager for ResumableSessions {
         last_event_id: String,
     ) -> Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error> {
         let Some((after, stream)) = request_event_id(&last_event_id) else {
-            return Ok(self.inner.resume(id, last_event_id).await?.right_stream());
+            let s = self.inner.resume(id, last_event_id).await?;
+            return Ok(self.standalone(id, s).await.right_stream());
         };
         let attach = {
             let replays = self.replays();

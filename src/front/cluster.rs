@@ -1,0 +1,210 @@
+//! The HTTP front's side of `[cluster]`: any instance serves any request of any session.
+//!
+//! - **Sessions** are written to Redis when opened (owner, the client's `initialize` params); an
+//!   instance that gets a request for a session it does not hold has rmcp restore it from there
+//!   (rmcp replays the `initialize` on a fresh local session: [`StoredSessions`]).
+//! - **Requests to the client** (elicitation, sampling, roots) carry ids naming the instance that
+//!   sent them (`TAG~N`): the client's answer, wherever it lands, is passed to that instance.
+//! - **Client notifications** (`notifications/cancelled`) go to every instance: the request they
+//!   name may run on any of them.
+//! - **Notifications to the client** go to the instance holding its standalone (GET) stream: it
+//!   listens on the session's channel while the stream is open (see `broker::sessions`).
+//! - **Deletion** reaches every instance, which closes its copy.
+
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use rmcp::model::{ClientJsonRpcMessage, JsonRpcMessage, NumberOrString, ServerJsonRpcMessage};
+use rmcp::transport::streamable_http_server::{
+    SessionId, SessionManager,
+    session::ServerSseMessage,
+    session::{SessionState, SessionStore, SessionStoreError},
+};
+
+use super::lane::Lanes;
+use super::resume::ResumableSessions;
+use crate::auth::SessionOwners;
+use crate::broker::Broker;
+use crate::cluster::{Cluster, Wire};
+
+/// The HTTP front's id of the session an `initialize` opens (or restores), for the broker.
+#[derive(Clone)]
+pub struct FrontSession(pub Arc<str>);
+
+/// rmcp's external session store, read when restoring a session this instance does not hold. The
+/// session is written by the broker's `initialize` (which knows its owner), so `store` does nothing;
+/// `delete` (HTTP DELETE) removes it everywhere.
+pub(super) struct StoredSessions(pub Arc<Cluster>);
+
+#[async_trait::async_trait]
+impl SessionStore for StoredSessions {
+    async fn load(&self, session_id: &str) -> Result<Option<SessionState>, SessionStoreError> {
+        let Some(reg) = self.0.load(session_id).await? else {
+            return Ok(None);
+        };
+        let params = serde_json::from_str(&reg.init)?;
+        Ok(Some(SessionState::new(params)))
+    }
+
+    async fn store(&self, _: &str, _: &SessionState) -> Result<(), SessionStoreError> {
+        Ok(())
+    }
+
+    async fn delete(&self, session_id: &str) -> Result<(), SessionStoreError> {
+        Ok(self.0.delete(session_id, self.0.idle).await?)
+    }
+}
+
+/// The id this instance gives a request to the client: `TAG~N`.
+pub(super) fn outbound_ids(
+    cluster: &Arc<Cluster>,
+    stream: impl Stream<Item = ServerSseMessage> + Send + Sync + 'static,
+) -> impl Stream<Item = ServerSseMessage> + Send + Sync + 'static {
+    let tag = cluster.tag.clone();
+    stream.map(move |mut ev| {
+        if let Some(m) = &ev.message
+            && let JsonRpcMessage::Request(r) = m.as_ref()
+        {
+            let mut r = r.clone();
+            r.id = NumberOrString::String(format!("{tag}~{}", id_text(&r.id)).into());
+            ev.message = Some(Arc::new(ServerJsonRpcMessage::Request(r)));
+        }
+        ev
+    })
+}
+
+fn id_text(id: &NumberOrString) -> String {
+    match id {
+        NumberOrString::Number(n) => n.to_string(),
+        NumberOrString::String(s) => s.to_string(),
+    }
+}
+
+/// Where a client's message goes.
+pub(super) enum Route {
+    /// Handle here (an answer to this instance's request has its own id back).
+    Here(ClientJsonRpcMessage),
+    /// An answer to another instance's request: sent there.
+    Instance(String, ClientJsonRpcMessage),
+    /// Handle here and tell every other instance (a cancellation).
+    Everywhere(ClientJsonRpcMessage),
+}
+
+pub(super) fn route(cluster: &Cluster, mut message: ClientJsonRpcMessage) -> Route {
+    let id = match &mut message {
+        JsonRpcMessage::Response(r) => &mut r.id,
+        JsonRpcMessage::Error(e) => match &mut e.id {
+            Some(id) => id,
+            None => return Route::Here(message),
+        },
+        JsonRpcMessage::Notification(n) => {
+            return if matches!(
+                n.notification,
+                rmcp::model::ClientNotification::CancelledNotification(_)
+            ) {
+                Route::Everywhere(message)
+            } else {
+                Route::Here(message)
+            };
+        }
+        _ => return Route::Here(message),
+    };
+    let NumberOrString::String(s) = &*id else {
+        return Route::Here(message);
+    };
+    let Some((tag, n)) = s.split_once('~') else {
+        return Route::Here(message);
+    };
+    if tag != cluster.tag {
+        return Route::Instance(tag.to_string(), message);
+    }
+    *id = match n.parse::<i64>() {
+        Ok(n) => NumberOrString::Number(n),
+        Err(_) => NumberOrString::String(n.to_string().into()),
+    };
+    Route::Here(message)
+}
+
+/// Messages from the other instances (and this one's own broadcasts), until the process stops.
+pub(super) async fn inbound(
+    cluster: Arc<Cluster>,
+    sessions: Arc<ResumableSessions>,
+    broker: Arc<Broker>,
+    lanes: Arc<Lanes>,
+    owners: Arc<SessionOwners>,
+) {
+    let Some(mut rx) = cluster.take_inbound() else {
+        return;
+    };
+    while let Some(m) = rx.recv().await {
+        let mine = |from: &str| from == cluster.tag;
+        match m.wire {
+            Wire::Answer { session, message } => {
+                let Ok(msg) = serde_json::from_value::<ClientJsonRpcMessage>(message) else {
+                    continue;
+                };
+                if let Route::Here(msg) = route(&cluster, msg)
+                    && let Ok(true) = sessions
+                        .has_session(&SessionId::from(session.clone()))
+                        .await
+                {
+                    let _ = sessions.accept_local(&session, msg).await;
+                }
+            }
+            Wire::Notify {
+                from,
+                session,
+                message,
+            } if !mine(&from) => {
+                let Ok(msg) = serde_json::from_value::<ClientJsonRpcMessage>(message) else {
+                    continue;
+                };
+                if let JsonRpcMessage::Notification(n) = &msg
+                    && let rmcp::model::ClientNotification::CancelledNotification(c) =
+                        &n.notification
+                    && let Some(request) = &c.params.request_id
+                {
+                    lanes.cancel_request(&session, request);
+                }
+                if let Ok(true) = sessions
+                    .has_session(&SessionId::from(session.clone()))
+                    .await
+                {
+                    let _ = sessions.accept_local(&session, msg).await;
+                }
+            }
+            Wire::Closed { from, session } if !mine(&from) => {
+                owners.forget(&session);
+                lanes.forget(&session);
+                let _ = sessions.close_session(&SessionId::from(session)).await;
+            }
+            Wire::Level {
+                from,
+                session,
+                level,
+            } if !mine(&from) => {
+                if let Ok(level) = serde_json::from_value(level) {
+                    broker.apply_level(&session, level).await;
+                }
+            }
+            Wire::Log {
+                server,
+                owner,
+                params,
+                ..
+            } => {
+                if let Ok(params) = serde_json::from_value(params) {
+                    broker.route_cluster_log(&server, owner.as_deref(), params);
+                }
+            }
+            Wire::Deliver { session, message } => {
+                if let Ok(JsonRpcMessage::Notification(n)) =
+                    serde_json::from_value::<ServerJsonRpcMessage>(message)
+                {
+                    broker.deliver_relayed(&session, n.notification);
+                }
+            }
+            _ => {}
+        }
+    }
+}
