@@ -71,8 +71,14 @@ async def echo(s, marker: str) -> T.CallToolResult:
     return r
 
 
-def spread(c: C.Cluster, tag: str) -> dict[str, int]:
-    return c.served(tag)
+def served_all(c: C.Cluster, tag: str, total: int) -> dict[str, int]:
+    """Per instance, the audit records mentioning `tag`, once they add up to `total` (records are written by a
+    writer task when a request ends: poll for them)."""
+    try:
+        return H.poll_until(lambda: (lambda d: d if sum(d.values()) >= total else None)(c.served(tag)), 10,
+                            f"{total} audit records mentioning {tag}")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}: found {c.served(tag)}") from None
 
 
 # --------------------------------------------------------------------------- one session, every instance
@@ -114,7 +120,7 @@ async def test_session_spans_instances(cluster):
                 await echo(s, f"{tag}-after-{i}")
     assert len(ids.ids) == 1, f"the session changed ids (re-initialized?): {ids.ids}"
 
-    served = spread(c, tag)
+    served = served_all(c, tag, 12)
     assert sum(served.values()) == 12, f"12 echo calls expected in the audit files, got {served}"
     on = [n for n, k in served.items() if k]
     # round robin over three instances, one connection per request: every instance served some of the 12 calls
@@ -166,15 +172,18 @@ async def test_instance_killed_mid_session(cluster):
                 v = await anyio.to_thread.run_sync(lambda: H.poll_until(holder, 10, "the long call in flight"))
                 victim.append(v)
                 c.kill(v)
-                # the call in flight on the dead instance ends, one way or another, within a bounded time
-                with anyio.move_on_after(30) as scope:
+                # the call in flight on the dead instance ends with an error within a bounded time (the client
+                # may try to resume its stream on another instance; that must fail, not wait forever)
+                with anyio.move_on_after(20) as scope:
                     while not long_outcome:
                         await anyio.sleep(0.1)
                 if scope.cancelled_caught:
                     tg.cancel_scope.cancel()
-                    long_outcome.append("still waiting 30 s after the kill (cancelled by the test)")
+                    long_outcome.append("hang: no result or error 20 s after the kill (cancelled by the test)")
             v = victim[0]
             assert not H.port_open(v.port)
+            assert long_outcome[0].startswith(("exception", "error result")), \
+                f"the call in flight on the killed {v.name}: {long_outcome[0]}"
             await anyio.to_thread.run_sync(lambda: c.haproxy.wait_status({v.name: "DOWN"}, timeout=10))
 
             # the session goes on: allow the first request or two after the kill to fail, then every call succeeds
@@ -188,7 +197,7 @@ async def test_instance_killed_mid_session(cluster):
                     failures.append((i, repr(e)[:300]))
                     assert i < 2 and ok == 0, f"call {i} after the kill failed after earlier ones: {failures}"
             assert ok >= 10, failures
-    served_after = {n: k for n, k in c.served(f"{tag}-after-").items()}
+    served_after = served_all(c, f"{tag}-after-", ok)
     survivors = [i.name for i in c.instances if i is not v]
     assert served_after[v.name] == 0
     assert all(served_after[n] >= 1 for n in survivors), \
@@ -227,7 +236,7 @@ async def test_global_rate_limit(cluster):
     assert C.LIMITED_BURST - 1 <= admitted <= most, (
         f"{admitted} of {n} calls admitted in {elapsed:.2f}s; a global limit admits {C.LIMITED_BURST} ±1 "
         f"(+{C.LIMITED_RATE:g}/s refill) = at most {most}; per-instance buckets would admit up to "
-        f"{C.N * C.LIMITED_BURST}")
+        f"{C.Cluster.N * C.LIMITED_BURST}")
     served = c.served(tag)
     assert sum(1 for k in served.values() if k) >= 2, f"the calls did not spread over the instances: {served}"
     assert not c.panics(), c.panics()
@@ -265,7 +274,9 @@ def test_other_subject_gets_404_on_every_instance(cluster):
             assert r.status_code == 200, f"alice's own session on {inst.name}: HTTP {r.status_code} {r.text[:300]}"
             m = H.final_response(r, 7)
             assert marker in str(m.get("result")), m
-            assert c.served(marker)[inst.name] == 1, c.served(marker)
+            # audit records are written when a request ends, by a writer task: poll
+            H.poll_until(lambda: c.served(marker)[inst.name] == 1, 10,
+                         f"the audit record of alice's call on {inst.name} ({c.served(marker)})")
         # and through the balancer
         out = a.request("tools/list")
         assert any(t["name"] == "everything__echo" for t in out["result"]["tools"])
@@ -332,3 +343,19 @@ def test_redis_restart(cluster):
         assert r.status_code == 200, f"a new session after Redis came back: HTTP {r.status_code} {r.text[:300]}"
     assert all(i.alive() for i in c.instances), "a broker died"
     assert not c.panics(), c.panics()
+
+
+# --------------------------------------------------------------------------- the documented files are the tested ones
+
+
+def test_readme_shows_the_tested_haproxy_config():
+    """README's HAProxy config is examples/cluster/haproxy.cfg (the file the fixtures run), after its header."""
+    import re
+
+    readme = (H.ROOT / "README.md").read_text()
+    blocks = re.findall(r"```haproxy\n(.*?)```", readme, re.S)
+    assert len(blocks) == 1, f"{len(blocks)} ```haproxy blocks in README.md"
+    example = C.EXAMPLE_HAPROXY.read_text()
+    body = example[example.index("\nglobal\n") + 1:]
+    assert blocks[0] == body, "README.md's HAProxy config differs from examples/cluster/haproxy.cfg"
+
