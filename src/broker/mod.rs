@@ -151,7 +151,6 @@ pub struct Broker {
 
 impl Broker {
     pub fn new(config: Arc<Config>, audit: Arc<Audit>) -> Result<Arc<Self>, BrokerError> {
-        let state = State::build(config.clone(), None)?;
         let shutdown = CancellationToken::new();
         // One key for the whole cluster: any instance opens what another sealed.
         let (seal, cluster) = match &config.cluster {
@@ -165,6 +164,9 @@ impl Broker {
             ),
             None => (mrtr::Seal::new()?, None),
         };
+        // After the cluster: shared credentials go through it. A failure stops its heartbeat.
+        let state = State::build(config.clone(), None, cluster.as_ref())
+            .inspect_err(|_| shutdown.cancel())?;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         Ok(Arc::new_cyclic(|me| Self {
             me: me.clone(),
@@ -274,7 +276,7 @@ impl Broker {
     /// list_changed. On error nothing changes.
     pub fn reload(&self, config: Arc<Config>) -> Result<ReloadSummary, BrokerError> {
         let old = self.state();
-        let new = match State::build(config, Some(&old)) {
+        let new = match State::build(config, Some(&old), self.cluster.as_ref()) {
             Ok(s) => s,
             Err(e) => {
                 metrics::global().reload(false);
@@ -533,6 +535,26 @@ impl Broker {
             "Live stdio upstream child processes.",
             &[(vec![], children as f64)],
         );
+        if let Some(c) = &self.cluster {
+            metrics::gauge(
+                &mut g,
+                "mcp_broker_cluster_up",
+                "1 while the cluster store (Redis) answers this instance's heartbeat.",
+                &[(vec![], if c.is_up() { 1.0 } else { 0.0 })],
+            );
+            metrics::counter(
+                &mut g,
+                "mcp_broker_cluster_messages_dropped_total",
+                "Messages from other instances dropped (queue full or unreadable).",
+                &[(vec![], c.dropped.load(Ordering::Relaxed) as f64)],
+            );
+            metrics::counter(
+                &mut g,
+                "mcp_broker_cluster_sessions_reregistered_total",
+                "Sessions written to Redis again after it lost them (restarted empty).",
+                &[(vec![], c.reregistered.load(Ordering::Relaxed) as f64)],
+            );
+        }
         let all = self.sessions.all();
         let live = all.iter().filter(|s| !s.peer.is_transport_closed()).count();
         metrics::gauge(

@@ -28,13 +28,17 @@ pub(super) struct State {
 impl State {
     /// The state for `config`; servers whose configuration is unchanged from `old` keep their
     /// [`Upstream`] (and so their connections, children and concurrency slots).
-    pub fn build(config: Arc<Config>, old: Option<&State>) -> Result<Self, BrokerError> {
+    pub fn build(
+        config: Arc<Config>,
+        old: Option<&State>,
+        cluster: Option<&Arc<crate::cluster::Cluster>>,
+    ) -> Result<Self, BrokerError> {
         let policy = build_policy(&config)?;
         let credentials = match old {
             Some(o) if o.config.credentials_fingerprint == config.credentials_fingerprint => {
                 o.credentials.clone()
             }
-            _ => Arc::new(Credentials::new(&config)?),
+            _ => Arc::new(Credentials::with_cluster(&config, cluster)?),
         };
         let mut upstreams = Vec::with_capacity(config.servers.len());
         let mut concurrency = HashMap::new();

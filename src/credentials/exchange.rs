@@ -4,15 +4,18 @@
 //! safety margin (and at most the configured `ttl`); concurrent identical requests wait on one lock
 //! per key, so they share a single exchange. With `actor = "client_credentials"` the broker's own
 //! client-credentials token goes along as `actor_token` (delegation: the result carries `act`).
+//! With [`SharedCache`], a local miss looks in Redis before the token endpoint, and what the
+//! endpoint issues is written there too, until the same expiry.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::CredentialError;
+use super::shared::SharedCache;
 use crate::config::{ExchangeConfig, Secret};
 
 const GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
@@ -43,6 +46,21 @@ impl Cached {
 
 type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
 
+/// An exchanged token as stored (sealed) in Redis; its expiry is the key's.
+#[derive(Serialize, Deserialize)]
+struct SharedToken {
+    token: String,
+    /// When it was issued (Unix milliseconds): a server's `ttl` caps reuse from then, whichever
+    /// instance exchanged it.
+    issued_ms: u64,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 pub struct TokenExchange {
     cfg: ExchangeConfig,
     http: reqwest::Client,
@@ -51,6 +69,8 @@ pub struct TokenExchange {
     actor: tokio::sync::Mutex<Option<Cached>>,
     /// Requests actually sent to the token endpoint (a metric, and the single-flight test's probe).
     pub requests: std::sync::atomic::AtomicU64,
+    /// `[cluster] share_credentials`: the cache behind the local one, shared with other instances.
+    shared: Option<Arc<SharedCache>>,
 }
 
 #[derive(Deserialize)]
@@ -75,7 +95,47 @@ impl TokenExchange {
             cache: DashMap::new(),
             actor: tokio::sync::Mutex::new(None),
             requests: Default::default(),
+            shared: None,
         }
+    }
+
+    /// Share exchanged tokens with the other instances (`[cluster] share_credentials`).
+    pub fn with_shared(mut self, shared: Option<Arc<SharedCache>>) -> Self {
+        self.shared = shared;
+        self
+    }
+
+    /// The Redis key of a cache entry: this store (endpoint, client, actor) and the local key.
+    fn shared_key(&self, shared: &SharedCache, key: &Key) -> String {
+        shared.key(&[
+            b"token_exchange",
+            self.cfg.token_endpoint.as_str().as_bytes(),
+            self.cfg.client_id.as_bytes(),
+            &[u8::from(self.cfg.actor)],
+            &key.0,
+            key.1.as_bytes(),
+            key.2.as_bytes(),
+        ])
+    }
+
+    /// A usable token another instance (or this one, earlier) stored.
+    async fn shared_get(
+        &self,
+        shared: &SharedCache,
+        name: &str,
+        ttl: Option<Duration>,
+    ) -> Option<Cached> {
+        let hit = shared.get(name).await?;
+        let stored: SharedToken = serde_json::from_slice(&hit.value).ok()?;
+        let now = Instant::now();
+        let age =
+            Duration::from_millis(unix_ms(SystemTime::now()).saturating_sub(stored.issued_ms));
+        let c = Cached {
+            token: Secret::new(stored.token),
+            issued: now.checked_sub(age).unwrap_or(now),
+            until: now + hit.left,
+        };
+        c.fresh_for(ttl).then_some(c)
     }
 
     /// A token for `audience` with `scopes` (empty = whatever the AS grants) on behalf of `subject`;
@@ -102,6 +162,8 @@ impl TokenExchange {
                     .unwrap_or(true)
             });
         }
+        // Named only on a local miss (a hash), but the key moves into the map here.
+        let shared_key = self.shared.is_some().then(|| key.clone());
         let slot = self.cache.entry(key).or_default().clone();
         let mut held = slot.lock().await;
         if !fresh
@@ -112,6 +174,20 @@ impl TokenExchange {
             return Ok(c.token.clone());
         }
         crate::metrics::global().credential_cache("token_exchange", false);
+        let shared = self
+            .shared
+            .as_deref()
+            .zip(shared_key)
+            .map(|(s, key)| (s, self.shared_key(s, &key)));
+        // `fresh`: the upstream refused what the caches hold, the shared entry included.
+        if !fresh
+            && let Some((s, name)) = &shared
+            && let Some(c) = self.shared_get(s, name, ttl).await
+        {
+            let token = c.token.clone();
+            *held = Some(c);
+            return Ok(token);
+        }
         let mut form: Vec<(&str, String)> = vec![
             ("grant_type", GRANT.into()),
             ("subject_token", subject.expose().to_string()),
@@ -133,11 +209,21 @@ impl TokenExchange {
         }
         let (token, lifetime) = self.post(form, audience).await?;
         let now = Instant::now();
+        let usable = lifetime.saturating_sub(SAFETY_MARGIN.min(lifetime / 10));
         *held = Some(Cached {
             token: token.clone(),
             issued: now,
-            until: now + lifetime.saturating_sub(SAFETY_MARGIN.min(lifetime / 10)),
+            until: now + usable,
         });
+        if let Some((s, name)) = &shared {
+            let stored = SharedToken {
+                token: token.expose().to_string(),
+                issued_ms: unix_ms(SystemTime::now()),
+            };
+            if let Ok(value) = serde_json::to_vec(&stored) {
+                s.put(name, &value, usable).await;
+            }
+        }
         Ok(token)
     }
 

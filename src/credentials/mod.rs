@@ -5,17 +5,23 @@
 //! tool), a field of a Vault secret, or a static value; `first = [...]` chains fall back in order.
 //! The caller's own token is only ever the `subject_token` of an exchange; it never goes upstream.
 //! Every secret stays wrapped in [`Secret`]; errors never contain one.
+//!
+//! Exchanged tokens and Vault secrets are cached in this instance's memory; with `[cluster]
+//! share_credentials = true` also in Redis, sealed ([`SharedCache`]).
 
 mod exchange;
+mod shared;
 mod vault;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use exchange::TokenExchange;
+pub use shared::SharedCache;
 pub use vault::VaultClient;
 
 use crate::auth::Caller;
+use crate::cluster::Cluster;
 use crate::config::{Config, CredentialStore, Secret, SecretTarget, UpstreamAuth};
 
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +85,19 @@ pub struct Credentials {
 }
 
 impl Credentials {
+    /// Caches in this instance's memory only.
     pub fn new(config: &Config) -> Result<Self, CredentialError> {
+        Self::with_cluster(config, None)
+    }
+
+    /// With `cluster` and its `share_credentials`, the caches are shared through Redis.
+    pub fn with_cluster(
+        config: &Config,
+        cluster: Option<&Arc<Cluster>>,
+    ) -> Result<Self, CredentialError> {
+        let shared = cluster
+            .filter(|c| c.config.share_credentials)
+            .map(|c| Arc::new(SharedCache::new(c.clone())));
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(15))
             .redirect(reqwest::redirect::Policy::none())
@@ -91,7 +109,9 @@ impl Credentials {
             if let CredentialStore::TokenExchange(c) = store {
                 exchanges.insert(
                     name.clone(),
-                    Arc::new(TokenExchange::new(c.clone(), http.clone())),
+                    Arc::new(
+                        TokenExchange::new(c.clone(), http.clone()).with_shared(shared.clone()),
+                    ),
                 );
             }
         }
@@ -100,7 +120,10 @@ impl Credentials {
             if let CredentialStore::Vault(c) = store {
                 vaults.insert(
                     name.clone(),
-                    Arc::new(VaultClient::new(c.clone(), http.clone(), &exchanges)),
+                    Arc::new(
+                        VaultClient::new(c.clone(), http.clone(), &exchanges)
+                            .with_shared(shared.clone()),
+                    ),
                 );
             }
         }

@@ -2,7 +2,8 @@
 //! option; `X-Vault-Token` and `X-Vault-Namespace`; login by token, AppRole, or JWT. JWT login is
 //! per user: the caller's token is first exchanged for the Vault role's audience, so the
 //! broker-audience token never reaches Vault. A 403 triggers one re-login, then a clear error; read
-//! secrets are cached for `cache_ttl` (KV v2 has no lease to go by).
+//! secrets are cached for `cache_ttl` (KV v2 has no lease to go by), and with [`SharedCache`]
+//! shared (sealed, for what is left of that time) with the other instances.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use serde_json::Value;
 
+use super::shared::SharedCache;
 use super::{CredentialError, TokenExchange};
 use crate::auth::Caller;
 use crate::config::{Secret, VaultConfig, VaultLogin};
@@ -44,6 +46,8 @@ pub struct VaultClient {
     cache: DashMap<(String, String), CachedSecret>,
     /// Logins performed (a metric, and the re-login test's probe).
     pub logins: std::sync::atomic::AtomicU64,
+    /// `[cluster] share_credentials`: the cache behind `cache`, shared with other instances.
+    shared: Option<Arc<SharedCache>>,
 }
 
 enum Read {
@@ -69,7 +73,26 @@ impl VaultClient {
             login_lock: tokio::sync::Mutex::new(()),
             cache: DashMap::new(),
             logins: Default::default(),
+            shared: None,
         }
+    }
+
+    /// Share read secrets with the other instances (`[cluster] share_credentials`).
+    pub fn with_shared(mut self, shared: Option<Arc<SharedCache>>) -> Self {
+        self.shared = shared;
+        self
+    }
+
+    /// The Redis key of a cache entry: this Vault (address, namespace) and the local key.
+    fn shared_key(&self, shared: &SharedCache, who: &str, path: &str) -> String {
+        shared.key(&[
+            b"vault",
+            self.cfg.address.as_str().as_bytes(),
+            self.cfg.namespace.as_deref().unwrap_or("").as_bytes(),
+            &[self.cfg.kv_version],
+            who.as_bytes(),
+            path.as_bytes(),
+        ])
     }
 
     fn token_key(&self, caller: &Caller) -> String {
@@ -91,7 +114,7 @@ impl VaultClient {
             self.cache
                 .remove(&(self.token_key(caller), path.to_string()));
         }
-        let data = self.read(path, caller).await?;
+        let data = self.read(path, caller, fresh).await?;
         match data.get(field) {
             Some(Value::String(s)) => Ok(Secret::new(s.clone())),
             Some(v) if !v.is_null() => Ok(Secret::new(v.to_string())),
@@ -106,6 +129,7 @@ impl VaultClient {
         &self,
         path: &str,
         caller: &Caller,
+        fresh: bool,
     ) -> Result<Arc<serde_json::Map<String, Value>>, CredentialError> {
         let who = self.token_key(caller);
         let ckey = (who.clone(), path.to_string());
@@ -116,17 +140,32 @@ impl VaultClient {
             return Ok(hit.0.clone());
         }
         crate::metrics::global().credential_cache("vault", false);
+        let shared = self
+            .shared
+            .as_ref()
+            .map(|s| (s.as_ref(), self.shared_key(s, &who, path)));
+        // `fresh`: the upstream refused what the caches hold, the shared entry included.
+        if !fresh
+            && let Some((s, name)) = &shared
+            && let Some(hit) = s.get(name).await
+            && let Ok(data) = serde_json::from_slice::<serde_json::Map<String, Value>>(&hit.value)
+        {
+            let data = Arc::new(data);
+            self.remember(ckey, data.clone(), Instant::now() + hit.left);
+            return Ok(data);
+        }
         let mut relogged = false;
         loop {
             let token = self.token(&who, caller, relogged).await?;
             match self.get(path, &token).await? {
                 Read::Found(data) => {
-                    let data = Arc::new(data);
-                    if self.cache.len() >= CACHE_MAX {
-                        self.cache.clear();
+                    if let Some((s, name)) = &shared
+                        && let Ok(value) = serde_json::to_vec(&data)
+                    {
+                        s.put(name, &value, self.cfg.cache_ttl).await;
                     }
-                    self.cache
-                        .insert(ckey, (data.clone(), Instant::now() + self.cfg.cache_ttl));
+                    let data = Arc::new(data);
+                    self.remember(ckey, data.clone(), Instant::now() + self.cfg.cache_ttl);
                     return Ok(data);
                 }
                 // An expired or revoked token: log in again, once.
@@ -141,6 +180,18 @@ impl VaultClient {
                 }
             }
         }
+    }
+
+    fn remember(
+        &self,
+        key: (String, String),
+        data: Arc<serde_json::Map<String, Value>>,
+        until: Instant,
+    ) {
+        if self.cache.len() >= CACHE_MAX {
+            self.cache.clear();
+        }
+        self.cache.insert(key, (data, until));
     }
 
     async fn get(&self, path: &str, token: &Secret) -> Result<Read, CredentialError> {

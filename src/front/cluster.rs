@@ -208,3 +208,46 @@ pub(super) async fn inbound(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClusterConfig, Secret};
+
+    fn message(json: &str) -> ClientJsonRpcMessage {
+        serde_json::from_str(json).expect("a client message")
+    }
+
+    #[tokio::test]
+    async fn answers_go_to_the_instance_their_id_names() {
+        // Connects lazily: nothing here talks to Redis.
+        let c = Cluster::start(
+            ClusterConfig {
+                redis_url: Secret::new("redis://127.0.0.1:1"),
+                instance_id: "t".into(),
+                secret_key: Secret::new("k".repeat(32)),
+                share_credentials: false,
+            },
+            std::time::Duration::from_secs(60),
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .expect("cluster handle");
+        let mine = format!(r#"{{"jsonrpc":"2.0","id":"{}~7","result":{{}}}}"#, c.tag);
+        match route(&c, message(&mine)) {
+            Route::Here(JsonRpcMessage::Response(r)) => {
+                assert_eq!(r.id, NumberOrString::Number(7))
+            }
+            _ => panic!("an answer to this instance is handled here, with its own id back"),
+        }
+        let theirs = r#"{"jsonrpc":"2.0","id":"0badc0de~3","error":{"code":-1,"message":"no"}}"#;
+        assert!(matches!(route(&c, message(theirs)), Route::Instance(t, _) if t == "0badc0de"));
+        // A client's own ids (numbers, or strings without a tag) are handled here unchanged.
+        let plain = r#"{"jsonrpc":"2.0","id":"abc","result":{}}"#;
+        assert!(matches!(route(&c, message(plain)), Route::Here(_)));
+        let cancel =
+            r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":4}}"#;
+        assert!(matches!(route(&c, message(cancel)), Route::Everywhere(_)));
+        let other = r#"{"jsonrpc":"2.0","method":"notifications/roots/list_changed"}"#;
+        assert!(matches!(route(&c, message(other)), Route::Here(_)));
+    }
+}

@@ -334,6 +334,20 @@ async fn gate_inner(State(g): State<Gate>, mut req: Request, next: Next) -> Resp
             {
                 return refused;
             }
+            let sub = caller.sub.clone();
+            req.extensions_mut().insert(caller);
+            let resp = next.run(req).await;
+            // A session opened here is known here (and served while Redis is away).
+            if session.is_none()
+                && let Some(new) = resp
+                    .headers()
+                    .get(SESSION_HEADER)
+                    .and_then(|v| v.to_str().ok())
+            {
+                let idle = g.broker.config().broker.session_idle_timeout;
+                g.owners.bind(new, &sub, idle);
+            }
+            return resp;
         }
         req.extensions_mut().insert(caller);
         return next.run(req).await;
@@ -427,11 +441,11 @@ async fn gate_inner(State(g): State<Gate>, mut req: Request, next: Next) -> Resp
 /// session and need none).
 fn opens_session(req: &Request) -> bool {
     req.method() == Method::POST
-        && !req
+        && req
             .headers()
             .get("mcp-protocol-version")
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v >= "2026-07-28")
+            .is_none_or(|v| v < "2026-07-28")
 }
 
 /// `[cluster]`: a session this instance does not know is looked up in Redis (its owner decides, as

@@ -642,7 +642,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_session_holds_no_replay_until_its_first_request_stream() {
-        let sessions = ResumableSessions::new(LocalSessionManager::default());
+        let sessions = ResumableSessions::new(LocalSessionManager::default(), None);
         let (id, _transport) = sessions.create_session().await.expect("session");
         assert!(
             matches!(sessions.replays().get(&id), Some(None)),
