@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 
 import anyio
 import httpx2
@@ -29,7 +30,7 @@ def cluster(tmp_path):
         if not b.exists():
             pytest.fail(f"{b} is missing (cargo build --all-targets; scripts/test.sh --harness-only)")
     for b in (C.REDIS_SERVER, C.HAPROXY, C.REDIS_CLI):
-        if not H.Path(b).exists():
+        if not Path(b).exists():
             pytest.fail(f"{b} is missing (scripts/test.sh installs Debian's redis-server and haproxy)")
     c = C.Cluster(tmp_path)
     try:
@@ -109,7 +110,8 @@ async def test_session_spans_instances(cluster):
             assert [v[0] for v in log.values] == [1, 2, 3], log.values
             assert all(v[1] == 3 for v in log.values), log.values
 
-            # elicitation, three times: the answer is a new POST, which round robin sends to another instance
+            # elicitation, three times: the client's answer is a new POST, which round robin sends to the next
+            # instance, not the one whose upstream asked (the broker routes it back through Redis)
             for k in range(1, 4):
                 r = await s.call_tool("everything__trigger-elicitation-request", {})
                 assert not r.is_error, H.dump(r)
@@ -126,7 +128,7 @@ async def test_session_spans_instances(cluster):
     # round robin over three instances, one connection per request: every instance served some of the 12 calls
     assert len(on) >= 2, f"consecutive requests of one session did not land on different instances: {served}"
     assert len(on) == 3, f"round robin over three instances left one out: {served}"
-    # the session's other requests (lists, the long call, the elicitations) were audited somewhere too
+    # every instance audited those calls as calls of a session
     sids = {n: {r["session"] for r in i.records() if tag in str(r)} for n, i in zip(served, c.instances)}
     assert all(None not in v for v in sids.values()), f"a call of the session was audited without a session: {sids}"
     assert not c.panics(), c.panics()
