@@ -201,6 +201,7 @@ pub struct Metrics {
     reloads: Family,
     audit_records: AtomicU64,
     audit_dropped: AtomicU64,
+    limit_fallbacks: AtomicU64,
 }
 
 static GLOBAL: LazyLock<Metrics> = LazyLock::new(Metrics::default);
@@ -252,6 +253,11 @@ impl Metrics {
     pub fn rate_limited(&self, scope: &'static str, server: &str) {
         self.rate_limited
             .inc(&[("scope", scope), ("server", server)], 1);
+    }
+
+    /// A limit checked by this instance alone although `[cluster]` is set (Redis unreachable).
+    pub fn limit_fallback(&self) {
+        self.limit_fallbacks.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A credential lookup: `store` is `token_exchange` or `vault`.
@@ -317,6 +323,11 @@ impl Metrics {
             out,
             "# HELP mcp_broker_audit_dropped_total Audit records lost because the queue was full or the sink failed.\n# TYPE mcp_broker_audit_dropped_total counter\nmcp_broker_audit_dropped_total {}",
             self.audit_dropped.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mcp_broker_cluster_limit_fallbacks_total Limit and cap checks made by this instance alone because Redis was unreachable.\n# TYPE mcp_broker_cluster_limit_fallbacks_total counter\nmcp_broker_cluster_limit_fallbacks_total {}",
+            self.limit_fallbacks.load(Ordering::Relaxed)
         );
         out.push_str(gauges);
         out

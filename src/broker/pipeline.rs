@@ -24,12 +24,12 @@ use rmcp::{
         UnsubscribeRequestParams,
     },
 };
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{CallRecord, Outcome, clip};
 use crate::auth::Caller;
 use crate::catalog::Item;
+use crate::cluster::limits::{Permit, acquire_slot, take_token};
 use crate::limits::{Refusal, retry_hint, tool_key};
 use crate::metrics;
 use crate::policy::Kind;
@@ -194,7 +194,7 @@ impl Broker {
         // unknown ones too. Lists and setLevel are answered locally and are not counted: clients send
         // several at connect, and a limit meant for calls must not break connecting.
         if op.forwards()
-            && let Err(r) = self.limit_caller(&st, caller)
+            && let Err(r) = self.limit_caller(&st, caller).await
         {
             // The metric names the server the request was for, where it names a known one.
             let server = self
@@ -534,12 +534,13 @@ impl Broker {
     // -- limits -----------------------------------------------------------------------------------
 
     /// The caller's own rate limit (`[limits] per_caller`), before anything else is done.
-    fn limit_caller(&self, st: &State, caller: &Caller) -> Result<(), Refusal> {
+    async fn limit_caller(&self, st: &State, caller: &Caller) -> Result<(), Refusal> {
         let Some(limit) = st.config.limits.per_caller.as_ref() else {
             return Ok(());
         };
-        self.limiter
-            .take("caller", &caller.sub, limit, Instant::now())
+        let cluster = self.cluster().map(|c| &**c);
+        take_token(cluster, &self.limiter, "caller", &caller.sub, limit)
+            .await
             .map_err(|wait| Refusal {
                 scope: "caller",
                 message: format!(
@@ -554,7 +555,8 @@ impl Broker {
     }
 
     /// Server and tool rate limits, then the server's concurrency cap. The permit, if any, is held
-    /// until the call ends.
+    /// until the call ends. Under `[cluster]` both are cluster-wide while Redis answers, and this
+    /// instance's own otherwise ([`crate::cluster::limits`]).
     async fn admit(
         &self,
         st: &State,
@@ -563,9 +565,9 @@ impl Broker {
         tool: Option<&str>,
         timeout: Duration,
         rec: &mut CallRecord,
-    ) -> Result<Option<OwnedSemaphorePermit>, Failure> {
+    ) -> Result<Option<Permit>, Failure> {
         let _ = caller;
-        let now = Instant::now();
+        let cluster = self.cluster().map(|c| &**c);
         let Some(cfg) = st.config.server(server) else {
             return Ok(None);
         };
@@ -582,7 +584,7 @@ impl Broker {
         ];
         for (scope, key, limit) in checks {
             let Some(limit) = limit else { continue };
-            if let Err(wait) = self.limiter.take(scope, &key, limit, now) {
+            if let Err(wait) = take_token(cluster, &self.limiter, scope, &key, limit).await {
                 let what = match scope {
                     "server" => format!("server `{server}`"),
                     _ => format!("tool `{}` on server `{server}`", tool.unwrap_or_default()),
@@ -606,7 +608,7 @@ impl Broker {
         let Some(slots) = st.concurrency.get(server) else {
             return Ok(None);
         };
-        match slots.acquire(timeout).await {
+        match acquire_slot(cluster, slots, server, timeout, timeout).await {
             Some(p) => Ok(Some(p)),
             None => Err(self.refused(
                 rec,
@@ -737,11 +739,38 @@ impl Broker {
         rec: &mut CallRecord,
     ) -> Result<Reply, Failure> {
         let session = call.down.session.ok_or_else(no_session)?;
+        self.unsubscribe_session(call.server, original, session, call.caller)
+            .await;
+        // Under `[cluster]` the subscription may have been made on another instance.
+        if let Some(c) = &self.cluster
+            && let Some(front) = self.sessions.get(session).and_then(|s| s.front.clone())
+        {
+            let _ = c
+                .broadcast(&crate::cluster::Wire::Unsubscribed {
+                    from: c.tag.clone(),
+                    session: front.to_string(),
+                    server: call.server.to_string(),
+                    uri: original.to_string(),
+                })
+                .await;
+        }
+        rec.finish(Outcome::Ok, None);
+        Ok(Reply::Empty)
+    }
+
+    /// `session` no longer wants updates of `server`'s `uri` (the upstream's own URI).
+    async fn unsubscribe_session(
+        &self,
+        server: &Arc<str>,
+        original: &str,
+        session: u64,
+        caller: &Caller,
+    ) {
         let mut last_on = Vec::new();
         let mut removed = 0;
         if let Ok(mut subs) = self.subscriptions.lock() {
-            subs.retain(|(server, conn, uri), ids| {
-                if server == call.server && uri == original && ids.remove(&session) {
+            subs.retain(|(srv, conn, uri), ids| {
+                if srv == server && uri == original && ids.remove(&session) {
                     removed += 1;
                     if ids.is_empty() {
                         last_on.push(*conn);
@@ -755,12 +784,22 @@ impl Broker {
                 .fetch_sub(removed, std::sync::atomic::Ordering::AcqRel);
         }
         for conn in last_on {
-            let key = (call.server.clone(), conn, original.to_string());
-            self.end_subscription(&key, call.caller, Some(session))
-                .await;
+            let key = (server.clone(), conn, original.to_string());
+            self.end_subscription(&key, caller, Some(session)).await;
         }
-        rec.finish(Outcome::Ok, None);
-        Ok(Reply::Empty)
+    }
+
+    /// An unsubscribe another instance of the cluster served, for this instance's copy of the
+    /// session.
+    pub async fn unsubscribe_front(&self, front: &str, server: &str, uri: &str) {
+        let Some(s) = self.sessions.by_front(front) else {
+            return;
+        };
+        let Some(server) = self.state().upstream(server).map(|u| u.name.clone()) else {
+            return;
+        };
+        self.unsubscribe_session(&server, uri, s.id, &s.caller)
+            .await;
     }
 
     /// End upstream what `key` subscribed to, once its last subscriber (a session of `caller`)

@@ -103,6 +103,14 @@ pub enum Wire {
         session: String,
         message: Value,
     },
+    /// `mcpb:ev`: a session unsubscribed from `server`'s `uri` (the upstream's own URI) on `from`;
+    /// the subscription may have been made on any instance.
+    Unsubscribed {
+        from: String,
+        session: String,
+        server: String,
+        uri: String,
+    },
     /// `mcpb:i:{tag}`: the client's answer to a request the instance `tag` sent it.
     Answer { session: String, message: Value },
     /// `mcpb:s:{session}`: a notification for the session's standalone stream.

@@ -126,6 +126,8 @@ pub(super) fn route(cluster: &Cluster, mut message: ClientJsonRpcMessage) -> Rou
 }
 
 /// Messages from the other instances (and this one's own broadcasts), until the process stops.
+/// What may wait on an upstream (a level, an unsubscribe) runs in a task of its own; handing a
+/// message to a local session waits only for that session's queue.
 pub(super) async fn inbound(
     cluster: Arc<Cluster>,
     sessions: Arc<ResumableSessions>,
@@ -184,8 +186,20 @@ pub(super) async fn inbound(
                 level,
             } if !mine(&from) => {
                 if let Ok(level) = serde_json::from_value(level) {
-                    broker.apply_level(&session, level).await;
+                    let broker = broker.clone();
+                    tokio::spawn(async move { broker.apply_level(&session, level).await });
                 }
+            }
+            Wire::Unsubscribed {
+                from,
+                session,
+                server,
+                uri,
+            } if !mine(&from) => {
+                let broker = broker.clone();
+                tokio::spawn(
+                    async move { broker.unsubscribe_front(&session, &server, &uri).await },
+                );
             }
             Wire::Log {
                 server,

@@ -493,7 +493,8 @@ impl ServerHandler for Front {
         let caller = caller_of(&ctx);
         let id = self.open_session(&ctx.peer, caller.clone(), front.clone())?;
         if let (Some(c), Some(f)) = (self.broker.cluster(), &front) {
-            self.share_session(c, f, &caller, &request, &ctx).await?;
+            // Boxed: `initialize`'s future is held by the session's task for its whole life.
+            Box::pin(self.share_session(c, f, &caller, &request, &ctx)).await?;
         }
         // The HTTP front's direct lane learns which broker session the new one is, and whether
         // it may serve it (only clients the broker never has to ask anything).
