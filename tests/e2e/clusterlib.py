@@ -110,8 +110,8 @@ class Redis:
 class HAProxy:
     """examples/cluster/haproxy.cfg with the frontend, stats and server addresses replaced."""
 
-    def __init__(self, log_dir: Path, backend_ports: list[int]):
-        self.port = H.free_port()
+    def __init__(self, log_dir: Path, backend_ports: list[int], port: int | None = None):
+        self.port = port or H.free_port()
         self.stats_port = H.free_port()
         self.url = f"http://127.0.0.1:{self.port}/mcp"
         text = EXAMPLE_HAPROXY.read_text()
@@ -202,17 +202,21 @@ class Cluster:
         self.redis = Redis(work)
         self.instances = [Instance(i, work) for i in range(1, self.N + 1)]
         self.haproxy: HAProxy | None = None
+        self.haproxy_port = 0
 
     # -- lifecycle
 
     def start(self) -> None:
         self.redis.start()
-        # HAProxy first: the brokers' public_url (the token audience) is its address
-        self.haproxy = HAProxy(self.work, [i.port for i in self.instances])
+        # Brokers before HAProxy: HAProxy's health checks open connections from ephemeral ports, the range free
+        # ports come from, and one could take a broker's port before it binds. The brokers' public_url (the token
+        # audience) is HAProxy's address, chosen now.
+        self.haproxy_port = H.free_port()
         for inst in self.instances:
             self.start_instance(inst, wait=False)
         for inst in self.instances:
             self._wait_listening(inst)
+        self.haproxy = HAProxy(self.work, [i.port for i in self.instances], port=self.haproxy_port)
         self.haproxy.wait_status({i.name: "UP" for i in self.instances}, timeout=20)
         # each instance directly: its upstreams are connected (through HAProxy a session's requests would spread)
         for inst in self.instances:
@@ -264,8 +268,7 @@ class Cluster:
 
     @property
     def url(self) -> str:
-        assert self.haproxy is not None
-        return self.haproxy.url
+        return f"http://127.0.0.1:{self.haproxy_port}/mcp"
 
     def token(self, who: str) -> str:
         return self.minter.token(_Aud(self.url), who)

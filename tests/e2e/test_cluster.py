@@ -32,13 +32,18 @@ def cluster(tmp_path):
     for b in (C.REDIS_SERVER, C.HAPROXY, C.REDIS_CLI):
         if not Path(b).exists():
             pytest.fail(f"{b} is missing (scripts/test.sh installs Debian's redis-server and haproxy)")
-    c = C.Cluster(tmp_path)
-    try:
-        c.start()
-    except BaseException:
-        print(c.logs())
-        c.stop()
-        raise
+    # A free port can be taken by another process between choosing it and binding it (this machine runs other
+    # suites too): start again on fresh ports then, at most twice.
+    for attempt in range(3):
+        c = C.Cluster(tmp_path / f"start{attempt}")
+        try:
+            c.start()
+            break
+        except BaseException as e:
+            print(c.logs())
+            c.stop()
+            if "Address already in use" not in str(e) or attempt == 2:
+                raise
     yield c
     c.stop()
 
