@@ -2,10 +2,11 @@
 # The one test command for mcp-broker.
 #
 #   scripts/test.sh                 install the harness (once), build, cargo test, pytest tests/e2e
-#   scripts/test.sh --harness-only  only install the harness into target/harness/
+#   scripts/test.sh --harness-only  only install the harness into target/harness/ (and redis-server, haproxy)
 #   scripts/test.sh -- ARGS...      extra arguments are passed to pytest (e.g. -- -k progress)
 #
-# Everything third-party is installed into the git-ignored target/harness/ and pinned below.
+# Everything third-party is installed into the git-ignored target/harness/ and pinned below, except Debian's
+# redis-server and haproxy (apt, when missing; see install_system_pkgs).
 # A stamp file records the pinned set; when it matches, installation is skipped.
 # Env overrides: MCP_BROKER_BIN, HARNESS_DIR, CARGO, PYTHON (interpreter used to create the venv).
 set -euo pipefail
@@ -97,6 +98,34 @@ install_harness() {
   HARNESS_DIR="$HARNESS_DIR" "$ROOT/scripts/conformance.sh" --install-only
   printf '%s\n' "$WANT_STAMP" > "$STAMP"
 }
+
+# Debian's redis-server and haproxy, for tests/e2e/test_cluster.py: system packages (apt), installed only when
+# missing, so a machine that has them pays one `command -v` each. The tests start their own Redis and HAProxy on
+# free ports; a redis-server the package may start as a service (port 6379) is left alone and never used.
+SYSTEM_PKGS=(redis-server haproxy)
+have_system_pkgs() {
+  command -v redis-server >/dev/null && command -v redis-cli >/dev/null &&
+    { command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]]; }
+}
+install_system_pkgs() {
+  have_system_pkgs && return 0
+  local as_root=()
+  if [[ "$(id -u)" != 0 ]]; then
+    if command -v sudo >/dev/null; then as_root=(sudo); else
+      echo "test.sh: ${SYSTEM_PKGS[*]} missing and not root (no sudo): test_cluster.py will fail" >&2; return 0
+    fi
+  fi
+  if ! command -v apt-get >/dev/null; then
+    echo "test.sh: ${SYSTEM_PKGS[*]} missing and no apt-get: install them; test_cluster.py will fail" >&2; return 0
+  fi
+  log "installing ${SYSTEM_PKGS[*]} (apt)"
+  local apt=("${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${SYSTEM_PKGS[@]}")
+  # a fresh machine may have no package lists yet: update once and retry
+  "${apt[@]}" >/dev/null || { "${as_root[@]}" apt-get update -q >/dev/null && "${apt[@]}" >/dev/null; } ||
+    { echo "test.sh: apt-get could not install ${SYSTEM_PKGS[*]}" >&2; exit 1; }
+  have_system_pkgs || { echo "test.sh: ${SYSTEM_PKGS[*]} installed but not found" >&2; exit 1; }
+}
+install_system_pkgs
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT_STAMP" && -x "$HARNESS_DIR/venv/bin/python" ]]; then
   log "harness up to date ($HARNESS_DIR)"

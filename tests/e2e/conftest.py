@@ -316,6 +316,9 @@ def pytest_runtest_makereport(item, call):
         b = getattr(env, "broker", None)
     if isinstance(b, H.Broker):
         item.add_report_section("call", "broker stderr", broker_log_tail(b))
+    cluster = item.funcargs.get("cluster") if hasattr(item, "funcargs") else None
+    if cluster is not None and hasattr(cluster, "logs"):  # test_cluster.py: every instance's and HAProxy's log
+        item.add_report_section("call", "cluster logs", cluster.logs())
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
