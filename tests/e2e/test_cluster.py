@@ -366,3 +366,94 @@ def test_readme_shows_the_tested_haproxy_config():
     body = example[example.index("\nglobal\n") + 1:]
     assert blocks[0] == body, "README.md's HAProxy config differs from examples/cluster/haproxy.cfg"
 
+
+
+# --------------------------------------------------------------------------- what one instance holds is forwarded
+
+
+def test_resumption_is_served_by_the_instance_holding_the_stream(cluster):
+    """A client loses a call's stream on b1 and comes back with `Last-Event-ID` on b2: b2 forwards the request to
+    b1 (the event ids name it), and the client gets the rest of the stream, result included. Once b1 is gone, the
+    same resumption gets 404 and a message saying so (a client then gives up instead of retrying forever)."""
+    c = cluster
+    b1, b2 = c.instances[0], c.instances[1]
+    token = c.token("alice")
+    auth = {"Authorization": f"Bearer {token}"}
+    with httpx2.Client(timeout=30) as hc:
+        r = hc.post(b1.url, headers={**auth, "Content-Type": "application/json", "Accept": H.MCP_ACCEPT},
+                    json=H.init_body())
+        assert r.status_code == 200, r.text
+        sid = r.headers["mcp-session-id"]
+        common = {**auth, "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-11-25"}
+        hc.post(b1.url, headers={**common, "Content-Type": "application/json", "Accept": H.MCP_ACCEPT},
+                json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+        call = {"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+                "params": {"name": "everything__trigger-long-running-operation", "arguments": {"duration": 3, "steps": 3},
+                           "_meta": {"progressToken": "p9"}}}
+        # Read the stream up to its first progress event, then drop the connection.
+        last_id = None
+        with hc.stream("POST", b1.url, json=call,
+                       headers={**common, "Content-Type": "application/json", "Accept": H.MCP_ACCEPT}) as s:
+            assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+            in_progress = False
+            for line in s.iter_lines():
+                if line.startswith("data:"):
+                    in_progress = "notifications/progress" in line
+                elif line.startswith("id:"):
+                    last_id = line[3:].strip()
+                elif line == "" and in_progress:
+                    break  # the whole first progress event, its id included, has arrived
+        assert last_id and ":" in last_id, f"event ids name the instance: {last_id!r}"
+        rest = hc.get(b2.url, headers={**common, "Accept": "text/event-stream", "Last-Event-ID": last_id}, timeout=20)
+        assert rest.status_code == 200, f"HTTP {rest.status_code}: {rest.text[:300]}"
+        done = H.final_response(rest, 9)
+        assert "Long running operation completed" in str(done.get("result")), done
+        progress = [m for m in H.sse_or_json_messages(rest) if m.get("method") == "notifications/progress"]
+        assert progress and all(m["params"]["progress"] > 1 for m in progress), progress
+        # b1 is gone: what it held is gone with it, and the client is told.
+        c.kill(b1)
+        gone = hc.get(b2.url, headers={**common, "Accept": "text/event-stream", "Last-Event-ID": last_id}, timeout=20)
+        assert gone.status_code == 404 and "gone" in gone.text, f"HTTP {gone.status_code}: {gone.text[:300]}"
+    assert not c.panics(), c.panics()
+
+
+PV_NEXT = "2026-07-28"
+
+
+def call_2026(url: str, token: str, req_id: int, name: str, arguments: dict, hc: httpx2.Client, **extra) -> dict:
+    meta = {"io.modelcontextprotocol/protocolVersion": PV_NEXT,
+            "io.modelcontextprotocol/clientCapabilities": {"elicitation": {}},
+            "io.modelcontextprotocol/clientInfo": {"name": "e2e-cluster", "version": "0"}}
+    r = hc.post(url, headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json",
+                              "Accept": H.MCP_ACCEPT, "MCP-Protocol-Version": PV_NEXT, "Mcp-Method": "tools/call",
+                              "Mcp-Name": name},
+                json={"jsonrpc": "2.0", "id": req_id, "method": "tools/call",
+                      "params": {"name": name, "arguments": arguments, "_meta": meta, **extra}})
+    assert r.status_code == 200, f"HTTP {r.status_code}: {r.text[:300]}"
+    return H.final_response(r, req_id)
+
+
+def test_parked_call_retry_on_another_instance(cluster):
+    """A 2026-07-28 client calls a 2025-era server that asks for input: the call parks on b1 and the client gets
+    `input_required`. Its retry lands on b2, which forwards it to b1 (the state names it): the call completes with
+    the client's answers. bob's retry with alice's state, forwarded the same way, is refused by b1."""
+    c = cluster
+    b1, b2, b3 = c.instances
+    alice, bob = c.token("alice"), c.token("bob")
+    name = "everything__trigger-elicitation-request"
+    with httpx2.Client(timeout=30) as hc:
+        first = call_2026(b1.url, alice, 1, name, {}, hc)
+        res = first.get("result") or {}
+        assert res.get("resultType") == "input_required", first
+        state = res["requestState"]
+        key = next(iter(res["inputRequests"]))
+        answers = {key: {"action": "accept", "content": {"name": "Ada", "check": True, "integer": 7,
+                                                         "color": "red", "email": "ada@example.com", "age": 30,
+                                                         "role": "admin", "rating": 4}}}
+        stolen = call_2026(b3.url, bob, 2, name, {}, hc, inputResponses=answers, requestState=state)
+        assert "error" in stolen or (stolen.get("result") or {}).get("isError"), stolen
+        done = call_2026(b2.url, alice, 3, name, {}, hc, inputResponses=answers, requestState=state)
+        out = done.get("result") or {}
+        assert out.get("resultType") == "complete", done
+        assert "Ada" in str(out.get("content")), done
+    assert not c.panics(), c.panics()
