@@ -14,8 +14,14 @@
 //!   heartbeat writes it means Redis lost its data (or this instance was cut off for 10 s): the
 //!   instance then writes every session it holds again.
 //!
+//! - `rl:{scope}:{digest}`, `cc:{server}`: global rate-limit buckets and concurrency leases
+//!   ([`limits`]).
+//! - `cred:{digest}`: shared credentials, sealed ([`sealed`]; `crate::credentials`), only with
+//!   `share_credentials = true`.
+//!
 //! Channels: `mcpb:ev` (every instance), `mcpb:i:{tag}` (one instance), `mcpb:s:{session}` (the
-//! instance holding that session's standalone SSE stream, subscribed while it is open).
+//! instance holding that session's standalone SSE stream, subscribed while it is open). What goes
+//! on them is a [`Wire`] message, at most [`MAX_MESSAGE`] bytes.
 
 pub mod limits;
 pub mod sealed;
