@@ -3,8 +3,6 @@
 //! drop), and stand-ins for the token endpoint and Vault that count their hits. Without
 //! `redis-server` on PATH these tests fail, unless `MCP_BROKER_SKIP_REDIS=1`.
 
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -16,7 +14,10 @@ use mcp_broker::auth::Caller;
 use mcp_broker::cluster::Cluster;
 use mcp_broker::config::{Config, Secret, UpstreamAuth};
 use mcp_broker::credentials::Credentials;
+use support::Redis;
 use tokio_util::sync::CancellationToken;
+
+mod support;
 
 const SUBJECT_TOKEN: &str = "subject-token-of-alice-7f3a";
 const SUB: &str = "alice@example.com";
@@ -24,60 +25,6 @@ const CLIENT_SECRET: &str = "sts-client-secret-91bc";
 const VAULT_VALUE: &str = "vault-held-github-token-5d2e";
 const KEY_A: &str = "cluster-secret-key-aaaaaaaaaaaaaaaaaaaaaaaa";
 const KEY_B: &str = "cluster-secret-key-bbbbbbbbbbbbbbbbbbbbbbbb";
-
-// -- a redis-server of our own ----------------------------------------------------------------------
-
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A fresh `redis-server` on a free loopback port, answering; `None` only when skipping is asked.
-fn redis() -> Option<Redis> {
-    let spawn = |port: u16| {
-        Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-    };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let child = match spawn(port) {
-        Ok(c) => c,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if std::env::var("MCP_BROKER_SKIP_REDIS").as_deref() == Ok("1") {
-                eprintln!("skipped: redis-server is not on PATH (MCP_BROKER_SKIP_REDIS=1)");
-                return None;
-            }
-            panic!(
-                "these tests need a real redis-server on PATH (Debian/Ubuntu: apt-get install redis-server); \
-                 set MCP_BROKER_SKIP_REDIS=1 to skip them"
-            );
-        }
-        Err(e) => panic!("cannot start redis-server: {e}"),
-    };
-    let r = Redis { child, port };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "redis-server did not listen on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Some(r)
-}
 
 // -- stand-ins for the token endpoint and Vault ------------------------------------------------------
 
@@ -309,7 +256,7 @@ async fn cred_keys(port: u16) -> Vec<String> {
 
 #[tokio::test]
 async fn a_second_instance_uses_what_the_first_exchanged_and_redis_holds_nothing_in_clear() {
-    let Some(r) = redis() else { return };
+    let Some(r) = Redis::start() else { return };
     let (hits, base) = idp(300).await;
     let a = instance(&base, r.port, KEY_A, true, false).await;
     let b = instance(&base, r.port, KEY_A, true, false).await;
@@ -384,7 +331,7 @@ async fn a_second_instance_uses_what_the_first_exchanged_and_redis_holds_nothing
 
 #[tokio::test]
 async fn fresh_bypasses_and_overwrites_the_shared_entry() {
-    let Some(r) = redis() else { return };
+    let Some(r) = Redis::start() else { return };
     let (hits, base) = idp(300).await;
     let a = instance(&base, r.port, KEY_A, true, false).await;
     let b = instance(&base, r.port, KEY_A, true, false).await;
@@ -398,7 +345,7 @@ async fn fresh_bypasses_and_overwrites_the_shared_entry() {
 
 #[tokio::test]
 async fn another_secret_key_does_not_read_the_entries() {
-    let Some(r) = redis() else { return };
+    let Some(r) = Redis::start() else { return };
     let (hits, base) = idp(300).await;
     let a = instance(&base, r.port, KEY_A, true, false).await;
     let rotated = instance(&base, r.port, KEY_B, true, false).await;
@@ -409,7 +356,7 @@ async fn another_secret_key_does_not_read_the_entries() {
 
 #[tokio::test]
 async fn without_share_credentials_nothing_is_written() {
-    let Some(r) = redis() else { return };
+    let Some(r) = Redis::start() else { return };
     let (hits, base) = idp(300).await;
     let a = instance(&base, r.port, KEY_A, false, false).await;
     let b = instance(&base, r.port, KEY_A, false, false).await;
@@ -434,7 +381,7 @@ async fn without_share_credentials_nothing_is_written() {
 
 #[tokio::test]
 async fn the_entry_expires_with_the_token() {
-    let Some(r) = redis() else { return };
+    let Some(r) = Redis::start() else { return };
     // A 2 s token is reused until 1.8 s (the margin is a tenth of short lifetimes).
     let (hits, base) = idp(2).await;
     let a = instance(&base, r.port, KEY_A, true, false).await;

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -96,5 +97,64 @@ pub fn proptest_cases(default: u32) -> proptest::test_runner::Config {
     proptest::test_runner::Config {
         failure_persistence: None,
         ..proptest::test_runner::Config::with_cases(n)
+    }
+}
+
+/// A `redis-server` of this test's own, without persistence.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+}
+
+impl Redis {
+    /// `None` when `redis-server` is missing and `MCP_BROKER_SKIP_REDIS=1`; a failure when it is
+    /// missing otherwise.
+    pub fn start() -> Option<Redis> {
+        let found = std::env::var_os("PATH").is_some_and(|path| {
+            std::env::split_paths(&path).any(|dir| dir.join("redis-server").is_file())
+        });
+        if !found {
+            if std::env::var("MCP_BROKER_SKIP_REDIS").as_deref() == Ok("1") {
+                eprintln!("skipped: redis-server is not on PATH (MCP_BROKER_SKIP_REDIS=1)");
+                return None;
+            }
+            panic!(
+                "redis-server is not on PATH: install it (apt-get install redis-server) or set \
+                 MCP_BROKER_SKIP_REDIS=1 to skip the cluster tests"
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        Some(Self::on(port))
+    }
+
+    /// Start (or restart) on `port`, and wait until it accepts connections.
+    pub fn on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        let redis = Redis { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        redis
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
