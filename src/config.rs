@@ -1762,6 +1762,78 @@ mod tests {
     }
 
     #[test]
+    fn cluster_section_is_parsed_strictly() {
+        let env = |k: &str| match k {
+            "KEY" => Some("k".repeat(32)),
+            "SHORT" => Some("short".into()),
+            "PW" => Some("hunter2".into()),
+            _ => None,
+        };
+        let p = |t: &str| Config::parse(Path::new("servers.toml"), t, &env);
+        let c = p(
+            "[cluster]\nredis_url = \"redis://:${PW}@redis:6379/2\"\nsecret_key = \"${KEY}\"\n\
+                   instance_id = \"b-1\"\nshare_credentials = true\n",
+        )
+        .expect("valid");
+        let cl = c.cluster.expect("[cluster]");
+        assert_eq!(cl.redis_url.expose(), "redis://:hunter2@redis:6379/2");
+        assert_eq!(cl.instance_id, "b-1");
+        assert!(cl.share_credentials);
+        // The password and the key never show in a debug print.
+        let printed = format!("{cl:?}");
+        assert!(
+            !printed.contains("hunter2") && !printed.contains(&"k".repeat(32)),
+            "{printed}"
+        );
+        // The default instance id is HOSTNAME-PID.
+        let c = p("[cluster]\nredis_url = \"redis://127.0.0.1\"\nsecret_key = \"${KEY}\"\n")
+            .expect("valid");
+        assert!(
+            c.cluster
+                .expect("[cluster]")
+                .instance_id
+                .ends_with(&format!("-{}", std::process::id()))
+        );
+        for (text, key, why) in [
+            (
+                "redis_url = \"redis://r\"\nsecret_key = \"${SHORT}\"",
+                "cluster.secret_key",
+                "at least 32",
+            ),
+            (
+                "redis_url = \"redis://r\"\nsecret_key = \"0123456789abcdef0123456789abcdef\"",
+                "cluster.secret_key",
+                "environment",
+            ),
+            (
+                "redis_url = \"http://r\"\nsecret_key = \"${KEY}\"",
+                "cluster.redis_url",
+                "redis://",
+            ),
+            (
+                "redis_url = \"redis://r\"\nsecret_key = \"${KEY}\"\ninstance_id = \"a b\"",
+                "cluster.instance_id",
+                "letters",
+            ),
+        ] {
+            match p(&format!("[cluster]\n{text}\n")) {
+                Err(ConfigError::Invalid {
+                    key: k, message, ..
+                }) => {
+                    assert_eq!(k, key, "{text}");
+                    assert!(message.contains(why), "{text}: {message}");
+                }
+                other => panic!("{text}: expected an error on {key}, got {other:?}"),
+            }
+        }
+        // Unknown keys are refused, as everywhere.
+        assert!(
+            p("[cluster]\nredis_url = \"redis://r\"\nsecret_key = \"${KEY}\"\nsticky = true\n")
+                .is_err()
+        );
+    }
+
+    #[test]
     fn audit_limits_and_operations_keys() {
         let c = parse(
             "[broker]\nmetrics_listen = \"127.0.0.1:9100\"\ndrain_timeout = \"5s\"\nwatch_config = false\n\
