@@ -457,3 +457,41 @@ def test_parked_call_retry_on_another_instance(cluster):
         assert out.get("resultType") == "complete", done
         assert "Ada" in str(out.get("content")), done
     assert not c.panics(), c.panics()
+
+
+def test_events_reach_the_instance_holding_the_stream(cluster):
+    """A session opened on b1 holds its GET stream on b2 and sets its log level on b3; it subscribes to a resource
+    and turns on server-everything's simulated logs and resource updates on b1 (one instance, since each instance
+    has its own server-everything child). The logs b1's child emits and the resource updates for b1's subscription
+    arrive on the stream held by b2, filtered by the level set on b3."""
+    import corelib as CL
+
+    c = cluster
+    b1, b2, b3 = c.instances
+    s = CL.open_session(b1.url, c.token("alice"))
+    s.url = b2.url
+    listener = CL.SseListener(s, "stream-on-b2")
+    try:
+        s.url = b3.url
+        assert "result" in CL.req(s, None, "logging/setLevel", {"level": "warning"})
+        s.url = b1.url
+        res = s.request("resources/list", {})["result"]["resources"]
+        uri = next(r["uri"] for r in res if r["uri"].startswith("everything+") and "static" in r["uri"])
+        assert "result" in CL.req(s, None, "resources/subscribe", {"uri": uri})
+        for name in ("everything__toggle-subscriber-updates", "everything__toggle-simulated-logging"):
+            out = CL.tool(s, None, name)
+            assert not out["result"].get("isError"), out
+
+        def updates():
+            return [m for m in listener.methods("notifications/resources/updated") if m["params"]["uri"] == uri]
+
+        # Every 5 s server-everything logs at a random level (5 in 8 are warning or above) and updates.
+        H.poll_until(lambda: len(updates()) >= 2 and len(listener.logs()) >= 1, 35,
+                     f"resource updates and logs on the stream held by b2 ({listener.messages})")
+        levels = {log["level"] for log in listener.logs()}
+        assert levels <= {"warning", "error", "critical", "alert", "emergency"}, f"b3's level not applied: {levels}"
+        assert all(log.get("logger", "").startswith("everything") for log in listener.logs()), listener.logs()
+    finally:
+        listener.stop()
+        s.close()
+    assert not c.panics(), c.panics()
