@@ -34,6 +34,19 @@
 //! 4. **Idle sessions**: 10,000 sessions (`--idle-sessions`) held open at once over one pooled
 //!    client, 10 upstreams: RSS before, with them open and after closing them, KiB per session,
 //!    and RSS at 10,000 against the target of under 300 MB (`examples/bench/idle.rs`).
+//! 5. **`[cluster]`** (`examples/bench/cluster.rs`): one `redis-server`, the ledger over stdio, no
+//!    `[auth]`, tools/call at the same concurrency levels through `broker` (one instance without
+//!    `[cluster]`, the baseline), `broker+cluster` (one instance with it: the difference is what
+//!    the Redis lookups cost per call), `broker+cluster+limits` (plus a per-server `rate_limit`
+//!    that never refuses and `max_concurrent`: a Lua token bucket and a lease in Redis per call),
+//!    and HAProxy running `examples/cluster/haproxy.cfg` (round robin, `option
+//!    http-server-close`) in front of one and of three `[cluster]` instances, and in front of three
+//!    without `http-server-close` (`keep-alive`). Besides latency, throughput and CPU per call
+//!    (summed over the instances; Redis's and HAProxy's apart), Redis commands per call from
+//!    `INFO commandstats`, heartbeats left out. Skipped with a note when `redis-server` or
+//!    `haproxy` is not on `PATH`; `--cluster-only` runs only this suite, `--no-cluster` leaves it
+//!    out. On a small machine the three instances share the cores with HAProxy, Redis and the
+//!    load generator: that row shows the cost of spreading calls, not three machines' capacity.
 //!
 //! The front's CPU per call is its utime + stime over the cell; a timed broker cell runs on until
 //! it has made `--cpu-calls` (10,000) calls, so the 10 ms ticks it is counted in resolve 1 µs.
@@ -55,6 +68,8 @@
 
 #[path = "bench/calls.rs"]
 mod calls;
+#[path = "bench/cluster.rs"]
+mod cluster;
 #[path = "bench/config.rs"]
 mod config;
 #[path = "bench/fanout.rs"]
@@ -145,6 +160,13 @@ struct Args {
     /// Suites to leave out.
     #[arg(long, value_delimiter = ',', value_enum)]
     skip: Vec<Suite>,
+    /// Only the [cluster] cells (one Redis, one and three instances, HAProxy); every other suite
+    /// is skipped.
+    #[arg(long, conflicts_with = "no_cluster")]
+    cluster_only: bool,
+    /// Leave out the [cluster] cells.
+    #[arg(long)]
+    no_cluster: bool,
     /// Where the JSON goes [default: <target dir>/bench/results.json].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -260,17 +282,18 @@ async fn run(args: Args) -> Result<(), String> {
         open_concurrency: 8,
     };
 
-    let calls = if args.skip.contains(&Suite::Calls) {
+    let skip = |suite: Suite| args.cluster_only || args.skip.contains(&suite);
+    let calls = if skip(Suite::Calls) {
         Vec::new()
     } else {
         calls::run(&env, &call_settings, &mut notes).await
     };
-    let fanout = if args.skip.contains(&Suite::Lists) {
+    let fanout = if skip(Suite::Lists) {
         None
     } else {
         Some(fanout::run(&env, &fanout_settings, &mut notes).await)
     };
-    let soak = if args.skip.contains(&Suite::Memory) {
+    let soak = if skip(Suite::Memory) {
         None
     } else {
         match soak::run(&env, &soak_settings).await {
@@ -282,7 +305,7 @@ async fn run(args: Args) -> Result<(), String> {
         }
     };
 
-    let idle = if args.skip.contains(&Suite::Idle) || idle_settings.sessions == 0 {
+    let idle = if skip(Suite::Idle) || idle_settings.sessions == 0 {
         None
     } else {
         match idle::run(&env, &idle_settings).await {
@@ -292,6 +315,12 @@ async fn run(args: Args) -> Result<(), String> {
                 None
             }
         }
+    };
+
+    let cluster = if args.no_cluster {
+        None
+    } else {
+        cluster::run(&env, &call_settings, &mut notes).await
     };
 
     let counters = &env.idp.counters;
@@ -317,6 +346,7 @@ async fn run(args: Args) -> Result<(), String> {
         fanout,
         soak,
         idle,
+        cluster,
         idp: json!({
             "jwks_fetches": counters.jwks_fetches.load(std::sync::atomic::Ordering::Relaxed),
             "exchanges": counters.exchanges.load(std::sync::atomic::Ordering::Relaxed),

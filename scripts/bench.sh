@@ -4,6 +4,10 @@
 #   scripts/bench.sh                 install the peer gateways (once), build in release, run the bench
 #   scripts/bench.sh --quick         a short smoke run
 #   scripts/bench.sh ARGS...         extra arguments go to the bench (see: scripts/bench.sh --help)
+#   scripts/bench.sh --cluster-only  only the [cluster] cells (one Redis; one instance without and with
+#                                    [cluster], with Redis-backed limits; HAProxy in front of one and of
+#                                    three instances): about 1.5 minutes; --no-cluster leaves them out.
+#                                    They need redis-server and haproxy on PATH, else they are skipped
 #   scripts/bench.sh --profile [CELL]
 #                                    only profile one tools/call cell (FRONT:TRANSPORT:CONCURRENCY,
 #                                    default broker+auth+exchange:http:8) with `perf record -g`

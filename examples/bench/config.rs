@@ -130,7 +130,7 @@ fn auth_and_policy(idp: &Idp) -> String {
 }
 
 /// A TOML basic string (JSON string escapes are valid TOML escapes).
-fn quote(s: &str) -> String {
+pub fn quote(s: &str) -> String {
     serde_json::to_string(s).expect("a string always serializes")
 }
 

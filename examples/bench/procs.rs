@@ -30,15 +30,20 @@ pub struct Proc {
 impl Proc {
     /// Spawn `cmd` with piped stdin/stdout, stderr to `log`, in a new process group.
     pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self, String> {
-        let stderr = File::options()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .process_group(0);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        Self::spawn_with(name, cmd, log)
+    }
+
+    /// Spawn a server the bench does not speak to over stdio (Redis, HAProxy): stdin closed,
+    /// stdout and stderr both appended to `log` (HAProxy logs every request to stdout, which a
+    /// pipe nobody reads would stall), in a new process group.
+    pub fn spawn_logged(name: &str, mut cmd: Command, log: &Path) -> Result<Self, String> {
+        cmd.stdin(Stdio::null()).stdout(Stdio::from(open_log(log)?));
+        Self::spawn_with(name, cmd, log)
+    }
+
+    fn spawn_with(name: &str, mut cmd: Command, log: &Path) -> Result<Self, String> {
+        cmd.stderr(Stdio::from(open_log(log)?)).process_group(0);
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {name}: {e}"))?;
@@ -53,6 +58,11 @@ impl Proc {
 
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// Whether the child has exited (a server that refused its config, say).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
     /// Wait for the first stdout line that contains `marker` and return what follows it; the
@@ -137,6 +147,14 @@ impl Drop for Proc {
     }
 }
 
+fn open_log(log: &Path) -> Result<File, String> {
+    File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("cannot open {}: {e}", log.display()))
+}
+
 /// Signal every process in the group led by `pid` (the bench starts each child as a group leader).
 fn signal_group(pid: u32, signal: &str) {
     let _ = std::process::Command::new("kill")
@@ -215,11 +233,22 @@ pub async fn start_broker(
     name: &str,
     config: &Path,
 ) -> Result<(Proc, String), String> {
+    start_broker_with_env(paths, name, config, &[]).await
+}
+
+/// As [`start_broker`], with more environment variables (`[cluster]`'s secret key).
+pub async fn start_broker_with_env(
+    paths: &Paths,
+    name: &str,
+    config: &Path,
+    env: &[(&str, &str)],
+) -> Result<(Proc, String), String> {
     let mut cmd = Command::new(&paths.broker);
     cmd.arg("serve")
         .arg("--config")
         .arg(config)
-        .env("RUST_LOG", "warn");
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied());
     let mut proc = Proc::spawn(name, cmd, &paths.log(name))?;
     let url = proc.announced("mcp-broker listening on ").await?;
     Ok((proc, url))

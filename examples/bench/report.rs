@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::calls::Cell;
+use crate::cluster::{self, ClusterRun};
 use crate::fanout::Fanout;
 use crate::idle::IdleSessions;
 use crate::soak::Soak;
@@ -104,6 +105,7 @@ pub struct Report {
     pub fanout: Option<Fanout>,
     pub soak: Option<Soak>,
     pub idle: Option<IdleSessions>,
+    pub cluster: Option<ClusterRun>,
     /// Requests the bench IdP served: JWKS fetches by the broker, token exchanges.
     pub idp: serde_json::Value,
     /// Skipped or failed parts, with the reason.
@@ -148,6 +150,9 @@ impl Report {
         }
         if let Some(i) = &self.idle {
             print_idle(i);
+        }
+        if let Some(c) = &self.cluster {
+            print_cluster(c, m.cores);
         }
         println!(
             "\nbench IdP: {} JWKS fetches, {} token exchanges",
@@ -328,5 +333,119 @@ fn print_idle(i: &IdleSessions) {
         },
         mib(i.target_kib as f64),
         if i.under_target { "under" } else { "OVER" }
+    );
+}
+
+fn print_cluster(run: &ClusterRun, cores: usize) {
+    println!(
+        "\n[cluster] tools/call ledger get_account, ledger over stdio, no [auth], direct lane; one Redis {} (no persistence); HAProxy {}; one session per worker; +p50 and rps x vs `{}` (one instance, no [cluster]) at the same concurrency",
+        run.redis_version.as_deref().unwrap_or("?"),
+        run.haproxy_version.as_deref().unwrap_or("?"),
+        cluster::BASELINE
+    );
+    println!(
+        "{:<21} {:>4} {:>4} {:>7} {:>9} {:>7} {:>7} {:>7} {:>8} {:>6} {:>9} {:>8} {:>6} {:>6} {:>7} {:>6}  commands per call",
+        "setup",
+        "inst",
+        "conc",
+        "calls",
+        "calls/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "+p50 ms",
+        "rps x",
+        "broker us",
+        "redis us",
+        "hap us",
+        "gen us",
+        "cmd/call",
+        "errors",
+    );
+    for cell in &run.cells {
+        let s = &cell.stats;
+        let base = run
+            .cells
+            .iter()
+            .find(|b| b.setup == cluster::BASELINE && b.concurrency == cell.concurrency);
+        let vs = |f: &dyn Fn(&cluster::Cell) -> String| match base {
+            Some(b) if cell.setup != cluster::BASELINE => f(b),
+            _ => "-".to_owned(),
+        };
+        let commands: Vec<String> = cell
+            .redis_commands
+            .iter()
+            // What rounds to 0.00 is a heartbeat more or less, or a session restored late.
+            .filter(|(_, n)| **n >= 0.005)
+            .map(|(name, n)| format!("{name} {n:.2}"))
+            .collect();
+        println!(
+            "{:<21} {:>4} {:>4} {:>7} {:>9.0} {:>7.3} {:>7.3} {:>7.3} {:>8} {:>6} {:>9} {:>8} {:>6} {:>6} {:>7} {:>6}  {}",
+            cell.setup,
+            cell.instances,
+            cell.concurrency,
+            s.calls,
+            s.rps,
+            s.p50_ms,
+            s.p90_ms,
+            s.p99_ms,
+            vs(&|b| format!("{:+.3}", s.p50_ms - b.stats.p50_ms)),
+            vs(&|b| ratio(s.rps, b.stats.rps)),
+            micros(cell.broker_cpu_us_per_call),
+            if cell.cluster {
+                micros(cell.redis_cpu_us_per_call)
+            } else {
+                "-".into()
+            },
+            if cell.balancer == "none" {
+                "-".into()
+            } else {
+                micros(cell.haproxy_cpu_us_per_call)
+            },
+            micros(cell.client_cpu_us_per_call),
+            cell.redis_commands_per_call
+                .map_or("?".into(), |n| format!("{n:.2}")),
+            s.errors,
+            if commands.is_empty() {
+                "-".into()
+            } else {
+                commands.join(", ")
+            }
+        );
+    }
+    for (setup, what, aim) in [
+        ("broker+cluster", "[cluster]", " (aim: ≤ 0.1 ms)"),
+        (
+            "broker+cluster+limits",
+            "[cluster] with a rate limit and max_concurrent",
+            "",
+        ),
+    ] {
+        let find = |name: &str| {
+            run.cells
+                .iter()
+                .find(|c| c.setup == name && c.concurrency == 1)
+        };
+        if let (Some(b), Some(c)) = (find(cluster::BASELINE), find(setup)) {
+            println!(
+                "per-call cost of {what} at 1 in flight: {:+.3} ms p50{aim}, {} µs broker CPU, {} Redis commands",
+                c.stats.p50_ms - b.stats.p50_ms,
+                match (c.broker_cpu_us_per_call, b.broker_cpu_us_per_call) {
+                    (Some(c), Some(b)) => format!("{:+.0}", c - b),
+                    _ => "?".into(),
+                },
+                c.redis_commands_per_call
+                    .map_or("?".into(), |n| format!("{n:.2}"))
+            );
+        }
+    }
+    println!(
+        "setups: `broker` one instance without [cluster]; `broker+cluster` one instance with [cluster], reached directly; `+limits` adds a per-server rate_limit (1000000/s, never refuses) and max_concurrent = 1000, so each call runs the bucket's Lua script and takes a lease in Redis; `haproxy→N` examples/cluster/haproxy.cfg as documented (round robin, `option http-server-close`: the client's connection to HAProxy is kept alive, each request opens a new connection to an instance; the deployment the README and the e2e tests use) in front of N [cluster] instances; `keep-alive` the same file without `option http-server-close` (HAProxy's default, idle connections to the instances reused)"
+    );
+    println!(
+        "broker us: CPU per call of the broker processes summed over the instances (their ledger children not included); redis us, hap us: of redis-server and HAProxy; gen us: of the load generator; cmd/call: commands Redis processed over the measured calls (INFO commandstats), less the heartbeats (one SET per instance per second) and the bench's own INFO, per call, with the commands a Lua script runs counted besides its EVALSHA (so `+limits` makes three requests per call: two EVALSHA, bucket and lease, and the ZREM releasing the lease); sessions are opened, and behind HAProxy restored on each instance, during warm-up, so this is the steady state of a session's calls"
+    );
+    println!(
+        "{cores} cores: the three instances share them with HAProxy, Redis, their ledgers and the load generator, so `haproxy→3` shows the cost of spreading calls over instances on one machine, not the capacity of three machines"
     );
 }
