@@ -142,9 +142,23 @@ pub(super) fn route(cluster: &Cluster, mut message: ClientJsonRpcMessage) -> Rou
     Route::Here(message)
 }
 
+/// A client's message for this instance's copy of `session`, if it holds one.
+async fn hand_to_session(
+    sessions: Arc<ResumableSessions>,
+    session: String,
+    msg: ClientJsonRpcMessage,
+) {
+    if let Ok(true) = sessions
+        .has_session(&SessionId::from(session.clone()))
+        .await
+    {
+        let _ = sessions.accept_local(&session, msg).await;
+    }
+}
+
 /// Messages from the other instances (and this one's own broadcasts), until the process stops.
-/// What may wait on an upstream (a level, an unsubscribe) runs in a task of its own; handing a
-/// message to a local session waits only for that session's queue.
+/// What may wait (on a session's worker, on an upstream) runs in a task of its own, so one slow
+/// session never holds up the messages for the others.
 pub(super) async fn inbound(
     cluster: Arc<Cluster>,
     sessions: Arc<ResumableSessions>,
@@ -163,12 +177,8 @@ pub(super) async fn inbound(
                 let Ok(msg) = serde_json::from_value::<ClientJsonRpcMessage>(message) else {
                     continue;
                 };
-                if let Route::Here(msg) = route(&cluster, msg)
-                    && let Ok(true) = sessions
-                        .has_session(&SessionId::from(session.clone()))
-                        .await
-                {
-                    let _ = sessions.accept_local(&session, msg).await;
+                if let Route::Here(msg) = route(&cluster, msg) {
+                    tokio::spawn(hand_to_session(sessions.clone(), session, msg));
                 }
             }
             Wire::Notify {
@@ -186,17 +196,15 @@ pub(super) async fn inbound(
                 {
                     lanes.cancel_request(&session, request);
                 }
-                if let Ok(true) = sessions
-                    .has_session(&SessionId::from(session.clone()))
-                    .await
-                {
-                    let _ = sessions.accept_local(&session, msg).await;
-                }
+                tokio::spawn(hand_to_session(sessions.clone(), session, msg));
             }
             Wire::Closed { from, session } if !mine(&from) => {
                 owners.forget(&session);
                 lanes.forget(&session);
-                let _ = sessions.close_session(&SessionId::from(session)).await;
+                let sessions = sessions.clone();
+                tokio::spawn(async move {
+                    let _ = sessions.close_session(&SessionId::from(session)).await;
+                });
             }
             Wire::Level {
                 from,
