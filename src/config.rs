@@ -121,6 +121,8 @@ pub struct AuditConfig {
     /// A JSONL file (resolved against the config file's folder), rotated at `max_file_bytes`.
     pub file: Option<PathBuf>,
     pub stdout: bool,
+    /// Records also go to the log on stderr (the `mcp_broker::audit` target; list records at debug).
+    pub stderr: bool,
     pub arguments: AuditArguments,
     pub max_file_bytes: u64,
     /// Rotated files kept: `audit.jsonl.1` … `audit.jsonl.N`.
@@ -134,6 +136,7 @@ impl Default for AuditConfig {
         Self {
             file: None,
             stdout: false,
+            stderr: false,
             arguments: AuditArguments::Hash,
             max_file_bytes: 100 * 1024 * 1024,
             keep_files: 5,
@@ -1246,6 +1249,7 @@ impl Ctx<'_> {
         Ok(AuditConfig {
             file,
             stdout: raw.stdout.unwrap_or(false),
+            stderr: raw.stderr.unwrap_or(false),
             arguments,
             max_file_bytes,
             keep_files: raw.keep_files.unwrap_or(d.keep_files),

@@ -50,6 +50,7 @@ pub(super) struct RawCluster {
 pub(super) struct RawAudit {
     pub(super) file: Option<String>,
     pub(super) stdout: Option<bool>,
+    pub(super) stderr: Option<bool>,
     pub(super) arguments: Option<String>,
     pub(super) max_file_size: Option<String>,
     pub(super) keep_files: Option<usize>,
