@@ -112,6 +112,14 @@ pub struct ClusterConfig {
     pub share_credentials: bool,
 }
 
+/// `[broker] tls`: the listener's certificate chain and private key, PEM files (relative to the
+/// config file's folder).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// The fewest bytes `[cluster] secret_key` may have.
 pub const MIN_SECRET_KEY: usize = 32;
 
@@ -386,6 +394,8 @@ pub struct BrokerConfig {
     pub listen: SocketAddr,
     /// The broker's own MCP URL: the resource identifier, and the one non-loopback Host/Origin accepted.
     pub public_url: url::Url,
+    /// `tls = { cert, key }`: serve HTTPS (PEM files, read again on SIGHUP).
+    pub tls: Option<TlsConfig>,
     pub separator: String,
     pub session_idle_timeout: Duration,
     pub max_request_body: usize,
@@ -885,9 +895,27 @@ impl Ctx<'_> {
                 }
                 url
             }
-            None => url::Url::parse(&format!("http://{listen}/mcp")).map_err(|e| {
-                self.invalid(t, "listen", format!("cannot form a URL from it: {e}"))
-            })?,
+            None => {
+                let scheme = if raw.tls.is_some() { "https" } else { "http" };
+                url::Url::parse(&format!("{scheme}://{listen}/mcp")).map_err(|e| {
+                    self.invalid(t, "listen", format!("cannot form a URL from it: {e}"))
+                })?
+            }
+        };
+        let tls = match raw.tls {
+            Some(tls) => {
+                let base = self
+                    .path
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from("."));
+                Some(TlsConfig {
+                    cert: base.join(self.expand(t, "tls", &tls.cert)?),
+                    key: base.join(self.expand(t, "tls", &tls.key)?),
+                })
+            }
+            None => None,
         };
         let separator = raw.separator.unwrap_or_else(|| "__".into());
         if separator.is_empty() || !separator.chars().all(is_name_char) {
@@ -967,6 +995,7 @@ impl Ctx<'_> {
         Ok(BrokerConfig {
             listen,
             public_url,
+            tls,
             separator,
             session_idle_timeout,
             max_request_body,

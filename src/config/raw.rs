@@ -267,6 +267,15 @@ pub(super) struct RawBroker {
     pub(super) max_connections: Option<usize>,
     pub(super) request_state_ttl: Option<String>,
     pub(super) direct_lane: Option<bool>,
+    pub(super) tls: Option<RawTls>,
+}
+
+/// `[broker] tls = { cert = "…", key = "…" }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) cert: String,
+    pub(super) key: String,
 }
 
 /// `[servers.NAME]` keys every transport takes; the rest of the table is the [`RawTransport`].
