@@ -474,12 +474,25 @@ pub enum TransportConfig {
         url: url::Url,
         headers: Vec<(String, Secret)>,
         follow_redirects: FollowRedirects,
+        tls: UpstreamTls,
     },
     Http {
         url: url::Url,
         headers: Vec<(String, Secret)>,
         follow_redirects: FollowRedirects,
+        tls: UpstreamTls,
     },
+}
+
+/// `ca_file`, `client_cert` and `client_key` of an http or sse server: PEM files (relative to the
+/// config file's folder), checked readable when the config is read, loaded when the server's
+/// client is built.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UpstreamTls {
+    /// Trusted besides the system's roots (a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate chain and its key, for servers that require one (mutual TLS).
+    pub client_identity: Option<(PathBuf, PathBuf)>,
 }
 
 impl TransportConfig {
@@ -492,6 +505,14 @@ impl TransportConfig {
     }
 
     /// Which redirects the upstream's HTTP client follows (stdio has none to follow).
+    /// The TLS settings of an http or sse server (none for stdio).
+    pub fn tls(&self) -> Option<&UpstreamTls> {
+        match self {
+            Self::Stdio { .. } => None,
+            Self::Sse { tls, .. } | Self::Http { tls, .. } => Some(tls),
+        }
+    }
+
     pub fn follow_redirects(&self) -> FollowRedirects {
         match self {
             Self::Stdio { .. } => FollowRedirects::None,
@@ -816,6 +837,43 @@ impl Ctx<'_> {
         })
     }
 
+    /// An http or sse server's `ca_file`, `client_cert` and `client_key`: each a readable file;
+    /// the certificate and key only together.
+    fn upstream_tls(
+        &self,
+        t: &[&str],
+        base: &Path,
+        ca_file: Option<String>,
+        client_cert: Option<String>,
+        client_key: Option<String>,
+    ) -> Result<UpstreamTls, ConfigError> {
+        let file = |key: &str, v: String| -> Result<PathBuf, ConfigError> {
+            let path = base.join(self.expand(t, key, &v)?);
+            std::fs::metadata(&path)
+                .ok()
+                .filter(|m| m.is_file())
+                .ok_or_else(|| {
+                    self.invalid(t, key, format!("{} is not a readable file", path.display()))
+                })?;
+            Ok(path)
+        };
+        let ca_file = ca_file.map(|v| file("ca_file", v)).transpose()?;
+        let client_identity = match (client_cert, client_key) {
+            (Some(c), Some(k)) => Some((file("client_cert", c)?, file("client_key", k)?)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(self.invalid(t, "client_cert", "needs `client_key` too".into()));
+            }
+            (None, Some(_)) => {
+                return Err(self.invalid(t, "client_key", "needs `client_cert` too".into()));
+            }
+        };
+        Ok(UpstreamTls {
+            ca_file,
+            client_identity,
+        })
+    }
+
     /// Expand `${VAR}` (and `$$` → `$`); an unset variable is an error naming the key.
     fn expand(&self, table: &[&str], key: &str, value: &str) -> Result<String, ConfigError> {
         let mut out = String::with_capacity(value.len());
@@ -1059,24 +1117,32 @@ impl Ctx<'_> {
                 url,
                 headers,
                 follow_redirects,
+                ca_file,
+                client_cert,
+                client_key,
             } => {
                 let (url, headers) = self.remote(t, &url, headers)?;
                 TransportConfig::Http {
                     url,
                     headers,
                     follow_redirects: follow_redirects.unwrap_or_default(),
+                    tls: self.upstream_tls(t, base, ca_file, client_cert, client_key)?,
                 }
             }
             RawTransport::Sse {
                 url,
                 headers,
                 follow_redirects,
+                ca_file,
+                client_cert,
+                client_key,
             } => {
                 let (url, headers) = self.remote(t, &url, headers)?;
                 TransportConfig::Sse {
                     url,
                     headers,
                     follow_redirects: follow_redirects.unwrap_or_default(),
+                    tls: self.upstream_tls(t, base, ca_file, client_cert, client_key)?,
                 }
             }
         };
@@ -1795,6 +1861,52 @@ mod tests {
     }
 
     #[test]
+    fn upstream_tls_files_are_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").expect("write");
+        let cfg = dir.path().join("servers.toml");
+        let p = |extra: &str| {
+            let text = format!(
+                "[servers.w]\ntransport = \"http\"\nurl = \"https://w.example/mcp\"\n{extra}\n"
+            );
+            Config::parse(&cfg, &text, &|_| None)
+        };
+        let c = p("ca_file = \"ca.pem\"").expect("valid");
+        assert_eq!(
+            c.servers[0].transport.tls().and_then(|t| t.ca_file.clone()),
+            Some(ca.clone())
+        );
+        for (extra, key, why) in [
+            (
+                "ca_file = \"missing.pem\"",
+                "servers.w.ca_file",
+                "not a readable file",
+            ),
+            (
+                "client_cert = \"ca.pem\"",
+                "servers.w.client_cert",
+                "needs `client_key`",
+            ),
+            (
+                "client_key = \"ca.pem\"",
+                "servers.w.client_key",
+                "needs `client_cert`",
+            ),
+        ] {
+            match p(extra) {
+                Err(ConfigError::Invalid {
+                    key: k, message, ..
+                }) => {
+                    assert_eq!(k, key, "{extra}");
+                    assert!(message.contains(why), "{extra}: {message}");
+                }
+                other => panic!("{extra}: expected an error on {key}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn cluster_section_is_parsed_strictly() {
         let env = |k: &str| match k {
             "KEY" => Some("k".repeat(32)),
@@ -2184,7 +2296,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.starts_with("conf/servers.toml:4: `servers.web.cwd`: `cwd` does not apply to transport \"http\"; expected one of `url`, `headers`, `follow_redirects`, or a key every transport takes: `prefix`"),
+            e.starts_with("conf/servers.toml:4: `servers.web.cwd`: `cwd` does not apply to transport \"http\"; expected one of `url`, `headers`, `follow_redirects`, `ca_file`, `client_cert`, `client_key`, or a key every transport takes: `prefix`"),
             "{e}"
         );
         // the same key written before `transport`, and in an inline table

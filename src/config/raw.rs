@@ -312,11 +312,17 @@ pub(super) enum RawTransport {
         url: String,
         headers: Option<BTreeMap<String, String>>,
         follow_redirects: Option<FollowRedirects>,
+        ca_file: Option<String>,
+        client_cert: Option<String>,
+        client_key: Option<String>,
     },
     Sse {
         url: String,
         headers: Option<BTreeMap<String, String>>,
         follow_redirects: Option<FollowRedirects>,
+        ca_file: Option<String>,
+        client_cert: Option<String>,
+        client_key: Option<String>,
     },
 }
 

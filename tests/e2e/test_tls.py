@@ -114,3 +114,99 @@ async def test_https_listener_and_certificate_renewal(tmp_path):
         assert httpx2.get(b.base + "/healthz", verify=trust, timeout=5).status_code == 200
     finally:
         b.stop()
+
+
+def write_client(ca: tuple, cn: str, cert_path: Path, key_path: Path) -> None:
+    ca_key, ca_cert = ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+
+
+def test_upstreams_behind_tls_with_a_private_ca_and_a_client_certificate(tmp_path):
+    """An http upstream served over TLS with a private CA is reached with `ca_file` (and not without it); one
+    behind HAProxy requiring a client certificate (`verify required`) is reached with `client_cert`/`client_key`
+    (and not without them)."""
+    import clusterlib as CL
+
+    for b in (H.BROKER_BIN, H.LEDGER_BIN, Path(CL.HAPROXY)):
+        if not b.exists():
+            pytest.fail(f"{b} is missing")
+    ca = make_ca()
+    ca_pem = tmp_path / "ca.pem"
+    ca_pem.write_bytes(ca[1].public_bytes(serialization.Encoding.PEM))
+    write_leaf(ca, "upstream", tmp_path / "up-cert.pem", tmp_path / "up-key.pem")
+    write_client(ca, "broker-b", tmp_path / "client-cert.pem", tmp_path / "client-key.pem")
+    # Upstream A: a broker serving the ledger over HTTPS (private CA).
+    a = H.start_broker(tmp_path / "a", {"ledger": H.example_stdio_spec(H.LEDGER_BIN)},
+                       broker={"tls": {"cert": str(tmp_path / "up-cert.pem"), "key": str(tmp_path / "up-key.pem")}},
+                       name="upstream-a")
+    # The same ledger over plain HTTP behind HAProxy terminating TLS and requiring a client certificate.
+    plain = H.start_broker(tmp_path / "p", {"ledger": H.example_stdio_spec(H.LEDGER_BIN)}, name="upstream-plain")
+    combined = tmp_path / "haproxy.pem"
+    combined.write_bytes((tmp_path / "up-cert.pem").read_bytes() + (tmp_path / "up-key.pem").read_bytes())
+    hport = H.free_port()
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(f"""global
+    maxconn 100
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend mtls
+    bind 127.0.0.1:{hport} ssl crt {combined} ca-file {ca_pem} verify required
+    default_backend up
+backend up
+    server p {plain.base[len("http://"):]}
+""")
+    hap = H.Proc("haproxy-mtls", [CL.HAPROXY, "-f", str(cfg), "-db"], tmp_path, capture_stdout=False)
+    brokers = []
+    try:
+        H.poll_until(lambda: _listening(hport), 10, "HAProxy listening")
+        tls_up = {"transport": "http", "url": a.url, "ca_file": str(ca_pem)}
+        mtls_up = {"transport": "http", "url": f"https://127.0.0.1:{hport}/mcp", "ca_file": str(ca_pem),
+                   "client_cert": str(tmp_path / "client-cert.pem"), "client_key": str(tmp_path / "client-key.pem")}
+        good = H.start_broker(tmp_path / "good", {"a": tls_up, "m": mtls_up}, name="broker-good")
+        brokers.append(good)
+        H.wait_for_tools(good.url, ["a__ledger__list_accounts", "m__ledger__list_accounts"], 30)
+        with H.RawSession(good.url, None) as s:
+            s.initialize()
+            for name in ("a__ledger__list_accounts", "m__ledger__list_accounts"):
+                r = s.request("tools/call", {"name": name, "arguments": {}})
+                assert not r["result"].get("isError"), r
+        # Without the CA, or without the client certificate, the upstreams are not reached.
+        bad = H.start_broker(tmp_path / "bad", {
+            "a": {"transport": "http", "url": a.url, "connect_timeout": "3s"},
+            "m": {"transport": "http", "url": mtls_up["url"], "ca_file": str(ca_pem), "connect_timeout": "3s"},
+            "ledger": H.example_stdio_spec(H.LEDGER_BIN)}, name="broker-bad")
+        brokers.append(bad)
+        H.wait_for_tools(bad.url, ["ledger__list_accounts"], 30)
+        time.sleep(3)
+        with H.RawSession(bad.url, None) as s:
+            s.initialize()
+            names = {t["name"] for t in s.request("tools/list", {})["result"]["tools"]}
+        assert not any(n.startswith(("a__", "m__")) for n in names), names
+        log = bad.proc.stderr_path.read_text(errors="replace")
+        assert "certificate" in log.lower() or "unknownissuer" in log.lower(), log[-3000:]
+    finally:
+        for b in brokers:
+            b.stop()
+        hap.stop()
+        plain.stop()
+        a.stop()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
