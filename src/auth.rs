@@ -670,6 +670,7 @@ mod tests {
             scopes_supported: vec!["mcp:tools".into(), "offline_access".into()],
             introspection: None,
             group_claims: vec![],
+            admin_scopes: vec![],
         })
         .unwrap();
         let doc = a.metadata_document("https://mcp/mcp");
@@ -705,6 +706,7 @@ mod tests {
             scopes_supported: vec![],
             introspection: None,
             group_claims: vec!["groups".into()],
+            admin_scopes: vec![],
         })
         .unwrap();
         let claims = serde_json::json!({
@@ -730,6 +732,7 @@ mod tests {
             scopes_supported: vec![],
             introspection,
             group_claims: vec![],
+            admin_scopes: vec![],
         })
         .unwrap()
     }

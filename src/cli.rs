@@ -58,6 +58,21 @@ pub enum Command {
     },
     /// Read the audit trail: a table of records, filtered (or the raw JSON lines with --json).
     Audit(AuditArgs),
+    /// Ask a running broker what every server is doing (GET /status): state, last error, restarts,
+    /// next retry, counts, connections, calls in flight; sessions by protocol version.
+    Status {
+        #[arg(long, short, default_value = "servers.toml")]
+        config: PathBuf,
+        /// The broker's /status URL (default: from the config, metrics_listen if set, else listen).
+        #[arg(long)]
+        url: Option<String>,
+        /// Print the JSON the broker answered.
+        #[arg(long)]
+        json: bool,
+        /// A bearer token holding one of [auth] admin_scopes (or env MCP_BROKER_TOKEN).
+        #[arg(long)]
+        token: Option<String>,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +109,15 @@ pub fn main() -> std::process::ExitCode {
                 token,
             } => app::tools(&config, json, token.as_deref()).await,
             Command::Audit(args) => crate::audit_query::run(&args),
+            Command::Status {
+                config,
+                url,
+                json,
+                token,
+            } => {
+                let token = token.or_else(|| std::env::var("MCP_BROKER_TOKEN").ok());
+                crate::status_query::run(&config, url.as_deref(), json, token.as_deref()).await
+            }
         }
     });
     let code = result.unwrap_or_else(|e| {

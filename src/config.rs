@@ -339,6 +339,9 @@ pub struct AuthConfig {
     pub introspection: Option<IntrospectionConfig>,
     /// Claims read into the caller's groups (policy `claims` conditions can use any claim).
     pub group_claims: Vec<String>,
+    /// A token holding one of these may use the admin endpoints (`GET /status`) on the main
+    /// listener; none = those are served only on `metrics_listen`.
+    pub admin_scopes: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -1406,6 +1409,7 @@ impl Ctx<'_> {
             group_claims: raw
                 .group_claims
                 .unwrap_or_else(|| vec!["groups".into(), "roles".into()]),
+            admin_scopes: raw.admin_scopes,
         })
     }
 

@@ -18,7 +18,7 @@
 //! | 3 | [`broker`] | transport-free core: one request pipeline, the session registry, the caller-scoped event router |
 //! | 4 | [`front`] | the rmcp `ServerHandler` adapter, the axum HTTP front |
 //! | 5 | [`app`] | wiring and shutdown order; [`app::run`] serves on a given listener until a given future resolves |
-//! | 6 | [`cli`] | parses arguments and calls [`app`] (or [`audit_query`]) with plain values |
+//! | 6 | [`cli`] | parses arguments and calls [`app`] (or [`audit_query`], [`status_query`]) with plain values |
 
 pub mod app;
 pub mod audit;
@@ -34,6 +34,7 @@ pub mod front;
 pub mod limits;
 pub mod metrics;
 pub mod policy;
+pub mod status_query;
 pub mod upstream;
 
 /// Lower-case hex of `bytes` (one allocation).

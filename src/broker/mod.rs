@@ -22,6 +22,7 @@ mod mrtr;
 pub mod pipeline;
 mod sessions;
 mod state;
+pub mod status;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -126,6 +127,8 @@ pub struct Broker {
     next_park: AtomicU64,
     /// `[cluster]`: state shared with the other instances; `None` = everything in process.
     cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Configuration reloads applied since start.
+    generation: AtomicU64,
     /// This broker (for the tasks a parked call runs in).
     me: std::sync::Weak<Broker>,
     /// Last audited limit refusal per subject: at most one such record per caller per second.
@@ -173,6 +176,7 @@ impl Broker {
             parked: DashMap::new(),
             next_park: AtomicU64::new(1),
             cluster,
+            generation: AtomicU64::new(0),
             state: RwLock::new(Arc::new(state)),
             stops: Mutex::new(HashMap::new()),
             catalog: RwLock::new(Arc::new(Catalog::default())),
@@ -320,6 +324,7 @@ impl Broker {
             }
         }
         metrics::global().reload(true);
+        self.generation.fetch_add(1, Ordering::Relaxed);
         self.rebuild();
         Ok(summary)
     }

@@ -221,6 +221,8 @@ pub(super) struct RawAuth {
     pub(super) scopes_supported: Vec<String>,
     pub(super) introspection: Option<RawIntrospection>,
     pub(super) group_claims: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) admin_scopes: Vec<String>,
 }
 
 #[derive(Deserialize)]

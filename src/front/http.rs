@@ -23,7 +23,7 @@ use axum::{
     extract::{Request, State},
     http::{HeaderValue, Method, StatusCode, header},
     middleware::{self, Next},
-    response::Response,
+    response::{IntoResponse, Response},
     routing::get,
 };
 use rmcp::transport::streamable_http_server::{
@@ -123,15 +123,23 @@ pub fn router(
         owners,
         metadata_url: Arc::from(metadata_url),
     };
-    let mut app = ops_routes(Router::new(), &broker, cfg.metrics_listen.is_none()).route(
-        MCP_PATH,
-        axum::routing::any(move |req: Request| {
-            // One shared service: `route_service` would clone it (and its host/origin lists) for
-            // every request; `handle` takes `&self`.
-            let mcp = mcp.clone();
-            async move { mcp.handle(req).await }
-        }),
-    );
+    let mut app = ops_routes(Router::new(), &broker, cfg.metrics_listen.is_none())
+        .route(
+            "/status",
+            get(status_handler).with_state(StatusAccess {
+                broker: broker.clone(),
+                auth: auth.clone(),
+            }),
+        )
+        .route(
+            MCP_PATH,
+            axum::routing::any(move |req: Request| {
+                // One shared service: `route_service` would clone it (and its host/origin lists) for
+                // every request; `handle` takes `&self`.
+                let mcp = mcp.clone();
+                async move { mcp.handle(req).await }
+            }),
+        );
     if let Some(auth) = auth {
         let doc = auth.metadata_document(public.as_str());
         let serve_doc = move || {
@@ -285,9 +293,54 @@ pub fn ops_routes(app: Router, broker: &Arc<Broker>, metrics: bool) -> Router {
     )
 }
 
-/// The router for `[broker] metrics_listen`: the operational endpoints only.
+/// The router for `[broker] metrics_listen`: the operational endpoints only (`/status` included,
+/// with no token, like `/metrics`).
 pub fn ops_router(broker: &Arc<Broker>) -> Router {
-    ops_routes(Router::new(), broker, true)
+    ops_routes(Router::new(), broker, true).route(
+        "/status",
+        get(status_handler).with_state(StatusAccess {
+            broker: broker.clone(),
+            auth: None,
+        }),
+    )
+}
+
+/// Who may read `/status`: anyone without `[auth]` (the broker is then on loopback, or was told
+/// otherwise) and on the metrics listener; on the main listener under `[auth]`, a valid token holding
+/// one of `[auth] admin_scopes`.
+#[derive(Clone)]
+struct StatusAccess {
+    broker: Arc<Broker>,
+    auth: Option<Arc<Authenticator>>,
+}
+
+async fn status_handler(State(a): State<StatusAccess>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(auth) = &a.auth {
+        let admin = &auth.config().admin_scopes;
+        if admin.is_empty() {
+            return plain(
+                StatusCode::NOT_FOUND,
+                "Not Found: /status is served on metrics_listen, or here to tokens holding one of [auth] admin_scopes (none is set)".into(),
+            );
+        }
+        let Some(token) = bearer(&headers) else {
+            return plain(
+                StatusCode::UNAUTHORIZED,
+                "a bearer token with an admin scope is required".into(),
+            );
+        };
+        match auth.authenticate(&token).await {
+            Ok(c) if c.scopes.iter().any(|s| admin.contains(s)) => {}
+            Ok(_) | Err(AuthError::InsufficientScope(_)) => {
+                return plain(
+                    StatusCode::FORBIDDEN,
+                    "the token holds none of [auth] admin_scopes".into(),
+                );
+            }
+            Err(e) => return plain(StatusCode::UNAUTHORIZED, e.to_string()),
+        }
+    }
+    axum::Json(a.broker.status()).into_response()
 }
 
 /// What the identity gate needs.

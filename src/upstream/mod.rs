@@ -17,6 +17,7 @@ mod progress;
 pub mod raw;
 pub mod redirect;
 mod sse;
+pub mod status;
 mod stdio;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -210,8 +211,11 @@ pub struct Upstream {
     pub reconnects: AtomicU64,
     /// Set once the first connect attempt ended (either way): start-up waiting stops here.
     attempted: std::sync::atomic::AtomicBool,
-    /// Why the last connect failed or the connection ended, for "unavailable" answers.
+    /// Why the last connect failed or the connection ended, for "unavailable" answers; and when.
     last_error: Mutex<Option<String>>,
+    last_error_at: Mutex<Option<std::time::SystemTime>>,
+    /// When the supervisor tries again, while it waits (backing off).
+    next_retry: Mutex<Option<Instant>>,
     http: reqwest::Client,
 }
 
@@ -276,6 +280,8 @@ impl Upstream {
             reconnects: AtomicU64::new(0),
             attempted: std::sync::atomic::AtomicBool::new(false),
             last_error: Mutex::new(None),
+            last_error_at: Mutex::new(None),
+            next_retry: Mutex::new(None),
             http,
         }))
     }
@@ -366,6 +372,9 @@ impl Upstream {
     fn set_error(&self, e: impl Into<String>) {
         if let Ok(mut l) = self.last_error.lock() {
             *l = Some(e.into());
+        }
+        if let Ok(mut t) = self.last_error_at.lock() {
+            *t = Some(std::time::SystemTime::now());
         }
     }
 
@@ -682,10 +691,12 @@ impl Upstream {
                     tracing::warn!(server = %self.name, error = %e, retry_in = ?backoff, "upstream unavailable");
                 }
             }
+            self.set_next_retry(Some(Instant::now() + backoff));
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = shutdown.cancelled() => return,
             }
+            self.set_next_retry(None);
             backoff = (backoff * 2).min(BACKOFF_CAP);
         }
     }
