@@ -22,6 +22,11 @@ use serde_json::Value;
 
 use crate::config::uri_prefix;
 
+mod jsonc;
+mod secrets;
+use jsonc::strip_jsonc;
+use secrets::{secret_name, secret_value, url_has_password};
+
 /// Client config files are a few KB; anything past this is not one.
 pub const MAX_INPUT_BYTES: u64 = 4 * 1024 * 1024;
 /// Nesting deeper than this is not a client config (serde_json itself stops at 128).
@@ -63,6 +68,8 @@ pub enum ImportError {
 pub enum Client {
     ClaudeDesktop,
     ClaudeCode,
+    /// `~/.claude.json`: Claude Code's user and local scopes (no project folder).
+    ClaudeCodeUser,
     Cursor,
     VsCode,
     /// `mcpServers` in a file whose name says nothing more.
@@ -74,6 +81,7 @@ impl Client {
         match self {
             Self::ClaudeDesktop => "Claude Desktop",
             Self::ClaudeCode => "Claude Code",
+            Self::ClaudeCodeUser => "Claude Code, user config",
             Self::Cursor => "Cursor",
             Self::VsCode => "VS Code",
             Self::Generic => "an `mcpServers` file",
@@ -82,7 +90,10 @@ impl Client {
 
     /// Project-scoped files start their servers in the project folder; Desktop's have no set folder.
     fn project_scoped(self) -> bool {
-        !matches!(self, Self::ClaudeDesktop | Self::Generic)
+        !matches!(
+            self,
+            Self::ClaudeDesktop | Self::ClaudeCodeUser | Self::Generic
+        )
     }
 }
 
@@ -181,8 +192,14 @@ pub fn convert(path: &Path, text: &str, listen: &str) -> Result<Imported, Import
         inputs: inputs_of(top),
         variables: Vec::new(),
         values: Vec::new(),
+        reserved: referenced_names(text),
         warnings: Vec::new(),
     };
+    if top.contains_key("projects") {
+        cx.warnings.push(
+            "per-project servers under `projects` are not imported (only the top-level ones): import the project's `.mcp.json`, or copy them by hand".into(),
+        );
+    }
     let mut used_prefixes = BTreeSet::new();
     let mut servers = Vec::new();
     let mut body = String::new();
@@ -221,7 +238,8 @@ fn client_of(path: &Path) -> Client {
         .unwrap_or("");
     match (parent, file) {
         (_, "claude_desktop_config.json") => Client::ClaudeDesktop,
-        (_, ".mcp.json" | ".claude.json") => Client::ClaudeCode,
+        (_, ".mcp.json") => Client::ClaudeCode,
+        (_, ".claude.json") => Client::ClaudeCodeUser,
         (".cursor", _) => Client::Cursor,
         (".vscode", _) => Client::VsCode,
         _ => Client::Generic,
@@ -250,63 +268,6 @@ fn depth(v: &Value) -> usize {
         Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
         _ => 0,
     }
-}
-
-/// JSON with comments (VS Code's `mcp.json`) → JSON: `//` and `/* */` comments and trailing commas
-/// removed, strings untouched.
-fn strip_jsonc(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    let (mut in_string, mut escaped) = (false, false);
-    while let Some(c) = chars.next() {
-        if in_string {
-            out.push(c);
-            match (escaped, c) {
-                (true, _) => escaped = false,
-                (false, '\\') => escaped = true,
-                (false, '"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match (c, chars.peek()) {
-            ('"', _) => {
-                in_string = true;
-                out.push(c);
-            }
-            ('/', Some('/')) => {
-                for c in chars.by_ref() {
-                    if c == '\n' {
-                        out.push('\n');
-                        break;
-                    }
-                }
-            }
-            ('/', Some('*')) => {
-                chars.next();
-                let mut last = ' ';
-                for c in chars.by_ref() {
-                    if c == '\n' {
-                        out.push('\n');
-                    }
-                    if last == '*' && c == '/' {
-                        break;
-                    }
-                    last = c;
-                }
-            }
-            (']' | '}', _) => {
-                // A comma before the closing bracket (only whitespace between) is a trailing comma.
-                let trimmed = out.trim_end_matches(char::is_whitespace).len();
-                if out[..trimmed].ends_with(',') {
-                    out.remove(trimmed - 1);
-                }
-                out.push(c);
-            }
-            _ => out.push(c),
-        }
-    }
-    out
 }
 
 /// A broker server name for `raw`: lower case, `A-Z a-z 0-9 - _` only, no `__` (the default
@@ -363,103 +324,6 @@ fn upper_snake(parts: &[&str]) -> String {
     }
 }
 
-/// A name (env var, header, flag, query parameter) that says its value is a secret.
-fn secret_name(name: &str) -> bool {
-    let up = name.to_ascii_uppercase();
-    const WORDS: &[&str] = &[
-        "KEY",
-        "TOKEN",
-        "SECRET",
-        "PASSWORD",
-        "PASSWD",
-        "AUTH",
-        "CREDENTIAL",
-        "COOKIE",
-    ];
-    WORDS.iter().any(|w| up.contains(w))
-        // `PAT` only as a word of its own: `PATH` is not a secret.
-        || up.split(|c: char| !c.is_ascii_alphanumeric()).any(|w| w == "PAT")
-}
-
-/// A value whose shape says it is a secret, whatever its name.
-fn secret_value(value: &str) -> bool {
-    let v = value.trim();
-    let lower = v.to_ascii_lowercase();
-    if ["bearer ", "basic ", "token "]
-        .iter()
-        .any(|p| lower.starts_with(p))
-    {
-        return true;
-    }
-    const PREFIXES: &[&str] = &[
-        "ghp_",
-        "gho_",
-        "ghu_",
-        "ghs_",
-        "ghr_",
-        "github_pat_",
-        "glpat-",
-        "sk-",
-        "sk_",
-        "rk_live_",
-        "pk_live_",
-        "xox",
-        "xapp-",
-        "AKIA",
-        "ASIA",
-        "AIza",
-        "eyJ",
-        "npm_",
-        "hf_",
-        "ya29.",
-        "-----BEGIN",
-    ];
-    if PREFIXES.iter().any(|p| v.starts_with(p)) && v.len() >= 8 {
-        return true;
-    }
-    if url_has_password(v) {
-        return true;
-    }
-    high_entropy(v)
-}
-
-/// `scheme://user:password@host…`
-fn url_has_password(v: &str) -> bool {
-    let Some((_, rest)) = v.split_once("://") else {
-        return false;
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    authority
-        .rsplit_once('@')
-        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
-}
-
-/// Long, no spaces, not a path or URL, letters and digits mixed, and varied: an API key's shape.
-fn high_entropy(v: &str) -> bool {
-    if v.len() < 24
-        || v.contains(char::is_whitespace)
-        || v.starts_with(['/', '.', '~', '@', '-'])
-        || v.contains("://")
-        || !v.chars().any(|c| c.is_ascii_digit())
-        || !v.chars().any(|c| c.is_ascii_alphabetic())
-    {
-        return false;
-    }
-    let mut counts = std::collections::HashMap::new();
-    for c in v.chars() {
-        *counts.entry(c).or_insert(0usize) += 1;
-    }
-    let n = v.chars().count() as f64;
-    let entropy: f64 = counts
-        .values()
-        .map(|&k| {
-            let p = k as f64 / n;
-            -p * p.log2()
-        })
-        .sum();
-    entropy >= 3.5
-}
-
 /// What one value became.
 struct Converted {
     text: String,
@@ -471,6 +335,9 @@ struct Cx {
     workspace: PathBuf,
     inputs: Vec<(String, Option<String>)>,
     variables: Vec<Variable>,
+    /// Names the file's references use: a secret's placeholder never takes one (it would stand for
+    /// another value).
+    reserved: BTreeSet<String>,
     /// The value behind each secret placeholder, only to give one value one name; never output.
     values: Vec<(String, String)>,
     warnings: Vec<String>,
@@ -727,7 +594,7 @@ impl Cx {
         }
         let mut name = base.clone();
         let mut n = 2;
-        while self.variables.iter().any(|v| v.name == name) {
+        while self.variables.iter().any(|v| v.name == name) || self.reserved.contains(&name) {
             name = format!("{base}_{n}");
             n += 1;
         }
@@ -854,6 +721,30 @@ impl Cx {
         }
         out
     }
+}
+
+/// The variable names of every `${…}` reference in the file (as [`Cx::convert`] names them).
+fn referenced_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("${") {
+        rest = &rest[i + 2..];
+        let Some(end) = rest.find('}') else { break };
+        let reference = &rest[..end];
+        if let Some(name) = reference.strip_prefix("env:") {
+            out.insert(name.to_string());
+        } else if let Some(id) = reference.strip_prefix("input:") {
+            out.insert(upper_snake(&[id]));
+        } else {
+            out.insert(
+                reference
+                    .split_once(":-")
+                    .map_or(reference, |(n, _)| n)
+                    .to_string(),
+            );
+        }
+    }
+    out
 }
 
 fn escape_dollars(s: &str) -> String {
@@ -1041,48 +932,7 @@ pub fn run_init(out: &Path, force: bool) -> Result<ExitCode, ImportError> {
 }
 
 /// What `mcp-broker init` writes: valid as is, the rest commented out.
-pub const STARTER: &str = r#"# servers.toml: the MCP servers mcp-broker puts behind one endpoint.
-# Validate with `mcp-broker check`, serve with `mcp-broker serve` (http://127.0.0.1:8080/mcp).
-# Any string may use ${ENV_VAR}; `$$` is a literal `$`. Unknown keys are errors.
-
-[broker]
-# Loopback only: without [auth] the broker must not be reachable from other machines.
-listen = "127.0.0.1:8080"
-# Exposed names are <server><separator><tool>: everything__echo.
-# separator = "__"
-
-# A local server the broker starts as a child process (stdio). npx fetches it on first use.
-[servers.everything]
-transport = "stdio"
-command = "npx"
-args = ["-y", "@modelcontextprotocol/server-everything"]
-# env = { API_KEY = "${EVERYTHING_API_KEY}" }    # extra environment for the child
-# inherit_env = ["PATH", "HOME", "LANG", "TMPDIR"] # the broker's variables the child sees (the default)
-# tools = { exclude = ["get-env"] }               # hide tools by glob
-
-# A remote server over Streamable HTTP (use transport = "sse" for the legacy HTTP+SSE transport).
-# [servers.github]
-# transport = "http"
-# url = "https://api.githubcopilot.com/mcp/"
-# headers = { Authorization = "Bearer ${GITHUB_TOKEN}" }
-
-# Inbound OAuth: callers need a token from this issuer (needed to listen beyond loopback).
-# [auth]
-# issuer = "https://auth.example.com"
-# required_scopes = ["mcp:tools"]
-
-# Per-caller policy: the first rule that applies decides; it filters lists and admits calls.
-# [[policy]]
-# servers = ["github"]
-# tools = ["delete_*"]
-# effect = "deny"
-# message = "Deleting is not allowed through the broker."
-
-# The audit trail: one JSON line per decision.
-# [audit]
-# file = "audit.jsonl"
-# arguments = "hash"
-"#;
+pub const STARTER: &str = include_str!("import/starter.toml");
 
 #[cfg(test)]
 mod tests;

@@ -334,6 +334,18 @@ fn refuses_bad_input() {
 }
 
 #[test]
+fn a_secret_never_takes_a_referenced_name() {
+    // `API_KEY` is read from the environment by one server; the other's literal key gets its own name.
+    let i = convert(
+        Path::new("x.json"),
+        r#"{"mcpServers":{"api":{"command":"a","env":{"KEY":"Zq8f0K2mPx7Lw4Rt9Vb3Nc6Yh1"}},"b":{"command":"b","env":{"K":"${API_KEY}"}}}}"#,
+        "127.0.0.1:8080",
+    )
+    .unwrap();
+    assert_eq!(vars(&i), ["API_KEY_2", "API_KEY"]);
+}
+
+#[test]
 fn comments_and_trailing_commas() {
     assert_eq!(
         strip_jsonc("{\"a\": \"//x\", /* c */ \"b\": [1,],}// end"),
