@@ -54,6 +54,8 @@ pub enum ImportError {
     TooDeep { path: PathBuf },
     #[error("{path}: {message}")]
     Shape { path: PathBuf, message: String },
+    #[error("--listen \"{value}\" is not an address (use e.g. \"127.0.0.1:8080\")")]
+    Listen { value: String },
     #[error("{path} exists: pass --force to overwrite it")]
     Exists { path: PathBuf },
     #[error("{path}: cannot write: {source}")]
@@ -112,6 +114,8 @@ pub enum Origin {
     Secret,
     /// The source already read it from the environment.
     Environment,
+    /// Claude Code's `${VAR:-default}`: the broker has no defaults, so it must be set.
+    EnvironmentWithDefault,
     /// A VS Code `${input:id}` prompt; its description, when the file gave one.
     Input(Option<String>),
     /// A name in an `envFile` the client loaded.
@@ -675,7 +679,12 @@ impl Cx {
                                 "`${{{reference}}}` is resolved by the client only; the broker has no equivalent"
                             ));
                         }
-                        (name.to_string(), Origin::Environment)
+                        let origin = if reference.contains(":-") {
+                            Origin::EnvironmentWithDefault
+                        } else {
+                            Origin::Environment
+                        };
+                        (name.to_string(), origin)
                     };
                     let _ = write!(text, "${{{var}}}");
                     self.note(&var, used_by, origin);
@@ -820,6 +829,9 @@ fn origin_note(v: &Variable) -> String {
     let from = match &v.origin {
         Origin::Secret => "a secret in the source file (copy its value from there)".to_string(),
         Origin::Environment => "read from the environment by the client too".to_string(),
+        Origin::EnvironmentWithDefault => {
+            "read from the environment by the client, with a default in the source file (the broker has none: set it)".to_string()
+        }
         Origin::Input(Some(d)) => format!("a VS Code input: {}", comment_safe(d)),
         Origin::Input(None) => "a VS Code input".to_string(),
         Origin::EnvFile(p) => format!("from {}", comment_safe(&p.display().to_string())),
@@ -878,6 +890,11 @@ pub fn run_import(
     force: bool,
     listen: &str,
 ) -> Result<ExitCode, ImportError> {
+    if listen.parse::<std::net::SocketAddr>().is_err() {
+        return Err(ImportError::Listen {
+            value: listen.to_string(),
+        });
+    }
     let text = read_bounded(file)?;
     let imported = convert(file, &text, listen)?;
     let target = out.unwrap_or(Path::new("servers.toml"));
@@ -906,7 +923,12 @@ pub fn run_import(
             "\nExport these variables before `mcp-broker check` or `serve` (names only; values are not shown):"
         );
         for v in &imported.variables {
-            let _ = writeln!(say, "  export {}=…    # {}", v.name, origin_note(v));
+            let _ = writeln!(
+                say,
+                "  {:<40} # {}",
+                format!("export {}=…", v.name),
+                origin_note(v)
+            );
         }
     }
     let _ = writeln!(say, "\nThen: mcp-broker check -c {}", target.display());

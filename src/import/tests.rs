@@ -175,6 +175,8 @@ fn claude_code() {
             "AIRTABLE_API_KEY"
         ]
     );
+    assert_eq!(i.variables[0].origin, Origin::EnvironmentWithDefault);
+    assert_eq!(i.variables[1].origin, Origin::Environment);
     let c = parse(&i);
     let (command, args, env, cwd) = stdio(&c, "shared-server");
     assert_eq!(command, "node");
