@@ -214,13 +214,18 @@ pub fn convert(path: &Path, text: &str, listen: &str) -> Result<Imported, Import
                 .push(format!("`{source_name}`: not an object; skipped"));
             continue;
         };
+        // A skipped server leaves no variable behind.
+        let before = (cx.variables.clone(), cx.values.clone());
         match cx.server(&name, source_name, entry, client) {
             Ok(Some(table)) => {
                 body.push_str(&table);
                 servers.push(name);
             }
-            Ok(None) => {}
-            Err(why) => cx.warnings.push(format!("`{source_name}`: {why}; skipped")),
+            Ok(None) => (cx.variables, cx.values) = before,
+            Err(why) => {
+                (cx.variables, cx.values) = before;
+                cx.warnings.push(format!("`{source_name}`: {why}; skipped"));
+            }
         }
     }
     let toml = render(&abs, client, listen, &cx.variables, &body);
@@ -398,70 +403,9 @@ impl Cx {
         let _ = writeln!(out, "[servers.{name}]");
         match (entry.get("command"), entry.get("url")) {
             (Some(Value::String(command)), _) if !matches!(kind, Some("http" | "sse")) => {
-                let _ = writeln!(out, "transport = \"stdio\"");
-                let command =
-                    self.value(&format!("{t}.command"), command, false, name, "command")?;
-                let _ = writeln!(out, "command = {}", quote(&command));
-                let args = self.args(&t, name, entry.get("args"))?;
-                if !args.is_empty() {
-                    let list: Vec<String> = args.iter().map(|a| quote(a)).collect();
-                    let _ = writeln!(out, "args = [{}]", list.join(", "));
-                }
-                match entry.get("cwd").and_then(Value::as_str) {
-                    Some(cwd) => {
-                        let cwd = self.value(&format!("{t}.cwd"), cwd, false, name, "cwd")?;
-                        let cwd = if cwd.starts_with('/') || cwd.starts_with("${") {
-                            cwd
-                        } else {
-                            escape_dollars(&self.workspace.join(&cwd).to_string_lossy())
-                        };
-                        let _ = writeln!(out, "cwd = {}", quote(&cwd));
-                    }
-                    None if client.project_scoped() => {
-                        let _ = writeln!(
-                            out,
-                            "# {} starts project servers in the project folder",
-                            client.label()
-                        );
-                        let cwd = escape_dollars(&self.workspace.to_string_lossy());
-                        let _ = writeln!(out, "cwd = {}", quote(&cwd));
-                    }
-                    None => {}
-                }
-                let mut env = self.map(&t, "env", name, entry.get("env"))?;
-                if let Some(file) = entry.get("envFile").and_then(Value::as_str) {
-                    env.extend(self.env_file(&t, file));
-                }
-                if !env.is_empty() {
-                    let _ = writeln!(out, "env = {}", inline_table(&env));
-                }
+                self.stdio(&mut out, &t, name, command, entry, client)?;
             }
-            (_, Some(Value::String(url))) => {
-                let transport = match kind {
-                    Some("sse") => "sse",
-                    Some("http" | "streamable-http" | "streamableHttp") => "http",
-                    None if url.trim_end_matches('/').ends_with("/sse") => "sse",
-                    None => "http",
-                    Some(other) => return Err(format!("unknown type \"{other}\" with a `url`")),
-                };
-                let _ = writeln!(out, "transport = \"{transport}\"");
-                let secret_query = url.split_once('?').is_some_and(|(_, q)| {
-                    q.split('&').any(|kv| {
-                        kv.split_once('=')
-                            .is_some_and(|(k, v)| secret_name(k) || secret_value(v))
-                    })
-                });
-                let url = if secret_query || url_has_password(url) {
-                    self.placeholder(&format!("{t}.url"), &[name, "url"], url)
-                } else {
-                    self.value(&format!("{t}.url"), url, false, name, "url")?
-                };
-                let _ = writeln!(out, "url = {}", quote(&url));
-                let headers = self.map(&t, "headers", name, entry.get("headers"))?;
-                if !headers.is_empty() {
-                    let _ = writeln!(out, "headers = {}", inline_table(&headers));
-                }
-            }
+            (_, Some(Value::String(url))) => self.remote(&mut out, &t, name, url, kind, entry)?,
             _ => {
                 return Err(match kind {
                     Some(k) => {
@@ -473,6 +417,95 @@ impl Cx {
         }
         out.push('\n');
         Ok(Some(out))
+    }
+
+    /// The keys of a stdio server (`command`, `args`, `cwd`, `env`, `envFile`).
+    fn stdio(
+        &mut self,
+        out: &mut String,
+        t: &str,
+        name: &str,
+        command: &str,
+        entry: &serde_json::Map<String, Value>,
+        client: Client,
+    ) -> Result<(), String> {
+        let _ = writeln!(out, "transport = \"stdio\"");
+        let command = self.value(&format!("{t}.command"), command, false, name, "command")?;
+        let _ = writeln!(out, "command = {}", quote(&command));
+        let args = self.args(t, name, entry.get("args"))?;
+        if !args.is_empty() {
+            let list: Vec<String> = args.iter().map(|a| quote(a)).collect();
+            let _ = writeln!(out, "args = [{}]", list.join(", "));
+        }
+        match entry.get("cwd").and_then(Value::as_str) {
+            Some(cwd) => {
+                let cwd = self.value(&format!("{t}.cwd"), cwd, false, name, "cwd")?;
+                let cwd = if cwd.starts_with('/') || cwd.starts_with("${") {
+                    cwd
+                } else {
+                    format!(
+                        "{}/{cwd}",
+                        escape_dollars(&self.workspace.to_string_lossy())
+                    )
+                };
+                let _ = writeln!(out, "cwd = {}", quote(&cwd));
+            }
+            None if client.project_scoped() => {
+                let _ = writeln!(
+                    out,
+                    "# {} starts project servers in the project folder",
+                    client.label()
+                );
+                let cwd = escape_dollars(&self.workspace.to_string_lossy());
+                let _ = writeln!(out, "cwd = {}", quote(&cwd));
+            }
+            None => {}
+        }
+        let mut env = self.map(t, "env", name, entry.get("env"))?;
+        if let Some(file) = entry.get("envFile").and_then(Value::as_str) {
+            env.extend(self.env_file(t, file));
+        }
+        if !env.is_empty() {
+            let _ = writeln!(out, "env = {}", inline_table(&env));
+        }
+        Ok(())
+    }
+
+    /// The keys of an http or sse server (`url`, `headers`); `kind` is the client's `type`.
+    fn remote(
+        &mut self,
+        out: &mut String,
+        t: &str,
+        name: &str,
+        url: &str,
+        kind: Option<&str>,
+        entry: &serde_json::Map<String, Value>,
+    ) -> Result<(), String> {
+        let transport = match kind {
+            Some("sse") => "sse",
+            Some("http" | "streamable-http" | "streamableHttp") => "http",
+            None if url.trim_end_matches('/').ends_with("/sse") => "sse",
+            None => "http",
+            Some(other) => return Err(format!("unknown type \"{other}\" with a `url`")),
+        };
+        let _ = writeln!(out, "transport = \"{transport}\"");
+        let secret_query = url.split_once('?').is_some_and(|(_, q)| {
+            q.split('&').any(|kv| {
+                kv.split_once('=')
+                    .is_some_and(|(k, v)| secret_name(k) || secret_value(v))
+            })
+        });
+        let url = if secret_query || url_has_password(url) {
+            self.placeholder(&format!("{t}.url"), &[name, "url"], url)
+        } else {
+            self.value(&format!("{t}.url"), url, false, name, "url")?
+        };
+        let _ = writeln!(out, "url = {}", quote(&url));
+        let headers = self.map(t, "headers", name, entry.get("headers"))?;
+        if !headers.is_empty() {
+            let _ = writeln!(out, "headers = {}", inline_table(&headers));
+        }
+        Ok(())
     }
 
     /// `args`: references translated; a secret-looking argument, `--token=…` or the value after

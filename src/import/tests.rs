@@ -377,3 +377,36 @@ fn never_overwrites_without_force() {
     assert_eq!(std::fs::read_to_string(&f).unwrap(), "c");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn secrets_in_urls_and_arguments() {
+    let i = convert(
+        Path::new("x.json"),
+        r#"{"mcpServers":{
+            "q": {"url": "https://h.example/mcp?api_key=FIXTUREqsecret1"},
+            "cli": {"command": "srv", "args": ["--token", "FIXTUREflagsecret", "--db=postgres://u:FIXTUREpw@h/d", "--port", "8080"]},
+            "gone": {"command": "x", "env": {"API_KEY": "FIXTUREgone1234"}, "args": ["${config:nope}"]}
+        }}"#,
+        "127.0.0.1:8080",
+    )
+    .unwrap();
+    assert_no_secret(
+        &i,
+        &[
+            "FIXTUREqsecret1",
+            "FIXTUREflagsecret",
+            "FIXTUREpw",
+            "FIXTUREgone",
+        ],
+    );
+    // The skipped server leaves no variable to export.
+    assert_eq!(vars(&i), ["Q_URL", "CLI_TOKEN", "CLI_DB"]);
+    assert!(
+        i.toml
+            .contains(r#"args = ["--token", "${CLI_TOKEN}", "--db=${CLI_DB}", "--port", "8080"]"#),
+        "{}",
+        i.toml
+    );
+    let c = parse(&i);
+    assert_eq!(remote(&c, "q").1, "https://h.example/");
+}
