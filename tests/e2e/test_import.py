@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -100,3 +101,26 @@ def test_init_then_check(tmp_path):
     again = run(["init"], tmp_path)
     assert again.returncode != 0 and "--force" in again.stderr
     assert run(["init", "--force", "--out", str(cfg)], tmp_path).returncode == 0
+
+
+def test_imported_servers_run(tmp_path, ev_http):
+    """An imported Desktop-style stdio server and a Claude Code-style http server with a bearer header answer
+    `tools` through the broker once the printed variables are exported."""
+    src = tmp_path / "proj" / ".mcp.json"
+    src.parent.mkdir()
+    src.write_text(json.dumps({"mcpServers": {
+        "Everything Local": {"command": str(H.EVERYTHING_BIN), "args": ["stdio"],
+                             "env": {"EVERYTHING_API_KEY": "FIXTUREeverything0123456789abcdef"}},
+        "everything-http": {"type": "http", "url": ev_http.url,
+                            "headers": {"Authorization": "Bearer FIXTUREbearer0123456789abcdef"}},
+    }}))
+    out = tmp_path / "servers.toml"
+    p = run(["import", str(src), "--out", str(out)], tmp_path)
+    assert p.returncode == 0, p.stderr
+    names = EXPORT_RE.findall(p.stdout)
+    assert names == ["EVERYTHING_LOCAL_EVERYTHING_API_KEY", "EVERYTHING_HTTP_AUTHORIZATION"], p.stdout
+    assert "FIXTURE" not in p.stdout + out.read_text()
+    t = run(["tools", "-c", str(out), "--json"], tmp_path, placeholder_env(names))
+    assert t.returncode == 0, t.stderr[-2000:]
+    listed = {e["name"] for e in json.loads(t.stdout)}
+    assert {"everything-local__echo", "everything-http__echo"} <= listed, sorted(listed)
