@@ -1,5 +1,5 @@
 //! Command-line surface: parse arguments, set up logging, call [`crate::app`] (or
-//! [`crate::audit_query`]) with plain values. Nothing imports this module back: `app` owns the run.
+//! [`crate::audit_query`], [`crate::import`]) with plain values. Nothing imports this module back: `app` owns the run.
 
 use std::path::PathBuf;
 
@@ -55,6 +55,26 @@ pub enum Command {
         /// Show the catalog as the caller behind this bearer token sees it (needs [auth]).
         #[arg(long)]
         token: Option<String>,
+    },
+    /// Convert a client's MCP config (Claude Desktop, Claude Code, Cursor, VS Code) into a servers.toml.
+    Import {
+        /// `claude_desktop_config.json`, `.mcp.json`, `.cursor/mcp.json` or `.vscode/mcp.json`.
+        file: PathBuf,
+        /// Write here instead of stdout (never over an existing file without --force).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        force: bool,
+        /// The broker's listen address written into [broker].
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+    },
+    /// Write a commented starter servers.toml.
+    Init {
+        #[arg(long, short, default_value = "servers.toml")]
+        out: PathBuf,
+        #[arg(long)]
+        force: bool,
     },
     /// Read the audit trail: a table of records, filtered (or the raw JSON lines with --json).
     Audit(AuditArgs),
@@ -118,6 +138,18 @@ pub fn main() -> std::process::ExitCode {
                 let token = token.or_else(|| std::env::var("MCP_BROKER_TOKEN").ok());
                 crate::status_query::run(&config, url.as_deref(), json, token.as_deref()).await
             }
+            Command::Import {
+                file,
+                out,
+                force,
+                listen,
+            } => Ok(crate::import::run_import(
+                &file,
+                out.as_deref(),
+                force,
+                &listen,
+            )?),
+            Command::Init { out, force } => Ok(crate::import::run_init(&out, force)?),
         }
     });
     let code = result.unwrap_or_else(|e| {

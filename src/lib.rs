@@ -6,6 +6,7 @@
 //! | layer | module | what it does |
 //! |---|---|---|
 //! | 0 | [`config`] | `servers.toml` → validated [`config::Config`]; errors name file, line and key |
+//! | 1 | [`import`] | `import`: a client's MCP config (Claude Desktop, Claude Code, Cursor, VS Code) → `servers.toml`, secrets as `${VAR}`; `init`'s starter file |
 //! | 1 | [`upstream`] | supervised MCP client connections over stdio, legacy SSE and Streamable HTTP |
 //! | 1 | [`catalog`] | pure: the namespaced, collision-checked view of every upstream's lists (raw JSON items); the one [`catalog::Kind`] |
 //! | 1 | [`auth`] | the [`auth::Caller`] behind a request |
@@ -18,7 +19,7 @@
 //! | 3 | [`broker`] | transport-free core: one request pipeline, the session registry, the caller-scoped event router |
 //! | 4 | [`front`] | the rmcp `ServerHandler` adapter, the axum HTTP front |
 //! | 5 | [`app`] | wiring and shutdown order; [`app::run`] serves on a given listener until a given future resolves |
-//! | 6 | [`cli`] | parses arguments and calls [`app`] (or [`audit_query`], [`status_query`]) with plain values |
+//! | 6 | [`cli`] | parses arguments and calls [`app`] (or [`audit_query`], [`status_query`], [`import`]) with plain values |
 
 pub mod app;
 pub mod audit;
@@ -31,6 +32,7 @@ pub mod cluster;
 pub mod config;
 pub mod credentials;
 pub mod front;
+pub mod import;
 pub mod limits;
 pub mod metrics;
 pub mod policy;
