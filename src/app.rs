@@ -408,7 +408,7 @@ pub async fn tools(
         .upstreams()
         .iter()
         .filter(|u| !u.is_up())
-        .map(|u| u.name.clone())
+        .map(|u| (u.name.clone(), u.last_error()))
         .collect();
     if json {
         let rows: Vec<_> = entries
@@ -460,8 +460,11 @@ pub async fn tools(
     for c in &collisions {
         eprintln!("error: {c}");
     }
-    for d in &down {
-        eprintln!("error: server `{d}` could not be reached (see the log above)");
+    for (d, why) in &down {
+        match why {
+            Some(why) => eprintln!("error: server `{d}` could not be reached: {why}"),
+            None => eprintln!("error: server `{d}` could not be reached (see the log above)"),
+        }
     }
     broker.shutdown().await;
     Ok(if collisions.is_empty() && down.is_empty() {

@@ -413,6 +413,9 @@ pub struct BrokerConfig {
     /// front's direct lane, without rmcp's session machinery (`front::lane`). Off: every request
     /// goes through rmcp, and every call gets a resumable event stream.
     pub direct_lane: bool,
+    /// `[broker] inherit_env`: the allow-list of a stdio server without its own `inherit_env` (which
+    /// replaces it rather than adding to it, so no server's environment widens unseen).
+    pub inherit_env: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -606,11 +609,19 @@ impl Config {
         let servers_doc = doc.get("servers").and_then(|v| v.as_table());
         let mut servers = Vec::with_capacity(raw.servers.len());
         for (name, s) in raw.servers {
-            let mut server = ctx.server(&name, &s, &base, &credentials)?;
+            let mut server = ctx.server(&name, &s, &base, &credentials, &broker.inherit_env)?;
             let own = servers_doc
                 .and_then(|t| t.get(&name))
                 .map(|v| toml::to_string(v).unwrap_or_default())
                 .unwrap_or_default();
+            // A stdio server's allow-list may come from `[broker] inherit_env`: a change there is a
+            // change to the server.
+            let own = match &server.transport {
+                TransportConfig::Stdio { inherit_env, .. } => {
+                    format!("{own}\ninherit_env = {inherit_env:?}")
+                }
+                _ => own,
+            };
             server.fingerprint = if server.upstream_auth.is_some() {
                 format!("{own}\n{}", stores_text)
             } else {
@@ -978,6 +989,9 @@ impl Ctx<'_> {
             max_connections,
             request_state_ttl,
             direct_lane: raw.direct_lane.unwrap_or(true),
+            inherit_env: raw
+                .inherit_env
+                .unwrap_or_else(|| DEFAULT_INHERIT_ENV.iter().map(|s| s.to_string()).collect()),
         })
     }
 
@@ -987,6 +1001,7 @@ impl Ctx<'_> {
         raw: &Spanned<KeyedTable>,
         base: &Path,
         stores: &IndexMap<String, CredentialStore>,
+        default_env: &[String],
     ) -> Result<ServerConfig, ConfigError> {
         let t = &["servers", name];
         if name.is_empty() || name.len() > 32 || !name.chars().all(is_name_char) {
@@ -996,7 +1011,13 @@ impl Ctx<'_> {
                 "server names are 1-32 characters of A-Z a-z 0-9 _ -".into(),
             ));
         }
-        let (transport, raw): (RawTransport, RawServer) = self.tagged(t, raw, "transport")?;
+        let (transport, raw): (RawTransport, RawServer) = self.tagged(
+            t,
+            raw,
+            "transport",
+            // `sse` is never inferred: a `url` alone is Streamable HTTP.
+            &[("command", "stdio"), ("url", "http")],
+        )?;
         let transport = match transport {
             RawTransport::Stdio {
                 command,
@@ -1020,8 +1041,7 @@ impl Ctx<'_> {
                     Some(c) => base.join(self.expand(t, "cwd", &c)?),
                     None => base.to_path_buf(),
                 },
-                inherit_env: inherit_env
-                    .unwrap_or_else(|| DEFAULT_INHERIT_ENV.iter().map(|s| s.to_string()).collect()),
+                inherit_env: inherit_env.unwrap_or_else(|| default_env.to_vec()),
             },
             RawTransport::Http {
                 url,
@@ -1317,7 +1337,7 @@ impl Ctx<'_> {
     ) -> Result<CredentialStore, ConfigError> {
         let t = &["credentials", name];
         let (raw, NoSharedKeys {}) =
-            self.tagged::<RawCredentialStore, NoSharedKeys>(t, raw, "kind")?;
+            self.tagged::<RawCredentialStore, NoSharedKeys>(t, raw, "kind", &[])?;
         let url = |key: &str, v: &str| -> Result<url::Url, ConfigError> {
             let v = self.expand(t, key, v)?;
             let u =
