@@ -29,6 +29,8 @@ pub fn check(path: &std::path::Path, for_stdio: bool) -> anyhow::Result<ExitCode
     let config = load(path)?;
     // The Rego policy file is part of the configuration: compile it too.
     crate::broker::build_policy(&config)?;
+    // Each stdio command where its spawn will look for it.
+    config.check_commands(&|k| std::env::var_os(k))?;
     if for_stdio {
         refuse_stdout_audit(path, &config)?;
     }

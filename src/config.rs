@@ -19,6 +19,7 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod command;
 mod raw;
 mod uri;
 use raw::*;
@@ -459,6 +460,8 @@ pub enum TransportConfig {
         env: Vec<(String, Secret)>,
         cwd: PathBuf,
         inherit_env: Vec<String>,
+        /// The line of `command` in the config file, for `check`'s "not found" error.
+        command_line: usize,
     },
     Sse {
         url: url::Url,
@@ -1011,6 +1014,13 @@ impl Ctx<'_> {
                 "server names are 1-32 characters of A-Z a-z 0-9 _ -".into(),
             ));
         }
+        let command_line = raw
+            .get_ref()
+            .0
+            .iter()
+            .find(|(k, _)| k.get_ref() == "command")
+            .map_or(raw.span().start, |(k, _)| k.span().start);
+        let command_line = line_col(self.text, command_line).0;
         let (transport, raw): (RawTransport, RawServer) = self.tagged(
             t,
             raw,
@@ -1042,6 +1052,7 @@ impl Ctx<'_> {
                     None => base.to_path_buf(),
                 },
                 inherit_env: inherit_env.unwrap_or_else(|| default_env.to_vec()),
+                command_line,
             },
             RawTransport::Http {
                 url,
@@ -2203,6 +2214,68 @@ mod tests {
     }
 
     #[test]
+    fn transport_is_inferred_from_command_or_url_and_sse_stays_explicit() {
+        let c = parse("[servers.a]\ncommand = \"x\"\n[servers.b]\nurl = \"http://h/mcp\"\n[servers.c]\ntransport = \"sse\"\nurl = \"http://h/sse\"\n").unwrap();
+        let kinds: Vec<_> = c.servers.iter().map(|s| s.transport.kind()).collect();
+        assert_eq!(kinds, ["stdio", "http", "sse"]);
+        // An explicit transport still decides, and its keys are still checked.
+        let e = parse("[servers.a]\ntransport = \"http\"\ncommand = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("conf/servers.toml:3: `servers.a.command`: `command` does not apply to transport \"http\";"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn keys_of_another_transport_are_refused_when_it_is_inferred() {
+        let e = parse("[servers.a]\ncommand = \"x\"\nheaders = { A = \"b\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("conf/servers.toml:3: `servers.a.headers`: `headers` does not apply to transport \"stdio\" (inferred from `command`); expected one of `command`"),
+            "{e}"
+        );
+        let e = parse("[servers.b]\nurl = \"http://h/mcp\"\ncwd = \"/tmp\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("conf/servers.toml:3: `servers.b.cwd`: `cwd` does not apply to transport \"http\" (inferred from `url`)"),
+            "{e}"
+        );
+        // Both: `command` wins, and `url` is refused on its line.
+        let e = parse("[servers.c]\nurl = \"http://h/mcp\"\ncommand = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("conf/servers.toml:2: `servers.c.url`: `url` does not apply to transport \"stdio\" (inferred from `command`)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn broker_inherit_env_is_the_default_a_server_replaces() {
+        let c = parse("[broker]\ninherit_env = [\"PATH\", \"SSL_CERT_FILE\"]\n[servers.a]\ncommand = \"x\"\n[servers.b]\ncommand = \"y\"\ninherit_env = [\"HOME\"]\n").unwrap();
+        let envs: Vec<_> = c
+            .servers
+            .iter()
+            .map(|s| match &s.transport {
+                TransportConfig::Stdio { inherit_env, .. } => inherit_env.clone(),
+                _ => Vec::new(),
+            })
+            .collect();
+        // b's own list replaces the broker's: SSL_CERT_FILE and PATH do not reach it.
+        assert_eq!(envs, [vec!["PATH", "SSL_CERT_FILE"], vec!["HOME"]]);
+        let plain = parse("[servers.a]\ncommand = \"x\"\n").unwrap();
+        assert_eq!(plain.broker.inherit_env, DEFAULT_INHERIT_ENV);
+        // A change to [broker] inherit_env changes the servers that use it (a reload restarts them).
+        let other = parse("[broker]\ninherit_env = [\"PATH\"]\n[servers.a]\ncommand = \"x\"\n[servers.b]\ncommand = \"y\"\ninherit_env = [\"HOME\"]\n").unwrap();
+        assert_ne!(c.servers[0].fingerprint, other.servers[0].fingerprint);
+        assert_eq!(c.servers[1].fingerprint, other.servers[1].fingerprint);
+    }
+
+    #[test]
     fn an_unknown_transport_lists_the_transports() {
         let e = parse("[servers.web]\ntransport = \"carrier-pigeon\"\ncommand = \"y\"\n")
             .unwrap_err()
@@ -2211,12 +2284,13 @@ mod tests {
             e,
             "conf/servers.toml:2: `servers.web.transport`: \"carrier-pigeon\" is not a transport; use one of `stdio`, `http`, `sse`"
         );
-        let e = parse("[servers.web]\ncommand = \"y\"\n")
+        // Neither `transport` nor a key to infer it from.
+        let e = parse("[servers.web]\nprefix = \"y\"\n")
             .unwrap_err()
             .to_string();
         assert_eq!(
             e,
-            "conf/servers.toml:1: `servers.web.transport`: missing: give one of `stdio`, `http`, `sse`"
+            "conf/servers.toml:1: `servers.web.transport`: missing: give one of `stdio`, `http`, `sse`, or leave it out and give `command` (for stdio) or `url` (for http)"
         );
         let e = parse("[credentials.v]\nkind = \"kms\"\n")
             .unwrap_err()

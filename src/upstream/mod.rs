@@ -850,6 +850,7 @@ impl Upstream {
                 env,
                 cwd,
                 inherit_env,
+                ..
             } => {
                 let cmd = tokio::process::Command::new(command).configure(|c| {
                     c.args(args).current_dir(cwd).env_clear().kill_on_drop(true);
