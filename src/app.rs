@@ -56,7 +56,12 @@ fn refuse_stdout_audit(path: &std::path::Path, config: &Config) -> anyhow::Resul
 
 /// Reload on SIGHUP, and when the file's contents change (polled each second, if `watch_config`).
 /// An invalid file is logged and ignored: the broker keeps running on the configuration it has.
-async fn watch_reloads(path: std::path::PathBuf, initial: Arc<Config>, broker: Arc<Broker>) {
+async fn watch_reloads(
+    path: std::path::PathBuf,
+    initial: Arc<Config>,
+    broker: Arc<Broker>,
+    tls: Option<Arc<crate::front::tls::Tls>>,
+) {
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut last = std::fs::read(&path).ok();
@@ -88,6 +93,17 @@ async fn watch_reloads(path: std::path::PathBuf, initial: Arc<Config>, broker: A
             }
         };
         last = std::fs::read(&path).ok();
+        // SIGHUP also reads the listener's certificate again (a renewal needs no restart).
+        if why == "SIGHUP"
+            && let Some(t) = &tls
+        {
+            match t.reload() {
+                Ok(()) => tracing::info!("TLS certificate read again"),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificate not reloaded; still serving the previous one")
+                }
+            }
+        }
         reload(&path, &initial, &broker, why);
     }
 }
@@ -186,12 +202,17 @@ pub async fn serve(path: &std::path::Path, insecure_no_auth: bool) -> anyhow::Re
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let scheme = if config.broker.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let options = ServeOptions {
         config_path: Some(path.to_path_buf()),
-        on_ready: Some(Box::new(|addr| {
+        on_ready: Some(Box::new(move |addr| {
             use std::io::Write;
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "mcp-broker listening on http://{addr}/mcp");
+            let _ = writeln!(out, "mcp-broker listening on {scheme}://{addr}/mcp");
             let _ = out.flush();
         })),
     };
@@ -251,9 +272,13 @@ pub async fn run(
         }
         None => None,
     };
+    let tls = match &config.broker.tls {
+        Some(t) => Some(crate::front::tls::Tls::load(t)?),
+        None => None,
+    };
     let reloads = options
         .config_path
-        .map(|path| tokio::spawn(watch_reloads(path, initial, broker.clone())));
+        .map(|path| tokio::spawn(watch_reloads(path, initial, broker.clone(), tls.clone())));
     let sessions = CancellationToken::new();
     let auth = match &config.auth {
         Some(a) => Some(Arc::new(Authenticator::new(a.clone())?)),
@@ -267,7 +292,8 @@ pub async fn run(
     tracing::info!(%addr, public_url = %config.broker.public_url, servers = config.servers.len(), "serving");
     let stop = CancellationToken::new();
     let stop_rx = stop.clone();
-    let limits = http::ConnectionLimits::of(&config.broker);
+    let mut limits = http::ConnectionLimits::of(&config.broker);
+    limits.tls = tls;
     let server = tokio::spawn(http::serve(listener, app, limits, async move {
         stop_rx.cancelled().await
     }));
@@ -330,7 +356,12 @@ pub async fn stdio(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let initial = config.clone();
     let broker = Broker::new(config.clone(), audit.clone())?;
     broker.start();
-    let reloads = tokio::spawn(watch_reloads(path.to_path_buf(), initial, broker.clone()));
+    let reloads = tokio::spawn(watch_reloads(
+        path.to_path_buf(),
+        initial,
+        broker.clone(),
+        None,
+    ));
     let running = Front::new(broker.clone())
         .serve(crate::front::relay::RawLists(
             rmcp::transport::async_rw::AsyncRwTransport::new_server(

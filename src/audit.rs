@@ -6,7 +6,7 @@
 //! never blocks a call; the record is counted in `mcp_broker_audit_dropped_total` instead.
 //!
 //! Sinks: a JSONL file (each record is one `write` of one complete line, so a killed broker leaves no
-//! torn record; rotated by size), stdout, or, when neither is configured, the log on stderr.
+//! torn record; rotated by size), stdout, and/or the log on stderr (`[audit] stderr = true`).
 //! Nothing secret is recorded: credentials appear by kind only, and arguments as a hash unless
 //! `arguments = "full"`, which masks secret-looking keys and values.
 //!
@@ -149,9 +149,15 @@ impl Audit {
             None => None,
         };
         let (tx, rx) = mpsc::channel(config.queue);
+        if file.is_none() && !config.stdout && !config.stderr {
+            tracing::info!(
+                "audit records are not kept: set [audit] file (or stdout = true, or stderr = true)"
+            );
+        }
         let writer = Writer {
             file,
             stdout: config.stdout,
+            stderr: config.stderr,
         };
         let handle = tokio::task::spawn_blocking(move || writer.run(rx));
         Ok((
@@ -556,6 +562,7 @@ pub fn parse_rfc3339(ts: &str) -> Option<f64> {
 struct Writer {
     file: Option<RotatingFile>,
     stdout: bool,
+    stderr: bool,
 }
 
 impl Writer {
@@ -612,7 +619,24 @@ impl Writer {
             let _ = out.write_all(line.as_bytes());
             let _ = out.flush();
         }
-        if self.file.is_none() && !self.stdout {
+        if !self.stderr {
+            return;
+        }
+        // Lists are the bulk of a session's records and say little to a person reading the log:
+        // debug (`RUST_LOG=mcp_broker::audit=debug` shows them). The file and stdout keep them all.
+        if r.kind == "list" {
+            tracing::debug!(
+                target: "mcp_broker::audit",
+                sub = %r.sub,
+                kind = r.kind,
+                name = %r.name,
+                decision = r.decision,
+                outcome = r.outcome.as_str(),
+                latency_ms = r.latency_ms,
+                reason = %r.reason,
+                "audit"
+            );
+        } else {
             tracing::info!(
                 target: "mcp_broker::audit",
                 sub = %r.sub,

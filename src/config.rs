@@ -113,6 +113,14 @@ pub struct ClusterConfig {
     pub share_credentials: bool,
 }
 
+/// `[broker] tls`: the listener's certificate chain and private key, PEM files (relative to the
+/// config file's folder).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// The fewest bytes `[cluster] secret_key` may have.
 pub const MIN_SECRET_KEY: usize = 32;
 
@@ -122,6 +130,8 @@ pub struct AuditConfig {
     /// A JSONL file (resolved against the config file's folder), rotated at `max_file_bytes`.
     pub file: Option<PathBuf>,
     pub stdout: bool,
+    /// Records also go to the log on stderr (the `mcp_broker::audit` target; list records at debug).
+    pub stderr: bool,
     pub arguments: AuditArguments,
     pub max_file_bytes: u64,
     /// Rotated files kept: `audit.jsonl.1` … `audit.jsonl.N`.
@@ -135,6 +145,7 @@ impl Default for AuditConfig {
         Self {
             file: None,
             stdout: false,
+            stderr: false,
             arguments: AuditArguments::Hash,
             max_file_bytes: 100 * 1024 * 1024,
             keep_files: 5,
@@ -384,6 +395,8 @@ pub struct BrokerConfig {
     pub listen: SocketAddr,
     /// The broker's own MCP URL: the resource identifier, and the one non-loopback Host/Origin accepted.
     pub public_url: url::Url,
+    /// `tls = { cert, key }`: serve HTTPS (PEM files, read again on SIGHUP).
+    pub tls: Option<TlsConfig>,
     pub separator: String,
     pub session_idle_timeout: Duration,
     pub max_request_body: usize,
@@ -467,12 +480,25 @@ pub enum TransportConfig {
         url: url::Url,
         headers: Vec<(String, Secret)>,
         follow_redirects: FollowRedirects,
+        tls: UpstreamTls,
     },
     Http {
         url: url::Url,
         headers: Vec<(String, Secret)>,
         follow_redirects: FollowRedirects,
+        tls: UpstreamTls,
     },
+}
+
+/// `ca_file`, `client_cert` and `client_key` of an http or sse server: PEM files (relative to the
+/// config file's folder), checked readable when the config is read, loaded when the server's
+/// client is built.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UpstreamTls {
+    /// Trusted besides the system's roots (a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate chain and its key, for servers that require one (mutual TLS).
+    pub client_identity: Option<(PathBuf, PathBuf)>,
 }
 
 impl TransportConfig {
@@ -485,6 +511,14 @@ impl TransportConfig {
     }
 
     /// Which redirects the upstream's HTTP client follows (stdio has none to follow).
+    /// The TLS settings of an http or sse server (none for stdio).
+    pub fn tls(&self) -> Option<&UpstreamTls> {
+        match self {
+            Self::Stdio { .. } => None,
+            Self::Sse { tls, .. } | Self::Http { tls, .. } => Some(tls),
+        }
+    }
+
     pub fn follow_redirects(&self) -> FollowRedirects {
         match self {
             Self::Stdio { .. } => FollowRedirects::None,
@@ -817,6 +851,43 @@ impl Ctx<'_> {
         })
     }
 
+    /// An http or sse server's `ca_file`, `client_cert` and `client_key`: each a readable file;
+    /// the certificate and key only together.
+    fn upstream_tls(
+        &self,
+        t: &[&str],
+        base: &Path,
+        ca_file: Option<String>,
+        client_cert: Option<String>,
+        client_key: Option<String>,
+    ) -> Result<UpstreamTls, ConfigError> {
+        let file = |key: &str, v: String| -> Result<PathBuf, ConfigError> {
+            let path = base.join(self.expand(t, key, &v)?);
+            std::fs::metadata(&path)
+                .ok()
+                .filter(|m| m.is_file())
+                .ok_or_else(|| {
+                    self.invalid(t, key, format!("{} is not a readable file", path.display()))
+                })?;
+            Ok(path)
+        };
+        let ca_file = ca_file.map(|v| file("ca_file", v)).transpose()?;
+        let client_identity = match (client_cert, client_key) {
+            (Some(c), Some(k)) => Some((file("client_cert", c)?, file("client_key", k)?)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(self.invalid(t, "client_cert", "needs `client_key` too".into()));
+            }
+            (None, Some(_)) => {
+                return Err(self.invalid(t, "client_key", "needs `client_cert` too".into()));
+            }
+        };
+        Ok(UpstreamTls {
+            ca_file,
+            client_identity,
+        })
+    }
+
     /// Expand `${VAR}` (and `$$` → `$`); an unset variable is an error naming the key.
     fn expand(&self, table: &[&str], key: &str, value: &str) -> Result<String, ConfigError> {
         let mut out = String::with_capacity(value.len());
@@ -896,9 +967,27 @@ impl Ctx<'_> {
                 }
                 url
             }
-            None => url::Url::parse(&format!("http://{listen}/mcp")).map_err(|e| {
-                self.invalid(t, "listen", format!("cannot form a URL from it: {e}"))
-            })?,
+            None => {
+                let scheme = if raw.tls.is_some() { "https" } else { "http" };
+                url::Url::parse(&format!("{scheme}://{listen}/mcp")).map_err(|e| {
+                    self.invalid(t, "listen", format!("cannot form a URL from it: {e}"))
+                })?
+            }
+        };
+        let tls = match raw.tls {
+            Some(tls) => {
+                let base = self
+                    .path
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from("."));
+                Some(TlsConfig {
+                    cert: base.join(self.expand(t, "tls", &tls.cert)?),
+                    key: base.join(self.expand(t, "tls", &tls.key)?),
+                })
+            }
+            None => None,
         };
         let separator = raw.separator.unwrap_or_else(|| "__".into());
         if separator.is_empty() || !separator.chars().all(is_name_char) {
@@ -978,6 +1067,7 @@ impl Ctx<'_> {
         Ok(BrokerConfig {
             listen,
             public_url,
+            tls,
             separator,
             session_idle_timeout,
             max_request_body,
@@ -1058,24 +1148,32 @@ impl Ctx<'_> {
                 url,
                 headers,
                 follow_redirects,
+                ca_file,
+                client_cert,
+                client_key,
             } => {
                 let (url, headers) = self.remote(t, &url, headers)?;
                 TransportConfig::Http {
                     url,
                     headers,
                     follow_redirects: follow_redirects.unwrap_or_default(),
+                    tls: self.upstream_tls(t, base, ca_file, client_cert, client_key)?,
                 }
             }
             RawTransport::Sse {
                 url,
                 headers,
                 follow_redirects,
+                ca_file,
+                client_cert,
+                client_key,
             } => {
                 let (url, headers) = self.remote(t, &url, headers)?;
                 TransportConfig::Sse {
                     url,
                     headers,
                     follow_redirects: follow_redirects.unwrap_or_default(),
+                    tls: self.upstream_tls(t, base, ca_file, client_cert, client_key)?,
                 }
             }
         };
@@ -1277,6 +1375,7 @@ impl Ctx<'_> {
         Ok(AuditConfig {
             file,
             stdout: raw.stdout.unwrap_or(false),
+            stderr: raw.stderr.unwrap_or(false),
             arguments,
             max_file_bytes,
             keep_files: raw.keep_files.unwrap_or(d.keep_files),
@@ -1793,6 +1892,52 @@ mod tests {
     }
 
     #[test]
+    fn upstream_tls_files_are_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").expect("write");
+        let cfg = dir.path().join("servers.toml");
+        let p = |extra: &str| {
+            let text = format!(
+                "[servers.w]\ntransport = \"http\"\nurl = \"https://w.example/mcp\"\n{extra}\n"
+            );
+            Config::parse(&cfg, &text, &|_| None)
+        };
+        let c = p("ca_file = \"ca.pem\"").expect("valid");
+        assert_eq!(
+            c.servers[0].transport.tls().and_then(|t| t.ca_file.clone()),
+            Some(ca.clone())
+        );
+        for (extra, key, why) in [
+            (
+                "ca_file = \"missing.pem\"",
+                "servers.w.ca_file",
+                "not a readable file",
+            ),
+            (
+                "client_cert = \"ca.pem\"",
+                "servers.w.client_cert",
+                "needs `client_key`",
+            ),
+            (
+                "client_key = \"ca.pem\"",
+                "servers.w.client_key",
+                "needs `client_cert`",
+            ),
+        ] {
+            match p(extra) {
+                Err(ConfigError::Invalid {
+                    key: k, message, ..
+                }) => {
+                    assert_eq!(k, key, "{extra}");
+                    assert!(message.contains(why), "{extra}: {message}");
+                }
+                other => panic!("{extra}: expected an error on {key}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn cluster_section_is_parsed_strictly() {
         let env = |k: &str| match k {
             "KEY" => Some("k".repeat(32)),
@@ -2182,7 +2327,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.starts_with("conf/servers.toml:4: `servers.web.cwd`: `cwd` does not apply to transport \"http\"; expected one of `url`, `headers`, `follow_redirects`, or a key every transport takes: `prefix`"),
+            e.starts_with("conf/servers.toml:4: `servers.web.cwd`: `cwd` does not apply to transport \"http\"; expected one of `url`, `headers`, `follow_redirects`, `ca_file`, `client_cert`, `client_key`, or a key every transport takes: `prefix`"),
             "{e}"
         );
         // the same key written before `transport`, and in an inline table

@@ -50,6 +50,7 @@ pub(super) struct RawCluster {
 pub(super) struct RawAudit {
     pub(super) file: Option<String>,
     pub(super) stdout: Option<bool>,
+    pub(super) stderr: Option<bool>,
     pub(super) arguments: Option<String>,
     pub(super) max_file_size: Option<String>,
     pub(super) keep_files: Option<usize>,
@@ -267,6 +268,15 @@ pub(super) struct RawBroker {
     pub(super) request_state_ttl: Option<String>,
     pub(super) direct_lane: Option<bool>,
     pub(super) inherit_env: Option<Vec<String>>,
+    pub(super) tls: Option<RawTls>,
+}
+
+/// `[broker] tls = { cert = "…", key = "…" }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) cert: String,
+    pub(super) key: String,
 }
 
 /// `[servers.NAME]` keys every transport takes; the rest of the table is the [`RawTransport`].
@@ -303,11 +313,17 @@ pub(super) enum RawTransport {
         url: String,
         headers: Option<BTreeMap<String, String>>,
         follow_redirects: Option<FollowRedirects>,
+        ca_file: Option<String>,
+        client_cert: Option<String>,
+        client_key: Option<String>,
     },
     Sse {
         url: String,
         headers: Option<BTreeMap<String, String>>,
         follow_redirects: Option<FollowRedirects>,
+        ca_file: Option<String>,
+        client_cert: Option<String>,
+        client_key: Option<String>,
     },
 }
 

@@ -621,7 +621,7 @@ fn challenge(
 
 /// What one connection may hold, and how many there may be: the limits that keep a slow or
 /// idle client from tying up the listener.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectionLimits {
     /// A request's headers must arrive within this. hyper starts the clock when it begins waiting
     /// for a request, so an idle keep-alive connection is closed after it too.
@@ -629,6 +629,8 @@ pub struct ConnectionLimits {
     /// Connections served at once. At the cap the listener stops accepting: new connections wait
     /// in the kernel's backlog (costing no task or buffer) until one closes.
     pub max_connections: usize,
+    /// `[broker] tls`: connections are TLS (the handshake must end within `header_read_timeout`).
+    pub tls: Option<Arc<super::tls::Tls>>,
 }
 
 impl ConnectionLimits {
@@ -636,6 +638,7 @@ impl ConnectionLimits {
         ConnectionLimits {
             header_read_timeout: cfg.header_read_timeout,
             max_connections: cfg.max_connections,
+            tls: None,
         }
     }
 }
@@ -696,11 +699,27 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = tcp.set_nodelay(true);
-        let conn = http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
-        let conn = connections.watch(conn);
+        let Some(tls) = limits.tls.clone() else {
+            let conn =
+                http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
+            let conn = connections.watch(conn);
+            tokio::spawn(async move {
+                // A client that goes away, or a header timeout: nothing to report.
+                let _ = conn.await;
+                drop(slot);
+            });
+            continue;
+        };
+        // The handshake runs in the connection's task, bounded like a request's headers: a client
+        // that stalls it holds only its own slot.
+        let (http, app, watcher) = (http.clone(), app.clone(), connections.watcher());
+        let handshake = limits.header_read_timeout;
         tokio::spawn(async move {
-            // A client that goes away, or a header timeout: nothing to report.
-            let _ = conn.await;
+            if let Ok(Ok(stream)) = tokio::time::timeout(handshake, tls.accept(tcp)).await {
+                let conn =
+                    http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+                let _ = watcher.watch(conn).await;
+            }
             drop(slot);
         });
     }

@@ -8,3 +8,4 @@ mod lane;
 pub mod mcp;
 pub mod relay;
 mod resume;
+pub mod tls;

@@ -71,6 +71,8 @@ pub enum UpstreamError {
     Sse(#[from] SseError),
     #[error("HTTP client: {0}")]
     HttpClient(reqwest::Error),
+    #[error("TLS files: {0}")]
+    Tls(String),
     #[error("initialize failed: {0}")]
     Initialize(String),
     /// A stdio child that ended before answering `initialize`: its status and last stderr lines.
@@ -253,16 +255,51 @@ pub struct Upstream {
     http: reqwest::Client,
 }
 
+/// A private CA trusted besides the system's roots, and a client certificate (mutual TLS).
+fn with_tls(
+    mut http: reqwest::ClientBuilder,
+    tls: &crate::config::UpstreamTls,
+) -> Result<reqwest::ClientBuilder, UpstreamError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| UpstreamError::Tls(format!("{}: {e}", p.display())))
+    };
+    if let Some(ca) = &tls.ca_file {
+        let certs = reqwest::Certificate::from_pem_bundle(&read(ca)?)
+            .map_err(|e| UpstreamError::Tls(format!("{}: {e}", ca.display())))?;
+        if certs.is_empty() {
+            return Err(UpstreamError::Tls(format!(
+                "{}: no certificate in it",
+                ca.display()
+            )));
+        }
+        for c in certs {
+            http = http.add_root_certificate(c);
+        }
+    }
+    if let Some((cert, key)) = &tls.client_identity {
+        let mut pem = read(cert)?;
+        pem.push(b'\n');
+        pem.extend(read(key)?);
+        let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
+            UpstreamError::Tls(format!("{} / {}: {e}", cert.display(), key.display()))
+        })?;
+        http = http.identity(id);
+    }
+    Ok(http)
+}
+
 impl Upstream {
     pub fn new(config: ServerConfig, per_caller: bool) -> Result<Arc<Self>, UpstreamError> {
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .tcp_nodelay(true)
             .connect_timeout(config.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             // Requests carry the server's headers and credentials: no redirect off its origin.
-            .redirect(redirect::policy(config.transport.follow_redirects()))
-            .build()
-            .map_err(UpstreamError::HttpClient)?;
+            .redirect(redirect::policy(config.transport.follow_redirects()));
+        if let Some(tls) = config.transport.tls() {
+            http = with_tls(http, tls)?;
+        }
+        let http = http.build().map_err(UpstreamError::HttpClient)?;
         Ok(Arc::new(Self {
             name: Arc::from(config.name.as_str()),
             config,

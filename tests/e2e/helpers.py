@@ -38,7 +38,7 @@ IDENTITY_BIN = EXAMPLES_DIR / "identity_directory"
 ARTIFACTS = ROOT / "target" / "e2e-artifacts"
 
 TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-BROKER_LISTEN_RE = re.compile(r"^mcp-broker listening on (http://\S+/mcp)\s*$")
+BROKER_LISTEN_RE = re.compile(r"^mcp-broker listening on (https?://\S+/mcp)\s*$")
 EXAMPLE_LISTEN_RE = re.compile(r"listening on (http://\S+/mcp)\s*$")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import signal
 import stat
 import subprocess
@@ -447,9 +448,9 @@ def test_arguments_none(tmp_path):
 # --------------------------------------------------------------------------- sinks
 
 
-def test_without_audit_file_records_go_to_the_log(tmp_path):
-    """No [audit] file/stdout: records are `mcp_broker::audit` events in the stderr log."""
-    b = start_plain(tmp_path, "broker-audit-log", "")
+def test_stderr_records_go_to_the_log(tmp_path):
+    """`[audit] stderr = true`: records are `mcp_broker::audit` events in the stderr log (lists only at debug)."""
+    b = start_plain(tmp_path, "broker-audit-log", "[audit]\nstderr = true\n")
     try:
         H.wait_for_tools(b.url, ["ledger__list_accounts"], 30)
         with H.RawSession(b.url, None) as s:
@@ -465,6 +466,32 @@ def test_without_audit_file_records_go_to_the_log(tmp_path):
                            ("outcome", "ok")):
             assert re.search(rf'\b{key}="?{value}"?(\s|$)', ln), (key, value, ln)
         assert not list(tmp_path.glob("*.jsonl"))
+        log = b.proc.stderr_path.read_text(errors="replace")
+        assert not [ln for ln in log.splitlines() if "mcp_broker::audit" in ln and 'kind="list"' in ln], \
+            "list records are logged at debug only"
+    finally:
+        b.stop()
+
+
+def test_without_audit_section_the_log_holds_no_records(tmp_path):
+    """No [audit]: a session that lists and calls (one unknown tool among them) leaves no audit record and no
+    library WARN line on stderr; the start-up log says records are not kept."""
+    b = start_plain(tmp_path, "broker-audit-none", "")
+    try:
+        H.wait_for_tools(b.url, ["ledger__list_accounts"], 30)
+        with H.RawSession(b.url, None) as s:
+            s.initialize()
+            s.request("tools/list", {})
+            s.request("tools/call", {"name": "ledger__list_accounts", "arguments": {}})
+            s.post("tools/call", {"name": "ledger__no_such_tool", "arguments": {}})
+        time.sleep(0.5)
+        log = b.proc.stderr_path.read_text(errors="replace")
+        assert "audit records are not kept" in log, log[-2000:]
+        records = [ln for ln in log.splitlines() if "mcp_broker::audit: audit sub=" in ln]
+        assert not records, records[:3]
+        broker_warns = [ln for ln in log.splitlines()
+                        if " WARN " in ln and "rmcp" in ln and "mcp_broker::upstream::stderr" not in ln]
+        assert not broker_warns, broker_warns[:3]
     finally:
         b.stop()
 

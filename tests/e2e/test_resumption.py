@@ -56,6 +56,8 @@ def rbroker(tmp_path_factory, ev_http, ref_server):
                        # Every call on an event stream: the direct lane answers plain calls as JSON, which has
                        # nothing to resume (test_lane.py covers the lane; the progress calls here bypass it anyway).
                        broker={"direct_lane": False},
+                       # audit_count reads the records from the log
+                       extra_toml="[audit]\nstderr = true\n",
                        name="broker-resume")
     try:
         H.wait_for_tools(b.url, [SLOW, "ref__test_reconnection", "evhttp__echo"], timeout=30)
