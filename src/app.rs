@@ -29,6 +29,8 @@ pub fn check(path: &std::path::Path, for_stdio: bool) -> anyhow::Result<ExitCode
     let config = load(path)?;
     // The Rego policy file is part of the configuration: compile it too.
     crate::broker::build_policy(&config)?;
+    // Each stdio command where its spawn will look for it.
+    config.check_commands(&|k| std::env::var_os(k))?;
     if for_stdio {
         refuse_stdout_audit(path, &config)?;
     }
@@ -439,7 +441,7 @@ pub async fn tools(
         .upstreams()
         .iter()
         .filter(|u| !u.is_up())
-        .map(|u| u.name.clone())
+        .map(|u| (u.name.clone(), u.last_error()))
         .collect();
     if json {
         let rows: Vec<_> = entries
@@ -491,8 +493,11 @@ pub async fn tools(
     for c in &collisions {
         eprintln!("error: {c}");
     }
-    for d in &down {
-        eprintln!("error: server `{d}` could not be reached (see the log above)");
+    for (d, why) in &down {
+        match why {
+            Some(why) => eprintln!("error: server `{d}` could not be reached: {why}"),
+            None => eprintln!("error: server `{d}` could not be reached (see the log above)"),
+        }
     }
     broker.shutdown().await;
     Ok(if collisions.is_empty() && down.is_empty() {

@@ -19,6 +19,7 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod command;
 mod raw;
 mod uri;
 use raw::*;
@@ -429,6 +430,9 @@ pub struct BrokerConfig {
     /// front's direct lane, without rmcp's session machinery (`front::lane`). Off: every request
     /// goes through rmcp, and every call gets a resumable event stream.
     pub direct_lane: bool,
+    /// `[broker] inherit_env`: the allow-list of a stdio server without its own `inherit_env` (which
+    /// replaces it rather than adding to it, so no server's environment widens unseen).
+    pub inherit_env: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -472,6 +476,8 @@ pub enum TransportConfig {
         env: Vec<(String, Secret)>,
         cwd: PathBuf,
         inherit_env: Vec<String>,
+        /// The line of `command` in the config file, for `check`'s "not found" error.
+        command_line: usize,
     },
     Sse {
         url: url::Url,
@@ -643,11 +649,19 @@ impl Config {
         let servers_doc = doc.get("servers").and_then(|v| v.as_table());
         let mut servers = Vec::with_capacity(raw.servers.len());
         for (name, s) in raw.servers {
-            let mut server = ctx.server(&name, &s, &base, &credentials)?;
+            let mut server = ctx.server(&name, &s, &base, &credentials, &broker.inherit_env)?;
             let own = servers_doc
                 .and_then(|t| t.get(&name))
                 .map(|v| toml::to_string(v).unwrap_or_default())
                 .unwrap_or_default();
+            // A stdio server's allow-list may come from `[broker] inherit_env`: a change there is a
+            // change to the server.
+            let own = match &server.transport {
+                TransportConfig::Stdio { inherit_env, .. } => {
+                    format!("{own}\ninherit_env = {inherit_env:?}")
+                }
+                _ => own,
+            };
             server.fingerprint = if server.upstream_auth.is_some() {
                 format!("{own}\n{}", stores_text)
             } else {
@@ -1071,6 +1085,9 @@ impl Ctx<'_> {
             max_connections,
             request_state_ttl,
             direct_lane: raw.direct_lane.unwrap_or(true),
+            inherit_env: raw
+                .inherit_env
+                .unwrap_or_else(|| DEFAULT_INHERIT_ENV.iter().map(|s| s.to_string()).collect()),
         })
     }
 
@@ -1080,6 +1097,7 @@ impl Ctx<'_> {
         raw: &Spanned<KeyedTable>,
         base: &Path,
         stores: &IndexMap<String, CredentialStore>,
+        default_env: &[String],
     ) -> Result<ServerConfig, ConfigError> {
         let t = &["servers", name];
         if name.is_empty() || name.len() > 32 || !name.chars().all(is_name_char) {
@@ -1089,7 +1107,20 @@ impl Ctx<'_> {
                 "server names are 1-32 characters of A-Z a-z 0-9 _ -".into(),
             ));
         }
-        let (transport, raw): (RawTransport, RawServer) = self.tagged(t, raw, "transport")?;
+        let command_line = raw
+            .get_ref()
+            .0
+            .iter()
+            .find(|(k, _)| k.get_ref() == "command")
+            .map_or(raw.span().start, |(k, _)| k.span().start);
+        let command_line = line_col(self.text, command_line).0;
+        let (transport, raw): (RawTransport, RawServer) = self.tagged(
+            t,
+            raw,
+            "transport",
+            // `sse` is never inferred: a `url` alone is Streamable HTTP.
+            &[("command", "stdio"), ("url", "http")],
+        )?;
         let transport = match transport {
             RawTransport::Stdio {
                 command,
@@ -1113,8 +1144,8 @@ impl Ctx<'_> {
                     Some(c) => base.join(self.expand(t, "cwd", &c)?),
                     None => base.to_path_buf(),
                 },
-                inherit_env: inherit_env
-                    .unwrap_or_else(|| DEFAULT_INHERIT_ENV.iter().map(|s| s.to_string()).collect()),
+                inherit_env: inherit_env.unwrap_or_else(|| default_env.to_vec()),
+                command_line,
             },
             RawTransport::Http {
                 url,
@@ -1420,7 +1451,7 @@ impl Ctx<'_> {
     ) -> Result<CredentialStore, ConfigError> {
         let t = &["credentials", name];
         let (raw, NoSharedKeys {}) =
-            self.tagged::<RawCredentialStore, NoSharedKeys>(t, raw, "kind")?;
+            self.tagged::<RawCredentialStore, NoSharedKeys>(t, raw, "kind", &[])?;
         let url = |key: &str, v: &str| -> Result<url::Url, ConfigError> {
             let v = self.expand(t, key, v)?;
             let u =
@@ -2332,6 +2363,68 @@ mod tests {
     }
 
     #[test]
+    fn transport_is_inferred_from_command_or_url_and_sse_stays_explicit() {
+        let c = parse("[servers.a]\ncommand = \"x\"\n[servers.b]\nurl = \"http://h/mcp\"\n[servers.c]\ntransport = \"sse\"\nurl = \"http://h/sse\"\n").unwrap();
+        let kinds: Vec<_> = c.servers.iter().map(|s| s.transport.kind()).collect();
+        assert_eq!(kinds, ["stdio", "http", "sse"]);
+        // An explicit transport still decides, and its keys are still checked.
+        let e = parse("[servers.a]\ntransport = \"http\"\ncommand = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("conf/servers.toml:3: `servers.a.command`: `command` does not apply to transport \"http\";"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn keys_of_another_transport_are_refused_when_it_is_inferred() {
+        let e = parse("[servers.a]\ncommand = \"x\"\nheaders = { A = \"b\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("conf/servers.toml:3: `servers.a.headers`: `headers` does not apply to transport \"stdio\" (inferred from `command`); expected one of `command`"),
+            "{e}"
+        );
+        let e = parse("[servers.b]\nurl = \"http://h/mcp\"\ncwd = \"/tmp\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("conf/servers.toml:3: `servers.b.cwd`: `cwd` does not apply to transport \"http\" (inferred from `url`)"),
+            "{e}"
+        );
+        // Both: `command` wins, and `url` is refused on its line.
+        let e = parse("[servers.c]\nurl = \"http://h/mcp\"\ncommand = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("conf/servers.toml:2: `servers.c.url`: `url` does not apply to transport \"stdio\" (inferred from `command`)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn broker_inherit_env_is_the_default_a_server_replaces() {
+        let c = parse("[broker]\ninherit_env = [\"PATH\", \"SSL_CERT_FILE\"]\n[servers.a]\ncommand = \"x\"\n[servers.b]\ncommand = \"y\"\ninherit_env = [\"HOME\"]\n").unwrap();
+        let envs: Vec<_> = c
+            .servers
+            .iter()
+            .map(|s| match &s.transport {
+                TransportConfig::Stdio { inherit_env, .. } => inherit_env.clone(),
+                _ => Vec::new(),
+            })
+            .collect();
+        // b's own list replaces the broker's: SSL_CERT_FILE and PATH do not reach it.
+        assert_eq!(envs, [vec!["PATH", "SSL_CERT_FILE"], vec!["HOME"]]);
+        let plain = parse("[servers.a]\ncommand = \"x\"\n").unwrap();
+        assert_eq!(plain.broker.inherit_env, DEFAULT_INHERIT_ENV);
+        // A change to [broker] inherit_env changes the servers that use it (a reload restarts them).
+        let other = parse("[broker]\ninherit_env = [\"PATH\"]\n[servers.a]\ncommand = \"x\"\n[servers.b]\ncommand = \"y\"\ninherit_env = [\"HOME\"]\n").unwrap();
+        assert_ne!(c.servers[0].fingerprint, other.servers[0].fingerprint);
+        assert_eq!(c.servers[1].fingerprint, other.servers[1].fingerprint);
+    }
+
+    #[test]
     fn an_unknown_transport_lists_the_transports() {
         let e = parse("[servers.web]\ntransport = \"carrier-pigeon\"\ncommand = \"y\"\n")
             .unwrap_err()
@@ -2340,12 +2433,13 @@ mod tests {
             e,
             "conf/servers.toml:2: `servers.web.transport`: \"carrier-pigeon\" is not a transport; use one of `stdio`, `http`, `sse`"
         );
-        let e = parse("[servers.web]\ncommand = \"y\"\n")
+        // Neither `transport` nor a key to infer it from.
+        let e = parse("[servers.web]\nprefix = \"y\"\n")
             .unwrap_err()
             .to_string();
         assert_eq!(
             e,
-            "conf/servers.toml:1: `servers.web.transport`: missing: give one of `stdio`, `http`, `sse`"
+            "conf/servers.toml:1: `servers.web.transport`: missing: give one of `stdio`, `http`, `sse`, or leave it out and give `command` (for stdio) or `url` (for http)"
         );
         let e = parse("[credentials.v]\nkind = \"kms\"\n")
             .unwrap_err()

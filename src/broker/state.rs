@@ -47,7 +47,12 @@ impl State {
             let per_owner = s.isolation != Isolation::Shared;
             let kept = old.and_then(|o| {
                 o.upstream(&s.name)
-                    .filter(|u| u.config.fingerprint == s.fingerprint && u.per_caller == per_owner)
+                    // A server that failed for good (a missing executable) is tried afresh.
+                    .filter(|u| {
+                        u.config.fingerprint == s.fingerprint
+                            && u.per_caller == per_owner
+                            && !u.failed()
+                    })
                     .map(|u| (u.clone(), o.concurrency.get(&u.name).cloned()))
             });
             let (up, slots) = match kept {

@@ -269,6 +269,7 @@ pub(super) struct RawBroker {
     pub(super) max_connections: Option<usize>,
     pub(super) request_state_ttl: Option<String>,
     pub(super) direct_lane: Option<bool>,
+    pub(super) inherit_env: Option<Vec<String>>,
     pub(super) tls: Option<RawTls>,
 }
 
@@ -430,11 +431,15 @@ impl Ctx<'_> {
     /// Type a [`KeyedTable`] whose `tag` key picks the variant of `V` (an enum of struct variants named
     /// as the tag's values, `deny_unknown_fields`); the keys of `S` are shared by every variant. Errors
     /// name the line of the key they concern and say which keys the variant takes.
+    ///
+    /// Without the `tag` key, the first `(key, variant)` of `infer` whose key the table has picks the
+    /// variant (a server with `command` is stdio); the variant's own keys are then checked as usual.
     pub(super) fn tagged<V: serde::de::DeserializeOwned, S: serde::de::DeserializeOwned>(
         &self,
         table: &[&str],
         raw: &Spanned<KeyedTable>,
         tag: &str,
+        infer: &[(&str, &str)],
     ) -> Result<(V, S), ConfigError> {
         let at = Place {
             ctx: self,
@@ -456,8 +461,27 @@ impl Ctx<'_> {
                 own.insert(k.clone(), v.clone());
             }
         }
-        let Some(variant) = variant else {
-            return Err(at.error(tag, format!("missing: give one of {}", listed(variants))));
+        let has = |key: &str| raw.get_ref().0.iter().any(|(k, _)| k.get_ref() == key);
+        let (variant, inferred) = match variant {
+            Some(v) => (v, String::new()),
+            None => match infer.iter().find(|(key, _)| has(key)) {
+                Some((key, v)) => (*v, format!(" (inferred from `{key}`)")),
+                None => {
+                    let or: Vec<_> = infer
+                        .iter()
+                        .map(|(key, v)| format!("`{key}` (for {v})"))
+                        .collect();
+                    let or = if or.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", or leave it out and give {}", or.join(" or "))
+                    };
+                    return Err(at.error(
+                        tag,
+                        format!("missing: give one of {}{or}", listed(variants)),
+                    ));
+                }
+            },
         };
         // Externally tagged (`{ stdio = { ... } }`) so serde picks the variant and the path names the key.
         let value = toml::Table::from_iter([(variant.to_string(), toml::Value::Table(own))]);
@@ -471,7 +495,10 @@ impl Ctx<'_> {
                     return at.error(tag, m);
                 }
                 let missing = backticked(&message).unwrap_or_default();
-                return at.error(missing, format!("{tag} \"{variant}\" needs `{missing}`"));
+                return at.error(
+                    missing,
+                    format!("{tag} \"{variant}\"{inferred} needs `{missing}`"),
+                );
             };
             let message = match message.strip_prefix("unknown field ") {
                 // An unknown key of the variant itself (not one inside a value of it).
@@ -482,7 +509,9 @@ impl Ctx<'_> {
                     } else {
                         format!(", or a key every {tag} takes: {}", listed(shared))
                     };
-                    format!("`{key}` does not apply to {tag} \"{variant}\"; {expected}{also}")
+                    format!(
+                        "`{key}` does not apply to {tag} \"{variant}\"{inferred}; {expected}{also}"
+                    )
                 }
                 _ => message,
             };

@@ -76,10 +76,47 @@ pub enum UpstreamError {
     Tls(String),
     #[error("initialize failed: {0}")]
     Initialize(String),
+    /// A stdio child that ended before answering `initialize`: its status and last stderr lines.
+    #[error("the process exited before `initialize` ({}){}", exit_status(.status), stderr_lines(.stderr))]
+    Exited {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     #[error("credential: {0}")]
     Credential(String),
+}
+
+fn exit_status(status: &std::process::ExitStatus) -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.signal() {
+            return format!("killed by signal {sig}");
+        }
+    }
+    match status.code() {
+        Some(code) => format!("exit status {code}"),
+        None => status.to_string(),
+    }
+}
+
+fn stderr_lines(tail: &str) -> String {
+    if tail.is_empty() {
+        "; it wrote nothing to stderr".into()
+    } else {
+        format!("; its last stderr lines: {tail}")
+    }
+}
+
+impl UpstreamError {
+    /// A stdio command that does not exist or cannot be executed: retrying cannot help until the
+    /// configuration changes (a reload) or the broker restarts.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Spawn { source, .. }
+            if matches!(source.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied))
+    }
 }
 
 /// Something an upstream did on its own initiative, for the broker to route.
@@ -216,6 +253,9 @@ pub struct Upstream {
     last_error_at: Mutex<Option<std::time::SystemTime>>,
     /// When the supervisor tries again, while it waits (backing off).
     next_retry: Mutex<Option<Instant>>,
+    /// Set when connecting failed in a way retrying cannot fix (a missing executable): the
+    /// supervisor stops, and a reload builds a fresh upstream instead of keeping this one.
+    failed: std::sync::atomic::AtomicBool,
     http: reqwest::Client,
 }
 
@@ -282,6 +322,7 @@ impl Upstream {
             last_error: Mutex::new(None),
             last_error_at: Mutex::new(None),
             next_retry: Mutex::new(None),
+            failed: std::sync::atomic::AtomicBool::new(false),
             http,
         }))
     }
@@ -362,6 +403,11 @@ impl Upstream {
     /// Has the first connect attempt ended (connected or failed)? Per-caller servers have none.
     pub fn attempted(&self) -> bool {
         self.per_caller || self.attempted.load(Ordering::Acquire)
+    }
+
+    /// Has connecting failed for good (see [`UpstreamError::is_permanent`])?
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
     }
 
     /// Why the server is not connected, if known.
@@ -686,6 +732,16 @@ impl Upstream {
                         backoff = BACKOFF_START;
                     }
                 }
+                Err(e) if e.is_permanent() => {
+                    self.set_error(e.to_string());
+                    self.failed.store(true, Ordering::Release);
+                    tracing::error!(server = %self.name, error = %e, "upstream failed; not retried (fix the command, then reload the config or restart)");
+                    let _ = events.send(UpstreamEvent::StateChanged {
+                        server: self.name.clone(),
+                    });
+                    shutdown.cancelled().await;
+                    return;
+                }
                 Err(e) => {
                     self.set_error(e.to_string());
                     tracing::warn!(server = %self.name, error = %e, retry_in = ?backoff, "upstream unavailable");
@@ -842,6 +898,7 @@ impl Upstream {
                 env,
                 cwd,
                 inherit_env,
+                ..
             } => {
                 let cmd = tokio::process::Command::new(command).configure(|c| {
                     c.args(args).current_dir(cwd).env_clear().kill_on_drop(true);
@@ -859,7 +916,7 @@ impl Upstream {
                 // Own process group, so stopping it reaches grandchildren (npx → sh → node).
                 wrap.wrap(process_wrap::tokio::ProcessGroup::leader());
                 wrap.wrap(process_wrap::tokio::KillOnDrop);
-                let (transport, stderr) =
+                let (transport, stderr, exit) =
                     stdio::StdioTransport::spawn(self.name.clone(), wrap, router.clone()).map_err(
                         |source| UpstreamError::Spawn {
                             command: command.clone(),
@@ -867,20 +924,30 @@ impl Upstream {
                         },
                     )?;
                 let lane = lane::LaneKind::Stdio(transport.lane());
-                if let Some(stderr) = stderr {
-                    let server = self.name.clone();
+                let tail = Arc::new(Mutex::new(stdio::StderrTail::default()));
+                let forwarder = stderr.map(|stderr| {
+                    let (server, tail) = (self.name.clone(), tail.clone());
+                    // The child's stderr goes to the log; its last lines are also kept to explain
+                    // an early exit.
                     tokio::spawn(async move {
                         let mut lines = tokio::io::BufReader::new(stderr).lines();
                         while let Ok(Some(line)) = lines.next_line().await {
                             tracing::info!(target: "mcp_broker::upstream::stderr", server = %server, "{line}");
+                            if let Ok(mut t) = tail.lock() {
+                                t.push(&line);
+                            }
                         }
-                    });
-                }
-                handler
+                    })
+                });
+                match handler
                     .serve_with_lifecycle(ProgressTap::new(transport, router), lifecycle(protocol))
                     .await
-                    .map(|r| (r, Some(lane)))
-                    .map_err(init)
+                {
+                    Ok(r) => Ok((r, Some(lane))),
+                    Err(e) => Err(early_exit(&exit, forwarder, &tail)
+                        .await
+                        .unwrap_or_else(|| init(e))),
+                }
             }
             TransportConfig::Http { url, headers, .. } => {
                 let mut custom = std::collections::HashMap::new();
@@ -998,6 +1065,30 @@ impl Upstream {
         }
         true
     }
+}
+
+/// If the child of a failed `initialize` exited by itself: that, with its status and the last lines
+/// of its stderr (waiting briefly for the status to be reaped and the stderr to be read to its end).
+async fn early_exit(
+    exit: &stdio::ExitSlot,
+    forwarder: Option<tokio::task::JoinHandle<()>>,
+    tail: &Mutex<stdio::StderrTail>,
+) -> Option<UpstreamError> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let status = loop {
+        if let Some(s) = exit.get() {
+            break *s;
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    if let Some(f) = forwarder {
+        let _ = tokio::time::timeout(Duration::from_millis(500), f).await;
+    }
+    let stderr = tail.lock().map(|t| t.joined()).unwrap_or_default();
+    Some(UpstreamError::Exited { status, stderr })
 }
 
 /// Everything the server lists, following pagination cursors. A kind the server does not declare,

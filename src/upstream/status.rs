@@ -18,6 +18,9 @@ pub enum Phase {
     Ready,
     /// Down, waiting before the next attempt (`next_retry_ms`).
     BackingOff,
+    /// Down for good until the configuration is reloaded or the broker restarted (a missing
+    /// executable): `last_error` says why.
+    Failed,
     /// Per caller or per session: connections open on demand (`connections` says how many).
     OnDemand,
 }
@@ -73,6 +76,8 @@ impl Upstream {
         let next = self.next_retry.lock().ok().and_then(|n| *n);
         let state = if self.per_caller {
             Phase::OnDemand
+        } else if self.failed() {
+            Phase::Failed
         } else if self.is_up() {
             Phase::Ready
         } else if next.is_some() {

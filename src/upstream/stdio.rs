@@ -25,6 +25,50 @@ use super::raw::RawIds;
 const EXIT_WAIT: Duration = Duration::from_secs(3);
 /// The longest line read from a child (a bigger message ends the connection).
 const MAX_LINE: usize = 64 * 1024 * 1024;
+/// How much of a child's stderr is kept to explain its early exit ([`StderrTail`]).
+const TAIL_LINES: usize = 10;
+const TAIL_BYTES: usize = 2048;
+/// How long a dropped transport's child may take to exit on its own before it is killed, so that
+/// one that exited just before its stdout closed is reported with its own status.
+const DROP_GRACE: Duration = Duration::from_millis(200);
+
+/// The last lines a child wrote to stderr (at most [`TAIL_LINES`] and [`TAIL_BYTES`]): shown with
+/// its exit status when it ends before `initialize`. The whole stderr still goes to the log.
+#[derive(Default)]
+pub struct StderrTail {
+    lines: std::collections::VecDeque<String>,
+    bytes: usize,
+}
+
+impl StderrTail {
+    pub fn push(&mut self, line: &str) {
+        let mut line = line.trim_end().to_string();
+        if line.len() > TAIL_BYTES {
+            let mut end = TAIL_BYTES;
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            line.truncate(end);
+        }
+        self.bytes += line.len();
+        self.lines.push_back(line);
+        while self.lines.len() > TAIL_LINES || self.bytes > TAIL_BYTES {
+            match self.lines.pop_front() {
+                Some(old) => self.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// The kept lines, oldest first, joined by `" | "`.
+    pub fn joined(&self) -> String {
+        self.lines.iter().cloned().collect::<Vec<_>>().join(" | ")
+    }
+}
+
+/// The child's exit status once whoever reaps it (close, or the kill after a drop) has seen it exit
+/// on its own: a child killed by the broker leaves it empty.
+pub type ExitSlot = Arc<std::sync::OnceLock<std::process::ExitStatus>>;
 
 pub struct StdioTransport {
     child: Option<Box<dyn ChildWrapper>>,
@@ -34,6 +78,8 @@ pub struct StdioTransport {
     reader: tokio::task::JoinHandle<()>,
     /// Lane calls on this connection: their responses are taken off the wire by the reader.
     pending: Arc<Pending>,
+    /// Filled when the child is seen to have exited by itself (see [`ExitSlot`]).
+    exit: ExitSlot,
 }
 
 impl StdioTransport {
@@ -43,7 +89,7 @@ impl StdioTransport {
         server: Arc<str>,
         mut cmd: CommandWrap,
         router: Arc<ProgressRouter>,
-    ) -> std::io::Result<(Self, Option<ChildStderr>)> {
+    ) -> std::io::Result<(Self, Option<ChildStderr>, ExitSlot)> {
         cmd.command_mut()
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -116,6 +162,7 @@ impl StdioTransport {
                 }
             }
         });
+        let exit = ExitSlot::default();
         Ok((
             Self {
                 child: Some(child),
@@ -124,8 +171,10 @@ impl StdioTransport {
                 ids,
                 reader,
                 pending,
+                exit: exit.clone(),
             },
             stderr,
+            exit,
         ))
     }
 }
@@ -173,7 +222,9 @@ impl Transport<RoleClient> for StdioTransport {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
-        if tokio::time::timeout(EXIT_WAIT, child.wait()).await.is_err() {
+        if let Ok(Ok(status)) = tokio::time::timeout(EXIT_WAIT, child.wait()).await {
+            let _ = self.exit.set(status);
+        } else {
             #[cfg(unix)]
             {
                 const SIGTERM: i32 = 15;
@@ -196,8 +247,16 @@ impl Drop for StdioTransport {
         if let Some(mut child) = self.child.take() {
             // `kill` (not `start_kill`) also reaps it, so no zombie is left.
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let exit = self.exit.clone();
                 rt.spawn(async move {
-                    let _ = Box::into_pin(child.kill()).await;
+                    match tokio::time::timeout(DROP_GRACE, child.wait()).await {
+                        Ok(Ok(status)) => {
+                            let _ = exit.set(status);
+                        }
+                        _ => {
+                            let _ = Box::into_pin(child.kill()).await;
+                        }
+                    }
                 });
             } else {
                 let _ = child.start_kill();
@@ -224,13 +283,26 @@ printf '{"jsonrpc":"2.0","id":%s,"result":{"zeta":1,"execution":{"taskSupport":"
 sleep 5
 "#;
 
+    #[test]
+    fn the_stderr_tail_keeps_the_last_lines_within_its_bounds() {
+        let mut tail = StderrTail::default();
+        for i in 0..25 {
+            tail.push(&format!("line {i}\n"));
+        }
+        assert_eq!(tail.joined().split(" | ").next(), Some("line 15"));
+        assert!(tail.joined().ends_with("line 24"));
+        tail.push(&"x".repeat(5000));
+        assert_eq!(tail.lines.len(), 1);
+        assert_eq!(tail.bytes, TAIL_BYTES);
+    }
+
     #[tokio::test]
     async fn the_lanes_response_and_progress_bypass_rmcp_and_the_rest_reaches_it() {
         let mut cmd = tokio::process::Command::new("sh");
         cmd.args(["-c", CHILD]);
         let router = Arc::new(ProgressRouter::default());
         let spawned = StdioTransport::spawn("t".into(), CommandWrap::from(cmd), router.clone());
-        let Ok((mut transport, _)) = spawned else {
+        let Ok((mut transport, _, _)) = spawned else {
             panic!("cannot run sh");
         };
         let lane = Lane::new(LaneKind::Stdio(transport.lane()), router.clone(), None);

@@ -46,7 +46,8 @@ def test_check_reports_typo_with_file_line_and_key(tmp_path):
     assert re.search(r"(?<![\d.])13(?![\d.])", without_path), f"line 13 not named in stderr: {err}"
 
     # the same file with the typo fixed is valid: exit 0 (10b)
-    cfg.write_text("\n".join(lines[:-1] + ['command = "x"']) + "\n")
+    # (`sh`, not a made-up name: `check` also looks the command up where its spawn will)
+    cfg.write_text("\n".join(lines[:-1] + ['command = "sh"']) + "\n")
     p = run(["check", "--config", str(cfg)])
     assert p.returncode == 0, f"fixed config rejected: exit {p.returncode}\nstderr: {p.stderr}"
 
