@@ -55,7 +55,17 @@ def test_import_then_check(tmp_path, fixture, count, secrets):
         bad = subprocess.run([str(H.BROKER_BIN), "check", "-c", str(out)], capture_output=True, text=True,
                              timeout=60, env=env_without, stdin=subprocess.DEVNULL)
         assert bad.returncode != 0 and "is not set" in bad.stderr, bad.stderr
-    ok = run(["check", "-c", str(out)], tmp_path, placeholder_env(names))
+    # `check` resolves each command as the child would: stand-ins for the launchers the fixtures name (npx, uvx,
+    # node, python) go first on PATH, and the Desktop fixture's absolute venv path is pointed at one, as it would be
+    # on the machine the file came from.
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name in ("npx", "uvx", "node", "python"):
+        (stubs / name).write_text("#!/bin/sh\nexit 0\n")
+        (stubs / name).chmod(0o755)
+    out.write_text(text.replace("/Users/me/venvs/mcp/bin/python", str(stubs / "python")))
+    ok = run(["check", "-c", str(out)], tmp_path,
+             {**placeholder_env(names), "PATH": f"{stubs}:{os.environ.get('PATH', '')}"})
     assert ok.returncode == 0, f"check failed on the import of {fixture}\n{ok.stderr}\n---\n{text}"
     assert f"ok ({count} server" in ok.stdout
 
