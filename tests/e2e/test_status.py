@@ -103,3 +103,34 @@ def test_status_access_under_auth(tmp_path):
         if b:
             b.stop()
         minter.stop()
+
+
+def test_status_shows_a_crashing_childs_exit_status_and_stderr(tmp_path):
+    """A stdio server whose child prints a line to stderr and exits 3 before `initialize`: `status` shows it backing
+    off with both in its last error; one whose executable is missing shows as failed (not retried)."""
+    crash = tmp_path / "crash.sh"
+    crash.write_text("#!/bin/sh\necho 'fatal: no API key configured (set FOO_KEY)' >&2\nexit 3\n")
+    crash.chmod(0o755)
+    missing = tmp_path / "gone.sh"
+    missing.write_text("#!/bin/sh\nexit 0\n")
+    missing.chmod(0o755)
+    b = H.start_broker(tmp_path, {"crashy": {"transport": "stdio", "command": str(crash)},
+                                  "gone": {"transport": "stdio", "command": str(missing)}}, name="broker-status-crash")
+    missing.unlink()  # `check` saw it at start-up; it is gone when the broker spawns it
+    try:
+        def crashed() -> bool:
+            s = server(report(b), "crashy")
+            return s["state"] == "backing_off" and "exit status 3" in (s["last_error"] or "")
+
+        H.poll_until(crashed, 20, "crashy backing off with its exit status")
+        s = server(report(b), "crashy")
+        assert "fatal: no API key configured (set FOO_KEY)" in s["last_error"], s
+        assert s["next_retry_ms"] is not None and s["tools"] == 0, s
+        H.poll_until(lambda: server(report(b), "gone")["state"] == "failed", 20, "gone failed for good")
+        assert "not found" in (server(report(b), "gone")["last_error"] or "").lower() or \
+            "no such file" in (server(report(b), "gone")["last_error"] or "").lower(), server(report(b), "gone")
+        t = status(b)
+        row = next(ln for ln in t.stdout.splitlines() if ln.startswith("crashy"))
+        assert "backing off" in row and "exit status 3" in row, t.stdout
+    finally:
+        b.stop()
