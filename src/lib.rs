@@ -37,6 +37,7 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod status_query;
+pub mod telemetry;
 pub mod upstream;
 
 /// Lower-case hex of `bytes` (one allocation).

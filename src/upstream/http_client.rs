@@ -407,6 +407,12 @@ impl RawHttpClient {
         for (k, v) in custom_headers {
             req = req.header(k, v);
         }
+        if let JsonRpcMessage::Request(r) = &message
+            && let ClientRequest::CustomRequest(c) = &r.request
+            && let Some(tp) = crate::telemetry::traceparent_of(c.params.as_ref())
+        {
+            req = req.header("traceparent", tp);
+        }
         let had_session = session_id.is_some();
         if let Some(s) = session_id {
             req = req.header("mcp-session-id", s.as_ref());
