@@ -1979,6 +1979,62 @@ mod tests {
     }
 
     #[test]
+    fn telemetry_section_is_parsed_strictly() {
+        let c = parse(
+            "[telemetry]\notlp_endpoint = \"http://collector:4318\"\nheaders = { \"x-api-key\" = \"${TOKEN}\" }\n",
+        )
+        .expect("valid");
+        let t = c.telemetry.expect("telemetry");
+        assert_eq!(t.endpoint, "http://collector:4318/v1/traces");
+        assert_eq!(t.service_name, "mcp-broker");
+        assert_eq!(t.sample_ratio, 1.0);
+        assert_eq!(t.headers[0].0, "x-api-key");
+        assert_eq!(t.headers[0].1.expose(), "s3cret");
+        assert!(!format!("{:?}", t.headers).contains("s3cret"));
+        let c = parse("[telemetry]\notlp_endpoint = \"https://otel.example/custom/traces\"\n")
+            .expect("valid");
+        assert_eq!(
+            c.telemetry.expect("telemetry").endpoint,
+            "https://otel.example/custom/traces"
+        );
+        assert!(parse("").expect("valid").telemetry.is_none());
+        for (text, key, line) in [
+            (
+                "[telemetry]\notlp_endpoint = \"collector:4318\"\n",
+                "telemetry.otlp_endpoint",
+                2,
+            ),
+            (
+                "[telemetry]\notlp_endpoint = \"http://c:4318\"\nsample_ratio = 1.5\n",
+                "telemetry.sample_ratio",
+                3,
+            ),
+            (
+                "[telemetry]\notlp_endpoint = \"http://c:4318\"\nheaders = { k = \"${NOPE}\" }\n",
+                "telemetry.headers",
+                3,
+            ),
+            (
+                "[telemetry]\notlp_endpoint = \"http://c:4318\"\nservice_name = \" \"\n",
+                "telemetry.service_name",
+                3,
+            ),
+        ] {
+            match parse(text) {
+                Err(ConfigError::Invalid {
+                    key: k, line: l, ..
+                }) => {
+                    assert_eq!((k.as_str(), l), (key, line), "{text}")
+                }
+                other => panic!("{text}: expected an error on {key}, got {other:?}"),
+            }
+        }
+        let e = parse("[telemetry]\notlp_endpoint = \"http://c:4318\"\nprotocol = \"grpc\"\n")
+            .expect_err("unknown key");
+        assert!(e.to_string().contains("protocol"), "{e}");
+    }
+
+    #[test]
     fn cluster_section_is_parsed_strictly() {
         let env = |k: &str| match k {
             "KEY" => Some("k".repeat(32)),

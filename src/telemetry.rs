@@ -4,8 +4,11 @@
 //! One span per request the pipeline handles (`mcp tools/call`, …), carried by the audit record
 //! ([`crate::audit::CallRecord`]) so that it ends, with the record's server, names, decision and
 //! outcome, however the request ends. Children: `mcp credential` (connection and credential) and
-//! `mcp upstream` (the upstream call), whose context goes upstream as W3C `traceparent` (in the
-//! request's `_meta` and, for HTTP upstreams, as the header of the same name).
+//! `mcp upstream` (the upstream call), whose context goes upstream as W3C `traceparent`: the HTTP
+//! header of that name to HTTP upstreams, and `_meta.traceparent` in the request to upstreams on
+//! 2026-07-28, the revision that reserves that key (SEP-414). An older upstream gets it in `_meta`
+//! only where the client had put its own there (it is replaced, so the upstream's parent is the
+//! broker's span).
 //!
 //! Without `[telemetry]` there is no tracer: [`RequestSpan::start`] returns `None` at once, and
 //! nothing else is done per request.
@@ -259,10 +262,10 @@ pub fn format_traceparent(sc: &SpanContext) -> String {
     )
 }
 
-/// The `traceparent` in a request's `params._meta`, for the HTTP header of the same name.
-pub fn traceparent_of(params: Option<&serde_json::Value>) -> Option<&str> {
-    params?.get("_meta")?.get("traceparent")?.as_str()
-}
+/// The upstream call's W3C `traceparent`, in the upstream request's extensions: the HTTP clients
+/// send it as the header of the same name.
+#[derive(Debug, Clone)]
+pub struct TraceParent(pub String);
 
 #[cfg(test)]
 mod tests {

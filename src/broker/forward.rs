@@ -157,7 +157,7 @@ impl Broker {
         rec.credential(kind);
         rec.upstream_started();
         if let Some(tp) = rec.traceparent() {
-            super::pipeline::set_traceparent(&mut req, tp);
+            super::pipeline::set_traceparent(&mut req, tp, conn.modern);
         }
         if let Some((lane, custom)) = conn.lane_for(&req) {
             return self.forward_lane(call, up, &conn, lane, custom, rec).await;

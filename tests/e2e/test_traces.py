@@ -68,7 +68,8 @@ class Receiver:
 class HeaderSeeingUpstream:
     """A minimal MCP server over HTTP (JSON replies) recording the headers of each tools/call."""
 
-    def __init__(self) -> None:
+    def __init__(self, version: str | None = None) -> None:
+        """`version`: the protocol revision to answer with (default: the one the broker asks for)."""
         self.calls: list[dict] = []
         outer = self
 
@@ -90,7 +91,7 @@ class HeaderSeeingUpstream:
                     return
                 method, params = msg.get("method"), msg.get("params") or {}
                 if method == "initialize":
-                    result = {"protocolVersion": params.get("protocolVersion", "2025-06-18"),
+                    result = {"protocolVersion": version or params.get("protocolVersion", "2025-06-18"),
                               "capabilities": {"tools": {}}, "serverInfo": {"name": "headers", "version": "1"}}
                 elif method == "tools/list":
                     result = {"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]}
@@ -122,6 +123,7 @@ class HeaderSeeingUpstream:
 def test_spans_reach_the_collector_and_traceparent_goes_upstream(tmp_path):
     rx = Receiver()
     up = HeaderSeeingUpstream()
+    old = HeaderSeeingUpstream(version="2025-06-18")
     telemetry = (
         "[telemetry]\n"
         f'otlp_endpoint = "http://127.0.0.1:{rx.port}"\n'
@@ -129,11 +131,13 @@ def test_spans_reach_the_collector_and_traceparent_goes_upstream(tmp_path):
         'headers = { "x-collector-key" = "${COLLECTOR_KEY}" }\n'
     )
     b = H.start_broker(tmp_path, {"ledger": H.example_stdio_spec(H.LEDGER_BIN),
-                                  "hdr": {"transport": "http", "url": up.url}},
+                                  "hdr": {"transport": "http", "url": up.url},
+                                  "old": {"transport": "http", "url": old.url}},
                        name="broker-traces", extra_toml=telemetry, env={"COLLECTOR_KEY": "k-123"})
     try:
-        H.wait_for_tools(b.url, ["ledger__get_account", "hdr__echo"], 30)
+        H.wait_for_tools(b.url, ["ledger__get_account", "hdr__echo", "old__echo"], 30)
         client_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+        header_trace = "0af7651916cd43dd8448eb211c80319c"
         with H.RawSession(b.url, None) as s:
             s.initialize()
             r, rid = s.post("tools/call", {"name": "ledger__get_account", "arguments": {"account_id": "ACC-1001"}})
@@ -143,6 +147,11 @@ def test_spans_reach_the_collector_and_traceparent_goes_upstream(tmp_path):
             assert not H.final_response(r, rid)["result"].get("isError")
             r, rid = s.post("tools/call", {"name": "ledger__nonexistent_tool", "arguments": {}})
             H.final_response(r, rid)
+            # The client's trace context as an HTTP header this time.
+            body = {"jsonrpc": "2.0", "id": 900, "method": "tools/call", "params": {"name": "old__echo", "arguments": {}}}
+            r = s.client.post(s.url, json=body,
+                              headers={**s.headers(), "traceparent": f"00-{header_trace}-b7ad6b7169203331-01"})
+            assert not H.final_response(r, 900)["result"].get("isError")
     finally:
         b.stop()  # the exporter is flushed on exit
 
@@ -161,7 +170,7 @@ def test_spans_reach_the_collector_and_traceparent_goes_upstream(tmp_path):
     assert "mcp upstream" in children and "mcp credential" in children, children.keys()
     assert children["mcp upstream"]["trace_id"] == ledger["trace_id"]
 
-    # The HTTP upstream: the client's trace continues through the broker to the upstream.
+    # The HTTP upstreams: the client's trace continues through the broker to the upstream.
     hdr = next(s for s in calls if s["attrs"].get("mcp.server") == "hdr")
     assert hdr["trace_id"] == client_trace and hdr["parent"] == "00f067aa0ba902b7"
     upstream_span = next(s for s in spans if s["parent"] == hdr["span_id"] and s["name"] == "mcp upstream")
@@ -172,3 +181,11 @@ def test_spans_reach_the_collector_and_traceparent_goes_upstream(tmp_path):
 
     unknown = next(s for s in calls if s["attrs"].get("gen_ai.tool.name") == "ledger__nonexistent_tool")
     assert unknown["attrs"]["mcp.decision"] == "deny"
+
+    # A 2025-era upstream: the header only (`_meta.traceparent` is reserved from 2026-07-28, SEP-414).
+    old_span = next(s for s in calls if s["attrs"].get("mcp.server") == "old")
+    assert old_span["trace_id"] == header_trace and old_span["parent"] == "b7ad6b7169203331"
+    old_upstream = next(s for s in spans if s["parent"] == old_span["span_id"] and s["name"] == "mcp upstream")
+    assert len(old.calls) == 1, old.calls
+    assert old.calls[0]["traceparent"] == f"00-{header_trace}-{old_upstream['span_id']}-01", old.calls
+    assert "traceparent" not in old.calls[0]["meta"], old.calls

@@ -97,8 +97,12 @@ impl HttpLane {
         if let Some(s) = &ctx.session_id {
             req = req.header("mcp-session-id", s.as_ref());
         }
-        if let Some(tp) = crate::telemetry::traceparent_of(call.request.params.as_ref()) {
-            req = req.header("traceparent", tp);
+        if let Some(tp) = call
+            .request
+            .extensions
+            .get::<crate::telemetry::TraceParent>()
+        {
+            req = req.header("traceparent", tp.0.as_str());
         }
         if modern {
             // SEP-2243, as rmcp's worker sends them (`accepts` let through only plain names).
