@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState,
@@ -113,12 +114,37 @@ impl HttpClient for Transport {
             let body = resp.bytes().await?;
             Ok::<_, reqwest::Error>((status, headers, body))
         });
-        let (status, headers, body) = sent.await??;
+        let (status, headers, body) = match sent.await? {
+            Ok(r) => r,
+            Err(e) => {
+                export_failed(&e.to_string());
+                return Err(e.into());
+            }
+        };
+        if status.is_success() {
+            EXPORT_FAILING.store(false, Ordering::Relaxed);
+        } else {
+            export_failed(&format!("the collector answered HTTP {status}"));
+        }
         let mut out = Response::builder().status(status);
         if let Some(h) = out.headers_mut() {
             *h = headers;
         }
         Ok(out.body(body)?)
+    }
+}
+
+/// Set while exports fail, so that an unreachable collector is one warning, not one per batch.
+static EXPORT_FAILING: AtomicBool = AtomicBool::new(false);
+
+fn export_failed(why: &str) {
+    if EXPORT_FAILING.swap(true, Ordering::Relaxed) {
+        tracing::debug!(error = why, "[telemetry]: span export failed again");
+    } else {
+        tracing::warn!(
+            error = why,
+            "[telemetry]: span export failed (spans are dropped until the collector answers)"
+        );
     }
 }
 
