@@ -46,6 +46,7 @@ PY_PKGS=(
   "pyjwt[crypto]==2.15.1"
   "cryptography==50.0.2"
   "prometheus-client==0.26.0"
+  "opentelemetry-proto==1.45.2"
 )
 
 export HARNESS_DIR="${HARNESS_DIR:-$ROOT/target/harness}"

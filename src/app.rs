@@ -136,6 +136,7 @@ fn reload(path: &std::path::Path, initial: &Config, broker: &Broker, why: &str) 
         ),
         ("audit", new.audit != initial.audit),
         ("cluster", new.cluster != initial.cluster),
+        ("telemetry", new.telemetry != initial.telemetry),
     ] {
         if changed {
             tracing::warn!(
@@ -148,6 +149,7 @@ fn reload(path: &std::path::Path, initial: &Config, broker: &Broker, why: &str) 
     new.auth = running.auth.clone();
     new.audit = running.audit.clone();
     new.cluster = running.cluster.clone();
+    new.telemetry = running.telemetry.clone();
     match broker.reload(Arc::new(new)) {
         Ok(s) => tracing::info!(
             reason = why,
@@ -250,6 +252,7 @@ pub async fn run(
     let config = with_bound_port(config, addr)?;
     // The writer task outlives nothing that matters: `flush` at the end waits for every record.
     let (audit, _writer) = Audit::start(&config.audit)?;
+    crate::telemetry::start(config.telemetry.as_ref())?;
     let broker = Broker::new(config.clone(), audit.clone())?;
     broker.start();
     let metrics_server = match config.broker.metrics_listen {
@@ -326,6 +329,8 @@ pub async fn run(
     }
     broker.shutdown().await;
     audit.flush(Duration::from_secs(5)).await;
+    // After the audit flush: the records' drops ended the last spans.
+    let _ = tokio::task::spawn_blocking(crate::telemetry::shutdown).await;
     tracing::info!(cancelled, "stopped");
     Ok(())
 }
@@ -354,6 +359,7 @@ pub async fn stdio(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     // The writer task outlives nothing that matters: `flush` at the end waits for every record.
     let (audit, _writer) = Audit::start(&config.audit)?;
     let initial = config.clone();
+    crate::telemetry::start(config.telemetry.as_ref())?;
     let broker = Broker::new(config.clone(), audit.clone())?;
     broker.start();
     let reloads = tokio::spawn(watch_reloads(
@@ -388,6 +394,8 @@ pub async fn stdio(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     reloads.abort();
     broker.shutdown().await;
     audit.flush(Duration::from_secs(5)).await;
+    // After the audit flush: the records' drops ended the last spans.
+    let _ = tokio::task::spawn_blocking(crate::telemetry::shutdown).await;
     Ok(ExitCode::SUCCESS)
 }
 

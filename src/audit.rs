@@ -242,6 +242,7 @@ impl Audit {
                 ..Record::default()
             },
             done: false,
+            span: None,
         }
     }
 }
@@ -254,6 +255,8 @@ pub struct CallRecord {
     upstream_ms: Option<f64>,
     record: Record,
     done: bool,
+    /// The request's span (`[telemetry]`), ended with this record's facts when it is written.
+    span: Option<crate::telemetry::RequestSpan>,
 }
 
 impl CallRecord {
@@ -315,12 +318,35 @@ impl CallRecord {
 
     pub fn upstream_started(&mut self) {
         self.upstream_started = Some(Instant::now());
+        if let Some(s) = &mut self.span {
+            s.upstream_started(self.record.server.as_deref().unwrap_or_default());
+        }
     }
 
     pub fn upstream_finished(&mut self) {
         if let Some(t) = self.upstream_started.take() {
             self.upstream_ms = Some(ms(t.elapsed()));
         }
+        if let Some(s) = &mut self.span {
+            s.upstream_finished();
+        }
+    }
+
+    /// Open the request's span (`[telemetry]`; nothing without it), under the client's
+    /// `traceparent` when it sent one.
+    pub fn trace(&mut self, parent: Option<&str>) {
+        self.span =
+            crate::telemetry::RequestSpan::start(self.record.kind, &self.record.name, parent);
+    }
+
+    /// A child span of the request's (ended when dropped).
+    pub fn child_span(&self, name: &'static str) -> Option<crate::telemetry::ChildSpan> {
+        self.span.as_ref().and_then(|s| s.child(name))
+    }
+
+    /// The W3C `traceparent` for the upstream request, when the request is traced.
+    pub fn traceparent(&self) -> Option<String> {
+        self.span.as_ref().map(|s| s.traceparent())
     }
 
     pub fn listed(&mut self, shown: usize, hidden: usize) {
@@ -374,8 +400,36 @@ impl Drop for CallRecord {
             r.reason =
                 "the request ended before a result (cancelled by the client or the broker)".into();
         }
+        if let Some(span) = self.span.take() {
+            end_span(span, &r);
+        }
         self.audit.submit(r);
     }
+}
+
+/// The span's attributes are the record's (the caller's `sub` included: the audit trail has it).
+fn end_span(span: crate::telemetry::RequestSpan, r: &Record) {
+    use opentelemetry::KeyValue;
+    let mut a = vec![
+        KeyValue::new("mcp.decision", r.decision),
+        KeyValue::new("mcp.outcome", r.outcome.as_str()),
+        KeyValue::new("enduser.id", r.sub.clone()),
+    ];
+    if let Some(s) = &r.server {
+        a.push(KeyValue::new("mcp.server", s.clone()));
+    }
+    if let Some(n) = &r.upstream_name {
+        a.push(KeyValue::new("mcp.upstream.name", n.clone()));
+    }
+    if let Some(rule) = &r.rule {
+        a.push(KeyValue::new("mcp.decision.rule", rule.clone()));
+    }
+    if r.kind == "tool" {
+        a.push(KeyValue::new("gen_ai.tool.name", r.name.clone()));
+    }
+    let failed = !matches!(r.outcome, Outcome::Ok | Outcome::Denied);
+    let error = failed.then(|| r.error.as_deref().unwrap_or(r.outcome.as_str()));
+    span.end(a, error);
 }
 
 fn ms(d: std::time::Duration) -> f64 {

@@ -97,6 +97,21 @@ pub struct Config {
     /// `[cluster]`: state shared with other instances in Redis; `None` = everything in process.
     /// Read at start only (a reload that changes it is refused).
     pub cluster: Option<ClusterConfig>,
+    /// `[telemetry]`: OTLP/HTTP span export; `None` = no spans. Read at start only (a reload that
+    /// changes it logs a warning and keeps the running exporter).
+    pub telemetry: Option<TelemetryConfig>,
+}
+
+/// `[telemetry]`: where spans go and how many.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryConfig {
+    /// The OTLP/HTTP traces URL, `/v1/traces` appended when the configured URL has no path.
+    pub endpoint: String,
+    pub service_name: String,
+    /// Sent with every export (typically a collector's API key, hence secret).
+    pub headers: Vec<(String, Secret)>,
+    /// Fraction of traces started here that are recorded (a sampled parent is always followed).
+    pub sample_ratio: f64,
 }
 
 /// `[cluster]`: several broker instances behind one load balancer, sharing state in Redis.
@@ -715,6 +730,10 @@ impl Config {
             Some(c) => Some(ctx.cluster(c)?),
             None => None,
         };
+        let telemetry = match raw.telemetry {
+            Some(t) => Some(ctx.telemetry(t)?),
+            None => None,
+        };
         let auth = match raw.auth {
             Some(a) => Some(ctx.auth(a, &broker)?),
             None => None,
@@ -755,6 +774,7 @@ impl Config {
             limits,
             credentials_fingerprint: stores_text,
             cluster,
+            telemetry,
         })
     }
 
@@ -795,6 +815,54 @@ impl Ctx<'_> {
             key: dotted,
             message,
         }
+    }
+
+    fn telemetry(&self, c: raw::RawTelemetry) -> Result<TelemetryConfig, ConfigError> {
+        let t = &["telemetry"];
+        let endpoint = self.expand(t, "otlp_endpoint", &c.otlp_endpoint)?;
+        let mut url = match url::Url::parse(&endpoint) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => u,
+            _ => {
+                return Err(self.invalid(
+                    t,
+                    "otlp_endpoint",
+                    "must be an http or https URL (an OTLP/HTTP collector, e.g. `http://collector:4318`)".into(),
+                ));
+            }
+        };
+        // OTLP/HTTP: a base URL gets the signal's path; a URL with a path is used as written.
+        if url.path() == "/" || url.path().is_empty() {
+            url.set_path("/v1/traces");
+        }
+        let service_name = c.service_name.unwrap_or_else(|| "mcp-broker".into());
+        if service_name.trim().is_empty() {
+            return Err(self.invalid(t, "service_name", "must not be empty".into()));
+        }
+        let sample_ratio = c.sample_ratio.unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&sample_ratio) {
+            return Err(self.invalid(t, "sample_ratio", "must be between 0.0 and 1.0".into()));
+        }
+        let mut headers = Vec::new();
+        for (k, v) in c.headers {
+            if http::HeaderName::try_from(k.as_str()).is_err() {
+                return Err(self.invalid(t, "headers", format!("`{k}` is not a header name")));
+            }
+            let v = self.expand(t, "headers", &v)?;
+            if http::HeaderValue::try_from(v.as_str()).is_err() {
+                return Err(self.invalid(
+                    t,
+                    "headers",
+                    format!("the value of `{k}` is not a valid header value"),
+                ));
+            }
+            headers.push((k, Secret::new(v)));
+        }
+        Ok(TelemetryConfig {
+            endpoint: url.to_string(),
+            service_name,
+            headers,
+            sample_ratio,
+        })
     }
 
     fn cluster(&self, c: raw::RawCluster) -> Result<ClusterConfig, ConfigError> {
@@ -1939,6 +2007,62 @@ mod tests {
                 other => panic!("{extra}: expected an error on {key}, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn telemetry_section_is_parsed_strictly() {
+        let c = parse(
+            "[telemetry]\notlp_endpoint = \"http://collector:4318\"\nheaders = { \"x-api-key\" = \"${TOKEN}\" }\n",
+        )
+        .expect("valid");
+        let t = c.telemetry.expect("telemetry");
+        assert_eq!(t.endpoint, "http://collector:4318/v1/traces");
+        assert_eq!(t.service_name, "mcp-broker");
+        assert_eq!(t.sample_ratio, 1.0);
+        assert_eq!(t.headers[0].0, "x-api-key");
+        assert_eq!(t.headers[0].1.expose(), "s3cret");
+        assert!(!format!("{:?}", t.headers).contains("s3cret"));
+        let c = parse("[telemetry]\notlp_endpoint = \"https://otel.example/custom/traces\"\n")
+            .expect("valid");
+        assert_eq!(
+            c.telemetry.expect("telemetry").endpoint,
+            "https://otel.example/custom/traces"
+        );
+        assert!(parse("").expect("valid").telemetry.is_none());
+        for (text, key, line) in [
+            (
+                "[telemetry]\notlp_endpoint = \"collector:4318\"\n",
+                "telemetry.otlp_endpoint",
+                2,
+            ),
+            (
+                "[telemetry]\notlp_endpoint = \"http://c:4318\"\nsample_ratio = 1.5\n",
+                "telemetry.sample_ratio",
+                3,
+            ),
+            (
+                "[telemetry]\notlp_endpoint = \"http://c:4318\"\nheaders = { k = \"${NOPE}\" }\n",
+                "telemetry.headers",
+                3,
+            ),
+            (
+                "[telemetry]\notlp_endpoint = \"http://c:4318\"\nservice_name = \" \"\n",
+                "telemetry.service_name",
+                3,
+            ),
+        ] {
+            match parse(text) {
+                Err(ConfigError::Invalid {
+                    key: k, line: l, ..
+                }) => {
+                    assert_eq!((k.as_str(), l), (key, line), "{text}")
+                }
+                other => panic!("{text}: expected an error on {key}, got {other:?}"),
+            }
+        }
+        let e = parse("[telemetry]\notlp_endpoint = \"http://c:4318\"\nprotocol = \"grpc\"\n")
+            .expect_err("unknown key");
+        assert!(e.to_string().contains("protocol"), "{e}");
     }
 
     #[test]

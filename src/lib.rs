@@ -6,6 +6,7 @@
 //! | layer | module | what it does |
 //! |---|---|---|
 //! | 0 | [`config`] | `servers.toml` → validated [`config::Config`]; errors name file, line and key |
+//! | 0 | [`telemetry`] | `[telemetry]`: the OTLP/HTTP span exporter, a request's span (carried by its audit record), W3C `traceparent` |
 //! | 1 | [`import`] | `import`: a client's MCP config (Claude Desktop, Claude Code, Cursor, VS Code) → `servers.toml`, secrets as `${VAR}`; `init`'s starter file |
 //! | 1 | [`upstream`] | supervised MCP client connections over stdio, legacy SSE and Streamable HTTP |
 //! | 1 | [`catalog`] | pure: the namespaced, collision-checked view of every upstream's lists (raw JSON items); the one [`catalog::Kind`] |
@@ -37,6 +38,7 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod status_query;
+pub mod telemetry;
 pub mod upstream;
 
 /// Lower-case hex of `bytes` (one allocation).

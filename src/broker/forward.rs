@@ -133,7 +133,7 @@ impl Broker {
         &self,
         st: &State,
         call: Call<'_>,
-        req: ClientRequest,
+        mut req: ClientRequest,
         rec: &mut CallRecord,
     ) -> Result<ServerResult, Failure> {
         let Call {
@@ -149,10 +149,16 @@ impl Broker {
             .ok_or_else(|| Failure::Rpc(unexpected(server)))?;
         let _active = ActiveCall::new(self);
         let owner = Self::owner_for(up, caller, down.session);
+        let credential_span = rec.child_span("mcp credential");
         let (conn, kind) = self
             .connection_for(st, up, caller, &owner, tool, !down.stateless)
             .await?;
+        drop(credential_span);
         rec.credential(kind);
+        rec.upstream_started();
+        if let Some(tp) = rec.traceparent() {
+            super::pipeline::set_traceparent(&mut req, tp, conn.modern);
+        }
         if let Some((lane, custom)) = conn.lane_for(&req) {
             return self.forward_lane(call, up, &conn, lane, custom, rec).await;
         }

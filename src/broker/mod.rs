@@ -72,6 +72,9 @@ pub struct Downstream {
     /// For a 2026-07-28 call: where an upstream's server-to-client request goes to be turned into
     /// an input_required result (set by the pipeline).
     pub asks: Option<mpsc::Sender<mrtr::Ask>>,
+    /// The client's HTTP `traceparent` header (W3C): the parent of the request's span when its
+    /// `_meta` carries none.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -147,6 +147,7 @@ impl Broker {
         let is_tool = matches!(op, Op::CallTool(_));
         let mut rec = self.audit.begin(caller, op.kind(), &op.name());
         rec.request(request_id_value(&down.request_id), down.session);
+        rec.trace(client_traceparent(&op).or(down.traceparent.as_deref()));
         match &op {
             Op::CallTool(p) => rec.arguments(p.arguments.as_ref()),
             Op::GetPrompt(p) => rec.arguments(p.arguments.as_ref()),
@@ -1075,6 +1076,58 @@ fn call_timeout(st: &State, server: &str, tool: Option<&str>) -> Duration {
 
 fn request_id_value(id: &RequestId) -> serde_json::Value {
     serde_json::to_value(id).unwrap_or(serde_json::Value::Null)
+}
+
+/// The client's W3C trace context (`_meta.traceparent`), which parents the request's span.
+fn client_traceparent(op: &Op) -> Option<&str> {
+    let meta = match op {
+        Op::CallTool(p) => p.meta.as_ref(),
+        Op::GetPrompt(p) => p.meta.as_ref(),
+        Op::ReadResource(p) => p.meta.as_ref(),
+        Op::Complete(p) => p.meta.as_ref(),
+        _ => None,
+    }?;
+    meta.get("traceparent")?.as_str()
+}
+
+/// Give the upstream request the upstream call's `traceparent`: in its extensions (the HTTP
+/// clients send it as a header) and in `_meta` where the revision carries it (2026-07-28, SEP-414)
+/// or where the client's own was (replaced: the upstream's parent is the broker's span).
+pub(super) fn set_traceparent(req: &mut ClientRequest, traceparent: String, modern: bool) {
+    use rmcp::model::GetExtensions;
+    req.extensions_mut()
+        .insert(crate::telemetry::TraceParent(traceparent.clone()));
+    match req {
+        ClientRequest::CustomRequest(c) => {
+            if let Some(serde_json::Value::Object(params)) = &mut c.params {
+                let had = params
+                    .get("_meta")
+                    .is_some_and(|m| m.get("traceparent").is_some());
+                if modern || had {
+                    let meta = params
+                        .entry("_meta")
+                        .or_insert_with(|| serde_json::Value::Object(Default::default()));
+                    if let serde_json::Value::Object(m) = meta {
+                        m.insert("traceparent".into(), traceparent.into());
+                    }
+                }
+            }
+        }
+        ClientRequest::CompleteRequest(c) => {
+            let had = c
+                .params
+                .meta
+                .as_ref()
+                .is_some_and(|m| m.contains_key("traceparent"));
+            if modern || had {
+                c.params
+                    .meta
+                    .get_or_insert_with(Default::default)
+                    .insert("traceparent".into(), traceparent.into());
+            }
+        }
+        _ => {}
+    }
 }
 
 /// The downstream `_meta` minus what belongs to the downstream hop: its progress token (rmcp sets its

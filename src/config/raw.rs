@@ -33,6 +33,18 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) credentials: IndexMap<String, Spanned<KeyedTable>>,
     pub(super) cluster: Option<RawCluster>,
+    pub(super) telemetry: Option<RawTelemetry>,
+}
+
+/// `[telemetry]`: OpenTelemetry spans over OTLP/HTTP.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTelemetry {
+    pub(super) otlp_endpoint: String,
+    pub(super) service_name: Option<String>,
+    #[serde(default)]
+    pub(super) headers: IndexMap<String, String>,
+    pub(super) sample_ratio: Option<f64>,
 }
 
 /// `[cluster]`: several brokers sharing state in Redis.

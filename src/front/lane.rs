@@ -227,6 +227,10 @@ impl Lanes {
             stateless: false,
             session: Some(broker_id),
             asks: None,
+            traceparent: headers
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .map(String::from),
         };
         let ct = CancellationToken::new();
         let _inflight = Inflight::new(self, session, &id, &ct);

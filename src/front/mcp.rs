@@ -127,6 +127,12 @@ impl Front {
             capabilities: ctx.client_capabilities(),
             stateless,
             asks: None,
+            traceparent: ctx
+                .extensions
+                .get::<http::request::Parts>()
+                .and_then(|p| p.headers.get("traceparent"))
+                .and_then(|v| v.to_str().ok())
+                .map(String::from),
             session: if stateless {
                 None
             } else {

@@ -780,6 +780,17 @@ impl StreamableHttpClient for RawHttpClient {
         limits: StreamableHttpResponseLimits,
     ) -> Result<StreamableHttpPostResponse, HttpError> {
         self.record(&uri, &session_id, &auth_header, &custom_headers, limits);
+        // Added after `record`: a trace context belongs to this request, not to the connection.
+        let mut custom_headers = custom_headers;
+        if let JsonRpcMessage::Request(r) = &message
+            && let Some(tp) = r
+                .request
+                .extensions()
+                .get::<crate::telemetry::TraceParent>()
+            && let Ok(v) = HeaderValue::from_str(&tp.0)
+        {
+            custom_headers.insert(HeaderName::from_static("traceparent"), v);
+        }
         let r = if posted_here(&message) {
             self.post_custom(
                 uri,

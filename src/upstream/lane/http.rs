@@ -97,6 +97,13 @@ impl HttpLane {
         if let Some(s) = &ctx.session_id {
             req = req.header("mcp-session-id", s.as_ref());
         }
+        if let Some(tp) = call
+            .request
+            .extensions
+            .get::<crate::telemetry::TraceParent>()
+        {
+            req = req.header("traceparent", tp.0.as_str());
+        }
         if modern {
             // SEP-2243, as rmcp's worker sends them (`accepts` let through only plain names).
             req = req.header("mcp-method", call.method);
