@@ -119,6 +119,7 @@ fn table(r: &Value) -> String {
         "CONNS",
         "CALLS",
         "RESTARTS",
+        "FAILED",
         "NEXT RETRY",
         "LAST ERROR",
     ];
@@ -143,6 +144,7 @@ fn table(r: &Value) -> String {
             s(&srv["connections"]),
             s(&srv["calls_in_flight"]),
             s(&srv["restarts"]),
+            s(&srv["failed_attempts"]),
             next,
             // One line per server: the error's first line.
             err.lines().next().unwrap_or_default().to_string(),
@@ -181,10 +183,10 @@ mod tests {
             "sessions": {"total": 3, "by_protocol": {"2025-11-25": 2, "2025-06-18": 1}},
             "servers": [
                 {"name": "ledger", "transport": "stdio", "state": "ready", "tools": 7, "prompts": 1,
-                 "resources": 1, "connections": 1, "calls_in_flight": 0, "restarts": 0,
+                 "resources": 1, "connections": 1, "calls_in_flight": 0, "restarts": 0, "failed_attempts": 0,
                  "next_retry_ms": null, "last_error": null, "last_error_at": null},
                 {"name": "git", "transport": "stdio", "state": "backing_off", "tools": 0, "prompts": 0,
-                 "resources": 0, "connections": 0, "calls_in_flight": 0, "restarts": 2,
+                 "resources": 0, "connections": 0, "calls_in_flight": 0, "restarts": 2, "failed_attempts": 5,
                  "next_retry_ms": 1500, "last_error": "exit status 3\nstderr: boom",
                  "last_error_at": "2026-11-30T17:00:00.000Z"}
             ]

@@ -246,6 +246,9 @@ pub struct Upstream {
     suspect: Notify,
     /// Connections made after the first; a metric and a test hook.
     pub reconnects: AtomicU64,
+    /// Connection attempts that failed (a server that never connects, or crash-loops before
+    /// `initialize`, shows here, not in `reconnects`).
+    failed_attempts: AtomicU64,
     /// Set once the first connect attempt ended (either way): start-up waiting stops here.
     attempted: std::sync::atomic::AtomicBool,
     /// Why the last connect failed or the connection ended, for "unavailable" answers; and when.
@@ -318,6 +321,7 @@ impl Upstream {
             retired: Mutex::new(Vec::new()),
             suspect: Notify::new(),
             reconnects: AtomicU64::new(0),
+            failed_attempts: AtomicU64::new(0),
             attempted: std::sync::atomic::AtomicBool::new(false),
             last_error: Mutex::new(None),
             last_error_at: Mutex::new(None),
@@ -744,6 +748,7 @@ impl Upstream {
                 }
                 Err(e) => {
                     self.set_error(e.to_string());
+                    self.failed_attempts.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(server = %self.name, error = %e, retry_in = ?backoff, "upstream unavailable");
                 }
             }

@@ -36,6 +36,8 @@ pub struct ServerStatus {
     pub last_error_at: Option<String>,
     /// Connections made after the first (reconnects, child restarts).
     pub restarts: u64,
+    /// Connection attempts that failed (a server that never connected, or crash-loops).
+    pub failed_attempts: u64,
     /// Milliseconds until the next attempt, while backing off.
     pub next_retry_ms: Option<u64>,
     pub tools: usize,
@@ -92,6 +94,7 @@ impl Upstream {
             last_error: self.last_error(),
             last_error_at: self.last_error_at.lock().ok().and_then(|t| *t).map(rfc3339),
             restarts: self.reconnects.load(Ordering::Relaxed),
+            failed_attempts: self.failed_attempts.load(Ordering::Relaxed),
             next_retry_ms: next.map(|t| {
                 u64::try_from(t.saturating_duration_since(Instant::now()).as_millis())
                     .unwrap_or(u64::MAX)

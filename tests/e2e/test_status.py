@@ -45,6 +45,7 @@ def test_status_follows_a_killed_server_and_counts_sessions(tmp_path):
             led = server(r, "ledger")
             assert led["state"] == "ready" and led["tools"] > 0 and led["connections"] == 1, led
             assert led["restarts"] == 0 and led["last_error"] is None and led["next_retry_ms"] is None, led
+            assert led["failed_attempts"] == 0, led
             assert r["sessions"]["total"] == 1 and r["sessions"]["by_protocol"] == {"2025-11-25": 1}, r["sessions"]
             assert r["generation"] == 0 and r["draining"] is False, r
             # The table, for a person.
@@ -126,6 +127,8 @@ def test_status_shows_a_crashing_childs_exit_status_and_stderr(tmp_path):
         s = server(report(b), "crashy")
         assert "fatal: no API key configured (set FOO_KEY)" in s["last_error"], s
         assert s["next_retry_ms"] is not None and s["tools"] == 0, s
+        # It never connected: no restart, but its failed attempts are counted.
+        assert s["restarts"] == 0 and s["failed_attempts"] >= 1, s
         H.poll_until(lambda: server(report(b), "gone")["state"] == "failed", 20, "gone failed for good")
         assert "not found" in (server(report(b), "gone")["last_error"] or "").lower() or \
             "no such file" in (server(report(b), "gone")["last_error"] or "").lower(), server(report(b), "gone")
