@@ -186,8 +186,8 @@ pub struct Cluster {
     /// Sessions whose standalone stream this instance holds, with how many are open.
     streams: DashMap<String, usize>,
     inbound: std::sync::Mutex<Option<mpsc::Receiver<Inbound>>>,
-    /// Inbound messages dropped because the queue was full or they did not parse.
-    pub dropped: AtomicU64,
+    /// Inbound messages dropped because a queue was full or they did not parse.
+    pub dropped: Arc<AtomicU64>,
     /// Set when Redis came back empty (or this instance was away): the sessions were written again.
     pub reregistered: AtomicU64,
 }
@@ -215,7 +215,17 @@ impl Cluster {
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), base.clone())
             .map_err(redis_err("connect"))?;
         let (tx, rx) = mpsc::channel(INBOUND_QUEUE);
-        let (push_tx, push_rx) = mpsc::unbounded_channel::<redis::PushInfo>();
+        // Bounded like the inbound queue: a flood of pushes is dropped (and counted by `pushes`'s
+        // receiver falling behind), never buffered without end.
+        let (push_tx, push_rx) = mpsc::channel::<redis::PushInfo>(INBOUND_QUEUE);
+        let push_dropped = Arc::new(AtomicU64::new(0));
+        let dropped_here = push_dropped.clone();
+        let push_tx = move |p: redis::PushInfo| {
+            if push_tx.try_send(p).is_err() {
+                dropped_here.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<(), redis::aio::SendError>(())
+        };
         let pubsub = ConnectionManager::new_lazy_with_config(
             client,
             base.set_push_sender(push_tx).set_automatic_resubscription(),
@@ -236,7 +246,7 @@ impl Cluster {
             known: DashMap::new(),
             streams: DashMap::new(),
             inbound: std::sync::Mutex::new(Some(rx)),
-            dropped: AtomicU64::new(0),
+            dropped: push_dropped,
             reregistered: AtomicU64::new(0),
         });
         tokio::spawn(me.clone().pushes(push_rx, tx));
@@ -539,7 +549,7 @@ impl Cluster {
     /// RESP3 pushes → parsed [`Inbound`] messages (bounded; the excess is dropped and counted).
     async fn pushes(
         self: Arc<Self>,
-        mut rx: mpsc::UnboundedReceiver<redis::PushInfo>,
+        mut rx: mpsc::Receiver<redis::PushInfo>,
         tx: mpsc::Sender<Inbound>,
     ) {
         while let Some(p) = rx.recv().await {
