@@ -20,8 +20,10 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod command;
+mod oauth;
 mod raw;
 mod uri;
+pub use oauth::{OAuthAuth, OAuthClientReg, OAuthFlow, OAuthSettings};
 use raw::*;
 pub use uri::{NormalUri, normalise_uri, uri_prefix};
 
@@ -100,6 +102,8 @@ pub struct Config {
     /// `[telemetry]`: OTLP/HTTP span export; `None` = no spans. Read at start only (a reload that
     /// changes it logs a warning and keeps the running exporter).
     pub telemetry: Option<TelemetryConfig>,
+    /// `[oauth]`: the broker as an OAuth client of upstream authorization servers.
+    pub oauth: OAuthSettings,
 }
 
 /// `[telemetry]`: where spans go and how many.
@@ -264,6 +268,8 @@ pub enum UpstreamAuth {
         target: SecretTarget,
     },
     Static(Vec<(SecretTarget, Secret)>),
+    /// A token from the upstream's own authorization server (`crate::oauth`).
+    OAuth(OAuthAuth),
     /// Tried in order; the first that yields a credential is used.
     First(Vec<UpstreamAuth>),
 }
@@ -275,6 +281,7 @@ impl UpstreamAuth {
             Self::Exchange { .. } => true,
             Self::Vault { path, .. } => path.contains('{'),
             Self::Static(_) => false,
+            Self::OAuth(o) => o.per_caller(),
             Self::First(list) => list.iter().any(Self::per_caller),
         }
     }
@@ -528,7 +535,14 @@ impl TransportConfig {
         }
     }
 
-    /// Which redirects the upstream's HTTP client follows (stdio has none to follow).
+    /// The URL of an http or sse server.
+    pub fn url(&self) -> Option<&url::Url> {
+        match self {
+            Self::Stdio { .. } => None,
+            Self::Sse { url, .. } | Self::Http { url, .. } => Some(url),
+        }
+    }
+
     /// The TLS settings of an http or sse server (none for stdio).
     pub fn tls(&self) -> Option<&UpstreamTls> {
         match self {
@@ -660,7 +674,8 @@ impl Config {
                 .map(|v| toml::to_string(v).unwrap_or_default())
                 .unwrap_or_default()
         };
-        let stores_text = section("credentials");
+        // `[oauth]` configures the same credentials layer (its clients and sign-in).
+        let stores_text = section("credentials") + &section("oauth");
         let servers_doc = doc.get("servers").and_then(|v| v.as_table());
         let mut servers = Vec::with_capacity(raw.servers.len());
         for (name, s) in raw.servers {
@@ -738,6 +753,28 @@ impl Config {
             Some(a) => Some(ctx.auth(a, &broker)?),
             None => None,
         };
+        let oauth = ctx.oauth_settings(raw.oauth, &credentials, &base)?;
+        for s in &servers {
+            let Some(UpstreamAuth::OAuth(o)) = &s.upstream_auth else {
+                continue;
+            };
+            let t = &["servers", s.name.as_str()];
+            if o.flow == OAuthFlow::ClientCredentials {
+                continue;
+            }
+            if auth.is_none() {
+                return Err(ctx.invalid(t, "upstream_auth", format!("kind = \"{}\" keeps a token per user, so callers must be known: it needs [auth]", o.kind())));
+            }
+            let Some(sign_in) = &oauth.sign_in else {
+                return Err(ctx.invalid(t, "upstream_auth", format!("kind = \"{}\" needs [oauth] sign_in = \"NAME\": the [credentials.NAME] client at [auth] issuer that signs the user in before a consent (the spec's anti-phishing check)", o.kind())));
+            };
+            if let OAuthFlow::IdJag { idp } = &o.flow
+                && !idp.is_empty()
+                && idp != sign_in
+            {
+                return Err(ctx.invalid(t, "upstream_auth", format!("idp = \"{idp}\": the enterprise IdP is where users sign in, [oauth] sign_in = \"{sign_in}\"; name that one (or leave `idp` out)")));
+            }
+        }
         let policy = raw
             .policy
             .into_iter()
@@ -775,6 +812,7 @@ impl Config {
             credentials_fingerprint: stores_text,
             cluster,
             telemetry,
+            oauth,
         })
     }
 
@@ -1272,10 +1310,13 @@ impl Ctx<'_> {
             Duration::from_secs(30),
         )?;
         let stdio = matches!(transport, TransportConfig::Stdio { .. });
-        let upstream_auth = match raw.upstream_auth {
+        let mut upstream_auth = match raw.upstream_auth {
             Some(a) => Some(self.upstream_auth(t, a, stdio, stores, 0)?),
             None => None,
         };
+        if let Some(UpstreamAuth::OAuth(o)) = &mut upstream_auth {
+            o.server = name.to_string();
+        }
         let per_caller = upstream_auth.as_ref().is_some_and(UpstreamAuth::per_caller);
         let isolation = match raw.isolation {
             Some(Isolation::Shared) if per_caller => {
@@ -1718,6 +1759,15 @@ impl Ctx<'_> {
                     target,
                     Secret::new(self.expand(t, key, &value)?),
                 )]));
+            }
+            RawUpstreamAuth::OAuth(o) => {
+                if depth > 0 {
+                    return Err(bad(format!(
+                        "kind = \"{}\" cannot be part of a `first` chain",
+                        o.kind
+                    )));
+                }
+                return Ok(UpstreamAuth::OAuth(self.oauth_auth(t, o, stdio)?));
             }
             RawUpstreamAuth::Store { store, rest } => (store, rest),
         };

@@ -16,6 +16,7 @@
 //! | 1 | [`audit`] | decision records (JSONL sinks), written on drop; each record also feeds [`metrics`] |
 //! | 2 | [`policy`] | pure: one decision for what is listed and what is called |
 //! | 2 | [`limits`] | token-bucket rate limits and concurrency caps |
+//! | 2 | [`oauth`] | upstream OAuth: discovery, consent and sign-in flows, ID-JAG, client credentials, the encrypted token store |
 //! | 2 | [`credentials`] | the per-server upstream credential: RFC 8693 exchange, Vault, static |
 //! | 3 | [`broker`] | transport-free core: one request pipeline, the session registry, the caller-scoped event router |
 //! | 4 | [`front`] | the rmcp `ServerHandler` adapter, the axum HTTP front |
@@ -36,6 +37,7 @@ pub mod front;
 pub mod import;
 pub mod limits;
 pub mod metrics;
+pub mod oauth;
 pub mod policy;
 pub mod status_query;
 pub mod telemetry;

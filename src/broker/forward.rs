@@ -371,6 +371,7 @@ fn credential_kind(auth: &UpstreamAuth) -> &'static str {
         UpstreamAuth::Exchange { .. } => "token_exchange",
         UpstreamAuth::Vault { .. } => "vault",
         UpstreamAuth::Static(_) => "static",
+        UpstreamAuth::OAuth(o) => o.kind(),
         UpstreamAuth::First(list) => list.first().map_or("none", credential_kind),
     }
 }

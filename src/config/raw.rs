@@ -34,6 +34,41 @@ pub(super) struct RawConfig {
     pub(super) credentials: IndexMap<String, Spanned<KeyedTable>>,
     pub(super) cluster: Option<RawCluster>,
     pub(super) telemetry: Option<RawTelemetry>,
+    pub(super) oauth: Option<RawOAuth>,
+}
+
+/// `[oauth]`: the broker as an OAuth client of upstream authorization servers.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOAuth {
+    pub(super) sign_in: Option<String>,
+    pub(super) link_ttl: Option<String>,
+    pub(super) client_name: Option<String>,
+    pub(super) client_metadata_url: Option<String>,
+    pub(super) ca_file: Option<String>,
+    /// Keyed by the authorization server's issuer.
+    #[serde(default)]
+    pub(super) clients: IndexMap<String, RawOAuthClient>,
+}
+
+/// `[oauth.clients."ISSUER"]`: the broker's registration at one upstream authorization server.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOAuthClient {
+    pub(super) client_id: String,
+    pub(super) client_secret: Option<String>,
+    /// `client_secret_basic` (default) or `client_secret_post`.
+    pub(super) auth_method: Option<String>,
+}
+
+/// `upstream_auth = { kind = "oauth" | "id_jag" | "client_credentials", ... }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOAuthAuth {
+    pub(super) kind: String,
+    pub(super) scopes: Option<Vec<String>>,
+    pub(super) share_catalog: Option<bool>,
+    pub(super) idp: Option<String>,
 }
 
 /// `[telemetry]`: OpenTelemetry spans over OTLP/HTTP.
@@ -142,6 +177,7 @@ pub(super) struct RawVaultExchange {
 pub(super) enum RawUpstreamAuth {
     First(Vec<RawUpstreamAuth>),
     Static(RawStaticAuth),
+    OAuth(RawOAuthAuth),
     Store { store: String, rest: toml::Table },
 }
 
@@ -158,6 +194,14 @@ impl<'de> Deserialize<'de> for RawUpstreamAuth {
             let chain = Chain::deserialize(toml::Value::Table(table))
                 .map_err(|e| D::Error::custom(format!("in a `first` chain: {}", e.message())))?;
             return Ok(Self::First(chain.first));
+        }
+        if let Some(toml::Value::String(kind)) = table.get("kind")
+            && matches!(kind.as_str(), "oauth" | "id_jag" | "client_credentials")
+        {
+            let kind = kind.clone();
+            return RawOAuthAuth::deserialize(toml::Value::Table(table))
+                .map(Self::OAuth)
+                .map_err(|e| D::Error::custom(format!("kind = \"{kind}\": {}", e.message())));
         }
         if table.contains_key("kind") {
             return RawStaticAuth::deserialize(toml::Value::Table(table))

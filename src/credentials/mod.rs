@@ -51,6 +51,8 @@ pub enum CredentialError {
     UnknownStore(String),
     #[error("every credential source failed: {}", .0.join("; "))]
     AllFailed(Vec<String>),
+    #[error(transparent)]
+    OAuth(#[from] crate::oauth::OAuthError),
 }
 
 /// Concrete secrets for one upstream connection or request.
@@ -127,6 +129,9 @@ impl Credentials {
                 );
             }
         }
+        crate::oauth::engine()
+            .configure(config)
+            .map_err(CredentialError::OAuth)?;
         Ok(Self { exchanges, vaults })
     }
 
@@ -164,6 +169,21 @@ impl Credentials {
                     }
                 }
                 Err(CredentialError::AllFailed(errors))
+            }
+            UpstreamAuth::OAuth(o) => {
+                let server = o.server.as_str();
+                let token = crate::oauth::engine()
+                    .token(server, o, caller, fresh)
+                    .await?;
+                Ok(Credential {
+                    slot: format!("{} {server}", o.kind()),
+                    headers: vec![(
+                        "Authorization".into(),
+                        Secret::new(format!("Bearer {}", token.expose())),
+                    )],
+                    env: Vec::new(),
+                    kind: o.kind(),
+                })
             }
             UpstreamAuth::Static(values) => {
                 let mut c = Credential {

@@ -1,0 +1,1162 @@
+//! Upstream OAuth: tokens from an upstream's own authorization server (`upstream_auth = { kind =
+//! "oauth" | "id_jag" | "client_credentials" }`), obtained with rmcp's OAuth client
+//! (`rmcp::transport::auth`: discovery, PKCE, registration, refresh, Enterprise-Managed
+//! Authorization).
+//!
+//! - **Discovery**: the upstream's RFC 9728 metadata (its `resource` must equal the configured URL
+//!   exactly), then its authorization server's RFC 8414 / OpenID metadata; every URL passes the
+//!   guard in [`http`]. Cached per server for an hour.
+//! - **Consent** (`oauth`) and **sign-in** (`id_jag`): a caller without a token gets a link to
+//!   `/oauth/start` carrying a sealed [`flow::Ticket`]. The browser's user first signs in at
+//!   `[auth] issuer` (the spec's anti-phishing check: their `sub` must be the caller's); then, for
+//!   `oauth`, authorizes the broker at the upstream's server (authorization code + PKCE, `resource`
+//!   = the upstream, RFC 9207 `iss` checked). Tokens go to the [`store::TokenStore`] per (caller,
+//!   server); `id_jag` keeps the IdP refresh token instead and exchanges it for an ID-JAG, redeemed
+//!   with the JWT bearer grant at the upstream's server.
+//! - **Client credentials**: one token for the broker, cached until it expires.
+//!
+//! The caller's own token never goes upstream, and no token is logged.
+
+pub mod flow;
+pub mod http;
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use rmcp::transport::auth::enterprise::{
+    EmaAuthorizationServer, EmaClientAuthentication, EmaError, EmaExchangeRequest, EmaExchangeStage,
+};
+use rmcp::transport::auth::{
+    AuthError, AuthorizationManager, AuthorizationMetadata, AuthorizationMetadataSource,
+    AuthorizationRequest, AuthorizationSession, ClientCredentialsConfig, CredentialStore,
+    OAuthClientConfig, StoredCredentials,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::auth::Caller;
+use crate::cluster::sealed::Sealer;
+use crate::config::{
+    Config, CredentialStore as StoreConfig, ExchangeConfig, OAuthAuth, OAuthFlow, OAuthSettings,
+    Secret, UpstreamAuth,
+};
+use flow::{Flows, Purpose, Ticket};
+use store::{TokenEntry, TokenStore};
+
+/// The key under which a user's IdP sign-in (its refresh token) is kept.
+pub const SIGN_IN: &str = "@sign-in";
+
+/// How long discovered metadata is reused.
+const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum OAuthError {
+    /// The caller has not connected this server yet (or their grant ended): `url` starts it.
+    #[error("server `{server}` needs your authorization: open {url}")]
+    ConsentRequired { server: String, url: String },
+    #[error("discovering the authorization server of `{server}`: {message}")]
+    Discovery { server: String, message: String },
+    /// One step of a flow failed; `step` names it.
+    #[error("{step}: {message}")]
+    Step { step: &'static str, message: String },
+    #[error(
+        "no [oauth.clients.\"{issuer}\"] is configured: the broker must be registered at `{server}`'s authorization server for {why}"
+    )]
+    NoClient {
+        issuer: String,
+        server: String,
+        why: &'static str,
+    },
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+/// What a browser request to `/oauth/start` or `/oauth/callback` ends in.
+pub enum Outcome {
+    Redirect(String),
+    Done(String),
+}
+
+/// A refused browser request: HTTP status and a message for the page.
+#[derive(Debug)]
+pub struct PageError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl PageError {
+    fn new(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+/// From the configuration; replaced on reload.
+struct Settings {
+    oauth: OAuthSettings,
+    /// `[auth] issuer`.
+    issuer: Option<String>,
+    sign_in: Option<ExchangeConfig>,
+    redirect_uri: String,
+    start_url: String,
+    /// Servers with `upstream_auth` of these kinds: name → (upstream URL, settings).
+    servers: HashMap<String, (String, OAuthAuth)>,
+}
+
+#[derive(Clone)]
+struct Discovered {
+    metadata: AuthorizationMetadata,
+    issuer: String,
+}
+
+pub struct Engine {
+    store: RwLock<Arc<TokenStore>>,
+    settings: RwLock<Arc<Settings>>,
+    clients: RwLock<Arc<http::Clients>>,
+    flows: Flows,
+    sealer: RwLock<Arc<Sealer>>,
+    discovered: DashMap<String, (Discovered, Instant)>,
+    /// Dynamic registrations, per authorization-server issuer (client id, secret).
+    registered: DashMap<String, (String, Option<String>)>,
+    /// Access tokens in hand, per (sub, server) (`""` for client credentials): (token, expiry).
+    cache: DashMap<(String, String), (Secret, u64)>,
+    /// Woken when (sub, server) gets connected.
+    connected: DashMap<(String, String), Arc<Notify>>,
+}
+
+static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
+
+/// The process's engine: tokens and authorizations in progress outlive configuration reloads.
+pub fn engine() -> &'static Arc<Engine> {
+    ENGINE.get_or_init(|| Arc::new(Engine::new()))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+fn random_hex() -> String {
+    let mut b = [0u8; 32];
+    let _ = getrandom::fill(&mut b);
+    crate::hex(&b)
+}
+
+impl Engine {
+    fn new() -> Self {
+        Self {
+            store: RwLock::new(Arc::new(TokenStore::memory())),
+            settings: RwLock::new(Arc::new(Settings {
+                oauth: OAuthSettings::default(),
+                issuer: None,
+                sign_in: None,
+                redirect_uri: String::new(),
+                start_url: String::new(),
+                servers: HashMap::new(),
+            })),
+            clients: RwLock::new(http::Clients::new(None).unwrap_or_else(|_| {
+                // Building a client without extra roots does not fail in practice.
+                http::Clients::new(None).expect("reqwest client")
+            })),
+            flows: Flows::new(Duration::from_secs(600)),
+            sealer: RwLock::new(Arc::new(Sealer::new(&random_hex()))),
+            discovered: DashMap::new(),
+            registered: DashMap::new(),
+            cache: DashMap::new(),
+            connected: DashMap::new(),
+        }
+    }
+
+    /// Use `store` for tokens (the file, Redis, or memory), from start-up.
+    pub fn set_store(&self, store: Arc<TokenStore>) {
+        if let Ok(mut s) = self.store.write() {
+            *s = store;
+        }
+        self.cache.clear();
+    }
+
+    pub fn store(&self) -> Arc<TokenStore> {
+        self.store
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// Under `[cluster]`: links made by any instance open on every instance.
+    pub fn set_secret_key(&self, key: &str) {
+        if let Ok(mut s) = self.sealer.write() {
+            *s = Arc::new(Sealer::new(key));
+        }
+    }
+
+    fn sealer(&self) -> Arc<Sealer> {
+        self.sealer
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    fn settings(&self) -> Arc<Settings> {
+        self.settings
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    fn http(&self, base: &url::Url) -> Arc<http::Guarded> {
+        let c = self
+            .clients
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|e| e.into_inner().clone());
+        c.for_base(base)
+    }
+
+    /// Take the `[oauth]` settings of `config` (at start and on every reload).
+    pub fn configure(&self, config: &Config) -> Result<(), OAuthError> {
+        let origin = config.broker.public_url.origin().ascii_serialization();
+        let mut servers = HashMap::new();
+        for s in &config.servers {
+            if let Some(UpstreamAuth::OAuth(o)) = &s.upstream_auth
+                && let Some(url) = s.transport.url()
+            {
+                servers.insert(s.name.clone(), (url.to_string(), o.clone()));
+            }
+        }
+        let sign_in = config
+            .oauth
+            .sign_in
+            .as_ref()
+            .and_then(|n| match config.credentials.get(n) {
+                Some(StoreConfig::TokenExchange(x)) => Some(x.clone()),
+                _ => None,
+            });
+        if let Some(ca) = &config.oauth.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| {
+                OAuthError::Config(format!("[oauth] ca_file {}: {e}", ca.display()))
+            })?;
+            let c = http::Clients::new(Some(&pem)).map_err(OAuthError::Config)?;
+            if let Ok(mut slot) = self.clients.write() {
+                *slot = c;
+            }
+        }
+        let s = Settings {
+            oauth: config.oauth.clone(),
+            issuer: config.auth.as_ref().map(|a| a.issuer.clone()),
+            sign_in,
+            redirect_uri: format!("{origin}/oauth/callback"),
+            start_url: format!("{origin}/oauth/start"),
+            servers,
+        };
+        if let Ok(mut slot) = self.settings.write() {
+            *slot = Arc::new(s);
+        }
+        Ok(())
+    }
+
+    /// Is any server configured with a consent or sign-in flow (so `/oauth/*` is served)?
+    pub fn has_browser_flows(&self) -> bool {
+        self.settings()
+            .servers
+            .values()
+            .any(|(_, a)| a.per_caller())
+    }
+
+    // ------------------------------------------------------------------ tokens for requests
+
+    /// The access token for `caller`'s request to the server `auth` belongs to. `fresh`: the
+    /// upstream refused the last one, so refresh (or exchange again) rather than reuse it.
+    pub async fn token(
+        &self,
+        server: &str,
+        auth: &OAuthAuth,
+        caller: &Caller,
+        fresh: bool,
+    ) -> Result<Secret, OAuthError> {
+        let sub = match auth.flow {
+            OAuthFlow::ClientCredentials => String::new(),
+            _ => caller.sub.clone(),
+        };
+        let key = (sub.clone(), server.to_string());
+        if fresh {
+            self.cache.remove(&key);
+        } else if let Some(hit) = self.cache.get(&key)
+            && hit.1 > now() + 30
+        {
+            return Ok(hit.0.clone());
+        }
+        let (token, exp) = match &auth.flow {
+            OAuthFlow::ClientCredentials => self.client_credentials(server, auth).await?,
+            OAuthFlow::Consent => self.consented(server, auth, &sub, fresh).await?,
+            OAuthFlow::IdJag { .. } => self.id_jag(server, auth, &sub).await?,
+        };
+        self.cache.insert(key, (token.clone(), exp));
+        Ok(token)
+    }
+
+    /// Has `sub` connected `server` (a token or, for id_jag, a sign-in is stored)?
+    pub async fn is_connected(&self, sub: &str, server: &str) -> bool {
+        let s = self.settings();
+        let slot = match s.servers.get(server) {
+            Some((_, a)) if matches!(a.flow, OAuthFlow::IdJag { .. }) => SIGN_IN,
+            Some((_, a)) if a.flow == OAuthFlow::Consent => server,
+            _ => return true,
+        };
+        matches!(self.store().get(sub, slot).await, Ok(Some(_)))
+    }
+
+    /// Wait until `sub` has connected `server`, at most `limit`.
+    pub async fn wait_connected(&self, sub: &str, server: &str, limit: Duration) -> bool {
+        let end = tokio::time::Instant::now() + limit;
+        loop {
+            let n = self
+                .connected
+                .entry((sub.to_string(), server.to_string()))
+                .or_insert_with(|| Arc::new(Notify::new()))
+                .clone();
+            let woken = n.notified();
+            if self.is_connected(sub, server).await {
+                self.connected
+                    .remove(&(sub.to_string(), server.to_string()));
+                return true;
+            }
+            let tick = (tokio::time::Instant::now() + Duration::from_secs(2)).min(end);
+            if tokio::time::timeout_at(tick, woken).await.is_err()
+                && tokio::time::Instant::now() >= end
+            {
+                return self.is_connected(sub, server).await;
+            }
+        }
+    }
+
+    fn mark_connected(&self, sub: &str, server: &str) {
+        self.cache.remove(&(sub.to_string(), server.to_string()));
+        if let Some(n) = self.connected.get(&(sub.to_string(), server.to_string())) {
+            n.notify_waiters();
+        }
+        // A sign-in connects every id_jag server for this user.
+        if server == SIGN_IN {
+            for e in self.connected.iter() {
+                if e.key().0 == sub {
+                    e.value().notify_waiters();
+                }
+            }
+        }
+    }
+
+    /// Forget what the broker holds for `sub` (and `server`): cached access tokens too.
+    pub fn forget_cached(&self, sub: Option<&str>, server: Option<&str>) {
+        self.cache.retain(|(s, v), _| {
+            !(sub.is_none_or(|x| x == s) && server.is_none_or(|x| x == v || v.is_empty()))
+        });
+    }
+
+    /// A consent link for `sub` at `server`, valid for `[oauth] link_ttl`.
+    pub fn consent_link(&self, sub: &str, server: &str, elicitation: Option<&str>) -> String {
+        let s = self.settings();
+        let t = Ticket {
+            sub: sub.to_string(),
+            server: server.to_string(),
+            exp: now() + s.oauth.link_ttl.as_secs(),
+            elicitation: elicitation.map(str::to_string),
+        };
+        let sealed = t.seal(&self.sealer()).unwrap_or_default();
+        format!("{}?t={sealed}", s.start_url)
+    }
+
+    fn consent_required(&self, sub: &str, server: &str) -> OAuthError {
+        OAuthError::ConsentRequired {
+            server: server.to_string(),
+            url: self.consent_link(sub, server, None),
+        }
+    }
+
+    async fn client_credentials(
+        &self,
+        server: &str,
+        auth: &OAuthAuth,
+    ) -> Result<(Secret, u64), OAuthError> {
+        let (url, d) = self.discover(server).await?;
+        let s = self.settings();
+        let reg = s
+            .oauth
+            .client_for(&d.issuer)
+            .ok_or_else(|| OAuthError::NoClient {
+                issuer: d.issuer.clone(),
+                server: server.to_string(),
+                why: "the client credentials grant",
+            })?;
+        let secret = reg.client_secret.as_ref().ok_or_else(|| {
+            OAuthError::Config(format!(
+                "[oauth.clients.\"{}\"] needs client_secret for the client credentials grant",
+                d.issuer
+            ))
+        })?;
+        let mut m = self.manager(&url, &d).await?;
+        let cfg = ClientCredentialsConfig::ClientSecret {
+            client_id: reg.client_id.clone(),
+            client_secret: secret.expose().to_string(),
+            scopes: auth.scopes.clone(),
+            resource: Some(url.to_string()),
+        };
+        let step = |e: AuthError| OAuthError::Step {
+            step: "client credentials grant at the upstream's authorization server",
+            message: e.to_string(),
+        };
+        m.configure_client_credentials(&cfg).map_err(step)?;
+        m.exchange_client_credentials(&cfg).await.map_err(step)?;
+        let (_, resp) = m.get_credentials().await.map_err(step)?;
+        let resp = resp.ok_or_else(|| OAuthError::Step {
+            step: "client credentials grant at the upstream's authorization server",
+            message: "no token in the response".into(),
+        })?;
+        use oauth2::TokenResponse;
+        let exp = now() + resp.expires_in().map_or(300, |d| d.as_secs());
+        Ok((Secret::new(resp.access_token().secret().clone()), exp))
+    }
+
+    async fn consented(
+        &self,
+        server: &str,
+        auth: &OAuthAuth,
+        sub: &str,
+        fresh: bool,
+    ) -> Result<(Secret, u64), OAuthError> {
+        let store = self.store();
+        let Some(entry) = store.get(sub, server).await? else {
+            return Err(self.consent_required(sub, server));
+        };
+        let held: Held = serde_json::from_str(entry.secret.expose()).map_err(|_| {
+            OAuthError::Config(format!(
+                "the stored token of `{sub}` for `{server}` is unreadable"
+            ))
+        })?;
+        let (url, d) = self.discover(server).await?;
+        let mut m = self.manager(&url, &d).await?;
+        m.configure_client(client_config(
+            held.credentials.client_id.clone(),
+            held.client_secret.clone(),
+            auth.scopes.clone(),
+            self.settings().redirect_uri.clone(),
+        ))
+        .map_err(|e| OAuthError::Step {
+            step: "configuring the client",
+            message: e.to_string(),
+        })?;
+        m.set_credential_store(EntryStore {
+            store: store.clone(),
+            sub: sub.to_string(),
+            server: server.to_string(),
+            kind: "oauth",
+            issuer: Some(d.issuer.clone()),
+            client_secret: held.client_secret.clone(),
+        });
+        let token = if fresh {
+            m.refresh_token().await.map(|r| {
+                use oauth2::TokenResponse;
+                r.access_token().secret().clone()
+            })
+        } else {
+            m.get_access_token().await
+        };
+        match token {
+            Ok(t) => {
+                let exp = store
+                    .get(sub, server)
+                    .await?
+                    .and_then(|e| e.expires_at)
+                    .unwrap_or(now() + 300);
+                Ok((Secret::new(t), exp))
+            }
+            Err(AuthError::AuthorizationRequired | AuthError::TokenRefreshRejected(_)) => {
+                // The grant ended (revoked at the server, or no refresh token): consent again.
+                let _ = store.remove(Some(sub), Some(server)).await;
+                Err(self.consent_required(sub, server))
+            }
+            Err(e) => Err(OAuthError::Step {
+                step: "refreshing the access token",
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    async fn id_jag(
+        &self,
+        server: &str,
+        auth: &OAuthAuth,
+        sub: &str,
+    ) -> Result<(Secret, u64), OAuthError> {
+        let store = self.store();
+        let Some(entry) = store.get(sub, SIGN_IN).await? else {
+            return Err(self.consent_required(sub, server));
+        };
+        let signed: SignedIn = serde_json::from_str(entry.secret.expose()).map_err(|_| {
+            OAuthError::Config(format!("the stored sign-in of `{sub}` is unreadable"))
+        })?;
+        let s = self.settings();
+        let (Some(issuer), Some(idp)) = (&s.issuer, &s.sign_in) else {
+            return Err(OAuthError::Config(
+                "id_jag needs [auth] and [oauth] sign_in".into(),
+            ));
+        };
+        let (url, d) = self.discover(server).await?;
+        let reg = s
+            .oauth
+            .client_for(&d.issuer)
+            .ok_or_else(|| OAuthError::NoClient {
+                issuer: d.issuer.clone(),
+                server: server.to_string(),
+                why: "redeeming ID-JAGs (the JWT bearer grant)",
+            })?;
+        let client_auth = |secret: Option<&Secret>, in_body: bool| match secret {
+            None => EmaClientAuthentication::None,
+            Some(s) if in_body => EmaClientAuthentication::ClientSecretPost(
+                oauth2::ClientSecret::new(s.expose().into()),
+            ),
+            Some(s) => EmaClientAuthentication::ClientSecretBasic(oauth2::ClientSecret::new(
+                s.expose().into(),
+            )),
+        };
+        let idp_server = EmaAuthorizationServer::new(
+            issuer.clone(),
+            idp.token_endpoint.to_string(),
+            idp.client_id.clone(),
+        )
+        .with_client_authentication(client_auth(Some(&idp.client_secret), idp.secret_in_body));
+        let resource_as = EmaAuthorizationServer::new(
+            d.issuer.clone(),
+            d.metadata.token_endpoint.clone(),
+            reg.client_id.clone(),
+        )
+        .with_client_authentication(client_auth(reg.client_secret.as_ref(), reg.secret_in_body));
+        let refresh = oauth2::RefreshToken::new(signed.refresh_token.clone());
+        let resource = url.to_string();
+        let idp_url = url::Url::parse(issuer).map_err(|e| OAuthError::Config(e.to_string()))?;
+        let idp_http = self.http(&idp_url);
+        let as_http = self.http(&url);
+        let req = EmaExchangeRequest::new(idp_server, resource_as, &resource, &refresh)
+            .with_scopes(auth.scopes.iter().cloned());
+        match req.exchange(idp_http.as_ref(), as_http.as_ref()).await {
+            Ok(t) => {
+                let exp = now() + t.expires_in.map_or(300, |d| d.as_secs());
+                Ok((Secret::new(t.access_token.secret().clone()), exp))
+            }
+            Err(EmaError::InvalidGrant(EmaExchangeStage::IdentityProvider)) => {
+                // The IdP no longer honours the sign-in (revoked, expired): sign in again.
+                let _ = store.remove(Some(sub), Some(SIGN_IN)).await;
+                Err(self.consent_required(sub, server))
+            }
+            Err(e) => Err(OAuthError::Step {
+                step: match stage_of(&e) {
+                    Some(EmaExchangeStage::IdentityProvider) => {
+                        "exchanging the sign-in for an ID-JAG at the enterprise IdP (RFC 8693)"
+                    }
+                    Some(EmaExchangeStage::ResourceAuthorizationServer) => {
+                        "redeeming the ID-JAG at the upstream's authorization server (JWT bearer grant)"
+                    }
+                    _ => "enterprise-managed authorization",
+                },
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    // ------------------------------------------------------------------ discovery
+
+    /// The upstream URL of `server` and its authorization server's metadata.
+    async fn discover(&self, server: &str) -> Result<(url::Url, Discovered), OAuthError> {
+        let s = self.settings();
+        let (raw_url, _) = s.servers.get(server).ok_or_else(|| {
+            OAuthError::Config(format!(
+                "server `{server}` has no upstream OAuth configured"
+            ))
+        })?;
+        let url = url::Url::parse(raw_url).map_err(|e| OAuthError::Config(e.to_string()))?;
+        if let Some(hit) = self.discovered.get(server)
+            && hit.1.elapsed() < DISCOVERY_TTL
+        {
+            return Ok((url, hit.0.clone()));
+        }
+        let fail = |message: String| OAuthError::Discovery {
+            server: server.to_string(),
+            message,
+        };
+        // RFC 9728: the metadata's `resource` must be exactly this server.
+        let prm_url = {
+            let mut u = url.clone();
+            let path = url.path().trim_end_matches('/');
+            u.set_path(&format!("/.well-known/oauth-protected-resource{path}"));
+            u.set_query(None);
+            u
+        };
+        let prm = self.get_json(&url, &prm_url).await.map_err(&fail)?;
+        let resource = prm
+            .get("resource")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        let same = url::Url::parse(resource).is_ok_and(|r| r == url);
+        if !same {
+            return Err(fail(format!(
+                "its protected resource metadata names resource \"{resource}\", not {url}: refusing it"
+            )));
+        }
+        let issuer = prm
+            .get("authorization_servers")
+            .and_then(|v| v.as_array())
+            .and_then(|a| a.first())
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| {
+                fail("its protected resource metadata lists no authorization server".into())
+            })?
+            .to_string();
+        let m = AuthorizationManager::new_with_oauth_http_client(url.clone(), self.http(&url))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let r = m
+            .resolve_metadata()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if r.source == AuthorizationMetadataSource::LegacyEndpointFallback {
+            return Err(fail(
+                "its authorization server publishes no metadata".into(),
+            ));
+        }
+        if r.metadata.issuer.as_deref() != Some(issuer.as_str()) {
+            return Err(fail(format!(
+                "the authorization server's metadata names issuer {:?}, not {issuer}",
+                r.metadata.issuer
+            )));
+        }
+        for u in [
+            Some(&r.metadata.token_endpoint),
+            Some(&r.metadata.authorization_endpoint),
+            r.metadata.registration_endpoint.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if u.is_empty() {
+                continue;
+            }
+            let ok =
+                url::Url::parse(u).is_ok_and(|p| http::allowed(&p, http::is_private_host(&url)));
+            if !ok {
+                return Err(fail(format!(
+                    "refusing endpoint {u}: not https to a public address"
+                )));
+            }
+        }
+        let d = Discovered {
+            metadata: r.metadata,
+            issuer,
+        };
+        self.discovered
+            .insert(server.to_string(), (d.clone(), Instant::now()));
+        Ok((url, d))
+    }
+
+    async fn get_json(&self, base: &url::Url, u: &url::Url) -> Result<serde_json::Value, String> {
+        self.http(base).get_json(u).await
+    }
+
+    /// A manager for flows about `url`, with its authorization server's metadata.
+    async fn manager(
+        &self,
+        url: &url::Url,
+        d: &Discovered,
+    ) -> Result<AuthorizationManager, OAuthError> {
+        let mut m = AuthorizationManager::new_with_oauth_http_client(url.clone(), self.http(url))
+            .await
+            .map_err(|e| OAuthError::Step {
+                step: "starting the OAuth client",
+                message: e.to_string(),
+            })?;
+        m.set_metadata(d.metadata.clone());
+        m.set_state_store(self.flows.clone());
+        Ok(m)
+    }
+
+    /// `[auth] issuer`'s metadata (for signing browsers in).
+    async fn sign_in_manager(&self) -> Result<(AuthorizationManager, ExchangeConfig), PageError> {
+        let s = self.settings();
+        let (Some(issuer), Some(client)) = (&s.issuer, &s.sign_in) else {
+            return Err(PageError::new(
+                404,
+                "sign-in is not configured ([auth] and [oauth] sign_in)",
+            ));
+        };
+        let url = url::Url::parse(issuer).map_err(|e| PageError::new(500, e.to_string()))?;
+        let key = format!("{SIGN_IN}:{issuer}");
+        let meta = match self
+            .discovered
+            .get(&key)
+            .filter(|h| h.1.elapsed() < DISCOVERY_TTL)
+        {
+            Some(h) => h.0.metadata.clone(),
+            None => {
+                let m =
+                    AuthorizationManager::new_with_oauth_http_client(url.clone(), self.http(&url))
+                        .await
+                        .map_err(|e| PageError::new(502, e.to_string()))?;
+                let r = m
+                    .resolve_metadata()
+                    .await
+                    .map_err(|e| PageError::new(502, format!("discovering [auth] issuer: {e}")))?;
+                self.discovered.insert(
+                    key,
+                    (
+                        Discovered {
+                            metadata: r.metadata.clone(),
+                            issuer: issuer.clone(),
+                        },
+                        Instant::now(),
+                    ),
+                );
+                r.metadata
+            }
+        };
+        let mut m = AuthorizationManager::new_with_oauth_http_client(url.clone(), self.http(&url))
+            .await
+            .map_err(|e| PageError::new(500, e.to_string()))?;
+        m.set_metadata(meta);
+        m.set_state_store(self.flows.clone());
+        Ok((m, client.clone()))
+    }
+
+    // ------------------------------------------------------------------ browser flows
+
+    /// `GET /oauth/start?t=LINK`: sign the browser's user in at `[auth] issuer` first.
+    pub async fn start(&self, link: &str, browser: &str) -> Result<Outcome, PageError> {
+        let ticket =
+            Ticket::open(&self.sealer(), link, now()).map_err(|m| PageError::new(400, m))?;
+        let s = self.settings();
+        let Some((_, auth)) = s
+            .servers
+            .get(&ticket.server)
+            .filter(|(_, a)| a.per_caller())
+        else {
+            return Err(PageError::new(
+                404,
+                format!("server `{}` takes no consent", ticket.server),
+            ));
+        };
+        if !self.flows.has_room() {
+            return Err(PageError::new(
+                503,
+                "too many authorizations in progress; try again shortly",
+            ));
+        }
+        let (m, client) = self.sign_in_manager().await?;
+        let mut scopes = vec!["openid".to_string()];
+        if matches!(auth.flow, OAuthFlow::IdJag { .. }) {
+            scopes.push("offline_access".into());
+        }
+        let req = AuthorizationRequest::new(s.redirect_uri.clone())
+            .with_scopes(scopes)
+            .with_preregistered_client(client.client_id.clone())
+            .with_client_secret(client.client_secret.expose().to_string());
+        let session = AuthorizationSession::new(m, req)
+            .await
+            .map_err(|(_, e)| PageError::new(502, format!("starting the sign-in: {e}")))?;
+        let mut auth_url = url::Url::parse(session.get_authorization_url())
+            .map_err(|e| PageError::new(502, e.to_string()))?;
+        let state = state_of(&auth_url)
+            .ok_or_else(|| PageError::new(502, "no state in the sign-in URL"))?;
+        auth_url
+            .query_pairs_mut()
+            .append_pair("login_hint", &ticket.sub);
+        self.flows
+            .attach(&state, Purpose::SignIn { ticket }, &hash(browser));
+        Ok(Outcome::Redirect(auth_url.to_string()))
+    }
+
+    /// `GET /oauth/callback`: where both the sign-in and the upstream's authorization return.
+    pub async fn callback(
+        &self,
+        q: &HashMap<String, String>,
+        browser: &str,
+    ) -> Result<Outcome, PageError> {
+        let state = q
+            .get("state")
+            .ok_or_else(|| PageError::new(400, "no state"))?;
+        if let Some(err) = q.get("error") {
+            self.flows.forget(state);
+            return Err(PageError::new(
+                400,
+                format!(
+                    "the authorization server answered {err}{}",
+                    q.get("error_description")
+                        .map(|d| format!(": {d}"))
+                        .unwrap_or_default()
+                ),
+            ));
+        }
+        let code = q
+            .get("code")
+            .ok_or_else(|| PageError::new(400, "no code"))?;
+        let iss = q.get("iss").map(String::as_str);
+        let purpose = self
+            .flows
+            .take(state, &hash(browser))
+            .map_err(|m| PageError::new(400, m))?;
+        match purpose {
+            Purpose::SignIn { ticket } => self.signed_in(ticket, code, state, iss, browser).await,
+            Purpose::Connect {
+                sub,
+                server,
+                client_id,
+                client_secret,
+            } => {
+                let (url, d) = self
+                    .discover(&server)
+                    .await
+                    .map_err(|e| PageError::new(502, e.to_string()))?;
+                let mut m = self
+                    .manager(&url, &d)
+                    .await
+                    .map_err(|e| PageError::new(502, e.to_string()))?;
+                let auth = self.settings().servers.get(&server).map(|(_, a)| a.clone());
+                m.configure_client(client_config(
+                    client_id.clone(),
+                    client_secret.clone(),
+                    auth.map(|a| a.scopes).unwrap_or_default(),
+                    self.settings().redirect_uri.clone(),
+                ))
+                .map_err(|e| PageError::new(502, e.to_string()))?;
+                m.set_credential_store(EntryStore {
+                    store: self.store(),
+                    sub: sub.clone(),
+                    server: server.clone(),
+                    kind: "oauth",
+                    issuer: Some(d.issuer.clone()),
+                    client_secret,
+                });
+                m.exchange_code_for_token_with_issuer(code, state, iss)
+                    .await
+                    .map_err(|e| PageError::new(400, format!("redeeming the authorization code at `{server}`'s authorization server: {e}")))?;
+                self.mark_connected(&sub, &server);
+                tracing::info!(sub = %sub, server = %server, "upstream connected (oauth)");
+                Ok(Outcome::Done(format!(
+                    "Connected `{server}` for {sub}. You can close this window and return to your client."
+                )))
+            }
+        }
+    }
+
+    async fn signed_in(
+        &self,
+        ticket: Ticket,
+        code: &str,
+        state: &str,
+        iss: Option<&str>,
+        browser: &str,
+    ) -> Result<Outcome, PageError> {
+        let s = self.settings();
+        let (mut m, client) = self.sign_in_manager().await?;
+        m.configure_client(client_config(
+            client.client_id.clone(),
+            Some(client.client_secret.expose().to_string()),
+            vec!["openid".into()],
+            s.redirect_uri.clone(),
+        ))
+        .map_err(|e| PageError::new(502, e.to_string()))?;
+        let resp = m
+            .exchange_code_for_token_with_issuer(code, state, iss)
+            .await
+            .map_err(|e| PageError::new(400, format!("signing in at [auth] issuer: {e}")))?;
+        let id_token = resp
+            .extra_fields()
+            .0
+            .get("id_token")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| PageError::new(502, "the sign-in returned no ID token"))?;
+        let issuer = s.issuer.clone().unwrap_or_default();
+        let who = id_token_subject(id_token, &issuer, &client.client_id)
+            .map_err(|m| PageError::new(502, format!("the sign-in's ID token: {m}")))?;
+        if who != ticket.sub {
+            tracing::warn!(link_for = %ticket.sub, signed_in = %who, server = %ticket.server, "consent link opened by another user: refused");
+            return Err(PageError::new(
+                403,
+                "This link was made for another user. Sign in as the user who asked for it, or ask your client for a new link.",
+            ));
+        }
+        let auth = s.servers.get(&ticket.server).map(|(_, a)| a.clone());
+        match auth.map(|a| a.flow) {
+            Some(OAuthFlow::IdJag { .. }) => {
+                use oauth2::TokenResponse;
+                let rt = resp.refresh_token().ok_or_else(|| {
+                    PageError::new(502, "the enterprise IdP issued no refresh token (offline_access): the broker cannot exchange it later")
+                })?;
+                let body = serde_json::to_string(&SignedIn {
+                    refresh_token: rt.secret().clone(),
+                })
+                .unwrap_or_default();
+                self.store()
+                    .put(TokenEntry {
+                        sub: who.clone(),
+                        server: SIGN_IN.into(),
+                        kind: "sign_in".into(),
+                        issuer: Some(issuer),
+                        client_id: Some(client.client_id.clone()),
+                        scopes: vec!["openid".into(), "offline_access".into()],
+                        expires_at: None,
+                        updated_at: now(),
+                        secret: Secret::new(body),
+                    })
+                    .await
+                    .map_err(|e| PageError::new(500, e.to_string()))?;
+                self.mark_connected(&who, SIGN_IN);
+                tracing::info!(sub = %who, "enterprise sign-in kept for id_jag servers");
+                Ok(Outcome::Done(format!(
+                    "Signed in as {who}: `{}` is connected. You can close this window and return to your client.",
+                    ticket.server
+                )))
+            }
+            Some(OAuthFlow::Consent) => self.begin_connect(&who, &ticket.server, browser).await,
+            _ => Err(PageError::new(404, "no such server")),
+        }
+    }
+
+    /// Send the (signed-in) browser to `server`'s authorization server.
+    async fn begin_connect(
+        &self,
+        sub: &str,
+        server: &str,
+        browser: &str,
+    ) -> Result<Outcome, PageError> {
+        let s = self.settings();
+        let bad = |e: OAuthError| PageError::new(502, e.to_string());
+        let (url, d) = self.discover(server).await.map_err(bad)?;
+        let mut m = self.manager(&url, &d).await.map_err(bad)?;
+        let scopes = s
+            .servers
+            .get(server)
+            .map(|(_, a)| a.scopes.clone())
+            .unwrap_or_default();
+        let supports_cimd = d
+            .metadata
+            .additional_fields
+            .get("client_id_metadata_document_supported")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        // Registration, in the spec's order: configured, Client ID Metadata Document, dynamic.
+        let (client_id, client_secret) = if let Some(reg) = s.oauth.client_for(&d.issuer) {
+            (
+                reg.client_id.clone(),
+                reg.client_secret.as_ref().map(|s| s.expose().to_string()),
+            )
+        } else if let (Some(cimd), true) = (&s.oauth.client_metadata_url, supports_cimd) {
+            (cimd.to_string(), None)
+        } else if let Some(hit) = self.registered.get(&d.issuer) {
+            hit.clone()
+        } else if d.metadata.registration_endpoint.is_some() {
+            let scope_refs: Vec<&str> = scopes.iter().map(String::as_str).collect();
+            let reg = m
+                .register_client(&s.oauth.client_name, &s.redirect_uri, &scope_refs)
+                .await
+                .map_err(|e| {
+                    PageError::new(
+                        502,
+                        format!("dynamic client registration at {}: {e}", d.issuer),
+                    )
+                })?;
+            let pair = (reg.client_id.clone(), reg.client_secret.clone());
+            self.registered.insert(d.issuer.clone(), pair.clone());
+            pair
+        } else {
+            return Err(PageError::new(
+                502,
+                format!(
+                    "the broker has no client at {} and it offers no registration: configure [oauth.clients.\"{}\"]",
+                    d.issuer, d.issuer
+                ),
+            ));
+        };
+        let mut req = AuthorizationRequest::new(s.redirect_uri.clone())
+            .with_preregistered_client(client_id.clone());
+        if let Some(sec) = &client_secret {
+            req = req.with_client_secret(sec.clone());
+        }
+        if !scopes.is_empty() {
+            req = req.with_scopes(scopes);
+        }
+        m.set_metadata(d.metadata.clone());
+        let session = AuthorizationSession::new(m, req).await.map_err(|(_, e)| {
+            PageError::new(
+                502,
+                format!("starting the authorization at {}: {e}", d.issuer),
+            )
+        })?;
+        let auth_url = session.get_authorization_url().to_string();
+        let state = url::Url::parse(&auth_url)
+            .ok()
+            .and_then(|u| state_of(&u))
+            .ok_or_else(|| PageError::new(502, "no state in the authorization URL"))?;
+        self.flows.attach(
+            &state,
+            Purpose::Connect {
+                sub: sub.to_string(),
+                server: server.to_string(),
+                client_id,
+                client_secret,
+            },
+            &hash(browser),
+        );
+        Ok(Outcome::Redirect(auth_url))
+    }
+}
+
+fn client_config(
+    id: String,
+    secret: Option<String>,
+    scopes: Vec<String>,
+    redirect: String,
+) -> OAuthClientConfig {
+    let c = OAuthClientConfig::new(id, redirect).with_scopes(scopes);
+    match secret {
+        Some(s) => c.with_client_secret(s),
+        None => c,
+    }
+}
+
+fn stage_of(e: &EmaError) -> Option<EmaExchangeStage> {
+    match e {
+        EmaError::InvalidResponse { stage, .. } | EmaError::OAuthRejected { stage, .. } => {
+            Some(*stage)
+        }
+        EmaError::RequestFailed(s)
+        | EmaError::InvalidGrant(s)
+        | EmaError::InsufficientUserAuthentication(s) => Some(*s),
+        _ => None,
+    }
+}
+
+fn state_of(u: &url::Url) -> Option<String> {
+    u.query_pairs()
+        .find(|(k, _)| k == "state")
+        .map(|(_, v)| v.into_owned())
+}
+
+fn hash(browser: &str) -> String {
+    use sha2::Digest;
+    crate::hex(&sha2::Sha256::digest(browser.as_bytes()))
+}
+
+/// The `sub` of an ID token received straight from the token endpoint over TLS (OpenID Connect
+/// Core §3.1.3.7 allows TLS in place of the signature there); `iss`, `aud` and `exp` are checked.
+fn id_token_subject(token: &str, issuer: &str, client_id: &str) -> Result<String, &'static str> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).ok_or("not a JWT")?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|_| "not a JWT")?;
+    let c: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| "not a JWT")?;
+    if c.get("iss").and_then(|v| v.as_str()) != Some(issuer) {
+        return Err("issued by another issuer");
+    }
+    let aud_ok = match c.get("aud") {
+        Some(serde_json::Value::String(a)) => a == client_id,
+        Some(serde_json::Value::Array(a)) => a.iter().any(|v| v.as_str() == Some(client_id)),
+        _ => false,
+    };
+    if !aud_ok {
+        return Err("issued to another client");
+    }
+    if c.get("exp")
+        .and_then(|v| v.as_u64())
+        .is_none_or(|e| e + 60 < now())
+    {
+        return Err("expired");
+    }
+    c.get("sub")
+        .and_then(|v| v.as_str())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .ok_or("no sub")
+}
+
+/// What a consent keeps in the token store's secret (as JSON).
+#[derive(Serialize, Deserialize)]
+struct Held {
+    credentials: StoredCredentials,
+    client_secret: Option<String>,
+}
+
+/// What a sign-in keeps (for id_jag).
+#[derive(Serialize, Deserialize)]
+struct SignedIn {
+    refresh_token: String,
+}
+
+/// rmcp's credential store for one (caller, server) entry of the token store.
+struct EntryStore {
+    store: Arc<TokenStore>,
+    sub: String,
+    server: String,
+    kind: &'static str,
+    issuer: Option<String>,
+    client_secret: Option<String>,
+}
+
+#[async_trait]
+impl CredentialStore for EntryStore {
+    async fn load(&self) -> Result<Option<StoredCredentials>, AuthError> {
+        let e = self
+            .store
+            .get(&self.sub, &self.server)
+            .await
+            .map_err(|e| AuthError::CredentialStoreError(e.to_string()))?;
+        Ok(
+            e.and_then(|e| serde_json::from_str::<Held>(e.secret.expose()).ok())
+                .map(|h| h.credentials),
+        )
+    }
+
+    async fn save(&self, c: StoredCredentials) -> Result<(), AuthError> {
+        use oauth2::TokenResponse;
+        let expires_at = c
+            .token_response
+            .as_ref()
+            .and_then(|t| t.expires_in())
+            .map(|d| c.token_received_at.unwrap_or_else(now) + d.as_secs());
+        let entry = TokenEntry {
+            sub: self.sub.clone(),
+            server: self.server.clone(),
+            kind: self.kind.into(),
+            issuer: self.issuer.clone(),
+            client_id: Some(c.client_id.clone()),
+            scopes: c.granted_scopes.clone(),
+            expires_at,
+            updated_at: now(),
+            secret: Secret::new(
+                serde_json::to_string(&Held {
+                    credentials: c,
+                    client_secret: self.client_secret.clone(),
+                })
+                .unwrap_or_default(),
+            ),
+        };
+        self.store
+            .put(entry)
+            .await
+            .map_err(|e| AuthError::CredentialStoreError(e.to_string()))
+    }
+
+    async fn clear(&self) -> Result<(), AuthError> {
+        self.store
+            .remove(Some(&self.sub), Some(&self.server))
+            .await
+            .map(|_| ())
+            .map_err(|e| AuthError::CredentialStoreError(e.to_string()))
+    }
+}
