@@ -54,6 +54,7 @@ impl Broker {
         which: Kind,
         rec: &mut CallRecord,
         legacy: bool,
+        pending: &HashSet<Arc<str>>,
     ) -> (Vec<Item>, u64) {
         let st = self.state();
         let cat = self.catalog_in(legacy);
@@ -64,10 +65,12 @@ impl Broker {
             entries: &[Entry<Item>],
             rec: &mut CallRecord,
             listed: Kind,
+            pending: &HashSet<Arc<str>>,
         ) -> (Vec<Item>, u64) {
             let mut servers: HashSet<&Arc<str>> = HashSet::new();
-            let shown: Vec<Item> = entries
+            let mut shown: Vec<Item> = entries
                 .iter()
+                .filter(|e| !pending.contains(&e.server))
                 .filter(|e| st.policy.decide(caller, &e.server, kind, &e.original).allow)
                 .inspect(|e| {
                     servers.insert(&e.server);
@@ -79,7 +82,20 @@ impl Broker {
                 .map(|s| st.upstream(s).map_or(0, |u| u.list_ttl_ms(listed)))
                 .min()
                 .unwrap_or(0);
-            let hidden = entries.len() - shown.len();
+            let hidden = entries.len().saturating_sub(shown.len());
+            // Per-user OAuth servers the caller has not connected: their `authorize` tool.
+            if listed == Kind::Tool {
+                for server in st.upstreams.iter().map(|u| &u.name).filter(|n| pending.contains(*n)) {
+                    if st
+                        .policy
+                        .decide(caller, server, Kind::Tool, super::consent::AUTHORIZE)
+                        .allow
+                        && let Some(item) = Broker::authorize_item(st, server)
+                    {
+                        shown.push(item);
+                    }
+                }
+            }
             rec.decision(
                 true,
                 &format!("{} shown, {hidden} hidden by policy", shown.len()),
@@ -94,7 +110,7 @@ impl Broker {
             Kind::Resource => &cat.resources.entries,
             Kind::Template => &cat.templates.entries,
         };
-        keep(&st, caller, which.family(), entries, rec, which)
+        keep(&st, caller, which.family(), entries, rec, which, pending)
     }
 
     /// Wait (up to `limit` after start) until every upstream's first connect attempt has ended.

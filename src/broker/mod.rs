@@ -14,6 +14,7 @@
 // 2026-07-28 revision, but Claude and most clients speak 2025-11-25, where they are live.
 #![allow(deprecated)]
 
+mod consent;
 mod errors;
 mod events;
 mod forward;
@@ -170,6 +171,10 @@ impl Broker {
             ),
             None => (mrtr::Seal::new()?, None),
         };
+        // Consent links made by any instance open on every instance.
+        if let Some(c) = &config.cluster {
+            crate::oauth::engine().set_secret_key(c.secret_key.expose());
+        }
         // After the cluster: shared credentials go through it. A failure stops its heartbeat.
         let state = State::build(config.clone(), None, cluster.as_ref())
             .inspect_err(|_| shutdown.cancel())?;
@@ -226,6 +231,26 @@ impl Broker {
             let me = self.clone();
             tokio::spawn(async move { me.route_events(rx).await });
         }
+        // A caller who connected an upstream (upstream OAuth) sees its tools instead of `authorize`.
+        let mut connected = crate::oauth::engine().subscribe();
+        let me = Arc::downgrade(self);
+        let stop = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let sub = tokio::select! {
+                    r = connected.recv() => match r {
+                        Ok(sub) => sub,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return,
+                    },
+                    _ = stop.cancelled() => return,
+                };
+                let Some(me) = me.upgrade() else { return };
+                for s in me.sessions.all().into_iter().filter(|s| s.caller.sub == sub) {
+                    me.sessions.list_changed(&s, crate::catalog::Kind::Tool);
+                }
+            }
+        });
         // Backstop for sessions whose front handle was not dropped (a transport that died quietly).
         let me = Arc::downgrade(self);
         let stop = self.shutdown.clone();

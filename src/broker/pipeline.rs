@@ -35,6 +35,7 @@ use crate::metrics;
 use crate::policy::Kind;
 use crate::upstream::raw;
 
+use super::consent;
 use super::errors::{Failure, service_error, tool_error_text, unexpected};
 use super::forward::Call;
 use super::sessions::{MAX_INFLIGHT, MAX_SUBSCRIPTIONS, Slot, rank};
@@ -212,7 +213,8 @@ impl Broker {
             Op::List(which) => {
                 let which = *which;
                 self.prepare_list(caller, down.session).await;
-                let (items, ttl) = self.listed(caller, which, rec, !down.stateless);
+                let pending = self.pending_consent(&st, caller).await;
+                let (items, ttl) = self.listed(caller, which, rec, !down.stateless, &pending);
                 return Ok(Reply::Listed(items, ttl));
             }
             Op::SetLevel(level) => return self.set_level(&st, caller, *level, down, rec).await,
@@ -330,6 +332,18 @@ impl Broker {
         let tool = matches!(op, Op::CallTool(_)).then_some(original.as_str());
         let timeout = call_timeout(&st, &server, tool);
         let _permit = self.admit(&st, caller, &server, tool, timeout, rec).await?;
+        // A per-user OAuth server the caller has not connected: ask them first.
+        if consent::consent_auth(&st, &server).is_some() {
+            self.ensure_connected(&server, caller, down, ct, rec).await?;
+            if !listed && original == consent::AUTHORIZE && matches!(op, Op::CallTool(_)) {
+                rec.finish(Outcome::Ok, None);
+                return Ok(Reply::Tool(CallToolResponse::Complete(
+                    rmcp::model::CallToolResult::success(vec![rmcp::model::ContentBlock::text(
+                        format!("`{server}` is connected for you; its tools are listed now."),
+                    )]),
+                )));
+            }
+        }
         let call = Call {
             server: &server,
             caller,
@@ -446,8 +460,11 @@ impl Broker {
             };
             let (server, original, listed) = match entry {
                 Some((s, o)) => (s.clone(), o.clone(), true),
-                None => match unlisted(st, exposed, kind == Kind::Tool) {
-                    Some(s) => (s, exposed.to_string(), false),
+                None => match unlisted(st, exposed, kind == Kind::Tool)
+                    .map(|s| (s, exposed.to_string()))
+                    .or_else(|| authorize_tool(st, exposed, kind))
+                {
+                    Some((s, original)) => (s, original, false),
                     None => {
                         return Err(Failure::Rpc(ErrorData::invalid_params(
                             format!("unknown {} `{}`", kind.as_str(), clip(exposed)),
@@ -1053,6 +1070,23 @@ fn no_session() -> Failure {
 /// Where a name the catalog does not list goes: to the one connected server that exposes names
 /// unchanged (`prefix = ""`) and whose `tools` filter admits it, so that server answers for itself
 /// exactly as it would directly. Prefixed names are never split to guess a server.
+/// `<prefix><sep>authorize` of a per-user OAuth server: the broker's own tool (see `consent`).
+fn authorize_tool(st: &State, exposed: &str, kind: Kind) -> Option<(Arc<str>, String)> {
+    if kind != Kind::Tool {
+        return None;
+    }
+    st.upstreams
+        .iter()
+        .filter(|u| consent::consent_auth(st, &u.name).is_some())
+        .find(|u| {
+            st.config.server(&u.name).is_some_and(|c| {
+                crate::catalog::expose_name(&c.prefix, &st.config.broker.separator, consent::AUTHORIZE)
+                    == exposed
+            })
+        })
+        .map(|u| (u.name.clone(), consent::AUTHORIZE.to_string()))
+}
+
 fn unlisted(st: &State, name: &str, is_tool: bool) -> Option<Arc<str>> {
     let mut candidates = st.namespaces.iter().filter(|ns| {
         ns.prefix.is_empty()

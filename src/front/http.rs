@@ -140,6 +140,9 @@ pub fn router(
                 async move { mcp.handle(req).await }
             }),
         );
+    // Upstream consent and sign-in pages (browser-facing; `crate::oauth` answers 404 for a link to
+    // a server that takes none).
+    app = app.merge(super::oauth::routes(public.scheme() == "https"));
     if let Some(auth) = auth {
         let doc = auth.metadata_document(public.as_str());
         let serve_doc = move || {

@@ -6,6 +6,7 @@ mod forward;
 pub mod http;
 mod lane;
 pub mod mcp;
+mod oauth;
 pub mod relay;
 mod resume;
 pub mod tls;

@@ -130,6 +130,8 @@ pub struct Engine {
     cache: DashMap<(String, String), (Secret, u64)>,
     /// Woken when (sub, server) gets connected.
     connected: DashMap<(String, String), Arc<Notify>>,
+    /// The subjects who just connected something (their sessions' tool lists change).
+    changes: tokio::sync::broadcast::Sender<String>,
 }
 
 static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
@@ -174,7 +176,13 @@ impl Engine {
             registered: DashMap::new(),
             cache: DashMap::new(),
             connected: DashMap::new(),
+            changes: tokio::sync::broadcast::channel(64).0,
         }
+    }
+
+    /// Subjects as they connect an upstream (or sign in).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.changes.subscribe()
     }
 
     /// Use `store` for tokens (the file, Redis, or memory), from start-up.
@@ -341,6 +349,7 @@ impl Engine {
 
     fn mark_connected(&self, sub: &str, server: &str) {
         self.cache.remove(&(sub.to_string(), server.to_string()));
+        let _ = self.changes.send(sub.to_string());
         if let Some(n) = self.connected.get(&(sub.to_string(), server.to_string())) {
             n.notify_waiters();
         }
