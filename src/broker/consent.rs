@@ -8,10 +8,8 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use rmcp::model::{
-    ClientResult, ElicitRequestParams, ElicitationAction, ErrorCode, ServerRequest,
-};
 use rmcp::ErrorData;
+use rmcp::model::{ClientResult, ElicitRequestParams, ElicitationAction, ErrorCode, ServerRequest};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{CallRecord, Outcome};
@@ -146,7 +144,10 @@ impl Broker {
             return Ok(());
         }
         if declared_url {
-            rec.finish(Outcome::Denied, Some(format!("consent required for `{server}`")));
+            rec.finish(
+                Outcome::Denied,
+                Some(format!("consent required for `{server}`")),
+            );
             return Err(Failure::Rpc(ErrorData::new(
                 ErrorCode(URL_ELICITATION_REQUIRED),
                 format!("`{server}` needs you to connect your account first"),
@@ -170,7 +171,11 @@ impl Broker {
 
     fn consent_refused(&self, rec: &mut CallRecord, message: String) -> Failure {
         // The audit record names the step, not the link.
-        let short = message.split(": http").next().unwrap_or_default().to_string();
+        let short = message
+            .split(": http")
+            .next()
+            .unwrap_or_default()
+            .to_string();
         rec.finish(Outcome::Denied, Some(short));
         Failure::Refused(message)
     }

@@ -80,7 +80,11 @@ impl Broker {
                         .resolve_with(auth, caller, tool, fresh)
                         .await
                         .map_err(|e| {
-                            tracing::warn!(server = %server, sub = %caller.sub, error = %e, "no upstream credential");
+                            if matches!(e, crate::credentials::CredentialError::OAuth(crate::oauth::OAuthError::ConsentRequired { .. })) {
+                                tracing::debug!(server = %server, sub = %caller.sub, "not connected yet (upstream OAuth)");
+                            } else {
+                                tracing::warn!(server = %server, sub = %caller.sub, error = %e, "no upstream credential");
+                            }
                             Failure::Unavailable(format!("server `{server}`: {e}"))
                         })?;
                     let secrets = Secrets {

@@ -85,7 +85,12 @@ impl Broker {
             let hidden = entries.len().saturating_sub(shown.len());
             // Per-user OAuth servers the caller has not connected: their `authorize` tool.
             if listed == Kind::Tool {
-                for server in st.upstreams.iter().map(|u| &u.name).filter(|n| pending.contains(*n)) {
+                for server in st
+                    .upstreams
+                    .iter()
+                    .map(|u| &u.name)
+                    .filter(|n| pending.contains(*n))
+                {
                     if st
                         .policy
                         .decide(caller, server, Kind::Tool, super::consent::AUTHORIZE)

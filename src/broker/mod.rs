@@ -246,7 +246,12 @@ impl Broker {
                     _ = stop.cancelled() => return,
                 };
                 let Some(me) = me.upgrade() else { return };
-                for s in me.sessions.all().into_iter().filter(|s| s.caller.sub == sub) {
+                for s in me
+                    .sessions
+                    .all()
+                    .into_iter()
+                    .filter(|s| s.caller.sub == sub)
+                {
                     me.sessions.list_changed(&s, crate::catalog::Kind::Tool);
                 }
             }

@@ -334,7 +334,8 @@ impl Broker {
         let _permit = self.admit(&st, caller, &server, tool, timeout, rec).await?;
         // A per-user OAuth server the caller has not connected: ask them first.
         if consent::consent_auth(&st, &server).is_some() {
-            self.ensure_connected(&server, caller, down, ct, rec).await?;
+            self.ensure_connected(&server, caller, down, ct, rec)
+                .await?;
             if !listed && original == consent::AUTHORIZE && matches!(op, Op::CallTool(_)) {
                 rec.finish(Outcome::Ok, None);
                 return Ok(Reply::Tool(CallToolResponse::Complete(
@@ -1070,21 +1071,28 @@ fn no_session() -> Failure {
 /// Where a name the catalog does not list goes: to the one connected server that exposes names
 /// unchanged (`prefix = ""`) and whose `tools` filter admits it, so that server answers for itself
 /// exactly as it would directly. Prefixed names are never split to guess a server.
-/// `<prefix><sep>authorize` of a per-user OAuth server: the broker's own tool (see `consent`).
+/// A tool of a per-user OAuth server that is not in the catalog: its `<prefix><sep>authorize`
+/// (the broker's own tool, see `consent`), or, while no caller has listed the server, any name
+/// with its prefix (the call starts the consent, then goes upstream under the unprefixed name).
 fn authorize_tool(st: &State, exposed: &str, kind: Kind) -> Option<(Arc<str>, String)> {
     if kind != Kind::Tool {
         return None;
     }
+    let sep = &st.config.broker.separator;
     st.upstreams
         .iter()
         .filter(|u| consent::consent_auth(st, &u.name).is_some())
-        .find(|u| {
-            st.config.server(&u.name).is_some_and(|c| {
-                crate::catalog::expose_name(&c.prefix, &st.config.broker.separator, consent::AUTHORIZE)
-                    == exposed
-            })
+        .find_map(|u| {
+            let c = st.config.server(&u.name)?;
+            if crate::catalog::expose_name(&c.prefix, sep, consent::AUTHORIZE) == exposed {
+                return Some((u.name.clone(), consent::AUTHORIZE.to_string()));
+            }
+            let rest = exposed
+                .strip_prefix(c.prefix.as_str())?
+                .strip_prefix(sep.as_str())?;
+            (!c.prefix.is_empty() && !rest.is_empty() && u.listing().is_none())
+                .then(|| (u.name.clone(), rest.to_string()))
         })
-        .map(|u| (u.name.clone(), consent::AUTHORIZE.to_string()))
 }
 
 fn unlisted(st: &State, name: &str, is_tool: bool) -> Option<Arc<str>> {

@@ -50,13 +50,23 @@ fn browser(h: &HeaderMap) -> (String, bool) {
 async fn start(Query(q): Query<HashMap<String, String>>, h: HeaderMap, secure: bool) -> Response {
     let (id, new) = browser(&h);
     let Some(link) = q.get("t") else {
-        return page(Err(PageError { status: 400, message: "no link".into() }), None);
+        return page(
+            Err(PageError {
+                status: 400,
+                message: "no link".into(),
+            }),
+            None,
+        );
     };
     let r = engine().start(link, &id).await;
     page(r, new.then(|| cookie(&id, secure)))
 }
 
-async fn callback(Query(q): Query<HashMap<String, String>>, h: HeaderMap, secure: bool) -> Response {
+async fn callback(
+    Query(q): Query<HashMap<String, String>>,
+    h: HeaderMap,
+    secure: bool,
+) -> Response {
     let (id, new) = browser(&h);
     let r = engine().callback(&q, &id).await;
     page(r, new.then(|| cookie(&id, secure)))
@@ -86,7 +96,10 @@ fn page(r: Result<Outcome, PageError>, set_cookie: Option<String>) -> Response {
     };
     let h = resp.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
