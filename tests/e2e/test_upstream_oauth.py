@@ -1,0 +1,341 @@
+"""Upstream OAuth (issue 16): the broker gets tokens from each upstream's own authorization server.
+
+Real parts only: two oidc-provider instances (`tests/fixtures/as.mjs`), one as the enterprise IdP (which also issues
+the callers' tokens) and one, over HTTPS with a private CA the broker trusts through `[oauth] ca_file`, as the
+upstreams' authorization server (with the ID-JAG JWT bearer grant); a second such server with 4-second access tokens
+for the refresh test; JWT-protected MCP servers (`tests/fixtures/protected_server.py`) that accept only their own
+authorization server's tokens for themselves (their `whoami` reports the sub, client and a hash of the token they
+got); the Python SDK as the MCP client; and a cookie-keeping HTTP client as the user's browser (one per user).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import subprocess
+from urllib.parse import urlencode
+from pathlib import Path
+
+import pytest
+
+import helpers as H
+import oauthlib as OL
+from mcp import types as T
+
+CLI_REDIRECT = "http://127.0.0.1:8765/callback"
+LINK_RE = re.compile(r"https?://\S+/oauth/start\?t=[A-Za-z0-9_\-]+")
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Env:
+    pass
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("upstream-oauth")
+    e = Env()
+    e.dir = d
+    e.ca = OL.make_ca(d / "ca")
+    bport, up_port, short_port = free_port(), free_port(), free_port()
+    e.callback = f"http://127.0.0.1:{bport}/oauth/callback"
+    up_issuer, short_issuer = f"https://127.0.0.1:{up_port}", f"https://127.0.0.1:{short_port}"
+    procs = []
+    try:
+        # The enterprise IdP: issues the callers' tokens (client `cli`), signs users in for the broker (client
+        # `broker`) and issues ID-JAGs for the upstreams' authorization server (whose client there is broker-up).
+        e.idp = H.start_auth_server(d, name="idp", env={
+            "AS_CLIENTS_JSON": json.dumps([OL.broker_client("broker", "broker-secret", [e.callback])]),
+            "AS_IDJAG_CLIENT_IDS": json.dumps({up_issuer: "broker-up"}),
+        })
+        procs.append(e.idp)
+        trust = json.dumps({"issuer": e.idp.issuer, "jwks_uri": e.idp.issuer + "/jwks"})
+        e.upas = OL.start_tls_as(d, "upas", e.ca, env={
+            "AS_PORT": str(up_port), "AS_TRUST_IDJAG": trust,
+            "AS_CLIENTS_JSON": json.dumps([OL.broker_client("broker-up", "up-secret", [e.callback])]),
+        })
+        procs.append(e.upas)
+        e.short = OL.start_tls_as(d, "short-as", e.ca, env={
+            "AS_PORT": str(short_port), "AS_ACCESS_TTL": "4",
+            "AS_CLIENTS_JSON": json.dumps([OL.broker_client("broker-up", "up-secret", [e.callback])]),
+        })
+        procs.append(e.short)
+        e.seen_tokens = d / "tokens-seen.txt"
+        e.wiki = OL.start_protected(d, e.upas.issuer, e.ca, name="wiki", record_tokens=e.seen_tokens)
+        e.crm = OL.start_protected(d, e.upas.issuer, e.ca, name="crm", record_tokens=e.seen_tokens)
+        e.reports = OL.start_protected(d, e.upas.issuer, e.ca, name="reports")
+        e.crm2 = OL.start_protected(d, e.short.issuer, e.ca, name="crm2", record_tokens=e.seen_tokens)
+        procs += [e.wiki, e.crm, e.reports, e.crm2]
+        e.store = d / "tokens.json"
+        extra = f'''[audit]
+file = "{d / 'audit.jsonl'}"
+
+[credentials.corp]
+kind = "token_exchange"
+token_endpoint = "{e.idp.issuer}/token"
+client_id = "broker"
+client_secret = "${{BROKER_SECRET}}"
+
+[oauth]
+sign_in = "corp"
+ca_file = "{e.ca.ca_pem}"
+link_ttl = "2m"
+
+[oauth.clients."{up_issuer}"]
+client_id = "broker-up"
+client_secret = "${{UP_SECRET}}"
+
+[oauth.clients."{short_issuer}"]
+client_id = "broker-up"
+client_secret = "${{UP_SECRET}}"
+
+[token_store]
+path = "{e.store}"
+key = "${{TOKEN_STORE_KEY}}"
+'''
+        mismatched = e.reports.url.replace("127.0.0.1", "localhost")
+        e.broker = H.start_broker(d, {
+            "wiki": {"transport": "http", "url": e.wiki.url, "upstream_auth": {"kind": "id_jag", "scopes": ["mcp:tools"]}},
+            "crm": {"transport": "http", "url": e.crm.url, "upstream_auth": {"kind": "oauth", "scopes": ["mcp:tools"]}},
+            "crm2": {"transport": "http", "url": e.crm2.url, "upstream_auth": {"kind": "oauth", "scopes": ["mcp:tools"]}},
+            "reports": {"transport": "http", "url": e.reports.url,
+                        "upstream_auth": {"kind": "client_credentials", "scopes": ["mcp:tools"]}},
+            "mismatch": {"transport": "http", "url": mismatched,
+                         "upstream_auth": {"kind": "oauth", "scopes": ["mcp:tools"]}},
+        }, broker={"listen": f"127.0.0.1:{bport}"},
+            auth={"issuer": e.idp.issuer, "admin_scopes": ["audit:read"]},
+            policies=[{"effect": "allow"}], extra_toml=extra,
+            env={"BROKER_SECRET": "broker-secret", "UP_SECRET": "up-secret",
+                 "TOKEN_STORE_KEY": "k" * 40})
+        procs.append(e.broker.proc)
+        yield e
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def user_token(e: Env, user: str) -> str:
+    """`user`'s access token for the broker, from the IdP (authorization code + PKCE, public client `cli`)."""
+    with OL.Browser() as b:
+        b.login(e.idp, user)
+        res = OL.authorize(b, e.idp, "cli", CLI_REDIRECT, "openid mcp:tools", resource=e.broker.url)
+        r = OL.redeem_code(e.idp, res, CLI_REDIRECT, "cli", resource=e.broker.url)
+        assert r.status_code == 200, r.text
+        return r.json()["access_token"]
+
+
+def link_in(text: str) -> str:
+    m = LINK_RE.search(text)
+    assert m, f"no consent link in: {text[:400]}"
+    return m.group(0)
+
+
+def consent(e: Env, user: str, link: str) -> "OL.httpx2.Response":
+    """`user` opens `link` in their own browser and goes through every redirect."""
+    with OL.Browser(e.ca) as b:
+        b.login(e.idp, user)
+        b.login(e.upas, user)
+        b.login(e.short, user)
+        final, hops = b.follow(link)
+        return final
+
+
+def whoami(r) -> dict:
+    assert not r.is_error, r.content[0].text if r.content else r
+    return json.loads(r.content[0].text)
+
+
+async def names(s) -> set[str]:
+    return {t.name for t in (await s.list_tools()).tools}
+
+
+async def test_id_jag_for_two_users_each_with_their_own_token(env):
+    e = env
+    alice, bob = user_token(e, "alice"), user_token(e, "bob")
+    async with H.http_session(e.broker.url, headers=H.bearer(alice)) as s:
+        assert "wiki__authorize" in await names(s)
+        r = await s.call_tool("wiki__authorize", {})
+        assert r.is_error
+        page = consent(e, "alice", link_in(r.content[0].text))
+        assert page.status_code == 200 and "Signed in as alice" in page.text, page.text
+        before = OL.as_counts(e.idp)["token_exchange"]
+        a1 = whoami(await s.call_tool("wiki__whoami", {}))
+        a2 = whoami(await s.call_tool("wiki__whoami", {}))
+        assert a1["sub"] == "alice" and a1["client_id"] == "broker-up"
+        assert a1["aud"] == e.wiki.url
+        # The ID-JAG's access token is cached per (caller, upstream): the second call made no exchange.
+        assert a1["token_sha256_prefix"] == a2["token_sha256_prefix"]
+        after = OL.as_counts(e.idp)["token_exchange"]
+        assert sum(after.values()) - sum(before.values()) == 1, (before, after)
+        assert "wiki__whoami" in await names(s) and "wiki__authorize" not in await names(s)
+    async with H.http_session(e.broker.url, headers=H.bearer(bob)) as s:
+        # share_catalog (the id_jag default): bob sees the tools alice's connection listed ...
+        assert "wiki__whoami" in await names(s)
+        r = await s.call_tool("wiki__whoami", {})
+        # ... but calling them needs his own sign-in.
+        assert r.is_error and "/oauth/start" in r.content[0].text
+        assert consent(e, "bob", link_in(r.content[0].text)).status_code == 200
+        b1 = whoami(await s.call_tool("wiki__whoami", {}))
+        assert b1["sub"] == "bob"
+        assert b1["token_sha256_prefix"] != a1["token_sha256_prefix"]
+    counts = OL.as_counts(e.upas)["token"]
+    assert counts.get(OL.JWT_BEARER, 0) >= 2, counts
+    # The callers' own tokens never reached the upstream.
+    seen = e.wiki.seen()["bearer"]
+    assert H.sha256_prefix(alice) not in seen and H.sha256_prefix(bob) not in seen
+
+
+async def test_oauth_consent_through_the_python_sdk_url_elicitation(env):
+    e = env
+    carol = user_token(e, "carol")
+    asked = []
+
+    async def on_elicit(ctx, params):
+        asked.append(params)
+        assert params.mode == "url"
+        page = await asyncio.to_thread(consent, e, "carol", params.url)
+        assert page.status_code == 200 and "Connected `crm` for carol" in page.text, page.text
+        return T.ElicitResult(action="accept")
+
+    async with H.http_session(e.broker.url, headers=H.bearer(carol), elicitation_callback=on_elicit) as s:
+        tools = await names(s)
+        assert "crm__authorize" in tools and "crm__whoami" not in tools
+        # The first call asks for consent and, once given, goes on: its result is the upstream's.
+        got = whoami(await s.call_tool("crm__whoami", {}))
+        assert got["sub"] == "carol" and got["aud"] == e.crm.url and got["client_id"] == "broker-up"
+        assert len(asked) == 1 and "/oauth/start" in asked[0].url
+        again = whoami(await s.call_tool("crm__whoami", {}))
+        assert len(asked) == 1 and again["sub"] == "carol"
+        tools = await names(s)
+        assert "crm__whoami" in tools and "crm__authorize" not in tools
+
+
+async def test_a_link_opened_by_another_signed_in_user_is_refused(env):
+    e = env
+    dave = user_token(e, "dave")
+    async with H.http_session(e.broker.url, headers=H.bearer(dave)) as s:
+        r = await s.call_tool("crm__authorize", {})
+        link = link_in(r.content[0].text)
+        # erin, signed in at the IdP, opens dave's link: the anti-phishing check refuses it.
+        page = consent(e, "erin", link)
+        assert page.status_code == 403 and "another user" in page.text, page.text
+        r = await s.call_tool("crm__whoami", {})
+        assert r.is_error and "/oauth/start" in r.content[0].text, "dave must still be unconnected"
+        page = consent(e, "dave", link_in(r.content[0].text))
+        assert page.status_code == 200, page.text
+        assert whoami(await s.call_tool("crm__whoami", {}))["sub"] == "dave"
+
+
+async def test_replayed_altered_state_and_wrong_iss_are_refused(env):
+    e = env
+    frank = user_token(e, "frank")
+    async with H.http_session(e.broker.url, headers=H.bearer(frank)) as s:
+        r = await s.call_tool("crm__authorize", {})
+        link = link_in(r.content[0].text)
+    with OL.Browser(e.ca) as b:
+        b.login(e.idp, "frank")
+        b.login(e.upas, "frank")
+        # The sign-in comes back ...
+        signin_cb, _ = b.follow(link, stop_at_prefix=e.callback)
+        q = OL.query_of(signin_cb)
+        altered = signin_cb.replace(q["state"], q["state"][:-2] + ("AA" if not q["state"].endswith("AA") else "BB"))
+        assert b.client.get(altered).status_code == 400
+        # ... then goes on to the upstream's authorization server, which comes back again.
+        connect_cb, _ = b.follow(signin_cb, stop_at_prefix=e.callback)
+        assert connect_cb != signin_cb and OL.query_of(connect_cb)["iss"] == e.upas.issuer
+        cq = OL.query_of(connect_cb)
+        wrong_iss = connect_cb.split("?")[0] + "?" + urlencode({**cq, "iss": "https://evil.example"})
+        refused = b.client.get(wrong_iss)
+        assert refused.status_code == 400, refused.text
+        # The state was used up by the refused attempt: the genuine callback is a replay now.
+        replay = b.client.get(connect_cb)
+        assert replay.status_code == 400 and "used" in replay.text
+        # The sign-in callback replayed: refused as well.
+        assert b.client.get(signin_cb).status_code == 400
+    async with H.http_session(e.broker.url, headers=H.bearer(frank)) as s:
+        r = await s.call_tool("crm__whoami", {})
+        assert r.is_error and "/oauth/start" in r.content[0].text, "frank must not be connected"
+
+
+async def test_access_token_refreshed_on_expiry(env):
+    e = env
+    gina = user_token(e, "gina")
+    async with H.http_session(e.broker.url, headers=H.bearer(gina)) as s:
+        r = await s.call_tool("crm2__authorize", {})
+        assert consent(e, "gina", link_in(r.content[0].text)).status_code == 200
+        first = whoami(await s.call_tool("crm2__whoami", {}))
+        refreshes = OL.as_counts(e.short)["token"].get("refresh_token", 0)
+        await asyncio.sleep(5)  # the 4-second access token expired
+        second = whoami(await s.call_tool("crm2__whoami", {}))
+        assert second["sub"] == "gina"
+        assert second["token_sha256_prefix"] != first["token_sha256_prefix"]
+        assert OL.as_counts(e.short)["token"].get("refresh_token", 0) > refreshes
+
+
+async def test_revoke_then_consent_again_and_store_holds_no_token_text(env):
+    e = env
+    hank = user_token(e, "hank")
+    async with H.http_session(e.broker.url, headers=H.bearer(hank)) as s:
+        r = await s.call_tool("crm__authorize", {})
+        assert consent(e, "hank", link_in(r.content[0].text)).status_code == 200
+        whoami(await s.call_tool("crm__whoami", {}))
+    # The store file: sealed entries only, no token, subject or server name in clear.
+    text = e.store.read_text()
+    for tok in filter(None, e.seen_tokens.read_text().splitlines()):
+        assert tok not in text
+        assert tok[:40] not in text
+    for word in ["hank", "alice", "carol", "crm", "wiki", "access_token", "refresh_token"]:
+        assert word not in text, word
+    admin = e.idp.token("svc", "svc-secret", scope="mcp:tools audit:read", resource=e.broker.url)
+    listed = subprocess.run([str(H.BROKER_BIN), "tokens", "list", "--config", str(e.broker.config_path), "--json",
+                             "--token", admin], capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    rows = rows.get("tokens", rows) if isinstance(rows, dict) else rows
+    assert any(t["sub"] == "hank" and t["server"] == "crm" for t in rows), rows
+    for tok in filter(None, e.seen_tokens.read_text().splitlines()):
+        assert tok not in listed.stdout
+    rev = subprocess.run([str(H.BROKER_BIN), "tokens", "revoke", "--config", str(e.broker.config_path),
+                          "--sub", "hank", "--server", "crm", "--token", admin],
+                         capture_output=True, text=True, timeout=30)
+    assert rev.returncode == 0, rev.stderr
+    async with H.http_session(e.broker.url, headers=H.bearer(hank)) as s:
+        r = await s.call_tool("crm__whoami", {})
+        assert r.is_error and "/oauth/start" in r.content[0].text, "a revoked caller must consent again"
+
+
+async def test_client_credentials_one_token_for_everyone_cached(env):
+    e = env
+    before = OL.as_counts(e.upas)["token"].get("client_credentials", 0)
+    subs = set()
+    for user in ["ivan", "judy"]:
+        async with H.http_session(e.broker.url, headers=H.bearer(user_token(e, user))) as s:
+            for _ in range(2):
+                got = whoami(await s.call_tool("reports__whoami", {}))
+                subs.add(got["sub"])
+                assert got["aud"] == e.reports.url
+    assert subs == {"broker-up"}
+    assert OL.as_counts(e.upas)["token"].get("client_credentials", 0) - before == 1
+
+
+async def test_metadata_naming_another_resource_is_refused(env):
+    """The upstream is configured as http://localhost:P/mcp; its RFC 9728 metadata names http://127.0.0.1:P/mcp."""
+    e = env
+    async with H.http_session(e.broker.url, headers=H.bearer(user_token(e, "kim"))) as s:
+        r = await s.call_tool("mismatch__authorize", {})
+        page = consent(e, "kim", link_in(r.content[0].text))
+        assert page.status_code == 502, page.text
+        assert "protected resource metadata names resource" in page.text, page.text
+        counts = OL.as_counts(e.upas)["token"]
+        r = await s.call_tool("mismatch__whoami", {})
+        assert r.is_error and "/oauth/start" in r.content[0].text
+        assert OL.as_counts(e.upas)["token"] == counts, "nothing may be asked of an unverified server's AS"
