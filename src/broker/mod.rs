@@ -175,6 +175,9 @@ impl Broker {
         if let Some(c) = &config.cluster {
             crate::oauth::engine().set_secret_key(c.secret_key.expose());
         }
+        if let Some(c) = &cluster {
+            crate::oauth::engine().use_cluster(c.clone());
+        }
         // After the cluster: shared credentials go through it. A failure stops its heartbeat.
         let state = State::build(config.clone(), None, cluster.as_ref())
             .inspect_err(|_| shutdown.cancel())?;

@@ -1,7 +1,8 @@
 //! Authorizations in progress: rmcp's PKCE state by `state` value (the [`StateStore`] it asks),
 //! plus what the broker was doing when it redirected (signing a user in, or connecting them to an
 //! upstream). Each entry is used once (a replayed or altered `state` finds nothing) and expires with
-//! the consent link. Bounded; kept in this process.
+//! the consent link. Bounded in process; under `[cluster]` kept in Redis instead (sealed with the
+//! cluster key, under a digest of the state), so the browser's callback may reach any instance.
 //!
 //! Consent links carry a sealed [`Ticket`]: who the link is for, which server, until when.
 
@@ -13,13 +14,14 @@ use dashmap::DashMap;
 use rmcp::transport::auth::{AuthError, StateStore, StoredAuthorizationState};
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::Cluster;
 use crate::cluster::sealed::Sealer;
 
 /// Most authorizations in progress at once (a flood of /oauth/start costs a bounded amount).
 pub const MAX_FLOWS: usize = 10_000;
 
 /// What the broker does when the authorization server redirects back.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Purpose {
     /// The browser's user signs in at `[auth] issuer`; proceed only if they are `ticket.sub`.
     SignIn { ticket: Ticket },
@@ -32,12 +34,14 @@ pub enum Purpose {
     },
 }
 
+#[derive(Clone, Serialize, Deserialize)]
 struct Entry {
     state: Option<StoredAuthorizationState>,
     purpose: Option<Purpose>,
     /// A hash of the browser cookie the flow was started with: the callback must come from the
     /// same browser.
     browser: Option<String>,
+    #[serde(skip, default = "Instant::now")]
     until: Instant,
 }
 
@@ -45,6 +49,7 @@ struct Entry {
 pub struct Flows {
     inner: Arc<DashMap<String, Entry>>,
     ttl: Duration,
+    cluster: Arc<std::sync::RwLock<Option<Arc<Cluster>>>>,
 }
 
 impl Flows {
@@ -52,7 +57,72 @@ impl Flows {
         Self {
             inner: Arc::new(DashMap::new()),
             ttl,
+            cluster: Arc::new(std::sync::RwLock::new(None)),
         }
+    }
+
+    /// Under `[cluster]`: keep flows in Redis.
+    pub fn use_cluster(&self, c: Arc<Cluster>) {
+        if let Ok(mut slot) = self.cluster.write() {
+            *slot = Some(c);
+        }
+    }
+
+    fn shared(&self) -> Option<Arc<Cluster>> {
+        self.cluster.read().ok().and_then(|c| c.clone())
+    }
+
+    fn key(state: &str) -> String {
+        use sha2::Digest;
+        format!(
+            "mcpb:oauth:{}",
+            crate::hex(&sha2::Sha256::digest(state.as_bytes()))
+        )
+    }
+
+    async fn load_shared(c: &Cluster, key: &str) -> Result<Option<Entry>, String> {
+        let mut conn = c.conn();
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(key);
+        let get = cmd.query_async::<Option<String>>(&mut conn);
+        let text = tokio::time::timeout(Duration::from_secs(2), get)
+            .await
+            .map_err(|_| "Redis did not answer in time".to_string())?
+            .map_err(|e| format!("Redis: {e}"))?;
+        let Some(text) = text else { return Ok(None) };
+        let plain = c
+            .sealer
+            .open(key.as_bytes(), &text)
+            .map_err(|_| "an authorization in progress does not open".to_string())?;
+        serde_json::from_slice(&plain)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
+    async fn store_shared(&self, c: &Cluster, key: &str, e: &Entry) -> Result<(), String> {
+        let plain = serde_json::to_vec(e).map_err(|e| e.to_string())?;
+        let text = c
+            .sealer
+            .seal(key.as_bytes(), &plain)
+            .map_err(|e| e.to_string())?;
+        let mut conn = c.conn();
+        let mut set = redis::cmd("SET");
+        set.arg(key)
+            .arg(text)
+            .arg("PX")
+            .arg(self.ttl.as_millis() as u64);
+        tokio::time::timeout(Duration::from_secs(2), set.query_async::<()>(&mut conn))
+            .await
+            .map_err(|_| "Redis did not answer in time".to_string())?
+            .map_err(|e| format!("Redis: {e}"))
+    }
+
+    async fn delete_shared(c: &Cluster, key: &str) {
+        let mut conn = c.conn();
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(key);
+        let del = cmd.query_async::<i64>(&mut conn);
+        let _ = tokio::time::timeout(Duration::from_secs(2), del).await;
     }
 
     fn sweep(&self) {
@@ -69,7 +139,19 @@ impl Flows {
     }
 
     /// Record what `state` is for (after rmcp saved its PKCE state under it).
-    pub fn attach(&self, state: &str, purpose: Purpose, browser: &str) {
+    pub async fn attach(&self, state: &str, purpose: Purpose, browser: &str) -> Result<(), String> {
+        if let Some(c) = self.shared() {
+            let key = Self::key(state);
+            let mut e = Self::load_shared(&c, &key).await?.unwrap_or(Entry {
+                state: None,
+                purpose: None,
+                browser: None,
+                until: Instant::now(),
+            });
+            e.purpose = Some(purpose);
+            e.browser = Some(browser.to_string());
+            return self.store_shared(&c, &key, &e).await;
+        }
         let until = Instant::now() + self.ttl;
         let mut e = self.inner.entry(state.to_string()).or_insert(Entry {
             state: None,
@@ -79,11 +161,27 @@ impl Flows {
         });
         e.purpose = Some(purpose);
         e.browser = Some(browser.to_string());
+        Ok(())
     }
 
     /// The purpose of `state`, once: a second callback with it finds nothing. `browser` must be
     /// the one the flow started in.
-    pub fn take(&self, state: &str, browser: &str) -> Result<Purpose, &'static str> {
+    pub async fn take(&self, state: &str, browser: &str) -> Result<Purpose, &'static str> {
+        if let Some(c) = self.shared() {
+            let key = Self::key(state);
+            let mut e = Self::load_shared(&c, &key)
+                .await
+                .map_err(|_| "the authorization could not be looked up (Redis)")?
+                .ok_or("unknown, used or expired state")?;
+            if e.browser.as_deref() != Some(browser) {
+                return Err("this authorization was started in another browser");
+            }
+            let purpose = e.purpose.take().ok_or("unknown, used or expired state")?;
+            self.store_shared(&c, &key, &e)
+                .await
+                .map_err(|_| "the authorization could not be updated (Redis)")?;
+            return Ok(purpose);
+        }
         let mut e = self
             .inner
             .get_mut(state)
@@ -99,7 +197,11 @@ impl Flows {
         e.purpose.take().ok_or("unknown, used or expired state")
     }
 
-    pub fn forget(&self, state: &str) {
+    pub async fn forget(&self, state: &str) {
+        if let Some(c) = self.shared() {
+            Self::delete_shared(&c, &Self::key(state)).await;
+            return;
+        }
         self.inner.remove(state);
     }
 }
@@ -107,6 +209,18 @@ impl Flows {
 #[async_trait]
 impl StateStore for Flows {
     async fn save(&self, csrf: &str, state: StoredAuthorizationState) -> Result<(), AuthError> {
+        if let Some(c) = self.shared() {
+            let e = Entry {
+                state: Some(state),
+                purpose: None,
+                browser: None,
+                until: Instant::now(),
+            };
+            return self
+                .store_shared(&c, &Self::key(csrf), &e)
+                .await
+                .map_err(AuthError::InternalError);
+        }
         if !self.has_room() {
             return Err(AuthError::InternalError(
                 "too many authorizations in progress".into(),
@@ -126,6 +240,12 @@ impl StateStore for Flows {
     }
 
     async fn load(&self, csrf: &str) -> Result<Option<StoredAuthorizationState>, AuthError> {
+        if let Some(c) = self.shared() {
+            return Self::load_shared(&c, &Self::key(csrf))
+                .await
+                .map(|e| e.and_then(|e| e.state))
+                .map_err(AuthError::InternalError);
+        }
         Ok(self
             .inner
             .get(csrf)
@@ -134,6 +254,10 @@ impl StateStore for Flows {
     }
 
     async fn delete(&self, csrf: &str) -> Result<(), AuthError> {
+        if let Some(c) = self.shared() {
+            Self::delete_shared(&c, &Self::key(csrf)).await;
+            return Ok(());
+        }
         self.inner.remove(csrf);
         Ok(())
     }
@@ -205,10 +329,10 @@ mod tests {
             client_id: "c".into(),
             client_secret: None,
         };
-        f.attach("st", p, "b1");
-        assert!(f.take("st", "b2").is_err());
-        assert!(f.take("st", "b1").is_ok());
-        assert!(f.take("st", "b1").is_err());
-        assert!(f.take("nope", "b1").is_err());
+        f.attach("st", p, "b1").await.unwrap();
+        assert!(f.take("st", "b2").await.is_err());
+        assert!(f.take("st", "b1").await.is_ok());
+        assert!(f.take("st", "b1").await.is_err());
+        assert!(f.take("nope", "b1").await.is_err());
     }
 }

@@ -200,6 +200,12 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner().clone())
     }
 
+    /// Under `[cluster]`: authorizations in progress are kept in Redis, so a browser's callback
+    /// may reach any instance.
+    pub fn use_cluster(&self, c: Arc<crate::cluster::Cluster>) {
+        self.flows.use_cluster(c);
+    }
+
     /// Under `[cluster]`: links made by any instance open on every instance.
     pub fn set_secret_key(&self, key: &str) {
         if let Ok(mut s) = self.sealer.write() {
@@ -799,7 +805,7 @@ impl Engine {
             .get("state")
             .ok_or_else(|| PageError::new(400, "no state"))?;
         if let Some(err) = q.get("error") {
-            self.flows.forget(state);
+            self.flows.forget(state).await;
             return Err(PageError::new(
                 400,
                 format!(
@@ -817,6 +823,7 @@ impl Engine {
         let purpose = self
             .flows
             .take(state, &hash(browser))
+            .await
             .map_err(|m| PageError::new(400, m))?;
         match purpose {
             Purpose::SignIn { ticket } => self.signed_in(ticket, code, state, iss, browser).await,
@@ -1011,16 +1018,19 @@ impl Engine {
             .ok()
             .and_then(|u| state_of(&u))
             .ok_or_else(|| PageError::new(502, "no state in the authorization URL"))?;
-        self.flows.attach(
-            &state,
-            Purpose::Connect {
-                sub: sub.to_string(),
-                server: server.to_string(),
-                client_id,
-                client_secret,
-            },
-            &hash(browser),
-        );
+        self.flows
+            .attach(
+                &state,
+                Purpose::Connect {
+                    sub: sub.to_string(),
+                    server: server.to_string(),
+                    client_id,
+                    client_secret,
+                },
+                &hash(browser),
+            )
+            .await
+            .map_err(|e| PageError::new(503, e))?;
         Ok(Outcome::Redirect(auth_url))
     }
 }
