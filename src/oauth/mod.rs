@@ -791,7 +791,9 @@ impl Engine {
             .query_pairs_mut()
             .append_pair("login_hint", &ticket.sub);
         self.flows
-            .attach(&state, Purpose::SignIn { ticket }, &hash(browser));
+            .attach(&state, Purpose::SignIn { ticket }, &hash(browser))
+            .await
+            .map_err(|e| PageError::new(503, e))?;
         Ok(Outcome::Redirect(auth_url.to_string()))
     }
 
