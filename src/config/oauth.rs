@@ -239,3 +239,96 @@ impl Ctx<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, OAuthFlow, UpstreamAuth};
+
+    const BASE: &str = "[auth]\nissuer = \"https://idp.example\"\n[credentials.corp]\nkind = \"token_exchange\"\ntoken_endpoint = \"https://idp.example/token\"\nclient_id = \"b\"\nclient_secret = \"s\"\n";
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(std::path::Path::new("c.toml"), text, &|v| {
+            (v == "SECRET").then(|| "s3cret".to_string())
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    fn server(auth: &str) -> String {
+        format!("[servers.crm]\nurl = \"https://crm.example/mcp\"\nupstream_auth = {auth}\n")
+    }
+
+    #[test]
+    fn kinds_parse_with_their_defaults() {
+        let c = parse(&format!(
+            "{BASE}[oauth]\nsign_in = \"corp\"\n[oauth.clients.\"https://as.example\"]\nclient_id = \"x\"\nclient_secret = \"${{SECRET}}\"\n{}",
+            server("{ kind = \"oauth\", scopes = [\"a\", \"b\"] }")
+        ))
+        .unwrap();
+        let Some(UpstreamAuth::OAuth(o)) = &c.servers[0].upstream_auth else {
+            panic!("oauth");
+        };
+        assert_eq!(o.flow, OAuthFlow::Consent);
+        assert!(!o.share_catalog && o.per_caller() && o.server == "crm");
+        assert_eq!(c.oauth.client_for("https://as.example").unwrap().client_id, "x");
+        let c = parse(&format!(
+            "{BASE}[oauth]\nsign_in = \"corp\"\n{}",
+            server("{ kind = \"id_jag\" }")
+        ))
+        .unwrap();
+        let Some(UpstreamAuth::OAuth(o)) = &c.servers[0].upstream_auth else {
+            panic!("id_jag");
+        };
+        assert!(o.share_catalog, "id_jag shares the catalog by default");
+        let c = parse(&server("{ kind = \"client_credentials\", scopes = [\"r\"] }")).unwrap();
+        let Some(UpstreamAuth::OAuth(o)) = &c.servers[0].upstream_auth else {
+            panic!("cc");
+        };
+        assert!(!o.per_caller(), "one token for everyone needs no [auth]");
+    }
+
+    #[test]
+    fn refusals_name_the_fix() {
+        let cases = [
+            (server("{ kind = \"oauth\" }"), "it needs [auth]"),
+            (format!("{BASE}{}", server("{ kind = \"oauth\" }")), "needs [oauth] sign_in"),
+            (
+                format!("{BASE}[oauth]\nsign_in = \"corp\"\n{}", server("{ kind = \"id_jag\", idp = \"other\" }")),
+                "the enterprise IdP is where users sign in",
+            ),
+            (
+                format!("{BASE}[oauth]\nsign_in = \"nope\"\n"),
+                "no [credentials.nope]",
+            ),
+            (
+                server("{ kind = \"client_credentials\", share_catalog = true }"),
+                "does not apply to client_credentials",
+            ),
+            (
+                server("{ kind = \"oauth\", idp = \"corp\" }"),
+                "`idp` applies to kind = \"id_jag\"",
+            ),
+            (
+                server("{ first = [ { kind = \"oauth\" } ] }"),
+                "cannot be part of a `first` chain",
+            ),
+            (
+                "[servers.s]\ncommand = \"x\"\nupstream_auth = { kind = \"oauth\" }\n".to_string(),
+                "for http and sse servers",
+            ),
+            (
+                "[oauth]\nclient_metadata_url = \"http://x/doc.json\"\n".to_string(),
+                "must be an https URL with a path",
+            ),
+            ("[oauth]\nlink_ttl = \"5s\"\n".to_string(), "between 30s and 1h"),
+            (
+                "[oauth.clients.\"https://as\"]\nclient_id = \"x\"\nauth_method = \"jwt\"\n".to_string(),
+                "client_secret_basic",
+            ),
+            (server("{ kind = \"oauth\", scopes = [\"a b\"] }"), "one scope token"),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).expect_err(&text);
+            assert!(e.contains(want), "{text}\n→ {e}\n(wanted `{want}`)");
+        }
+    }
+}
