@@ -100,6 +100,18 @@ pub struct Config {
     /// `[telemetry]`: OTLP/HTTP span export; `None` = no spans. Read at start only (a reload that
     /// changes it logs a warning and keeps the running exporter).
     pub telemetry: Option<TelemetryConfig>,
+    /// `[token_store]`: the file that keeps upstream OAuth tokens across restarts; `None` = in
+    /// memory (or, under `[cluster]`, in Redis). Read at start only.
+    pub token_store: Option<TokenStoreConfig>,
+}
+
+/// `[token_store]`: where upstream OAuth tokens are kept, sealed with `key`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenStoreConfig {
+    /// Resolved against the config file's folder.
+    pub path: PathBuf,
+    /// At least [`MIN_SECRET_KEY`] bytes, from the environment.
+    pub key: Secret,
 }
 
 /// `[telemetry]`: where spans go and how many.
@@ -734,6 +746,17 @@ impl Config {
             Some(t) => Some(ctx.telemetry(t)?),
             None => None,
         };
+        let token_store = match raw.token_store {
+            Some(_) if cluster.is_some() => {
+                return Err(ctx.invalid(
+                    &["token_store"],
+                    "",
+                    "cannot be used with [cluster]: upstream tokens are then kept in Redis, sealed with [cluster] secret_key".into(),
+                ));
+            }
+            Some(t) => Some(ctx.token_store(t, &base)?),
+            None => None,
+        };
         let auth = match raw.auth {
             Some(a) => Some(ctx.auth(a, &broker)?),
             None => None,
@@ -775,6 +798,7 @@ impl Config {
             credentials_fingerprint: stores_text,
             cluster,
             telemetry,
+            token_store,
         })
     }
 
@@ -865,6 +889,46 @@ impl Ctx<'_> {
         })
     }
 
+    fn token_store(
+        &self,
+        c: raw::RawTokenStore,
+        base: &Path,
+    ) -> Result<TokenStoreConfig, ConfigError> {
+        let t = &["token_store"];
+        let path = self.expand(t, "path", &c.path)?;
+        if path.trim().is_empty() {
+            return Err(self.invalid(t, "path", "must not be empty".into()));
+        }
+        let key = self.secret_key(t, "key", &c.key)?;
+        Ok(TokenStoreConfig {
+            path: base.join(path),
+            key,
+        })
+    }
+
+    /// A key that seals what is stored: from the environment (`${VAR}`), at least
+    /// [`MIN_SECRET_KEY`] bytes.
+    fn secret_key(&self, t: &[&str], key: &str, written: &str) -> Result<Secret, ConfigError> {
+        let value = self.expand(t, key, written)?;
+        if value.len() < MIN_SECRET_KEY {
+            return Err(self.invalid(
+                t,
+                key,
+                format!(
+                    "must be at least {MIN_SECRET_KEY} bytes (every instance must have the same one; e.g. `openssl rand -hex 32`)"
+                ),
+            ));
+        }
+        if value == written && !written.is_empty() {
+            return Err(self.invalid(
+                t,
+                key,
+                "must come from the environment (`${VAR}`), not be written in the file".into(),
+            ));
+        }
+        Ok(Secret::new(value))
+    }
+
     fn cluster(&self, c: raw::RawCluster) -> Result<ClusterConfig, ConfigError> {
         let t = &["cluster"];
         let redis_url = self.expand(t, "redis_url", &c.redis_url)?;
@@ -878,23 +942,7 @@ impl Ctx<'_> {
                 ));
             }
         }
-        let secret_key = self.expand(t, "secret_key", &c.secret_key)?;
-        if secret_key.len() < MIN_SECRET_KEY {
-            return Err(self.invalid(
-                t,
-                "secret_key",
-                format!(
-                    "must be at least {MIN_SECRET_KEY} bytes (every instance must have the same one; e.g. `openssl rand -hex 32`)"
-                ),
-            ));
-        }
-        if secret_key == c.secret_key && !c.secret_key.is_empty() {
-            return Err(self.invalid(
-                t,
-                "secret_key",
-                "must come from the environment (`${VAR}`), not be written in the file".into(),
-            ));
-        }
+        let secret_key = self.secret_key(t, "secret_key", &c.secret_key)?;
         let instance_id = match c.instance_id {
             Some(id) => {
                 let id = self.expand(t, "instance_id", &id)?;
@@ -917,7 +965,7 @@ impl Ctx<'_> {
         Ok(ClusterConfig {
             redis_url: Secret::new(redis_url),
             instance_id,
-            secret_key: Secret::new(secret_key),
+            secret_key,
             share_credentials: c.share_credentials.unwrap_or(false),
         })
     }

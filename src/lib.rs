@@ -17,6 +17,7 @@
 //! | 2 | [`policy`] | pure: one decision for what is listed and what is called |
 //! | 2 | [`limits`] | token-bucket rate limits and concurrency caps |
 //! | 2 | [`credentials`] | the per-server upstream credential: RFC 8693 exchange, Vault, static |
+//! | 2 | [`oauth`] | upstream OAuth: the per-user token store (memory, a sealed file, or Redis under `[cluster]`) |
 //! | 3 | [`broker`] | transport-free core: one request pipeline, the session registry, the caller-scoped event router |
 //! | 4 | [`front`] | the rmcp `ServerHandler` adapter, the axum HTTP front |
 //! | 5 | [`app`] | wiring and shutdown order; [`app::run`] serves on a given listener until a given future resolves |
@@ -36,6 +37,7 @@ pub mod front;
 pub mod import;
 pub mod limits;
 pub mod metrics;
+pub mod oauth;
 pub mod policy;
 pub mod status_query;
 pub mod telemetry;

@@ -34,6 +34,15 @@ pub(super) struct RawConfig {
     pub(super) credentials: IndexMap<String, Spanned<KeyedTable>>,
     pub(super) cluster: Option<RawCluster>,
     pub(super) telemetry: Option<RawTelemetry>,
+    pub(super) token_store: Option<RawTokenStore>,
+}
+
+/// `[token_store]`: the file upstream OAuth tokens are kept in, sealed.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTokenStore {
+    pub(super) path: String,
+    pub(super) key: String,
 }
 
 /// `[telemetry]`: OpenTelemetry spans over OTLP/HTTP.
