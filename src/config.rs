@@ -2186,6 +2186,70 @@ mod tests {
     }
 
     #[test]
+    fn token_store_section_is_parsed_strictly() {
+        let env = |k: &str| match k {
+            "KEY" => Some("k".repeat(32)),
+            "SHORT" => Some("short".into()),
+            _ => None,
+        };
+        let p = |t: &str| Config::parse(Path::new("conf/servers.toml"), t, &env);
+        let c = p("[token_store]\npath = \"tokens.json\"\nkey = \"${KEY}\"\n").expect("valid");
+        let ts = c.token_store.expect("[token_store]");
+        // Relative to the config file's folder.
+        assert_eq!(ts.path, Path::new("conf/tokens.json"));
+        assert_eq!(ts.key.expose(), "k".repeat(32));
+        assert!(!format!("{ts:?}").contains(&"k".repeat(32)));
+        let c = p("[token_store]\npath = \"/var/lib/mcpb/tokens.json\"\nkey = \"${KEY}\"\n")
+            .expect("valid");
+        assert_eq!(
+            c.token_store.expect("[token_store]").path,
+            Path::new("/var/lib/mcpb/tokens.json")
+        );
+        assert!(p("").expect("valid").token_store.is_none());
+        for (text, key, why) in [
+            (
+                "[token_store]\npath = \"t.json\"\nkey = \"${SHORT}\"",
+                "token_store.key",
+                "at least 32",
+            ),
+            (
+                "[token_store]\npath = \"t.json\"\nkey = \"0123456789abcdef0123456789abcdef\"",
+                "token_store.key",
+                "environment",
+            ),
+            (
+                "[token_store]\npath = \"t.json\"\nkey = \"${NOPE}\"",
+                "token_store.key",
+                "NOPE",
+            ),
+            (
+                "[token_store]\npath = \"\"\nkey = \"${KEY}\"",
+                "token_store.path",
+                "empty",
+            ),
+            (
+                "[cluster]\nredis_url = \"redis://r\"\nsecret_key = \"${KEY}\"\n\
+                 [token_store]\npath = \"t.json\"\nkey = \"${KEY}\"",
+                "token_store",
+                "Redis",
+            ),
+        ] {
+            match p(&format!("{text}\n")) {
+                Err(ConfigError::Invalid {
+                    key: k, message, ..
+                }) => {
+                    assert_eq!(k, key, "{text}");
+                    assert!(message.contains(why), "{text}: {message}");
+                }
+                other => panic!("{text}: expected an error on {key}, got {other:?}"),
+            }
+        }
+        // Unknown and missing keys are refused, as everywhere.
+        assert!(p("[token_store]\npath = \"t\"\nkey = \"${KEY}\"\nmode = \"0600\"\n").is_err());
+        assert!(p("[token_store]\npath = \"t\"\n").is_err());
+    }
+
+    #[test]
     fn audit_limits_and_operations_keys() {
         let c = parse(
             "[broker]\nmetrics_listen = \"127.0.0.1:9100\"\ndrain_timeout = \"5s\"\nwatch_config = false\n\

@@ -9,3 +9,4 @@ pub mod mcp;
 pub mod relay;
 mod resume;
 pub mod tls;
+pub mod tokens;
