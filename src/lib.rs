@@ -21,7 +21,7 @@
 //! | 3 | [`broker`] | transport-free core: one request pipeline, the session registry, the caller-scoped event router |
 //! | 4 | [`front`] | the rmcp `ServerHandler` adapter, the axum HTTP front |
 //! | 5 | [`app`] | wiring and shutdown order; [`app::run`] serves on a given listener until a given future resolves |
-//! | 6 | [`cli`] | parses arguments and calls [`app`] (or [`audit_query`], [`status_query`], [`import`]) with plain values |
+//! | 6 | [`cli`] | parses arguments and calls [`app`] (or [`audit_query`], [`status_query`], [`tokens_query`], [`import`]) with plain values |
 
 pub mod app;
 pub mod audit;
@@ -41,6 +41,7 @@ pub mod oauth;
 pub mod policy;
 pub mod status_query;
 pub mod telemetry;
+pub mod tokens_query;
 pub mod upstream;
 
 /// Lower-case hex of `bytes` (one allocation).
