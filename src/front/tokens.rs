@@ -105,3 +105,65 @@ async fn revoke(State(a): State<Admin>, headers: HeaderMap, Query(f): Query<Filt
         Err(e) => failed(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    fn authenticator(admin_scopes: Vec<String>) -> Arc<Authenticator> {
+        Arc::new(
+            Authenticator::new(crate::config::AuthConfig {
+                issuer: "https://idp".into(),
+                jwks_uri: Some(url::Url::parse("http://127.0.0.1:9/jwks").unwrap()),
+                audience: "https://mcp/mcp".into(),
+                required_scopes: vec![],
+                scopes_supported: vec![],
+                introspection: None,
+                group_claims: vec![],
+                admin_scopes,
+            })
+            .unwrap(),
+        )
+    }
+
+    async fn status(app: Router, method: &str, uri: &str, token: Option<&str>) -> (u16, String) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let resp = app.oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+        let code = resp.status().as_u16();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (code, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn not_served_without_admin_scopes() {
+        let store = Arc::new(TokenStore::memory());
+        for auth in [None, Some(authenticator(vec![]))] {
+            for method in ["GET", "DELETE"] {
+                let app = router(store.clone(), auth.clone());
+                let (code, body) = status(app, method, "/admin/tokens?sub=a", Some("t")).await;
+                assert_eq!(code, 404, "{method}: {body}");
+                assert!(body.contains("admin_scopes"), "{body}");
+            }
+        }
+        // With admin scopes: no token is 401, a token that does not validate is 401 too.
+        let app = router(store.clone(), Some(authenticator(vec!["mcp:admin".into()])));
+        assert_eq!(
+            status(app.clone(), "GET", "/admin/tokens", None).await.0,
+            401
+        );
+        assert_eq!(
+            status(app, "DELETE", "/admin/tokens?sub=a", Some("not-a-jwt"))
+                .await
+                .0,
+            401
+        );
+    }
+}
