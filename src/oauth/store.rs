@@ -176,6 +176,7 @@ impl Keys {
         crate::hex(ctx.sign().as_ref())
     }
 
+    /// `entry` sealed for slot `name`; refused past [`MAX_ENTRY_BYTES`].
     fn seal(&self, name: &str, entry: &TokenEntry) -> Result<String, StoreError> {
         let plain = serde_json::to_vec(entry).unwrap_or_default();
         if plain.len() > MAX_ENTRY_BYTES {
@@ -278,9 +279,9 @@ impl TokenStore {
 
     /// Add or replace the entry for (`entry.sub`, `entry.server`).
     pub async fn put(&self, entry: TokenEntry) -> Result<(), StoreError> {
-        check_size(&entry)?;
         match &self.backend {
             Backend::Memory(m) => {
+                check_size(&entry)?;
                 let mut m = lock(m);
                 let key = (entry.sub.clone(), entry.server.clone());
                 if m.len() >= MAX_ENTRIES && !m.contains_key(&key) {
@@ -566,7 +567,12 @@ fn write_blocking(path: &Path, body: &[u8]) -> std::io::Result<()> {
         f.write_all(body)?;
         f.sync_all()?;
         drop(f);
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // The rename itself survives a crash once the folder is synced (best effort).
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
