@@ -137,6 +137,7 @@ fn reload(path: &std::path::Path, initial: &Config, broker: &Broker, why: &str) 
         ("audit", new.audit != initial.audit),
         ("cluster", new.cluster != initial.cluster),
         ("telemetry", new.telemetry != initial.telemetry),
+        ("token_store", new.token_store != initial.token_store),
     ] {
         if changed {
             tracing::warn!(
@@ -150,6 +151,7 @@ fn reload(path: &std::path::Path, initial: &Config, broker: &Broker, why: &str) 
     new.audit = running.audit.clone();
     new.cluster = running.cluster.clone();
     new.telemetry = running.telemetry.clone();
+    new.token_store = running.token_store.clone();
     match broker.reload(Arc::new(new)) {
         Ok(s) => tracing::info!(
             reason = why,
@@ -253,7 +255,7 @@ pub async fn run(
     // The writer task outlives nothing that matters: `flush` at the end waits for every record.
     let (audit, _writer) = Audit::start(&config.audit)?;
     crate::telemetry::start(config.telemetry.as_ref())?;
-    let broker = Broker::new(config.clone(), audit.clone())?;
+    let broker = Broker::with_tokens(config.clone(), audit.clone(), token_file(&config).await?)?;
     broker.start();
     let metrics_server = match config.broker.metrics_listen {
         Some(addr) => {
@@ -335,6 +337,17 @@ pub async fn run(
     Ok(())
 }
 
+/// `[token_store]`, opened (a file that does not open with its key stops the start). Under
+/// `[cluster]` the broker keeps tokens in Redis instead (the two cannot be configured together).
+async fn token_file(config: &Config) -> anyhow::Result<Option<crate::oauth::store::TokenStore>> {
+    let Some(t) = &config.token_store else {
+        return Ok(None);
+    };
+    let store = crate::oauth::store::TokenStore::open(t).await?;
+    tracing::info!(path = %t.path.display(), "upstream tokens kept in the [token_store] file");
+    Ok(Some(store))
+}
+
 /// `listen` on port 0 (tests): the default public URL (and the audience derived from it) names the
 /// port actually bound.
 fn with_bound_port(config: Arc<Config>, addr: SocketAddr) -> anyhow::Result<Arc<Config>> {
@@ -360,7 +373,7 @@ pub async fn stdio(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let (audit, _writer) = Audit::start(&config.audit)?;
     let initial = config.clone();
     crate::telemetry::start(config.telemetry.as_ref())?;
-    let broker = Broker::new(config.clone(), audit.clone())?;
+    let broker = Broker::with_tokens(config.clone(), audit.clone(), token_file(&config).await?)?;
     broker.start();
     let reloads = tokio::spawn(watch_reloads(
         path.to_path_buf(),

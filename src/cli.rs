@@ -1,5 +1,5 @@
 //! Command-line surface: parse arguments, set up logging, call [`crate::app`] (or
-//! [`crate::audit_query`], [`crate::import`]) with plain values. Nothing imports this module back: `app` owns the run.
+//! [`crate::audit_query`], [`crate::tokens_query`], [`crate::import`]) with plain values. Nothing imports this module back: `app` owns the run.
 
 use std::path::PathBuf;
 
@@ -93,6 +93,51 @@ pub enum Command {
         #[arg(long)]
         token: Option<String>,
     },
+    /// The upstream OAuth tokens a running broker keeps per caller: list or revoke them
+    /// (GET/DELETE /admin/tokens, with a token holding one of [auth] admin_scopes).
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+}
+
+/// Where a running broker is, and the admin token to ask it with.
+#[derive(clap::Args, Debug)]
+pub struct AdminTarget {
+    #[arg(long, short, default_value = "servers.toml")]
+    pub config: PathBuf,
+    /// The broker's /admin/tokens URL (default: from the config's [broker] listen).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// A bearer token holding one of [auth] admin_scopes (or env MCP_BROKER_TOKEN).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Print the JSON the broker answered.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokensCommand {
+    /// List the upstream tokens the broker keeps (who, which server, kind, issuer, expiry); never
+    /// a secret.
+    List {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Only this caller's tokens.
+        #[arg(long)]
+        sub: Option<String>,
+    },
+    /// Remove upstream tokens: a caller's (--sub), a server's (--server), or one (both).
+    #[command(group(clap::ArgGroup::new("which").required(true).multiple(true).args(["sub", "server"])))]
+    Revoke {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Every token of this caller (with --server: only that server's).
+        #[arg(long)]
+        sub: Option<String>,
+        /// Every caller's token for this server (`@sign-in`: the enterprise sign-in's).
+        #[arg(long)]
+        server: Option<String>,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,6 +183,7 @@ pub fn main() -> std::process::ExitCode {
                 let token = token.or_else(|| std::env::var("MCP_BROKER_TOKEN").ok());
                 crate::status_query::run(&config, url.as_deref(), json, token.as_deref()).await
             }
+            Command::Tokens(cmd) => tokens(cmd).await,
             Command::Import {
                 file,
                 out,
@@ -161,6 +207,33 @@ pub fn main() -> std::process::ExitCode {
     // Everything that matters (the audit trail) is flushed before `run` returns.
     rt.shutdown_background();
     code
+}
+
+async fn tokens(cmd: TokensCommand) -> anyhow::Result<std::process::ExitCode> {
+    use crate::tokens_query::{Target, list, revoke};
+    let (target, sub, server) = match &cmd {
+        TokensCommand::List { target, sub } => (target, sub, &None),
+        TokensCommand::Revoke {
+            target,
+            sub,
+            server,
+        } => (target, sub, server),
+    };
+    let token = target
+        .token
+        .clone()
+        .or_else(|| std::env::var("MCP_BROKER_TOKEN").ok());
+    let t = Target {
+        config: &target.config,
+        url: target.url.as_deref(),
+        token: token.as_deref(),
+    };
+    match cmd {
+        TokensCommand::List { .. } => list(&t, sub.as_deref(), target.json).await,
+        TokensCommand::Revoke { .. } => {
+            revoke(&t, sub.as_deref(), server.as_deref(), target.json).await
+        }
+    }
 }
 
 fn init_tracing(format: LogFormat) {

@@ -104,6 +104,18 @@ pub struct Config {
     pub telemetry: Option<TelemetryConfig>,
     /// `[oauth]`: the broker as an OAuth client of upstream authorization servers.
     pub oauth: OAuthSettings,
+    /// `[token_store]`: the file that keeps upstream OAuth tokens across restarts; `None` = in
+    /// memory (or, under `[cluster]`, in Redis). Read at start only.
+    pub token_store: Option<TokenStoreConfig>,
+}
+
+/// `[token_store]`: where upstream OAuth tokens are kept, sealed with `key`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenStoreConfig {
+    /// Resolved against the config file's folder.
+    pub path: PathBuf,
+    /// At least [`MIN_SECRET_KEY`] bytes, from the environment.
+    pub key: Secret,
 }
 
 /// `[telemetry]`: where spans go and how many.
@@ -749,6 +761,17 @@ impl Config {
             Some(t) => Some(ctx.telemetry(t)?),
             None => None,
         };
+        let token_store = match raw.token_store {
+            Some(_) if cluster.is_some() => {
+                return Err(ctx.invalid(
+                    &["token_store"],
+                    "",
+                    "cannot be used with [cluster]: upstream tokens are then kept in Redis, sealed with [cluster] secret_key".into(),
+                ));
+            }
+            Some(t) => Some(ctx.token_store(t, &base)?),
+            None => None,
+        };
         let auth = match raw.auth {
             Some(a) => Some(ctx.auth(a, &broker)?),
             None => None,
@@ -813,6 +836,7 @@ impl Config {
             cluster,
             telemetry,
             oauth,
+            token_store,
         })
     }
 
@@ -903,6 +927,46 @@ impl Ctx<'_> {
         })
     }
 
+    fn token_store(
+        &self,
+        c: raw::RawTokenStore,
+        base: &Path,
+    ) -> Result<TokenStoreConfig, ConfigError> {
+        let t = &["token_store"];
+        let path = self.expand(t, "path", &c.path)?;
+        if path.trim().is_empty() {
+            return Err(self.invalid(t, "path", "must not be empty".into()));
+        }
+        let key = self.secret_key(t, "key", &c.key)?;
+        Ok(TokenStoreConfig {
+            path: base.join(path),
+            key,
+        })
+    }
+
+    /// A key that seals what is stored: from the environment (`${VAR}`), at least
+    /// [`MIN_SECRET_KEY`] bytes.
+    fn secret_key(&self, t: &[&str], key: &str, written: &str) -> Result<Secret, ConfigError> {
+        let value = self.expand(t, key, written)?;
+        if value.len() < MIN_SECRET_KEY {
+            return Err(self.invalid(
+                t,
+                key,
+                format!(
+                    "must be at least {MIN_SECRET_KEY} bytes (every instance must have the same one; e.g. `openssl rand -hex 32`)"
+                ),
+            ));
+        }
+        if value == written && !written.is_empty() {
+            return Err(self.invalid(
+                t,
+                key,
+                "must come from the environment (`${VAR}`), not be written in the file".into(),
+            ));
+        }
+        Ok(Secret::new(value))
+    }
+
     fn cluster(&self, c: raw::RawCluster) -> Result<ClusterConfig, ConfigError> {
         let t = &["cluster"];
         let redis_url = self.expand(t, "redis_url", &c.redis_url)?;
@@ -916,23 +980,7 @@ impl Ctx<'_> {
                 ));
             }
         }
-        let secret_key = self.expand(t, "secret_key", &c.secret_key)?;
-        if secret_key.len() < MIN_SECRET_KEY {
-            return Err(self.invalid(
-                t,
-                "secret_key",
-                format!(
-                    "must be at least {MIN_SECRET_KEY} bytes (every instance must have the same one; e.g. `openssl rand -hex 32`)"
-                ),
-            ));
-        }
-        if secret_key == c.secret_key && !c.secret_key.is_empty() {
-            return Err(self.invalid(
-                t,
-                "secret_key",
-                "must come from the environment (`${VAR}`), not be written in the file".into(),
-            ));
-        }
+        let secret_key = self.secret_key(t, "secret_key", &c.secret_key)?;
         let instance_id = match c.instance_id {
             Some(id) => {
                 let id = self.expand(t, "instance_id", &id)?;
@@ -955,7 +1003,7 @@ impl Ctx<'_> {
         Ok(ClusterConfig {
             redis_url: Secret::new(redis_url),
             instance_id,
-            secret_key: Secret::new(secret_key),
+            secret_key,
             share_credentials: c.share_credentials.unwrap_or(false),
         })
     }
@@ -2185,6 +2233,70 @@ mod tests {
             p("[cluster]\nredis_url = \"redis://r\"\nsecret_key = \"${KEY}\"\nsticky = true\n")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn token_store_section_is_parsed_strictly() {
+        let env = |k: &str| match k {
+            "KEY" => Some("k".repeat(32)),
+            "SHORT" => Some("short".into()),
+            _ => None,
+        };
+        let p = |t: &str| Config::parse(Path::new("conf/servers.toml"), t, &env);
+        let c = p("[token_store]\npath = \"tokens.json\"\nkey = \"${KEY}\"\n").expect("valid");
+        let ts = c.token_store.expect("[token_store]");
+        // Relative to the config file's folder.
+        assert_eq!(ts.path, Path::new("conf/tokens.json"));
+        assert_eq!(ts.key.expose(), "k".repeat(32));
+        assert!(!format!("{ts:?}").contains(&"k".repeat(32)));
+        let c = p("[token_store]\npath = \"/var/lib/mcpb/tokens.json\"\nkey = \"${KEY}\"\n")
+            .expect("valid");
+        assert_eq!(
+            c.token_store.expect("[token_store]").path,
+            Path::new("/var/lib/mcpb/tokens.json")
+        );
+        assert!(p("").expect("valid").token_store.is_none());
+        for (text, key, why) in [
+            (
+                "[token_store]\npath = \"t.json\"\nkey = \"${SHORT}\"",
+                "token_store.key",
+                "at least 32",
+            ),
+            (
+                "[token_store]\npath = \"t.json\"\nkey = \"0123456789abcdef0123456789abcdef\"",
+                "token_store.key",
+                "environment",
+            ),
+            (
+                "[token_store]\npath = \"t.json\"\nkey = \"${NOPE}\"",
+                "token_store.key",
+                "NOPE",
+            ),
+            (
+                "[token_store]\npath = \"\"\nkey = \"${KEY}\"",
+                "token_store.path",
+                "empty",
+            ),
+            (
+                "[cluster]\nredis_url = \"redis://r\"\nsecret_key = \"${KEY}\"\n\
+                 [token_store]\npath = \"t.json\"\nkey = \"${KEY}\"",
+                "token_store",
+                "Redis",
+            ),
+        ] {
+            match p(&format!("{text}\n")) {
+                Err(ConfigError::Invalid {
+                    key: k, message, ..
+                }) => {
+                    assert_eq!(k, key, "{text}");
+                    assert!(message.contains(why), "{text}: {message}");
+                }
+                other => panic!("{text}: expected an error on {key}, got {other:?}"),
+            }
+        }
+        // Unknown and missing keys are refused, as everywhere.
+        assert!(p("[token_store]\npath = \"t\"\nkey = \"${KEY}\"\nmode = \"0600\"\n").is_err());
+        assert!(p("[token_store]\npath = \"t\"\n").is_err());
     }
 
     #[test]

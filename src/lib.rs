@@ -18,10 +18,11 @@
 //! | 2 | [`limits`] | token-bucket rate limits and concurrency caps |
 //! | 2 | [`oauth`] | upstream OAuth: discovery, consent and sign-in flows, ID-JAG, client credentials, the encrypted token store |
 //! | 2 | [`credentials`] | the per-server upstream credential: RFC 8693 exchange, Vault, static |
+//! | 2 | [`oauth`] | upstream OAuth: the per-user token store (memory, a sealed file, or Redis under `[cluster]`) |
 //! | 3 | [`broker`] | transport-free core: one request pipeline, the session registry, the caller-scoped event router |
 //! | 4 | [`front`] | the rmcp `ServerHandler` adapter, the axum HTTP front |
 //! | 5 | [`app`] | wiring and shutdown order; [`app::run`] serves on a given listener until a given future resolves |
-//! | 6 | [`cli`] | parses arguments and calls [`app`] (or [`audit_query`], [`status_query`], [`import`]) with plain values |
+//! | 6 | [`cli`] | parses arguments and calls [`app`] (or [`audit_query`], [`status_query`], [`tokens_query`], [`import`]) with plain values |
 
 pub mod app;
 pub mod audit;
@@ -41,6 +42,7 @@ pub mod oauth;
 pub mod policy;
 pub mod status_query;
 pub mod telemetry;
+pub mod tokens_query;
 pub mod upstream;
 
 /// Lower-case hex of `bytes` (one allocation).

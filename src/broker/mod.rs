@@ -131,6 +131,9 @@ pub struct Broker {
     next_park: AtomicU64,
     /// `[cluster]`: state shared with the other instances; `None` = everything in process.
     cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Upstream OAuth tokens per (caller, server): in Redis under `[cluster]`, else the
+    /// `[token_store]` file [`Broker::with_tokens`] was given, else in memory.
+    pub tokens: Arc<crate::oauth::store::TokenStore>,
     /// Configuration reloads applied since start.
     generation: AtomicU64,
     /// This broker (for the tasks a parked call runs in).
@@ -157,7 +160,18 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// A broker whose upstream tokens are in memory (or in Redis under `[cluster]`).
     pub fn new(config: Arc<Config>, audit: Arc<Audit>) -> Result<Arc<Self>, BrokerError> {
+        Self::with_tokens(config, audit, None)
+    }
+
+    /// `file`: the opened `[token_store]` (opening it is async and can fail, so the caller does it);
+    /// under `[cluster]` tokens go to Redis whatever is given.
+    pub fn with_tokens(
+        config: Arc<Config>,
+        audit: Arc<Audit>,
+        file: Option<crate::oauth::store::TokenStore>,
+    ) -> Result<Arc<Self>, BrokerError> {
         let shutdown = CancellationToken::new();
         // One key for the whole cluster: any instance opens what another sealed.
         let (seal, cluster) = match &config.cluster {
@@ -182,8 +196,15 @@ impl Broker {
         let state = State::build(config.clone(), None, cluster.as_ref())
             .inspect_err(|_| shutdown.cancel())?;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let tokens = Arc::new(match (&cluster, file) {
+            (Some(c), _) => crate::oauth::store::TokenStore::redis(c.clone()),
+            (None, Some(f)) => f,
+            (None, None) => crate::oauth::store::TokenStore::memory(),
+        });
+        crate::oauth::engine().set_store(tokens.clone());
         Ok(Arc::new_cyclic(|me| Self {
             me: me.clone(),
+            tokens,
             parked: DashMap::new(),
             next_park: AtomicU64::new(1),
             cluster,

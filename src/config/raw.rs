@@ -35,6 +35,7 @@ pub(super) struct RawConfig {
     pub(super) cluster: Option<RawCluster>,
     pub(super) telemetry: Option<RawTelemetry>,
     pub(super) oauth: Option<RawOAuth>,
+    pub(super) token_store: Option<RawTokenStore>,
 }
 
 /// `[oauth]`: the broker as an OAuth client of upstream authorization servers.
@@ -69,6 +70,14 @@ pub(super) struct RawOAuthAuth {
     pub(super) scopes: Option<Vec<String>>,
     pub(super) share_catalog: Option<bool>,
     pub(super) idp: Option<String>,
+}
+
+/// `[token_store]`: the file upstream OAuth tokens are kept in, sealed.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTokenStore {
+    pub(super) path: String,
+    pub(super) key: String,
 }
 
 /// `[telemetry]`: OpenTelemetry spans over OTLP/HTTP.

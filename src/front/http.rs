@@ -131,6 +131,7 @@ pub fn router(
                 auth: auth.clone(),
             }),
         )
+        .merge(super::tokens::router(broker.tokens.clone(), auth.clone()))
         .route(
             MCP_PATH,
             axum::routing::any(move |req: Request| {
@@ -318,32 +319,45 @@ struct StatusAccess {
 }
 
 async fn status_handler(State(a): State<StatusAccess>, headers: axum::http::HeaderMap) -> Response {
-    if let Some(auth) = &a.auth {
-        let admin = &auth.config().admin_scopes;
-        if admin.is_empty() {
-            return plain(
-                StatusCode::NOT_FOUND,
-                "Not Found: /status is served on metrics_listen, or here to tokens holding one of [auth] admin_scopes (none is set)".into(),
-            );
-        }
-        let Some(token) = bearer(&headers) else {
-            return plain(
-                StatusCode::UNAUTHORIZED,
-                "a bearer token with an admin scope is required".into(),
-            );
-        };
-        match auth.authenticate(&token).await {
-            Ok(c) if c.scopes.iter().any(|s| admin.contains(s)) => {}
-            Ok(_) | Err(AuthError::InsufficientScope(_)) => {
-                return plain(
-                    StatusCode::FORBIDDEN,
-                    "the token holds none of [auth] admin_scopes".into(),
-                );
-            }
-            Err(e) => return plain(StatusCode::UNAUTHORIZED, e.to_string()),
-        }
+    if let Some(auth) = &a.auth
+        && let Err(refused) = require_admin(
+            auth,
+            &headers,
+            "Not Found: /status is served on metrics_listen, or here to tokens holding one of [auth] admin_scopes (none is set)",
+        )
+        .await
+    {
+        return refused;
     }
     axum::Json(a.broker.status()).into_response()
+}
+
+/// An admin endpoint on the main listener: a valid bearer token holding one of `[auth]
+/// admin_scopes` gets its caller; otherwise the answer to send (404 with `none_set` when no admin
+/// scope is configured, 401 without a valid token, 403 without an admin scope).
+pub(super) async fn require_admin(
+    auth: &Authenticator,
+    headers: &axum::http::HeaderMap,
+    none_set: &str,
+) -> Result<Caller, Response> {
+    let admin = &auth.config().admin_scopes;
+    if admin.is_empty() {
+        return Err(plain(StatusCode::NOT_FOUND, none_set.into()));
+    }
+    let Some(token) = bearer(headers) else {
+        return Err(plain(
+            StatusCode::UNAUTHORIZED,
+            "a bearer token with an admin scope is required".into(),
+        ));
+    };
+    match auth.authenticate(&token).await {
+        Ok(c) if c.scopes.iter().any(|s| admin.contains(s)) => Ok(c),
+        Ok(_) | Err(AuthError::InsufficientScope(_)) => Err(plain(
+            StatusCode::FORBIDDEN,
+            "the token holds none of [auth] admin_scopes".into(),
+        )),
+        Err(e) => Err(plain(StatusCode::UNAUTHORIZED, e.to_string())),
+    }
 }
 
 /// What the identity gate needs.
@@ -1026,7 +1040,7 @@ fn rpc_error(code: i64, message: &str) -> Response {
     resp
 }
 
-fn plain(status: StatusCode, message: String) -> Response {
+pub(super) fn plain(status: StatusCode, message: String) -> Response {
     let mut resp = Response::new(Body::from(message));
     *resp.status_mut() = status;
     resp

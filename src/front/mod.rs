@@ -10,3 +10,4 @@ mod oauth;
 pub mod relay;
 mod resume;
 pub mod tls;
+pub mod tokens;
