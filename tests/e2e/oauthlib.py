@@ -201,6 +201,18 @@ def authorize(browser: Browser, as_server: H.AuthServer, client_id: str, redirec
     return AuthzResult(final, params, verifier, hops)
 
 
+def brief(r: httpx2.Response) -> str:
+    """A token-endpoint response for an assertion message, without any token value: the status and either the OAuth
+    error fields or the names of the fields of a success."""
+    try:
+        body = r.json()
+    except ValueError:
+        return f"HTTP {r.status_code} (not JSON, {len(r.content)} bytes)"
+    if isinstance(body, dict) and "error" in body:
+        return f"HTTP {r.status_code} {body.get('error')}: {body.get('error_description', '')}"
+    return f"HTTP {r.status_code} fields {sorted(body) if isinstance(body, dict) else type(body).__name__}"
+
+
 def token_post(as_server: H.AuthServer, data: dict[str, str], auth: tuple[str, str] | None = None) -> httpx2.Response:
     """POST the token endpoint (client_secret_basic with `auth`, else whatever `data` carries)."""
     with httpx2.Client(timeout=20, verify=as_server.verify) as c:

@@ -48,7 +48,8 @@ def env(tmp_path_factory):
         started.append(e.upstream)
         e.idp = O.start_tls_as(work, "idp", e.ca, env={
             "AS_PORT": str(idp_port), "AS_CIMD": "1",
-            "AS_CLIENTS_JSON": json.dumps([O.broker_client("broker", "broker-secret", [e.redirect])]),
+            "AS_CLIENTS_JSON": json.dumps([O.broker_client("broker", "broker-secret", [e.redirect]),
+                                           O.broker_client("other", "other-secret", [e.redirect])]),
             "AS_IDJAG_CLIENT_IDS": json.dumps({OTHER_AUDIENCE: "someone-else"}),
         })
         started.append(e.idp)
@@ -68,11 +69,11 @@ def env(tmp_path_factory):
             s.stop()
 
 
-def code_flow(env, as_server, browser, scope=SCOPE, resource=None, **kw):
-    res = O.authorize(browser, as_server, "broker", env.redirect, scope, resource=resource, **kw)
-    assert "code" in res.params, res.params
-    r = O.redeem_code(as_server, res, env.redirect, "broker", "broker-secret", resource=resource)
-    assert r.status_code == 200, r.text
+def code_flow(env, as_server, browser, scope=SCOPE, resource=None, client=("broker", "broker-secret"), **kw):
+    res = O.authorize(browser, as_server, client[0], env.redirect, scope, resource=resource, **kw)
+    assert "code" in res.params, {k: v for k, v in res.params.items() if k != "code"}
+    r = O.redeem_code(as_server, res, env.redirect, client[0], client[1], resource=resource)
+    assert r.status_code == 200, O.brief(r)
     return res, r.json()
 
 
@@ -109,7 +110,7 @@ async def test_code_flow_refresh_token_id_jag_and_jwt_bearer(env):
     # refresh token -> ID-JAG, checked the way rmcp's enterprise.rs checks it
     r = O.request_id_jag(env.idp, broker, toks["refresh_token"], O.REFRESH_TOKEN_TYPE, env.upstream.issuer,
                          resource=env.protected.url, scope="mcp:tools")
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200, O.brief(r)
     j = r.json()
     assert j["issued_token_type"] == O.IDJAG_TOKEN_TYPE and j["token_type"] == "N_A"
     assert j["expires_in"] == 300 and j["scope"] == "mcp:tools" and "refresh_token" not in j
@@ -124,7 +125,7 @@ async def test_code_flow_refresh_token_id_jag_and_jwt_bearer(env):
 
     # redeem at the upstream AS (only grant_type + assertion, as rmcp sends it)
     r = O.redeem_jag(env.upstream, broker, jag)
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200, O.brief(r)
     t = r.json()
     assert t["token_type"] == "Bearer" and t["scope"] == "mcp:tools" and t["expires_in"] > 0
     assert "refresh_token" not in t
@@ -137,36 +138,41 @@ async def test_code_flow_refresh_token_id_jag_and_jwt_bearer(env):
 
     # the same JAG again: replay
     r = O.redeem_jag(env.upstream, broker, jag)
-    assert r.status_code == 400 and r.json()["error"] == "invalid_grant", r.text
+    assert r.status_code == 400 and r.json()["error"] == "invalid_grant", O.brief(r)
 
     # a JAG for another issuer (its client_id from AS_IDJAG_CLIENT_IDS) is refused by the upstream AS
     r = O.request_id_jag(env.idp, broker, toks["refresh_token"], O.REFRESH_TOKEN_TYPE, OTHER_AUDIENCE,
                          resource=env.protected.url)
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200, O.brief(r)
     other = r.json()["access_token"]
     assert H.jwt_claims(other)["client_id"] == "someone-else" and "scope" not in r.json()
     r = O.redeem_jag(env.upstream, broker, other)
-    assert r.status_code == 400 and r.json()["error"] == "invalid_grant", r.text
+    assert r.status_code == 400 and r.json()["error"] == "invalid_grant", O.brief(r)
 
     # a JAG for "broker" presented by another client of the upstream AS
     r = O.request_id_jag(env.idp, broker, toks["refresh_token"], O.REFRESH_TOKEN_TYPE, env.upstream.issuer,
                          resource=env.protected.url, scope="mcp:tools")
     r = O.redeem_jag(env.upstream, ("other", "other-secret"), r.json()["access_token"])
-    assert r.status_code == 400 and r.json()["error"] == "invalid_grant", r.text
+    assert r.status_code == 400 and r.json()["error"] == "invalid_grant", O.brief(r)
 
     # the ID token as subject; no scope asked -> the JAG has none, the response omits scope, the token has the default
     r = O.request_id_jag(env.idp, broker, toks["id_token"], O.ID_TOKEN_TYPE, env.upstream.issuer,
                          resource=env.protected.url)
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200, O.brief(r)
     assert "scope" not in H.jwt_claims(r.json()["access_token"])
     r = O.redeem_jag(env.upstream, broker, r.json()["access_token"])
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200, O.brief(r)
     assert "scope" not in r.json()
     async with H.http_session(env.protected.url, headers=H.bearer(r.json()["access_token"]), timeout=10) as s:
         assert H.tool_json(await s.call_tool("whoami", {}))["sub"] == "alice"
 
-    # refusals at the IdP
+    # refusals at the IdP (among them: another client's refresh token and ID token)
+    with O.Browser(env.ca) as alice:
+        alice.login(env.idp, "alice")
+        _, others = code_flow(env, env.idp, alice, client=("other", "other-secret"))
     bad = [
+        ({"subject_token": others["refresh_token"], "subject_token_type": O.REFRESH_TOKEN_TYPE}, "invalid_grant"),
+        ({"subject_token": others["id_token"], "subject_token_type": O.ID_TOKEN_TYPE}, "invalid_grant"),
         ({"subject_token": "not-a-refresh-token", "subject_token_type": O.REFRESH_TOKEN_TYPE}, "invalid_grant"),
         ({"subject_token": toks["access_token"], "subject_token_type": O.ID_TOKEN_TYPE}, "invalid_grant"),
         ({"subject_token": toks["refresh_token"], "subject_token_type": O.REFRESH_TOKEN_TYPE, "audience": None},
@@ -179,10 +185,10 @@ async def test_code_flow_refresh_token_id_jag_and_jwt_bearer(env):
                 "audience": env.upstream.issuer, **extra}
         data = {k: v for k, v in data.items() if v is not None}
         r = O.token_post(env.idp, data, auth=broker)
-        assert r.status_code == 400 and r.json()["error"] == code, (sorted(extra), r.text)
+        assert r.status_code == 400 and r.json()["error"] == code, (sorted(extra), O.brief(r))
 
     idp_counts, up_counts = O.as_counts(env.idp), O.as_counts(env.upstream)
-    assert idp_counts["token_exchange"][O.IDJAG_TOKEN_TYPE] >= 8, idp_counts
+    assert idp_counts["token_exchange"][O.IDJAG_TOKEN_TYPE] >= 10, idp_counts
     assert idp_counts["token"]["authorization_code"] >= 1, idp_counts
     assert up_counts["token"][O.JWT_BEARER] >= 5, up_counts
 
@@ -210,7 +216,7 @@ def test_access_ttl_and_refresh_keep_the_resource(env):
     time.sleep(3.5)
     r = O.token_post(env.short, {"grant_type": "refresh_token", "refresh_token": toks["refresh_token"],
                                  "resource": env.protected.url}, auth=("broker", "broker-secret"))
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200, O.brief(r)
     t = r.json()
     again = H.jwt_claims(t["access_token"])
     assert t["access_token"] != toks["access_token"] and t["expires_in"] == 3
@@ -218,7 +224,7 @@ def test_access_ttl_and_refresh_keep_the_resource(env):
     # and without `resource` on the refresh, the granted resource is used again
     r = O.token_post(env.short, {"grant_type": "refresh_token", "refresh_token": t.get("refresh_token") or
                                  toks["refresh_token"]}, auth=("broker", "broker-secret"))
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200, O.brief(r)
     assert H.jwt_claims(r.json()["access_token"])["aud"] == env.protected.url
 
 
@@ -232,9 +238,9 @@ def test_client_id_metadata_documents(env):
     with O.Browser(env.ca) as alice:
         alice.login(env.idp, "alice")
         res = O.authorize(alice, env.idp, good, env.redirect, SCOPE)
-        assert res.params["iss"] == env.idp.issuer and "code" in res.params, res.params
+        assert res.params["iss"] == env.idp.issuer and "code" in res.params, sorted(res.params)
         r = O.redeem_code(env.idp, res, env.redirect, good)  # public client: client_id in the body
-        assert r.status_code == 200, r.text
+        assert r.status_code == 200, O.brief(r)
         assert H.jwt_claims(r.json()["id_token"])["aud"] == good
         # a document whose client_id is not its URL: refused, and no redirect
         with pytest.raises(AssertionError) as ei:
