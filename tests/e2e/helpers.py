@@ -540,16 +540,17 @@ def final_response(resp: httpx2.Response, req_id: Any) -> dict:
 
 AS_FIXTURE = ROOT / "tests" / "fixtures" / "as.mjs"
 MCP_REMOTE_JS = HARNESS_DIR / "node_modules" / "mcp-remote" / "dist" / "proxy.js"
-AS_LISTEN_RE = re.compile(r"^AS listening on (http://\S+)\s*$")
+AS_LISTEN_RE = re.compile(r"^AS listening on (https?://\S+)\s*$")
 
 
 class AuthServer:
     """tests/fixtures/as.mjs (oidc-provider) running on Node 22 on a free port."""
 
-    def __init__(self, proc: Proc, issuer: str, key_file: Path):
+    def __init__(self, proc: Proc, issuer: str, key_file: Path, verify: Any = True):
         self.proc = proc
         self.issuer = issuer
         self.key_file = key_file
+        self.verify = verify  # what httpx trusts for this AS (an ssl.SSLContext for an https fixture)
         self.token_endpoint = issuer + "/token"
         self.jwks_uri = issuer + "/jwks"
 
@@ -561,7 +562,7 @@ class AuthServer:
             data["scope"] = scope
         if resource is not None:
             data["resource"] = resource
-        with httpx2.Client(timeout=20) as c:
+        with httpx2.Client(timeout=20, verify=self.verify) as c:
             return c.post(self.token_endpoint, data=data, auth=(client_id, client_secret))
 
     def token(self, client_id: str, client_secret: str, scope: str | None = None, resource: str | None = None) -> str:
@@ -823,13 +824,16 @@ def sha256_prefix(value: str) -> str:
 
 
 def start_protected_server(log_dir: Path, issuer: str, name: str = "protected", api_key_header: str | None = None,
-                           api_keys_file: Path | None = None, record_tokens: Path | None = None) -> Upstream:
+                           api_keys_file: Path | None = None, record_tokens: Path | None = None,
+                           ca_file: Path | None = None) -> Upstream:
     """tests/fixtures/protected_server.py on a free port: a JWT-protected MCP server (aud = its own /mcp URL)."""
     argv = [str(VENV_PYTHON), str(PROTECTED_SERVER_PY), "0", issuer]
     if api_key_header:
         argv += ["--api-key-header", api_key_header, "--api-keys-file", str(api_keys_file)]
     if record_tokens:
         argv += ["--record-tokens", str(record_tokens)]
+    if ca_file:
+        argv += ["--ca-file", str(ca_file)]
     proc = Proc(name, argv, log_dir, env={"PYTHONUNBUFFERED": "1"})
     try:
         m = proc.wait_line(EXAMPLE_LISTEN_RE, 30)
