@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
 import subprocess
@@ -23,6 +24,8 @@ import pytest
 import helpers as H
 import oauthlib as OL
 from mcp import types as T
+
+pytestmark = pytest.mark.anyio
 
 CLI_REDIRECT = "http://127.0.0.1:8765/callback"
 LINK_RE = re.compile(r"https?://\S+/oauth/start\?t=[A-Za-z0-9_\-]+")
@@ -38,6 +41,10 @@ def free_port() -> int:
 
 class Env:
     pass
+
+
+# What the broker's config reads from the environment (the `tokens` CLI reads the same config).
+SECRETS = {"BROKER_SECRET": "broker-secret", "UP_SECRET": "up-secret", "TOKEN_STORE_KEY": "k" * 40}
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +121,7 @@ key = "${{TOKEN_STORE_KEY}}"
         }, broker={"listen": f"127.0.0.1:{bport}"},
             auth={"issuer": e.idp.issuer, "admin_scopes": ["audit:read"]},
             policies=[{"effect": "allow"}], extra_toml=extra,
-            env={"BROKER_SECRET": "broker-secret", "UP_SECRET": "up-secret",
-                 "TOKEN_STORE_KEY": "k" * 40})
+            env=SECRETS)
         procs.append(e.broker.proc)
         yield e
     finally:
@@ -297,7 +303,8 @@ async def test_revoke_then_consent_again_and_store_holds_no_token_text(env):
         assert word not in text, word
     admin = e.idp.token("svc", "svc-secret", scope="mcp:tools audit:read", resource=e.broker.url)
     listed = subprocess.run([str(H.BROKER_BIN), "tokens", "list", "--config", str(e.broker.config_path), "--json",
-                             "--token", admin], capture_output=True, text=True, timeout=30)
+                             "--token", admin], capture_output=True, text=True, timeout=30,
+                            env={**os.environ, **SECRETS})
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout)
     rows = rows.get("tokens", rows) if isinstance(rows, dict) else rows
@@ -306,7 +313,7 @@ async def test_revoke_then_consent_again_and_store_holds_no_token_text(env):
         assert tok not in listed.stdout
     rev = subprocess.run([str(H.BROKER_BIN), "tokens", "revoke", "--config", str(e.broker.config_path),
                           "--sub", "hank", "--server", "crm", "--token", admin],
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=30, env={**os.environ, **SECRETS})
     assert rev.returncode == 0, rev.stderr
     async with H.http_session(e.broker.url, headers=H.bearer(hank)) as s:
         r = await s.call_tool("crm__whoami", {})
@@ -314,17 +321,18 @@ async def test_revoke_then_consent_again_and_store_holds_no_token_text(env):
 
 
 async def test_client_credentials_one_token_for_everyone_cached(env):
+    """`reports` connects once, with one client-credentials token that every caller's call then rides on."""
     e = env
-    before = OL.as_counts(e.upas)["token"].get("client_credentials", 0)
-    subs = set()
+    subs, hashes = set(), set()
     for user in ["ivan", "judy"]:
         async with H.http_session(e.broker.url, headers=H.bearer(user_token(e, user))) as s:
             for _ in range(2):
                 got = whoami(await s.call_tool("reports__whoami", {}))
                 subs.add(got["sub"])
-                assert got["aud"] == e.reports.url
-    assert subs == {"broker-up"}
-    assert OL.as_counts(e.upas)["token"].get("client_credentials", 0) - before == 1
+                hashes.add(got["token_sha256_prefix"])
+                assert got["aud"] == e.reports.url and got["scopes"] == ["mcp:tools"]
+    assert subs == {"broker-up"} and len(hashes) == 1
+    assert OL.as_counts(e.upas)["token"].get("client_credentials", 0) == 1
 
 
 async def test_metadata_naming_another_resource_is_refused(env):
