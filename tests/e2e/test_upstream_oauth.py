@@ -76,12 +76,26 @@ def env(tmp_path_factory):
             "AS_CLIENTS_JSON": json.dumps([OL.broker_client("broker-up", "up-secret", [e.callback])]),
         })
         procs.append(e.short)
+        # Registration without an [oauth.clients] entry: a Client ID Metadata Document the broker's operator hosts
+        # (at an AS that supports them), else dynamic registration (RFC 7591).
+        e.docs = OL.JsonHttpsServer(e.ca, name="docs")
+        procs.append(e.docs)
+        e.cimd_url = e.docs.url("/mcp-broker/client.json")
+        e.docs.docs["/mcp-broker/client.json"] = {
+            "client_id": e.cimd_url, "client_name": "mcp-broker", "redirect_uris": [e.callback],
+            "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
+            "token_endpoint_auth_method": "none"}
+        e.cimd_as = OL.start_tls_as(d, "cimd-as", e.ca, env={"AS_CIMD": "1"})
+        e.dcr_as = OL.start_tls_as(d, "dcr-as", e.ca)
+        procs += [e.cimd_as, e.dcr_as]
         e.seen_tokens = d / "tokens-seen.txt"
         e.wiki = OL.start_protected(d, e.upas.issuer, e.ca, name="wiki", record_tokens=e.seen_tokens)
         e.crm = OL.start_protected(d, e.upas.issuer, e.ca, name="crm", record_tokens=e.seen_tokens)
         e.reports = OL.start_protected(d, e.upas.issuer, e.ca, name="reports")
         e.crm2 = OL.start_protected(d, e.short.issuer, e.ca, name="crm2", record_tokens=e.seen_tokens)
-        procs += [e.wiki, e.crm, e.reports, e.crm2]
+        e.docsrv = OL.start_protected(d, e.cimd_as.issuer, e.ca, name="docsrv")
+        e.tickets = OL.start_protected(d, e.dcr_as.issuer, e.ca, name="tickets")
+        procs += [e.wiki, e.crm, e.reports, e.crm2, e.docsrv, e.tickets]
         e.store = d / "tokens.json"
         extra = f'''[audit]
 file = "{d / 'audit.jsonl'}"
@@ -96,6 +110,7 @@ client_secret = "${{BROKER_SECRET}}"
 sign_in = "corp"
 ca_file = "{e.ca.ca_pem}"
 link_ttl = "2m"
+client_metadata_url = "{e.cimd_url}"
 
 [oauth.clients."{up_issuer}"]
 client_id = "broker-up"
@@ -116,6 +131,8 @@ key = "${{TOKEN_STORE_KEY}}"
             "crm2": {"transport": "http", "url": e.crm2.url, "upstream_auth": {"kind": "oauth", "scopes": ["mcp:tools"]}},
             "reports": {"transport": "http", "url": e.reports.url,
                         "upstream_auth": {"kind": "client_credentials", "scopes": ["mcp:tools"]}},
+            "docsrv": {"transport": "http", "url": e.docsrv.url, "upstream_auth": {"kind": "oauth", "scopes": ["mcp:tools"]}},
+            "tickets": {"transport": "http", "url": e.tickets.url, "upstream_auth": {"kind": "oauth", "scopes": ["mcp:tools"]}},
             "mismatch": {"transport": "http", "url": mismatched,
                          "upstream_auth": {"kind": "oauth", "scopes": ["mcp:tools"]}},
         }, broker={"listen": f"127.0.0.1:{bport}"},
@@ -150,7 +167,8 @@ def consent(e: Env, user: str, link: str) -> "OL.httpx2.Response":
     with OL.Browser(e.ca) as b:
         b.login(e.idp, user)
         b.login(e.upas, user)
-        b.login(e.short, user)
+        for a in (e.short, e.cimd_as, e.dcr_as):
+            b.login(a, user)
         final, hops = b.follow(link)
         return final
 
@@ -347,3 +365,51 @@ async def test_metadata_naming_another_resource_is_refused(env):
         r = await s.call_tool("mismatch__whoami", {})
         assert r.is_error and "/oauth/start" in r.content[0].text
         assert OL.as_counts(e.upas)["token"] == counts, "nothing may be asked of an unverified server's AS"
+
+
+async def test_registration_by_client_id_metadata_document_then_dynamic_registration(env):
+    """No [oauth.clients] entry: at an AS that supports them the broker's client id is its metadata document's URL
+    (the AS fetches it); at one that does not, the broker registers itself (RFC 7591)."""
+    e = env
+    lena = user_token(e, "lena")
+    async with H.http_session(e.broker.url, headers=H.bearer(lena)) as s:
+        r = await s.call_tool("docsrv__authorize", {})
+        page = consent(e, "lena", link_in(r.content[0].text))
+        assert page.status_code == 200, page.text
+        got = whoami(await s.call_tool("docsrv__whoami", {}))
+        assert got["sub"] == "lena" and got["client_id"] == e.cimd_url
+        assert OL.as_counts(e.cimd_as)["cimd_fetches"] >= 1
+        r = await s.call_tool("tickets__authorize", {})
+        page = consent(e, "lena", link_in(r.content[0].text))
+        assert page.status_code == 200, page.text
+        got = whoami(await s.call_tool("tickets__whoami", {}))
+        assert got["sub"] == "lena" and got["client_id"] not in ("broker-up", e.cimd_url) and got["client_id"]
+
+
+def modern_call(e: Env, token: str, rid: int, name: str, caps: dict) -> dict:
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": caps,
+            "io.modelcontextprotocol/clientInfo": {"name": "e2e-upstream-oauth", "version": "0"}}
+    h = {"Content-Type": "application/json", "Accept": H.MCP_ACCEPT, "MCP-Protocol-Version": "2026-07-28",
+         "Mcp-Method": "tools/call", "Mcp-Name": name, **H.bearer(token)}
+    r = OL.httpx2.post(e.broker.url, headers=h, timeout=30, json={
+        "jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": {"name": name, "arguments": {}, "_meta": meta}})
+    assert r.status_code == 200, f"HTTP {r.status_code} {r.text[:300]}"
+    return H.final_response(r, rid)
+
+
+async def test_stateless_clients_get_url_elicitation_required_or_the_link(env):
+    """2026-07-28 requests have no server-to-client requests: one that declared URL elicitation gets -32042 with the
+    link (MCP 2025-11-25 §URL elicitation required); one that did not gets an isError result carrying it."""
+    e = env
+    mona = user_token(e, "mona")
+    r = modern_call(e, mona, 1, "crm__whoami", {"elicitation": {"url": {}}})
+    assert r["error"]["code"] == -32042, r
+    el = r["error"]["data"]["elicitations"][0]
+    assert el["mode"] == "url" and "/oauth/start" in el["url"] and el["elicitationId"]
+    r = modern_call(e, mona, 2, "crm__whoami", {})
+    res = r["result"]
+    assert res["isError"] and "/oauth/start" in res["content"][0]["text"]
+    assert consent(e, "mona", el["url"]).status_code == 200
+    r = modern_call(e, mona, 3, "crm__whoami", {"elicitation": {"url": {}}})
+    assert json.loads(r["result"]["content"][0]["text"])["sub"] == "mona"
