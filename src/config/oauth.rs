@@ -269,7 +269,10 @@ mod tests {
         };
         assert_eq!(o.flow, OAuthFlow::Consent);
         assert!(!o.share_catalog && o.per_caller() && o.server == "crm");
-        assert_eq!(c.oauth.client_for("https://as.example").unwrap().client_id, "x");
+        assert_eq!(
+            c.oauth.client_for("https://as.example").unwrap().client_id,
+            "x"
+        );
         let c = parse(&format!(
             "{BASE}[oauth]\nsign_in = \"corp\"\n{}",
             server("{ kind = \"id_jag\" }")
@@ -279,7 +282,10 @@ mod tests {
             panic!("id_jag");
         };
         assert!(o.share_catalog, "id_jag shares the catalog by default");
-        let c = parse(&server("{ kind = \"client_credentials\", scopes = [\"r\"] }")).unwrap();
+        let c = parse(&server(
+            "{ kind = \"client_credentials\", scopes = [\"r\"] }",
+        ))
+        .unwrap();
         let Some(UpstreamAuth::OAuth(o)) = &c.servers[0].upstream_auth else {
             panic!("cc");
         };
@@ -290,9 +296,15 @@ mod tests {
     fn refusals_name_the_fix() {
         let cases = [
             (server("{ kind = \"oauth\" }"), "it needs [auth]"),
-            (format!("{BASE}{}", server("{ kind = \"oauth\" }")), "needs [oauth] sign_in"),
             (
-                format!("{BASE}[oauth]\nsign_in = \"corp\"\n{}", server("{ kind = \"id_jag\", idp = \"other\" }")),
+                format!("{BASE}{}", server("{ kind = \"oauth\" }")),
+                "needs [oauth] sign_in",
+            ),
+            (
+                format!(
+                    "{BASE}[oauth]\nsign_in = \"corp\"\n{}",
+                    server("{ kind = \"id_jag\", idp = \"other\" }")
+                ),
                 "the enterprise IdP is where users sign in",
             ),
             (
@@ -319,12 +331,19 @@ mod tests {
                 "[oauth]\nclient_metadata_url = \"http://x/doc.json\"\n".to_string(),
                 "must be an https URL with a path",
             ),
-            ("[oauth]\nlink_ttl = \"5s\"\n".to_string(), "between 30s and 1h"),
             (
-                "[oauth.clients.\"https://as\"]\nclient_id = \"x\"\nauth_method = \"jwt\"\n".to_string(),
+                "[oauth]\nlink_ttl = \"5s\"\n".to_string(),
+                "between 30s and 1h",
+            ),
+            (
+                "[oauth.clients.\"https://as\"]\nclient_id = \"x\"\nauth_method = \"jwt\"\n"
+                    .to_string(),
                 "client_secret_basic",
             ),
-            (server("{ kind = \"oauth\", scopes = [\"a b\"] }"), "one scope token"),
+            (
+                server("{ kind = \"oauth\", scopes = [\"a b\"] }"),
+                "one scope token",
+            ),
         ];
         for (text, want) in cases {
             let e = parse(&text).expect_err(&text);

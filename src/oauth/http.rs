@@ -65,13 +65,9 @@ impl Clients {
     /// A client for flows about `base` (the upstream, or the sign-in issuer).
     pub fn for_base(self: &Arc<Self>, base: &url::Url) -> Arc<Guarded> {
         Arc::new(Guarded {
-            clients: self.clients(),
+            clients: self.clone(),
             private_ok: is_private_host(base),
         })
-    }
-
-    fn clients(self: &Arc<Self>) -> Arc<Self> {
-        self.clone()
     }
 }
 
