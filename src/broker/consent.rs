@@ -1,15 +1,20 @@
 //! Upstream OAuth in the pipeline: a caller who has not connected a server with a per-user OAuth
 //! credential (`kind = "oauth" | "id_jag"`) is asked to, with a consent link (`crate::oauth`):
 //! a URL-mode elicitation on a 2025-11-25 session whose client declared `elicitation.url` (the call
-//! then waits for the consent and goes on), the `-32042` URL-elicitation-required error for a
-//! 2026-07-28 request that declared it, otherwise a refusal carrying the link. Lists show such a
+//! then waits for the consent and goes on); for a 2026-07-28 request that declared it, an
+//! `input_required` result asking the same (its retry goes on once the consent is given); otherwise
+//! a refusal carrying the link. Lists show such a
 //! caller `<prefix><sep>authorize` in place of the server's tools (unless `share_catalog`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use rmcp::ErrorData;
-use rmcp::model::{ClientResult, ElicitRequestParams, ElicitationAction, ErrorCode, ServerRequest};
+use std::time::Duration;
+
+use rmcp::model::{
+    ClientResult, ElicitRequest, ElicitRequestParams, ElicitationAction, InputRequest,
+    InputRequests, InputRequiredResult, ServerRequest,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{CallRecord, Outcome};
@@ -22,8 +27,18 @@ use super::errors::Failure;
 use super::state::State;
 use super::{Broker, Downstream};
 
-/// The MCP error code for "this request needs a URL-mode elicitation first" (2025-11-25).
-pub const URL_ELICITATION_REQUIRED: i32 = -32042;
+/// What a consent `input_required` seals as its state (never sent upstream).
+pub(super) const CONSENT_STATE: &str = "mcpb-consent";
+
+/// How long a retry of a consent `input_required` waits for the consent to complete.
+const RETRY_WAIT: Duration = Duration::from_secs(30);
+
+/// Whether the request may go on.
+pub(super) enum Consent {
+    Ready,
+    /// A 2026-07-28 request: ask with this `input_required` result.
+    Ask(InputRequiredResult),
+}
 
 /// The upstream name of the broker's own per-server tool that starts the consent.
 pub(super) const AUTHORIZE: &str = "authorize";
@@ -71,6 +86,9 @@ impl Broker {
     }
 
     /// Make sure `caller` has connected `server` (a per-user OAuth server), asking them if not.
+    /// `retry`: a 2026-07-28 request answering a consent `input_required` (its state was opened
+    /// for this caller and request); `bind` is what a new state is sealed to.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn ensure_connected(
         &self,
         server: &str,
@@ -78,10 +96,22 @@ impl Broker {
         down: &Downstream,
         ct: &CancellationToken,
         rec: &mut CallRecord,
-    ) -> Result<(), Failure> {
+        retry: bool,
+        bind: &[u8],
+    ) -> Result<Consent, Failure> {
         let e = engine();
         if e.is_connected(&caller.sub, server).await {
-            return Ok(());
+            return Ok(Consent::Ready);
+        }
+        if retry {
+            // The client says the user went through the link: give the callback a moment.
+            let done = tokio::select! {
+                d = e.wait_connected(&caller.sub, server, RETRY_WAIT) => d,
+                _ = ct.cancelled() => return Err(Failure::Cancelled("cancelled while waiting for consent".into())),
+            };
+            if done {
+                return Ok(Consent::Ready);
+            }
         }
         let ttl = self.config().oauth.link_ttl;
         let mut id = [0u8; 16];
@@ -99,7 +129,7 @@ impl Broker {
         rec.note(&format!("consent required for `{server}`"));
         tracing::info!(server = %server, sub = %caller.sub, "asking the caller to connect an upstream");
         if declared_url && !down.stateless {
-            let req = ServerRequest::ElicitRequest(rmcp::model::ElicitRequest::new(
+            let req = ServerRequest::ElicitRequest(ElicitRequest::new(
                 ElicitRequestParams::UrlElicitationParams {
                     meta: None,
                     message,
@@ -141,25 +171,39 @@ impl Broker {
                 ),
             );
             let _ = down.peer.send_notification(note).await;
-            return Ok(());
+            return Ok(Consent::Ready);
         }
         if declared_url {
+            // 2026-07-28: no server-to-client requests; the client is asked in the result, and
+            // retries with the sealed state once the user went through the link.
+            let mut asks = InputRequests::new();
+            asks.insert(
+                "consent".into(),
+                InputRequest::Elicitation(ElicitRequest::new(
+                    ElicitRequestParams::UrlElicitationParams {
+                        meta: None,
+                        message,
+                        url,
+                        elicitation_id: elicitation,
+                    },
+                )),
+            );
+            let state = self.seal.seal(
+                bind,
+                &super::mrtr::Sealed {
+                    upstream: Some(CONSENT_STATE.into()),
+                    parked: None,
+                    instance: None,
+                },
+                self.config().broker.request_state_ttl,
+            );
+            let ir = InputRequiredResult::new(Some(asks), Some(state));
+            crate::upstream::raw::keep(serde_json::to_value(&ir).unwrap_or_default());
             rec.finish(
-                Outcome::Denied,
+                Outcome::Ok,
                 Some(format!("consent required for `{server}`")),
             );
-            return Err(Failure::Rpc(ErrorData::new(
-                ErrorCode(URL_ELICITATION_REQUIRED),
-                format!("`{server}` needs you to connect your account first"),
-                Some(serde_json::json!({
-                    "elicitations": [{
-                        "mode": "url",
-                        "elicitationId": elicitation,
-                        "url": url,
-                        "message": message,
-                    }]
-                })),
-            )));
+            return Ok(Consent::Ask(ir));
         }
         Err(self.consent_refused(
             rec,

@@ -202,6 +202,7 @@ impl Broker {
             (None, None) => crate::oauth::store::TokenStore::memory(),
         });
         crate::oauth::engine().set_store(tokens.clone());
+        crate::oauth::engine().set_audit(audit.clone());
         Ok(Arc::new_cyclic(|me| Self {
             me: me.clone(),
             tokens,

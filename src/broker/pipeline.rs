@@ -334,8 +334,21 @@ impl Broker {
         let _permit = self.admit(&st, caller, &server, tool, timeout, rec).await?;
         // A per-user OAuth server the caller has not connected: ask them first.
         if consent::consent_auth(&st, &server).is_some() {
-            self.ensure_connected(&server, caller, down, ct, rec)
+            // A retry answering the broker's own consent input_required: its state is the broker's.
+            let mut retry = false;
+            if let Some((state, responses)) = op.mrtr()
+                && state.as_deref() == Some(consent::CONSENT_STATE)
+            {
+                *state = None;
+                *responses = None;
+                retry = true;
+            }
+            let asked = self
+                .ensure_connected(&server, caller, down, ct, rec, retry, &bind)
                 .await?;
+            if let consent::Consent::Ask(ir) = asked {
+                return self.map_result(&server, op.kind(), ServerResult::InputRequiredResult(ir));
+            }
             if !listed && original == consent::AUTHORIZE && matches!(op, Op::CallTool(_)) {
                 rec.finish(Outcome::Ok, None);
                 return Ok(Reply::Tool(CallToolResponse::Complete(

@@ -94,6 +94,14 @@ async fn revoke(State(a): State<Admin>, headers: HeaderMap, Query(f): Query<Filt
         Ok(removed) => {
             // Access tokens in hand for what was revoked go too.
             crate::oauth::engine().forget_cached(f.sub(), f.server());
+            for r in &removed {
+                crate::oauth::engine().audit_event(
+                    &r.sub,
+                    &r.server,
+                    true,
+                    &format!("token revoked by `{admin}`"),
+                );
+            }
             tracing::info!(
                 admin = %admin,
                 sub = f.sub().unwrap_or("*"),

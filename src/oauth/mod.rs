@@ -132,6 +132,8 @@ pub struct Engine {
     connected: DashMap<(String, String), Arc<Notify>>,
     /// The subjects who just connected something (their sessions' tool lists change).
     changes: tokio::sync::broadcast::Sender<String>,
+    /// Where consent events are recorded (kind `consent`).
+    audit: RwLock<Option<Arc<crate::audit::Audit>>>,
 }
 
 static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
@@ -177,6 +179,29 @@ impl Engine {
             cache: DashMap::new(),
             connected: DashMap::new(),
             changes: tokio::sync::broadcast::channel(64).0,
+            audit: RwLock::new(None),
+        }
+    }
+
+    pub fn set_audit(&self, audit: Arc<crate::audit::Audit>) {
+        if let Ok(mut slot) = self.audit.write() {
+            *slot = Some(audit);
+        }
+    }
+
+    /// An audit record (kind `consent`) for what happened to `sub`'s connection to `server`.
+    pub fn audit_event(&self, sub: &str, server: &str, allow: bool, reason: &str) {
+        let Some(a) = self.audit.read().ok().and_then(|a| a.clone()) else {
+            return;
+        };
+        let mut caller = Caller::anonymous();
+        caller.sub = sub.to_string();
+        caller.authenticated = true;
+        let mut rec = a.begin(&caller, "consent", server);
+        rec.route(server, "");
+        rec.decision(allow, reason, Some("oauth".into()));
+        if allow {
+            rec.finish(crate::audit::Outcome::Ok, None);
         }
     }
 
@@ -863,6 +888,12 @@ impl Engine {
                     .await
                     .map_err(|e| PageError::new(400, format!("redeeming the authorization code at `{server}`'s authorization server: {e}")))?;
                 self.mark_connected(&sub, &server);
+                self.audit_event(
+                    &sub,
+                    &server,
+                    true,
+                    &format!("connected: authorized at {}", d.issuer),
+                );
                 tracing::info!(sub = %sub, server = %server, "upstream connected (oauth)");
                 Ok(Outcome::Done(format!(
                     "Connected `{server}` for {sub}. You can close this window and return to your client."
@@ -903,6 +934,12 @@ impl Engine {
             .map_err(|m| PageError::new(502, format!("the sign-in's ID token: {m}")))?;
         if who != ticket.sub {
             tracing::warn!(link_for = %ticket.sub, signed_in = %who, server = %ticket.server, "consent link opened by another user: refused");
+            self.audit_event(
+                &ticket.sub,
+                &ticket.server,
+                false,
+                &format!("consent link opened by another user (`{who}` signed in): refused"),
+            );
             return Err(PageError::new(
                 403,
                 "This link was made for another user. Sign in as the user who asked for it, or ask your client for a new link.",
@@ -934,6 +971,12 @@ impl Engine {
                     .await
                     .map_err(|e| PageError::new(500, e.to_string()))?;
                 self.mark_connected(&who, SIGN_IN);
+                self.audit_event(
+                    &who,
+                    &ticket.server,
+                    true,
+                    "signed in at the enterprise IdP; the sign-in serves every id_jag server",
+                );
                 tracing::info!(sub = %who, "enterprise sign-in kept for id_jag servers");
                 Ok(Outcome::Done(format!(
                     "Signed in as {who}: `{}` is connected. You can close this window and return to your client.",

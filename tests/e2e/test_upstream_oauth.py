@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 from urllib.parse import urlencode
 from pathlib import Path
 
@@ -173,6 +174,18 @@ def consent(e: Env, user: str, link: str) -> "OL.httpx2.Response":
         return final
 
 
+def consent_records(e: Env, sub: str, want=lambda r: True) -> list[dict]:
+    """The `consent` audit records of `sub` that satisfy `want`, waiting (up to 5 s) for the audit writer."""
+    path = e.dir / "audit.jsonl"
+    deadline = time.monotonic() + 5
+    while True:
+        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        got = [r for r in recs if r.get("kind") == "consent" and r.get("sub") == sub and want(r)]
+        if got or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
 def whoami(r) -> dict:
     assert not r.is_error, r.content[0].text if r.content else r
     return json.loads(r.content[0].text)
@@ -239,6 +252,8 @@ async def test_oauth_consent_through_the_python_sdk_url_elicitation(env):
         assert len(asked) == 1 and "/oauth/start" in asked[0].url
         again = whoami(await s.call_tool("crm__whoami", {}))
         assert len(asked) == 1 and again["sub"] == "carol"
+        done = consent_records(e, "carol", lambda r: r["decision"] == "allow" and r["server"] == "crm")
+        assert done and "connected" in done[0]["reason"], done
         tools = await names(s)
         assert "crm__whoami" in tools and "crm__authorize" not in tools
 
@@ -252,6 +267,8 @@ async def test_a_link_opened_by_another_signed_in_user_is_refused(env):
         # erin, signed in at the IdP, opens dave's link: the anti-phishing check refuses it.
         page = consent(e, "erin", link)
         assert page.status_code == 403 and "another user" in page.text, page.text
+        refused = consent_records(e, "dave", lambda r: r["decision"] == "deny")
+        assert refused and "`erin` signed in" in refused[0]["reason"] and refused[0]["server"] == "crm", refused
         r = await s.call_tool("crm__whoami", {})
         assert r.is_error and "/oauth/start" in r.content[0].text, "dave must still be unconnected"
         page = consent(e, "dave", link_in(r.content[0].text))
@@ -333,6 +350,7 @@ async def test_revoke_then_consent_again_and_store_holds_no_token_text(env):
                           "--sub", "hank", "--server", "crm", "--token", admin],
                          capture_output=True, text=True, timeout=30, env={**os.environ, **SECRETS})
     assert rev.returncode == 0, rev.stderr
+    assert consent_records(e, "hank", lambda r: "revoked by" in r["reason"]), consent_records(e, "hank")
     async with H.http_session(e.broker.url, headers=H.bearer(hank)) as s:
         r = await s.call_tool("crm__whoami", {})
         assert r.is_error and "/oauth/start" in r.content[0].text, "a revoked caller must consent again"
@@ -386,30 +404,38 @@ async def test_registration_by_client_id_metadata_document_then_dynamic_registra
         assert got["sub"] == "lena" and got["client_id"] not in ("broker-up", e.cimd_url) and got["client_id"]
 
 
-def modern_call(e: Env, token: str, rid: int, name: str, caps: dict) -> dict:
+def modern_call(e: Env, token: str, rid: int, name: str, caps: dict, **extra) -> dict:
     meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
             "io.modelcontextprotocol/clientCapabilities": caps,
             "io.modelcontextprotocol/clientInfo": {"name": "e2e-upstream-oauth", "version": "0"}}
     h = {"Content-Type": "application/json", "Accept": H.MCP_ACCEPT, "MCP-Protocol-Version": "2026-07-28",
          "Mcp-Method": "tools/call", "Mcp-Name": name, **H.bearer(token)}
-    r = OL.httpx2.post(e.broker.url, headers=h, timeout=30, json={
-        "jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": {"name": name, "arguments": {}, "_meta": meta}})
+    r = OL.httpx2.post(e.broker.url, headers=h, timeout=60, json={
+        "jsonrpc": "2.0", "id": rid, "method": "tools/call",
+        "params": {"name": name, "arguments": {}, "_meta": meta, **extra}})
     assert r.status_code == 200, f"HTTP {r.status_code} {r.text[:300]}"
     return H.final_response(r, rid)
 
 
-async def test_stateless_clients_get_url_elicitation_required_or_the_link(env):
-    """2026-07-28 requests have no server-to-client requests: one that declared URL elicitation gets -32042 with the
-    link (MCP 2025-11-25 §URL elicitation required); one that did not gets an isError result carrying it."""
+async def test_stateless_clients_are_asked_with_input_required_or_get_the_link(env):
+    """2026-07-28 requests have no server-to-client requests: one that declared URL elicitation gets an
+    input_required result asking for it (its retry, with the sealed state, goes on once the consent is given); one
+    that did not gets an isError result carrying the link."""
     e = env
     mona = user_token(e, "mona")
-    r = modern_call(e, mona, 1, "crm__whoami", {"elicitation": {"url": {}}})
-    assert r["error"]["code"] == -32042, r
-    el = r["error"]["data"]["elicitations"][0]
-    assert el["mode"] == "url" and "/oauth/start" in el["url"] and el["elicitationId"]
-    r = modern_call(e, mona, 2, "crm__whoami", {})
-    res = r["result"]
-    assert res["isError"] and "/oauth/start" in res["content"][0]["text"]
-    assert consent(e, "mona", el["url"]).status_code == 200
-    r = modern_call(e, mona, 3, "crm__whoami", {"elicitation": {"url": {}}})
-    assert json.loads(r["result"]["content"][0]["text"])["sub"] == "mona"
+    r = modern_call(e, mona, 1, "crm__whoami", {"elicitation": {"url": {}}})["result"]
+    assert r["resultType"] == "input_required", r
+    ask = r["inputRequests"]["consent"]
+    assert ask["method"] == "elicitation/create" and ask["params"]["mode"] == "url", ask
+    link, state = ask["params"]["url"], r["requestState"]
+    assert "/oauth/start" in link and state
+    r = modern_call(e, mona, 2, "crm__whoami", {})["result"]
+    assert r["isError"] and "/oauth/start" in r["content"][0]["text"]
+    # A forged state is refused; the genuine one, after the consent, completes the call.
+    r = modern_call(e, mona, 3, "crm__whoami", {"elicitation": {"url": {}}},
+                    inputResponses={"consent": {"action": "accept"}}, requestState="mcpb-consent")
+    assert "error" in r, r
+    assert consent(e, "mona", link).status_code == 200
+    r = modern_call(e, mona, 4, "crm__whoami", {"elicitation": {"url": {}}},
+                    inputResponses={"consent": {"action": "accept"}}, requestState=state)["result"]
+    assert json.loads(r["content"][0]["text"])["sub"] == "mona", r
