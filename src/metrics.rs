@@ -198,6 +198,7 @@ pub struct Metrics {
     policy_denies: Family,
     rate_limited: Family,
     credential_cache: Family,
+    upstream_oauth: Family,
     reloads: Family,
     audit_records: AtomicU64,
     audit_dropped: AtomicU64,
@@ -271,6 +272,13 @@ impl Metrics {
         );
     }
 
+    /// An upstream OAuth token asked for: `result` is `cached`, `fetched`, `consent_required` or
+    /// `error`; `kind` is `oauth`, `id_jag` or `client_credentials`.
+    pub fn upstream_oauth(&self, server: &str, kind: &'static str, result: &'static str) {
+        self.upstream_oauth
+            .inc(&[("server", server), ("kind", kind), ("result", result)], 1);
+    }
+
     pub fn reload(&self, ok: bool) {
         self.reloads
             .inc(&[("result", if ok { "ok" } else { "error" })], 1);
@@ -308,6 +316,11 @@ impl Metrics {
             &mut out,
             "mcp_broker_credential_cache_total",
             "Outbound credential lookups by store (token_exchange, vault) and result (hit, miss).",
+        );
+        self.upstream_oauth.render(
+            &mut out,
+            "mcp_broker_upstream_oauth_tokens_total",
+            "Upstream OAuth tokens asked for, by server, kind (oauth, id_jag, client_credentials) and result (cached, fetched, consent_required, error).",
         );
         self.reloads.render(
             &mut out,

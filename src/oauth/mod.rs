@@ -332,13 +332,21 @@ impl Engine {
         } else if let Some(hit) = self.cache.get(&key)
             && hit.1 > now() + 30
         {
+            crate::metrics::global().upstream_oauth(server, auth.kind(), "cached");
             return Ok(hit.0.clone());
         }
-        let (token, exp) = match &auth.flow {
-            OAuthFlow::ClientCredentials => self.client_credentials(server, auth).await?,
-            OAuthFlow::Consent => self.consented(server, auth, &sub, fresh).await?,
-            OAuthFlow::IdJag { .. } => self.id_jag(server, auth, &sub).await?,
+        let got = match &auth.flow {
+            OAuthFlow::ClientCredentials => self.client_credentials(server, auth).await,
+            OAuthFlow::Consent => self.consented(server, auth, &sub, fresh).await,
+            OAuthFlow::IdJag { .. } => self.id_jag(server, auth, &sub).await,
         };
+        let result = match &got {
+            Ok(_) => "fetched",
+            Err(OAuthError::ConsentRequired { .. }) => "consent_required",
+            Err(_) => "error",
+        };
+        crate::metrics::global().upstream_oauth(server, auth.kind(), result);
+        let (token, exp) = got?;
         self.cache.insert(key, (token.clone(), exp));
         Ok(token)
     }

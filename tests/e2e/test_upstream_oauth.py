@@ -369,6 +369,9 @@ async def test_client_credentials_one_token_for_everyone_cached(env):
                 assert got["aud"] == e.reports.url and got["scopes"] == ["mcp:tools"]
     assert subs == {"broker-up"} and len(hashes) == 1
     assert OL.as_counts(e.upas)["token"].get("client_credentials", 0) == 1
+    metrics = OL.httpx2.get(e.broker.base + "/metrics", timeout=10).text
+    assert re.search(r'mcp_broker_upstream_oauth_tokens_total\{server="wiki",kind="id_jag",result="cached"\} [1-9]', metrics)
+    assert 'mcp_broker_requests_total{kind="consent",server="crm"' in metrics
 
 
 async def test_metadata_naming_another_resource_is_refused(env):
