@@ -381,6 +381,9 @@ impl Engine {
             if tokio::time::timeout_at(tick, woken).await.is_err()
                 && tokio::time::Instant::now() >= end
             {
+                // Forgotten on timeout (another waiter still polls every 2 s).
+                self.connected
+                    .remove(&(sub.to_string(), server.to_string()));
                 return self.is_connected(sub, server).await;
             }
         }

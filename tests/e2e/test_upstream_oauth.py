@@ -262,6 +262,10 @@ async def test_a_link_opened_by_another_signed_in_user_is_refused(env):
     e = env
     dave = user_token(e, "dave")
     async with H.http_session(e.broker.url, headers=H.bearer(dave)) as s:
+        # crm's tools are listed by now (carol's connection), but share_catalog is off for kind = "oauth":
+        # dave, not connected, sees only the authorize tool.
+        tools = await names(s)
+        assert "crm__authorize" in tools and "crm__whoami" not in tools, tools
         r = await s.call_tool("crm__authorize", {})
         link = link_in(r.content[0].text)
         # erin, signed in at the IdP, opens dave's link: the anti-phishing check refuses it.
@@ -351,6 +355,10 @@ async def test_revoke_then_consent_again_and_store_holds_no_token_text(env):
                          capture_output=True, text=True, timeout=30, env={**os.environ, **SECRETS})
     assert rev.returncode == 0, rev.stderr
     assert consent_records(e, "hank", lambda r: "revoked by" in r["reason"]), consent_records(e, "hank")
+    # No token the upstreams received appears in any log or audit record of the broker.
+    logs = "".join(p.read_text(errors="replace") for p in e.dir.glob("broker*.log")) + (e.dir / "audit.jsonl").read_text()
+    seen = [t for t in e.seen_tokens.read_text().splitlines() if t]
+    assert seen and not [t for t in seen if t in logs or t[-30:] in logs]
     async with H.http_session(e.broker.url, headers=H.bearer(hank)) as s:
         r = await s.call_tool("crm__whoami", {})
         assert r.is_error and "/oauth/start" in r.content[0].text, "a revoked caller must consent again"
