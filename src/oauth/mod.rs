@@ -1235,3 +1235,82 @@ impl CredentialStore for EntryStore {
             .map_err(|e| AuthError::CredentialStoreError(e.to_string()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    fn jwt(claims: serde_json::Value) -> String {
+        let b = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        format!(
+            "{}.{}.sig",
+            b(br#"{"alg":"RS256"}"#),
+            b(claims.to_string().as_bytes())
+        )
+    }
+
+    #[test]
+    fn id_token_subject_checks_issuer_audience_and_expiry() {
+        let exp = now() + 300;
+        let ok = jwt(
+            serde_json::json!({"iss": "https://idp", "aud": "broker", "sub": "alice", "exp": exp}),
+        );
+        assert_eq!(
+            id_token_subject(&ok, "https://idp", "broker").unwrap(),
+            "alice"
+        );
+        let arr = jwt(
+            serde_json::json!({"iss": "https://idp", "aud": ["x", "broker"], "sub": "a", "exp": exp}),
+        );
+        assert!(id_token_subject(&arr, "https://idp", "broker").is_ok());
+        for (bad, why) in [
+            (
+                serde_json::json!({"iss": "https://evil", "aud": "broker", "sub": "a", "exp": exp}),
+                "another issuer",
+            ),
+            (
+                serde_json::json!({"iss": "https://idp", "aud": "other", "sub": "a", "exp": exp}),
+                "another client",
+            ),
+            (
+                serde_json::json!({"iss": "https://idp", "aud": "broker", "sub": "a", "exp": 10}),
+                "expired",
+            ),
+            (
+                serde_json::json!({"iss": "https://idp", "aud": "broker", "sub": "", "exp": exp}),
+                "no sub",
+            ),
+        ] {
+            let e = id_token_subject(&jwt(bad), "https://idp", "broker").unwrap_err();
+            assert!(e.contains(why), "{e} (wanted {why})");
+        }
+        assert!(id_token_subject("not-a-jwt", "https://idp", "broker").is_err());
+    }
+
+    #[test]
+    fn a_consent_link_names_its_caller_and_server_and_opens_only_here() {
+        let e = Engine::new();
+        let link = e.consent_link("alice", "crm", None);
+        let t = link.split("?t=").nth(1).unwrap();
+        let ticket = Ticket::open(&e.sealer(), t, now()).unwrap();
+        assert_eq!(
+            (ticket.sub.as_str(), ticket.server.as_str()),
+            ("alice", "crm")
+        );
+        let other = Engine::new();
+        assert!(
+            Ticket::open(&other.sealer(), t, now()).is_err(),
+            "another broker's key"
+        );
+        other.set_secret_key("0123456789abcdef0123456789abcdef");
+        e.set_secret_key("0123456789abcdef0123456789abcdef");
+        let shared = e.consent_link("bob", "crm", None);
+        let t = shared.split("?t=").nth(1).unwrap();
+        assert_eq!(
+            Ticket::open(&other.sealer(), t, now()).unwrap().sub,
+            "bob",
+            "one [cluster] key: any instance"
+        );
+    }
+}

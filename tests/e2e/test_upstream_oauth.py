@@ -58,6 +58,7 @@ def env(tmp_path_factory):
     e.callback = f"http://127.0.0.1:{bport}/oauth/callback"
     up_issuer, short_issuer = f"https://127.0.0.1:{up_port}", f"https://127.0.0.1:{short_port}"
     procs = []
+    e.procs = procs
     try:
         # The enterprise IdP: issues the callers' tokens (client `cli`), signs users in for the broker (client
         # `broker`) and issues ID-JAGs for the upstreams' authorization server (whose client there is broker-up).
@@ -450,3 +451,17 @@ async def test_stateless_clients_are_asked_with_input_required_or_get_the_link(e
     r = modern_call(e, mona, 4, "crm__whoami", {"elicitation": {"url": {}}},
                     inputResponses={"consent": {"action": "accept"}}, requestState=state)["result"]
     assert json.loads(r["content"][0]["text"])["sub"] == "mona", r
+
+
+async def test_tokens_survive_a_restart(env):
+    """Last in this module: the token store file keeps carol's crm token across a restart of the broker."""
+    e = env
+    carol = user_token(e, "carol")
+    e.broker.proc.stop()
+    proc = H.Proc("broker-restarted", [str(H.BROKER_BIN), "serve", "--config", str(e.broker.config_path)], e.dir,
+                  env={"RUST_LOG": "info,rmcp=warn", **SECRETS})
+    e.procs.append(proc)
+    proc.wait_line(H.BROKER_LISTEN_RE, 30)
+    async with H.http_session(e.broker.url, headers=H.bearer(carol)) as s:
+        assert "crm__whoami" in await names(s)
+        assert whoami(await s.call_tool("crm__whoami", {}))["sub"] == "carol"
