@@ -20,9 +20,11 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod command;
+mod guard;
 mod oauth;
 mod raw;
 mod uri;
+pub use guard::{GuardConfig, MaskPattern, OnDrift, Scan};
 pub use oauth::{OAuthAuth, OAuthClientReg, OAuthFlow, OAuthSettings};
 use raw::*;
 pub use uri::{NormalUri, normalise_uri, uri_prefix};
@@ -104,6 +106,8 @@ pub struct Config {
     pub telemetry: Option<TelemetryConfig>,
     /// `[oauth]`: the broker as an OAuth client of upstream authorization servers.
     pub oauth: OAuthSettings,
+    /// `[guard]`: masking, pinned definitions, description scanning, approval announcements.
+    pub guard: GuardConfig,
     /// `[token_store]`: the file that keeps upstream OAuth tokens across restarts; `None` = in
     /// memory (or, under `[cluster]`, in Redis). Read at start only.
     pub token_store: Option<TokenStoreConfig>,
@@ -777,6 +781,7 @@ impl Config {
             None => None,
         };
         let oauth = ctx.oauth_settings(raw.oauth, &credentials, &base)?;
+        let guard = ctx.guard(raw.guard, &base)?;
         for s in &servers {
             let Some(UpstreamAuth::OAuth(o)) = &s.upstream_auth else {
                 continue;
@@ -837,6 +842,7 @@ impl Config {
             telemetry,
             oauth,
             token_store,
+            guard,
         })
     }
 

@@ -14,6 +14,7 @@
 //! | 1 | [`cluster`] | `[cluster]`: the Redis connection, shared session records, instance-to-instance messages, global limits |
 //! | 1 | [`metrics`] | Prometheus counters; fed plain values, it imports no other module |
 //! | 1 | [`audit`] | decision records (JSONL sinks), written on drop; each record also feeds [`metrics`] |
+//! | 1 | [`guard`] | pure: secret detectors, pinned definitions (`servers.lock`), description scanning |
 //! | 2 | [`policy`] | pure: one decision for what is listed and what is called |
 //! | 2 | [`limits`] | token-bucket rate limits and concurrency caps |
 //! | 2 | [`oauth`] | upstream OAuth: discovery, consent and sign-in flows, ID-JAG, client credentials, the encrypted token store |
@@ -35,6 +36,7 @@ pub mod cluster;
 pub mod config;
 pub mod credentials;
 pub mod front;
+pub mod guard;
 pub mod import;
 pub mod limits;
 pub mod metrics;

@@ -36,6 +36,28 @@ pub(super) struct RawConfig {
     pub(super) telemetry: Option<RawTelemetry>,
     pub(super) oauth: Option<RawOAuth>,
     pub(super) token_store: Option<RawTokenStore>,
+    pub(super) guard: Option<RawGuard>,
+}
+
+/// `[guard]`: masking, pins, description scanning, approval announcements.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGuard {
+    pub(super) mask_results: Option<bool>,
+    #[serde(default)]
+    pub(super) mask_patterns: Vec<RawMaskPattern>,
+    pub(super) pins: Option<String>,
+    pub(super) on_drift: Option<String>,
+    pub(super) scan_descriptions: Option<String>,
+    pub(super) approval_webhook: Option<String>,
+}
+
+/// `mask_patterns = [{ kind = "ticket", regex = "TCK-[0-9]{6}" }]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMaskPattern {
+    pub(super) kind: String,
+    pub(super) regex: String,
 }
 
 /// `[oauth]`: the broker as an OAuth client of upstream authorization servers.

@@ -1,0 +1,1 @@
+//! Secret detectors over results (filled in by the masking work).

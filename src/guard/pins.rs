@@ -1,0 +1,1 @@
+//! Pinned tool definitions: `servers.lock` (filled in by the pins work).

@@ -1,0 +1,1 @@
+//! Description scanning for instruction-like content (filled in by the pins work).
