@@ -40,6 +40,11 @@ impl State {
             }
             _ => Arc::new(Credentials::with_cluster(&config, cluster)?),
         };
+        // Upstream OAuth follows every configuration (its servers, clients and sign-in); what it
+        // holds (tokens, authorizations in progress) outlives reloads.
+        crate::oauth::engine()
+            .configure(&config)
+            .map_err(crate::credentials::CredentialError::OAuth)?;
         let mut upstreams = Vec::with_capacity(config.servers.len());
         let mut concurrency = HashMap::new();
         for s in &config.servers {

@@ -129,9 +129,6 @@ impl Credentials {
                 );
             }
         }
-        crate::oauth::engine()
-            .configure(config)
-            .map_err(CredentialError::OAuth)?;
         Ok(Self { exchanges, vaults })
     }
 

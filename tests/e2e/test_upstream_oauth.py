@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -451,6 +452,30 @@ async def test_stateless_clients_are_asked_with_input_required_or_get_the_link(e
     r = modern_call(e, mona, 4, "crm__whoami", {"elicitation": {"url": {}}},
                     inputResponses={"consent": {"action": "accept"}}, requestState=state)["result"]
     assert json.loads(r["content"][0]["text"])["sub"] == "mona", r
+
+
+async def test_a_server_added_by_reload_takes_consent(env):
+    """A reload that adds an oauth server (and changes nothing in [credentials] or [oauth]) makes it usable."""
+    e = env
+    extra = OL.start_protected(e.dir, e.upas.issuer, e.ca, name="crm3")
+    e.procs.append(extra)
+    cfg = e.broker.config_path
+    cfg.write_text(cfg.read_text() + f"""
+[servers.crm3]
+transport = "http"
+url = "{extra.url}"
+upstream_auth = {{ kind = "oauth", scopes = ["mcp:tools"] }}
+""")
+    e.broker.proc.signal(signal.SIGHUP)
+    nina = user_token(e, "nina")
+    async with H.http_session(e.broker.url, headers=H.bearer(nina)) as s:
+        deadline = time.monotonic() + 20
+        while "crm3__authorize" not in await names(s):
+            assert time.monotonic() < deadline, "crm3 did not appear after SIGHUP"
+            await asyncio.sleep(0.2)
+        r = await s.call_tool("crm3__authorize", {})
+        assert consent(e, "nina", link_in(r.content[0].text)).status_code == 200
+        assert whoami(await s.call_tool("crm3__whoami", {}))["sub"] == "nina"
 
 
 async def test_tokens_survive_a_restart(env):
