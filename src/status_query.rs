@@ -150,11 +150,19 @@ fn table(r: &Value) -> String {
             err.lines().next().unwrap_or_default().to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..headers.len())
+    out.push_str(&columns(&rows));
+    out
+}
+
+/// `rows` (the first is the header) as aligned columns, two spaces apart, the last one unpadded.
+pub(crate) fn columns(rows: &[Vec<String>]) -> String {
+    let n = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..n)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
+    let mut out = String::new();
     for row in rows {
-        let last = row.len() - 1;
+        let last = row.len().saturating_sub(1);
         let line: Vec<String> = row
             .iter()
             .enumerate()

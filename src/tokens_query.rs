@@ -143,20 +143,7 @@ fn table(tokens: &Value) -> String {
     if rows.len() == 1 {
         return "no tokens\n".into();
     }
-    let widths: Vec<usize> = (0..headers.len())
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    crate::status_query::columns(&rows)
 }
 
 #[cfg(test)]

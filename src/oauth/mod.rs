@@ -440,14 +440,7 @@ impl Engine {
     ) -> Result<(Secret, u64), OAuthError> {
         let (url, d) = self.discover(server).await?;
         let s = self.settings();
-        let reg = s
-            .oauth
-            .client_for(&d.issuer)
-            .ok_or_else(|| OAuthError::NoClient {
-                issuer: d.issuer.clone(),
-                server: server.to_string(),
-                why: "the client credentials grant",
-            })?;
+        let reg = registration(&s, &d, server, "the client credentials grant")?;
         let secret = reg.client_secret.as_ref().ok_or_else(|| {
             OAuthError::Config(format!(
                 "[oauth.clients.\"{}\"] needs client_secret for the client credentials grant",
@@ -562,14 +555,7 @@ impl Engine {
             ));
         };
         let (url, d) = self.discover(server).await?;
-        let reg = s
-            .oauth
-            .client_for(&d.issuer)
-            .ok_or_else(|| OAuthError::NoClient {
-                issuer: d.issuer.clone(),
-                server: server.to_string(),
-                why: "redeeming ID-JAGs (the JWT bearer grant)",
-            })?;
+        let reg = registration(&s, &d, server, "redeeming ID-JAGs (the JWT bearer grant)")?;
         let client_auth = |secret: Option<&Secret>, in_body: bool| match secret {
             None => EmaClientAuthentication::None,
             Some(s) if in_body => EmaClientAuthentication::ClientSecretPost(
@@ -622,6 +608,22 @@ impl Engine {
             }),
         }
     }
+}
+
+/// The broker's configured registration at `d`'s authorization server, needed for `why`.
+fn registration<'a>(
+    s: &'a Settings,
+    d: &Discovered,
+    server: &str,
+    why: &'static str,
+) -> Result<&'a crate::config::OAuthClientReg, OAuthError> {
+    s.oauth
+        .client_for(&d.issuer)
+        .ok_or_else(|| OAuthError::NoClient {
+            issuer: d.issuer.clone(),
+            server: server.to_string(),
+            why,
+        })
 }
 
 fn client_config(
