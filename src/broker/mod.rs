@@ -190,7 +190,7 @@ impl Broker {
             crate::oauth::engine().set_secret_key(c.secret_key.expose());
         }
         if let Some(c) = &cluster {
-            crate::oauth::engine().use_cluster(c.clone());
+            crate::oauth::engine().use_cluster(c);
         }
         // After the cluster: shared credentials go through it. A failure stops its heartbeat.
         let state = State::build(config.clone(), None, cluster.as_ref())
@@ -201,8 +201,8 @@ impl Broker {
             (None, Some(f)) => f,
             (None, None) => crate::oauth::store::TokenStore::memory(),
         });
-        crate::oauth::engine().set_store(tokens.clone());
-        crate::oauth::engine().set_audit(audit.clone());
+        crate::oauth::engine().set_store(&tokens);
+        crate::oauth::engine().set_audit(&audit);
         Ok(Arc::new_cyclic(|me| Self {
             me: me.clone(),
             tokens,

@@ -49,7 +49,8 @@ struct Entry {
 pub struct Flows {
     inner: Arc<DashMap<String, Entry>>,
     ttl: Duration,
-    cluster: Arc<std::sync::RwLock<Option<Arc<Cluster>>>>,
+    /// Weak: the process-wide engine must not keep a broker's Redis connections alive.
+    cluster: Arc<std::sync::RwLock<std::sync::Weak<Cluster>>>,
 }
 
 impl Flows {
@@ -57,19 +58,19 @@ impl Flows {
         Self {
             inner: Arc::new(DashMap::new()),
             ttl,
-            cluster: Arc::new(std::sync::RwLock::new(None)),
+            cluster: Arc::new(std::sync::RwLock::new(std::sync::Weak::new())),
         }
     }
 
     /// Under `[cluster]`: keep flows in Redis.
-    pub fn use_cluster(&self, c: Arc<Cluster>) {
+    pub fn use_cluster(&self, c: &Arc<Cluster>) {
         if let Ok(mut slot) = self.cluster.write() {
-            *slot = Some(c);
+            *slot = Arc::downgrade(c);
         }
     }
 
     fn shared(&self) -> Option<Arc<Cluster>> {
-        self.cluster.read().ok().and_then(|c| c.clone())
+        self.cluster.read().ok().and_then(|c| c.upgrade())
     }
 
     fn key(state: &str) -> String {

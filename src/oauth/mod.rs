@@ -119,7 +119,11 @@ struct Discovered {
 }
 
 pub struct Engine {
-    store: RwLock<Arc<TokenStore>>,
+    /// The broker's token store. Weak, like every other handle this process-wide engine gets
+    /// from a broker: it must not outlive (or keep alive) the broker's Redis and writers.
+    store: RwLock<std::sync::Weak<TokenStore>>,
+    /// Used while no broker has set a store (tests, `mcp-broker tools`).
+    fallback: Arc<TokenStore>,
     settings: RwLock<Arc<Settings>>,
     clients: RwLock<Arc<http::Clients>>,
     flows: Flows,
@@ -133,8 +137,9 @@ pub struct Engine {
     connected: DashMap<(String, String), Arc<Notify>>,
     /// The subjects who just connected something (their sessions' tool lists change).
     changes: tokio::sync::broadcast::Sender<String>,
-    /// Where consent events are recorded (kind `consent`).
-    audit: RwLock<Option<Arc<crate::audit::Audit>>>,
+    /// Where consent events are recorded (kind `consent`). Weak: this process-wide engine must not
+    /// keep a broker's audit writer alive after the broker is gone (its shutdown waits for it).
+    audit: RwLock<std::sync::Weak<crate::audit::Audit>>,
 }
 
 static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
@@ -160,7 +165,8 @@ fn random_hex() -> String {
 impl Engine {
     fn new() -> Self {
         Self {
-            store: RwLock::new(Arc::new(TokenStore::memory())),
+            store: RwLock::new(std::sync::Weak::new()),
+            fallback: Arc::new(TokenStore::memory()),
             settings: RwLock::new(Arc::new(Settings {
                 oauth: OAuthSettings::default(),
                 issuer: None,
@@ -180,19 +186,19 @@ impl Engine {
             cache: DashMap::new(),
             connected: DashMap::new(),
             changes: tokio::sync::broadcast::channel(64).0,
-            audit: RwLock::new(None),
+            audit: RwLock::new(std::sync::Weak::new()),
         }
     }
 
-    pub fn set_audit(&self, audit: Arc<crate::audit::Audit>) {
+    pub fn set_audit(&self, audit: &Arc<crate::audit::Audit>) {
         if let Ok(mut slot) = self.audit.write() {
-            *slot = Some(audit);
+            *slot = Arc::downgrade(audit);
         }
     }
 
     /// An audit record (kind `consent`) for what happened to `sub`'s connection to `server`.
     pub fn audit_event(&self, sub: &str, server: &str, allow: bool, reason: &str) {
-        let Some(a) = self.audit.read().ok().and_then(|a| a.clone()) else {
+        let Some(a) = self.audit.read().ok().and_then(|a| a.upgrade()) else {
             return;
         };
         let mut caller = Caller::anonymous();
@@ -212,9 +218,9 @@ impl Engine {
     }
 
     /// Use `store` for tokens (the file, Redis, or memory), from start-up.
-    pub fn set_store(&self, store: Arc<TokenStore>) {
+    pub fn set_store(&self, store: &Arc<TokenStore>) {
         if let Ok(mut s) = self.store.write() {
-            *s = store;
+            *s = Arc::downgrade(store);
         }
         self.cache.clear();
     }
@@ -222,13 +228,14 @@ impl Engine {
     pub fn store(&self) -> Arc<TokenStore> {
         self.store
             .read()
-            .map(|s| s.clone())
-            .unwrap_or_else(|e| e.into_inner().clone())
+            .ok()
+            .and_then(|s| s.upgrade())
+            .unwrap_or_else(|| self.fallback.clone())
     }
 
     /// Under `[cluster]`: authorizations in progress are kept in Redis, so a browser's callback
     /// may reach any instance.
-    pub fn use_cluster(&self, c: Arc<crate::cluster::Cluster>) {
+    pub fn use_cluster(&self, c: &Arc<crate::cluster::Cluster>) {
         self.flows.use_cluster(c);
     }
 
