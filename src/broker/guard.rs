@@ -33,10 +33,13 @@ pub(super) struct GuardMemory {
     held: RwLock<Arc<Held>>,
     /// (server, tool, definition hash, what) already audited: a finding is recorded when first
     /// detected, not on every rebuild.
-    reported: Mutex<HashSet<(Arc<str>, String, String, &'static str)>>,
+    reported: Mutex<HashSet<Report>>,
     /// Findings by definition hash: a definition is scanned once.
     scans: Mutex<HashMap<String, Arc<Vec<Finding>>>>,
 }
+
+/// (server, tool, definition hash, `pin` or `scan`).
+type Report = (Arc<str>, String, String, &'static str);
 
 /// Bounds on the memories above: past this many entries they start over (at worst a finding is
 /// audited again).
