@@ -1,7 +1,8 @@
 //! Command-line surface: parse arguments, set up logging, call [`crate::app`] (or
-//! [`crate::audit_query`], [`crate::tokens_query`], [`crate::import`]) with plain values. Nothing imports this module back: `app` owns the run.
+//! [`crate::audit_query`], [`crate::tokens_query`], [`crate::import`], [`crate::pinning`]) with plain values. Nothing imports this module back: `app` owns the run.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -44,6 +45,25 @@ pub enum Command {
         /// Validate for `mcp-broker stdio` (where stdout is the MCP channel).
         #[arg(long)]
         stdio: bool,
+        /// Also connect to the upstreams and list the tools whose definitions differ from
+        /// `servers.lock` (changed, new, removed); exit 1 when any does.
+        #[arg(long)]
+        pins: bool,
+    },
+    /// Connect to the upstreams and pin their tool definitions in `servers.lock` (SHA-256 of each
+    /// definition in RFC 8785 canonical JSON), for `[guard] pins`.
+    Pin {
+        #[arg(long, short, default_value = "servers.toml")]
+        config: PathBuf,
+        /// Only this server (repeatable; default: every server).
+        #[arg(long = "server", value_name = "NAME")]
+        servers: Vec<String>,
+        /// Re-pin only this tool to its current definition (repeatable).
+        #[arg(long, value_name = "SERVER/TOOL")]
+        accept: Vec<String>,
+        /// Who pins, recorded in the lock (default: $USER).
+        #[arg(long, value_name = "NAME")]
+        by: Option<String>,
     },
     /// Connect to every upstream and print the namespaced catalog.
     Tools {
@@ -162,7 +182,29 @@ pub fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Check { config, stdio } => app::check(&config, stdio),
+            Command::Check {
+                config,
+                stdio,
+                pins,
+            } => match app::check(&config, stdio) {
+                Ok(code) if pins && code == ExitCode::SUCCESS => {
+                    crate::pinning::check(&config).await
+                }
+                other => other,
+            },
+            Command::Pin {
+                config,
+                servers,
+                accept,
+                by,
+            } => {
+                let args = crate::pinning::PinArgs {
+                    servers,
+                    accept,
+                    by,
+                };
+                crate::pinning::pin(&config, &args).await
+            }
             Command::Serve {
                 config,
                 insecure_no_auth,

@@ -22,6 +22,7 @@
 //! | 2 | [`oauth`] | upstream OAuth: the per-user token store (memory, a sealed file, or Redis under `[cluster]`) |
 //! | 3 | [`broker`] | transport-free core: one request pipeline, the session registry, the caller-scoped event router |
 //! | 4 | [`front`] | the rmcp `ServerHandler` adapter, the axum HTTP front |
+//! | 5 | [`pinning`] | `pin` and `check --pins`: connect, hash each upstream's own tool definitions, write or compare `servers.lock` |
 //! | 5 | [`app`] | wiring and shutdown order; [`app::run`] serves on a given listener until a given future resolves |
 //! | 6 | [`cli`] | parses arguments and calls [`app`] (or [`audit_query`], [`status_query`], [`tokens_query`], [`import`]) with plain values |
 
@@ -41,6 +42,7 @@ pub mod import;
 pub mod limits;
 pub mod metrics;
 pub mod oauth;
+pub mod pinning;
 pub mod policy;
 pub mod status_query;
 pub mod telemetry;

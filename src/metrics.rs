@@ -200,6 +200,8 @@ pub struct Metrics {
     credential_cache: Family,
     upstream_oauth: Family,
     reloads: Family,
+    pin_drifts: Family,
+    description_findings: Family,
     audit_records: AtomicU64,
     audit_dropped: AtomicU64,
     limit_fallbacks: AtomicU64,
@@ -279,6 +281,18 @@ impl Metrics {
             .inc(&[("server", server), ("kind", kind), ("result", result)], 1);
     }
 
+    /// `[guard] pins`: a tool found to differ from its pin (`drift`: changed, new), once per definition.
+    pub fn pin_drift(&self, server: &str, drift: &'static str) {
+        self.pin_drifts
+            .inc(&[("server", server), ("drift", drift)], 1);
+    }
+
+    /// `[guard] scan_descriptions`: a finding in a tool definition, once per definition.
+    pub fn description_finding(&self, server: &str, kind: &'static str) {
+        self.description_findings
+            .inc(&[("server", server), ("kind", kind)], 1);
+    }
+
     pub fn reload(&self, ok: bool) {
         self.reloads
             .inc(&[("result", if ok { "ok" } else { "error" })], 1);
@@ -326,6 +340,16 @@ impl Metrics {
             &mut out,
             "mcp_broker_config_reloads_total",
             "Configuration reloads by result (ok, error).",
+        );
+        self.pin_drifts.render(
+            &mut out,
+            "mcp_broker_pin_drifts_total",
+            "Tool definitions found to differ from their pin ([guard] pins), by server and drift (changed, new).",
+        );
+        self.description_findings.render(
+            &mut out,
+            "mcp_broker_description_findings_total",
+            "Findings in tool descriptions ([guard] scan_descriptions), by server and kind (hidden_unicode, bidi, instruction, tag, base64).",
         );
         let _ = writeln!(
             out,

@@ -186,6 +186,8 @@ impl Broker {
                 listings.insert(up.name.clone(), l);
             }
         }
+        let mut held = super::guard::Held::default();
+        self.screen(&st, &mut listings, &mut held);
         let old = self.catalog();
         let (new, collisions) = Catalog::build(
             &st.namespaces,
@@ -203,11 +205,14 @@ impl Broker {
         }
         // Servers with a separate 2025-11-25 connection list for 2025-era clients from it.
         let legacy = if st.upstreams.iter().any(|u| u.has_legacy()) {
+            let mut legacy = HashMap::new();
             for up in st.upstreams.iter().filter(|u| u.has_legacy()) {
                 if let Some(l) = up.listing_in(true) {
-                    listings.insert(up.name.clone(), l);
+                    legacy.insert(up.name.clone(), l);
                 }
             }
+            self.screen(&st, &mut legacy, &mut held);
+            listings.extend(legacy);
             let old = self.catalog_in(true);
             let (cat, _) = Catalog::build(
                 &st.namespaces,
@@ -222,6 +227,7 @@ impl Broker {
         if let Ok(mut slot) = self.catalog_legacy.write() {
             *slot = legacy.clone();
         }
+        self.set_held(held);
         for (i, k) in Kind::LISTED.iter().enumerate() {
             if before[i] != after[i] {
                 let _ = self.changes.send((*k, None));

@@ -7,6 +7,7 @@
 //! | `lists` | the catalog (rebuilt from upstream listings), what each caller is shown, start-up waiting |
 //! | `sessions` | the session registry: owner, view, log level, a bounded outbound queue and writer per session |
 //! | `events` | upstream events → the sessions entitled to them (never awaiting a session) |
+//! | `guard` | `[guard]` pins and description findings: which upstream tools enter the catalog, refusals for held ones |
 //! | `state` | what a reload replaces at once (servers, policy, credentials, limits) |
 //! | `errors` | failures → JSON-RPC errors or `isError` results |
 
@@ -18,6 +19,7 @@ mod consent;
 mod errors;
 mod events;
 mod forward;
+mod guard;
 pub mod lists;
 mod mrtr;
 pub mod pipeline;
@@ -82,6 +84,8 @@ pub struct Downstream {
 pub enum BrokerError {
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error("[guard] pins: {0}")]
+    Pins(#[from] crate::guard::pins::PinsError),
     #[error(transparent)]
     Policy(#[from] PolicyError),
     #[error(transparent)]
@@ -106,6 +110,8 @@ pub struct Broker {
     /// What 2025-era clients are shown: the same catalog, except for servers kept on a separate
     /// 2025-11-25 connection (which may list differently in each revision).
     catalog_legacy: RwLock<Arc<Catalog>>,
+    /// `[guard]`: the tools held out of the catalog, and what has been audited already.
+    guard: guard::GuardMemory,
     sessions: Sessions,
     /// (server, connection, upstream request id) → the downstream request it serves, for
     /// server-to-client requests.
@@ -214,6 +220,7 @@ impl Broker {
             stops: Mutex::new(HashMap::new()),
             catalog: RwLock::new(Arc::new(Catalog::default())),
             catalog_legacy: RwLock::new(Arc::new(Catalog::default())),
+            guard: guard::GuardMemory::default(),
             sessions: Sessions::default(),
             inflight: DashMap::new(),
             subscriptions: Mutex::new(HashMap::new()),

@@ -234,6 +234,14 @@ impl Broker {
         if listed {
             rec.listed_name();
         }
+        // `[guard]`: a drifted or suspicious tool, kept out of the catalog, is refused here whatever
+        // route reached it (its exposed name, or an unprefixed server's unlisted names).
+        if kind == Kind::Tool
+            && let Some(reason) = self.held_refusal(&server, &original)
+        {
+            rec.decision(false, &reason, Some("guard".into()));
+            return Err(Failure::Refused(reason));
+        }
         let args = match &op {
             Op::CallTool(p) => p.arguments.as_ref(),
             _ => None,
@@ -474,8 +482,13 @@ impl Broker {
             };
             let (server, original, listed) = match entry {
                 Some((s, o)) => (s.clone(), o.clone(), true),
-                None => match unlisted(st, exposed, kind == Kind::Tool)
-                    .map(|s| (s, exposed.to_string()))
+                // Held by `[guard]`: routed, so that the call is refused with the reason.
+                None => match (kind == Kind::Tool)
+                    .then(|| self.held_route(exposed))
+                    .flatten()
+                    .or_else(|| {
+                        unlisted(st, exposed, kind == Kind::Tool).map(|s| (s, exposed.to_string()))
+                    })
                     .or_else(|| authorize_tool(st, exposed, kind))
                 {
                     Some((s, original)) => (s, original, false),

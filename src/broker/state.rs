@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::catalog::Namespace;
 use crate::config::{Config, Isolation};
 use crate::credentials::Credentials;
+use crate::guard::pins::Lock;
 use crate::limits::Concurrency;
 use crate::policy::{Policy, PolicyError, RegoPolicy};
 use crate::upstream::Upstream;
@@ -23,6 +24,8 @@ pub(super) struct State {
     pub credentials: Arc<Credentials>,
     /// Per-server caps on calls in flight (`max_concurrent`).
     pub concurrency: HashMap<Arc<str>, Arc<Concurrency>>,
+    /// `[guard] pins`, read afresh on every reload (`mcp-broker pin --accept` then SIGHUP).
+    pub pins: Option<Arc<Lock>>,
 }
 
 impl State {
@@ -34,6 +37,10 @@ impl State {
         cluster: Option<&Arc<crate::cluster::Cluster>>,
     ) -> Result<Self, BrokerError> {
         let policy = build_policy(&config)?;
+        let pins = match &config.guard.pins {
+            Some(path) => Some(Arc::new(Lock::load(path)?)),
+            None => None,
+        };
         let credentials = match old {
             Some(o) if o.config.credentials_fingerprint == config.credentials_fingerprint => {
                 o.credentials.clone()
@@ -85,6 +92,7 @@ impl State {
             policy,
             credentials,
             concurrency,
+            pins,
         })
     }
 

@@ -22,7 +22,7 @@ pub enum OnDrift {
 pub enum Scan {
     /// Logged and counted only.
     Warn,
-    /// Listed, with the finding audited and counted on every call.
+    /// Listed; the finding audited and counted when first seen.
     Flag,
     /// Hidden from lists and refused on call.
     Hide,
