@@ -115,6 +115,9 @@ pub struct Record {
     /// For lists: how many items the caller was shown and how many the policy hid.
     pub shown: Option<usize>,
     pub hidden: Option<usize>,
+    /// `[guard] mask_results`: secrets masked in the result, by kind (absent when none was).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub masked: Option<crate::guard::mask::Counts>,
     /// `name` is an entry of the catalog (set by the broker once it resolved it): only then may it
     /// label metrics, so made-up names cannot create series.
     #[serde(skip)]
@@ -354,6 +357,13 @@ impl CallRecord {
         r.shown = Some(shown);
         r.hidden = Some(hidden);
         r.outcome = Outcome::Ok;
+    }
+
+    /// Secrets masked in the result (`[guard] mask_results`), by kind; nothing when none was.
+    pub fn masked(&mut self, counts: crate::guard::mask::Counts) {
+        if !counts.is_empty() {
+            self.rec().masked = Some(counts);
+        }
     }
 
     /// How it ended; `error` is a message for the record (no secrets).

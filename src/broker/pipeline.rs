@@ -347,7 +347,12 @@ impl Broker {
                 .ensure_connected(&server, caller, down, ct, rec, retry, &bind)
                 .await?;
             if let consent::Consent::Ask(ir) = asked {
-                return self.map_result(&server, op.kind(), ServerResult::InputRequiredResult(ir));
+                return self.map_result(
+                    &server,
+                    op.kind(),
+                    ServerResult::InputRequiredResult(ir),
+                    rec,
+                );
             }
             if !listed && original == consent::AUTHORIZE && matches!(op, Op::CallTool(_)) {
                 rec.finish(Outcome::Ok, None);
@@ -428,7 +433,7 @@ impl Broker {
                     other => other,
                 },
             };
-            return self.map_result(call.server, what, result);
+            return self.map_result(call.server, what, result, rec);
         }
         if parked.is_some() {
             return Err(Failure::Rpc(ErrorData::invalid_params(
@@ -441,7 +446,7 @@ impl Broker {
             let req = upstream_request(op.clone(), original);
             let result = raw::typed(self.forward(&st, call, req, rec).await?);
             let ServerResult::InputRequiredResult(mut ir) = result else {
-                return self.map_result(call.server, what, result);
+                return self.map_result(call.server, what, result, rec);
             };
             let inputs = ir.input_requests.take().unwrap_or_default();
             let answers = self
@@ -536,13 +541,19 @@ impl Broker {
         }
     }
 
-    /// The upstream's result, with the URIs the broker namespaces rewritten.
+    /// The upstream's result, with the URIs the broker namespaces rewritten and, under
+    /// `[guard] mask_results`, secrets masked. Every forwarded call, prompt and read ends here,
+    /// whichever revision, transport or round trip it took.
     fn map_result(
         &self,
         server: &Arc<str>,
         what: &str,
-        result: ServerResult,
+        mut result: ServerResult,
+        rec: &mut CallRecord,
     ) -> Result<Reply, Failure> {
+        if let Some(m) = &self.state().masker {
+            mask_result(m, server, &mut result, rec);
+        }
         Ok(match result {
             ServerResult::CallToolResult(r) => Reply::Tool(CallToolResponse::Complete(r)),
             ServerResult::CreateTaskResult(r) => Reply::Tool(CallToolResponse::Task(r)),
@@ -1046,6 +1057,46 @@ pub(super) fn upstream_request(op: Op, original: &str) -> ClientRequest {
             ClientRequest::PingRequest(Default::default())
         }
     }
+}
+
+/// Mask a complete call, prompt or read result (an `input_required` one carries the broker's own
+/// sealed state and the server's questions, not its output): the raw JSON the front relays when
+/// the transport kept it, and the typed form, which the front serialises otherwise and whose error
+/// text the audit record keeps. Counted once, from the raw JSON where there is one.
+fn mask_result(
+    m: &crate::guard::mask::Masker,
+    server: &str,
+    result: &mut ServerResult,
+    rec: &mut CallRecord,
+) {
+    fn typed<T: serde::Serialize + serde::de::DeserializeOwned>(
+        m: &crate::guard::mask::Masker,
+        r: &mut T,
+    ) -> crate::guard::mask::Counts {
+        let Ok(mut v) = serde_json::to_value(&*r) else {
+            return Default::default();
+        };
+        let counts = m.mask_json(&mut v);
+        if !counts.is_empty()
+            && let Ok(masked) = serde_json::from_value(v)
+        {
+            *r = masked;
+        }
+        counts
+    }
+    let typed_counts = match result {
+        ServerResult::CallToolResult(r) => typed(m, r),
+        ServerResult::GetPromptResult(r) => typed(m, r),
+        ServerResult::ReadResourceResult(r) => typed(m, r),
+        _ => return,
+    };
+    let mut raw_counts = None;
+    raw::amend(|v| raw_counts = Some(m.mask_json(v)));
+    let counts = raw_counts.unwrap_or(typed_counts);
+    for (kind, n) in &counts {
+        metrics::global().masked(server, kind, *n);
+    }
+    rec.masked(counts);
 }
 
 /// Longest tool or prompt name, and longest resource URI, the broker accepts from a client.
