@@ -388,6 +388,12 @@ impl CallRecord {
         self.record.outcome
     }
 
+    /// The record as filled in so far (for tests of what a step records).
+    #[cfg(test)]
+    pub(crate) fn peek(&self) -> &Record {
+        &self.record
+    }
+
     /// Drop the record without writing it (a repeated limit refusal, throttled so that a flooding
     /// caller cannot rotate everyone else's records out of the trail).
     pub fn discard(mut self) {

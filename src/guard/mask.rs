@@ -259,8 +259,18 @@ mod tests {
         let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
         assert_masks("aws_secret_key", secret, "aws_secret_access_key=", "\n");
         assert_masks("aws_secret_key", secret, "AWS_SECRET_ACCESS_KEY: ", "");
-        assert_masks("aws_secret_key", secret, r#"{"SecretAccessKey": ""#, r#""}"#);
-        assert_masks("aws_secret_key", secret, r#"{\"AWS_SECRET_ACCESS_KEY\":\""#, r#"\"}"#);
+        assert_masks(
+            "aws_secret_key",
+            secret,
+            r#"{"SecretAccessKey": ""#,
+            r#""}"#,
+        );
+        assert_masks(
+            "aws_secret_key",
+            secret,
+            r#"{\"AWS_SECRET_ACCESS_KEY\":\""#,
+            r#"\"}"#,
+        );
         // Unlabelled 40-character strings (a SHA-1, base64) are not secrets to this detector.
         assert_untouched(&format!("value={secret}"));
         assert_untouched("aws_secret_access_key=tooshort");
@@ -446,6 +456,10 @@ mod tests {
         }
         let t = std::time::Instant::now();
         let _ = masker().mask_text(&s);
-        assert!(t.elapsed() < std::time::Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            t.elapsed()
+        );
     }
 }
