@@ -373,6 +373,15 @@ mod tests {
     #[test]
     fn configured_patterns() {
         assert_masks("ticket", "TCK-123456", "see ", ".");
+        // The README's worked example.
+        let (out, counts) = masked(
+            "DATABASE_URL=postgres://app:hunter22@db:5432/ledger key=AKIAIOSFODNN7EXAMPLE ref TCK-482910",
+        );
+        assert_eq!(
+            out,
+            "DATABASE_URL=postgres://app:[masked:connection_string]@db:5432/ledger key=[masked:aws_access_key] ref [masked:ticket]"
+        );
+        assert_eq!(counts.values().sum::<u64>(), 3, "{counts:?}");
         let m = Masker::from_config(&GuardConfig {
             mask_results: true,
             mask_patterns: vec![MaskPattern {
