@@ -115,6 +115,9 @@ pub struct Record {
     /// For lists: how many items the caller was shown and how many the policy hid.
     pub shown: Option<usize>,
     pub hidden: Option<usize>,
+    /// `[guard] mask_results`: secrets masked in the result, by kind (absent when none was).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub masked: Option<crate::guard::mask::Counts>,
     /// `name` is an entry of the catalog (set by the broker once it resolved it): only then may it
     /// label metrics, so made-up names cannot create series.
     #[serde(skip)]
@@ -356,6 +359,13 @@ impl CallRecord {
         r.outcome = Outcome::Ok;
     }
 
+    /// Secrets masked in the result (`[guard] mask_results`), by kind; nothing when none was.
+    pub fn masked(&mut self, counts: crate::guard::mask::Counts) {
+        if !counts.is_empty() {
+            self.rec().masked = Some(counts);
+        }
+    }
+
     /// How it ended; `error` is a message for the record (no secrets).
     pub fn finish(&mut self, outcome: Outcome, error: Option<String>) {
         let r = self.rec();
@@ -376,6 +386,12 @@ impl CallRecord {
 
     pub fn outcome(&self) -> Outcome {
         self.record.outcome
+    }
+
+    /// The record as filled in so far (for tests of what a step records).
+    #[cfg(test)]
+    pub(crate) fn peek(&self) -> &Record {
+        &self.record
     }
 
     /// Drop the record without writing it (a repeated limit refusal, throttled so that a flooding

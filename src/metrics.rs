@@ -199,6 +199,7 @@ pub struct Metrics {
     rate_limited: Family,
     credential_cache: Family,
     upstream_oauth: Family,
+    masked: Family,
     reloads: Family,
     pin_drifts: Family,
     description_findings: Family,
@@ -293,6 +294,12 @@ impl Metrics {
             .inc(&[("server", server), ("kind", kind)], 1);
     }
 
+    /// Secrets masked in results (`[guard] mask_results`): `kind` is a built-in or configured
+    /// detector's, so the series are bounded by the config.
+    pub fn masked(&self, server: &str, kind: &str, n: u64) {
+        self.masked.inc(&[("server", server), ("kind", kind)], n);
+    }
+
     pub fn reload(&self, ok: bool) {
         self.reloads
             .inc(&[("result", if ok { "ok" } else { "error" })], 1);
@@ -335,6 +342,11 @@ impl Metrics {
             &mut out,
             "mcp_broker_upstream_oauth_tokens_total",
             "Upstream OAuth tokens asked for, by server, kind (oauth, id_jag, client_credentials) and result (cached, fetched, consent_required, error).",
+        );
+        self.masked.render(
+            &mut out,
+            "mcp_broker_masked_total",
+            "Secrets masked in results ([guard] mask_results), by server and detector kind.",
         );
         self.reloads.render(
             &mut out,

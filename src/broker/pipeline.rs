@@ -355,7 +355,12 @@ impl Broker {
                 .ensure_connected(&server, caller, down, ct, rec, retry, &bind)
                 .await?;
             if let consent::Consent::Ask(ir) = asked {
-                return self.map_result(&server, op.kind(), ServerResult::InputRequiredResult(ir));
+                return self.map_result(
+                    &server,
+                    op.kind(),
+                    ServerResult::InputRequiredResult(ir),
+                    rec,
+                );
             }
             if !listed && original == consent::AUTHORIZE && matches!(op, Op::CallTool(_)) {
                 rec.finish(Outcome::Ok, None);
@@ -436,7 +441,7 @@ impl Broker {
                     other => other,
                 },
             };
-            return self.map_result(call.server, what, result);
+            return self.map_result(call.server, what, result, rec);
         }
         if parked.is_some() {
             return Err(Failure::Rpc(ErrorData::invalid_params(
@@ -449,7 +454,7 @@ impl Broker {
             let req = upstream_request(op.clone(), original);
             let result = raw::typed(self.forward(&st, call, req, rec).await?);
             let ServerResult::InputRequiredResult(mut ir) = result else {
-                return self.map_result(call.server, what, result);
+                return self.map_result(call.server, what, result, rec);
             };
             let inputs = ir.input_requests.take().unwrap_or_default();
             let answers = self
@@ -549,13 +554,19 @@ impl Broker {
         }
     }
 
-    /// The upstream's result, with the URIs the broker namespaces rewritten.
+    /// The upstream's result, with the URIs the broker namespaces rewritten and, under
+    /// `[guard] mask_results`, secrets masked. Every forwarded call, prompt and read ends here,
+    /// whichever revision, transport or round trip it took.
     fn map_result(
         &self,
         server: &Arc<str>,
         what: &str,
-        result: ServerResult,
+        mut result: ServerResult,
+        rec: &mut CallRecord,
     ) -> Result<Reply, Failure> {
+        if let Some(m) = &self.state().masker {
+            mask_result(m, server, &mut result, rec);
+        }
         Ok(match result {
             ServerResult::CallToolResult(r) => Reply::Tool(CallToolResponse::Complete(r)),
             ServerResult::CreateTaskResult(r) => Reply::Tool(CallToolResponse::Task(r)),
@@ -1061,6 +1072,46 @@ pub(super) fn upstream_request(op: Op, original: &str) -> ClientRequest {
     }
 }
 
+/// Mask a complete call, prompt or read result (an `input_required` one carries the broker's own
+/// sealed state and the server's questions, not its output): the raw JSON the front relays when
+/// the transport kept it, and the typed form, which the front serialises otherwise and whose error
+/// text the audit record keeps. Counted once, from the raw JSON where there is one.
+fn mask_result(
+    m: &crate::guard::mask::Masker,
+    server: &str,
+    result: &mut ServerResult,
+    rec: &mut CallRecord,
+) {
+    fn typed<T: serde::Serialize + serde::de::DeserializeOwned>(
+        m: &crate::guard::mask::Masker,
+        r: &mut T,
+    ) -> crate::guard::mask::Counts {
+        let Ok(mut v) = serde_json::to_value(&*r) else {
+            return Default::default();
+        };
+        let counts = m.mask_json(&mut v);
+        if !counts.is_empty()
+            && let Ok(masked) = serde_json::from_value(v)
+        {
+            *r = masked;
+        }
+        counts
+    }
+    let typed_counts = match result {
+        ServerResult::CallToolResult(r) => typed(m, r),
+        ServerResult::GetPromptResult(r) => typed(m, r),
+        ServerResult::ReadResourceResult(r) => typed(m, r),
+        _ => return,
+    };
+    let mut raw_counts = None;
+    raw::amend(|v| raw_counts = Some(m.mask_json(v)));
+    let counts = raw_counts.unwrap_or(typed_counts);
+    for (kind, n) in &counts {
+        metrics::global().masked(server, kind, *n);
+    }
+    rec.masked(counts);
+}
+
 /// Longest tool or prompt name, and longest resource URI, the broker accepts from a client.
 const MAX_NAME_BYTES: usize = 1024;
 const MAX_URI_BYTES: usize = 8192;
@@ -1204,4 +1255,136 @@ fn forwardable_meta(meta: Option<RequestMetaObject>) -> Option<RequestMetaObject
     let mut meta = meta?;
     meta.retain(|k, _| k != "progressToken" && !k.starts_with("io.modelcontextprotocol/"));
     if meta.is_empty() { None } else { Some(meta) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::GuardConfig;
+    use crate::guard::mask::Masker;
+    use rmcp::model::{CustomResult, GetPromptResult, InputRequiredResult, ReadResourceResult};
+    use serde_json::json;
+
+    const KEY: &str = "AKIAIOSFODNN7EXAMPLE";
+
+    fn masker() -> Masker {
+        Masker::from_config(&GuardConfig {
+            mask_results: true,
+            ..GuardConfig::default()
+        })
+        .expect("on")
+    }
+
+    fn record() -> CallRecord {
+        crate::audit::Audit::disabled().begin(&Caller::local(), "resource", "r")
+    }
+
+    /// A result as the upstream sent it: decoded as the pipeline does, inside `capture` (as the
+    /// front runs the pipeline), then masked; the typed form and the raw JSON kept for the front.
+    async fn masked(
+        upstream: serde_json::Value,
+    ) -> (ServerResult, Option<serde_json::Value>, CallRecord) {
+        let mut rec = record();
+        let ((typed, rec2), raw) = raw::capture(async move {
+            let mut t = raw::typed(ServerResult::CustomResult(CustomResult(upstream)));
+            mask_result(&masker(), "s", &mut t, &mut rec);
+            (t, rec)
+        })
+        .await;
+        rec = rec2;
+        (typed, raw, rec)
+    }
+
+    #[tokio::test]
+    async fn resource_contents_masked_raw_and_typed_counted_once() {
+        let up = json!({"contents": [
+            {"uri": "file:///etc/app.env", "mimeType": "text/plain", "text": format!("KEY={KEY}\nOK=1")},
+            {"uri": "file:///x", "blob": "AAEC"}
+        ], "_meta": {"x": 1}});
+        let (typed, raw, rec) = masked(up).await;
+        let raw = raw.expect("kept raw");
+        assert_eq!(
+            raw["contents"][0]["text"],
+            "KEY=[masked:aws_access_key]\nOK=1"
+        );
+        assert_eq!(raw["contents"][1]["blob"], "AAEC");
+        assert_eq!(raw["_meta"], json!({"x": 1}), "shape kept");
+        let ServerResult::ReadResourceResult(ReadResourceResult { contents, .. }) = typed else {
+            panic!("{typed:?}");
+        };
+        assert!(
+            !serde_json::to_string(&contents)
+                .expect("json")
+                .contains(KEY)
+        );
+        let counts = rec.peek().masked.clone().expect("counted");
+        assert_eq!(
+            counts.get("aws_access_key"),
+            Some(&1),
+            "once, not raw + typed"
+        );
+    }
+
+    #[tokio::test]
+    async fn prompt_messages_and_tool_errors_masked() {
+        let up = json!({"messages": [{"role": "user", "content": {"type": "text", "text": format!("use {KEY}")}}]});
+        let (typed, raw, _) = masked(up).await;
+        assert_eq!(
+            raw.expect("raw")["messages"][0]["content"]["text"],
+            "use [masked:aws_access_key]"
+        );
+        let ServerResult::GetPromptResult(GetPromptResult { messages, .. }) = typed else {
+            panic!("{typed:?}");
+        };
+        assert!(
+            !serde_json::to_string(&messages)
+                .expect("json")
+                .contains(KEY)
+        );
+        // A tool error is decoded (its text goes to the audit record): masked there too.
+        let up = json!({"content": [{"type": "text", "text": format!("bad key {KEY}")}], "isError": true});
+        let (typed, _, _) = masked(up).await;
+        let ServerResult::CallToolResult(r) = typed else {
+            panic!("{typed:?}");
+        };
+        assert_eq!(
+            crate::broker::errors::tool_error_text(&r).as_deref(),
+            Some("bad key [masked:aws_access_key]")
+        );
+    }
+
+    #[tokio::test]
+    async fn structured_content_masked_field_by_field() {
+        let up = json!({
+            "content": [{"type": "text", "text": "{}"}],
+            "structuredContent": {"rows": [{"k": KEY, "n": 1}, {"k": "x", "n": [2, {"deep": KEY}]}]}
+        });
+        let (_, raw, rec) = masked(up).await;
+        assert_eq!(
+            raw.expect("raw")["structuredContent"],
+            json!({"rows": [{"k": "[masked:aws_access_key]", "n": 1}, {"k": "x", "n": [2, {"deep": "[masked:aws_access_key]"}]}]})
+        );
+        assert_eq!(
+            rec.peek()
+                .masked
+                .as_ref()
+                .and_then(|c| c.get("aws_access_key")),
+            Some(&2)
+        );
+    }
+
+    #[tokio::test]
+    async fn input_required_and_clean_results_untouched() {
+        let ir = InputRequiredResult::new(None, Some(format!("state-{KEY}")));
+        let mut t = ServerResult::InputRequiredResult(ir.clone());
+        let mut rec = record();
+        mask_result(&masker(), "s", &mut t, &mut rec);
+        assert!(
+            matches!(t, ServerResult::InputRequiredResult(ref r) if r.request_state == ir.request_state)
+        );
+        assert!(rec.peek().masked.is_none());
+        let (_, raw, rec) = masked(json!({"content": [{"type": "text", "text": "fine"}]})).await;
+        assert_eq!(raw.expect("raw")["content"][0]["text"], "fine");
+        assert!(rec.peek().masked.is_none());
+    }
 }

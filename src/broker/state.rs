@@ -1,4 +1,5 @@
-//! What a configuration reload replaces at once: servers, namespaces, policy, credentials, limits.
+//! What a configuration reload replaces at once: servers, namespaces, policy, credentials, limits,
+//! secret detectors.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -6,6 +7,7 @@ use std::sync::Arc;
 use crate::catalog::Namespace;
 use crate::config::{Config, Isolation};
 use crate::credentials::Credentials;
+use crate::guard::mask::Masker;
 use crate::guard::pins::Lock;
 use crate::limits::Concurrency;
 use crate::policy::{Policy, PolicyError, RegoPolicy};
@@ -26,6 +28,9 @@ pub(super) struct State {
     pub concurrency: HashMap<Arc<str>, Arc<Concurrency>>,
     /// `[guard] pins`, read afresh on every reload (`mcp-broker pin --accept` then SIGHUP).
     pub pins: Option<Arc<Lock>>,
+    /// `[guard] mask_results`: the detectors results pass through (`None`: not masked). Here, so a
+    /// reload that changes the patterns applies to the next request and never to one half done.
+    pub masker: Option<Masker>,
 }
 
 impl State {
@@ -87,6 +92,7 @@ impl State {
         }
         Ok(Self {
             namespaces: Namespace::from_config(&config),
+            masker: Masker::from_config(&config.guard),
             config,
             upstreams,
             policy,
