@@ -210,6 +210,20 @@ fn canonical(v: &Value, out: &mut Vec<u8>) {
 }
 
 impl Broker {
+    /// A `requestState` that only says which of the broker's own steps asked (`marker`: consent,
+    /// approval); the retry carrying it back is recognised by [`take_marker`].
+    pub(super) fn seal_marker(&self, bind: &[u8], marker: &str) -> String {
+        self.seal.seal(
+            bind,
+            &Sealed {
+                upstream: Some(marker.into()),
+                parked: None,
+                instance: None,
+            },
+            self.config().broker.request_state_ttl,
+        )
+    }
+
     /// Ask a 2025-era client, on its own session, what a 2026-07-28 upstream's `input_required`
     /// result asks for; the answers, keyed as the requests were, for the retry's `inputResponses`.
     pub(super) async fn answer_inputs(
