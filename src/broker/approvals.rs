@@ -406,7 +406,10 @@ impl Broker {
             });
             return Err(self.approval_refused(
                 rec,
-                format!("`{}` needs approval and {who}; it was not called", ask.exposed),
+                format!(
+                    "`{}` needs approval and {who}; it was not called",
+                    ask.exposed
+                ),
             ));
         };
         tracing::info!(server = %ask.server, tool = ask.original, sub = %caller.sub, by = %verdict.by, grant = %grant.label, "call approved");
@@ -464,7 +467,10 @@ impl Broker {
             message: format!("Allow {} with {summary}?", ask.exposed),
             requested_schema: schema(ask.rule),
         });
-        rec.note(&format!("approval asked of the caller (rule {})", ask.rule.rule));
+        rec.note(&format!(
+            "approval asked of the caller (rule {})",
+            ask.rule.rule
+        ));
         if down.stateless {
             // 2026-07-28: the client is asked in the result and retries with the sealed state.
             let mut asks = InputRequests::new();
@@ -500,7 +506,11 @@ impl Broker {
                 let v = serde_json::to_value(&r).unwrap_or(Value::Null);
                 Ok(Asked::Answer(verdict_of(ask.rule, v, caller_sub.clone())))
             }
-            Some(Ok(_)) => Ok(Asked::Answer(verdict_of(ask.rule, Value::Null, caller_sub.clone()))),
+            Some(Ok(_)) => Ok(Asked::Answer(verdict_of(
+                ask.rule,
+                Value::Null,
+                caller_sub.clone(),
+            ))),
             Some(Err(e)) => {
                 rec.approval(ApprovalNote {
                     state: "refused",
@@ -530,11 +540,7 @@ impl Broker {
         rec: &mut CallRecord,
     ) -> Result<Verdict, Failure> {
         let a = &self.approvals;
-        let mine = a
-            .pending
-            .iter()
-            .filter(|p| p.caller == caller.sub)
-            .count();
+        let mine = a.pending.iter().filter(|p| p.caller == caller.sub).count();
         if a.pending.len() >= MAX_PENDING || mine >= MAX_PENDING_PER_CALLER {
             return Err(self.approval_refused(
                 rec,

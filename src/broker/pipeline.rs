@@ -35,12 +35,12 @@ use crate::metrics;
 use crate::policy::Kind;
 use crate::upstream::raw;
 
-use super::{approvals, consent};
 use super::errors::{Failure, service_error, tool_error_text, unexpected};
 use super::forward::Call;
 use super::sessions::{MAX_INFLIGHT, MAX_SUBSCRIPTIONS, Slot, rank};
 use super::state::State;
 use super::{Broker, Downstream, mrtr};
+use super::{approvals, consent};
 
 /// A client request the broker serves.
 #[derive(Clone)]

@@ -1,0 +1,172 @@
+"""Just-in-time approvals (issue 17, item 1): `[[policy]] effect = "approve"` with `approval = "caller"` (the calling
+user answers a form elicitation: accepted, declined, timed out; a client without elicitation is told why) and
+`approval = "approver"` (the call waits while an approver decides with `mcp-broker approvals`; self-approval refused;
+a short grant expires). Real parts: the Python SDK client, the ledger example upstream, test-minted tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import anyio
+import httpx2
+import mcp.types as T
+import pytest
+
+import corelib as C
+import helpers as H
+import opslib as O
+
+TOOL = "ledger__update_account_status"
+FREEZE = {"account_id": "ACC-1001", "status": "frozen", "reason": "approval test"}
+pytestmark = pytest.mark.anyio
+AUDIT = '[audit]\nfile = "audit.jsonl"\narguments = "hash"\n'
+
+
+def text_of(r) -> str:
+    return "\n".join(c.text for c in r.content if hasattr(c, "text"))
+
+
+def records(work: Path, pred) -> list[dict]:
+    return [r for r in O.read_audit(work / "audit.jsonl") if pred(r)]
+
+
+class Answers:
+    """An elicitation callback answering with `grant` (or an action), after `delay` seconds."""
+
+    def __init__(self, grant: str | None = "15m", action: str = "accept", delay: float = 0):
+        self.grant, self.action, self.delay = grant, action, delay
+        self.asked: list[T.ElicitRequestParams] = []
+
+    async def __call__(self, ctx, params):
+        self.asked.append(params)
+        if self.delay:
+            await anyio.sleep(self.delay)
+        if self.action != "accept":
+            return T.ElicitResult(action=self.action)
+        return T.ElicitResult(action="accept", content={"grant": self.grant})
+
+
+async def caller_broker(tmp_path: Path, name: str, **rule) -> H.Broker:
+    C.require(H.LEDGER_BIN)
+    policy = {"servers": ["ledger"], "tools": ["update_account_status"], "effect": "approve", "approval": "caller",
+              **rule}
+    b = H.start_broker(tmp_path, {"ledger": H.example_stdio_spec(H.LEDGER_BIN)}, name=name,
+                       policies=[policy], extra_toml=AUDIT)
+    await anyio.to_thread.run_sync(H.wait_for_tools, b.url, [TOOL], 30)
+    return b
+
+
+async def test_caller_approval_accepted_then_granted(tmp_path):
+    b = await caller_broker(tmp_path, "appr-accept")
+    try:
+        cb = Answers("15m")
+        async with H.http_session(b.url, elicitation_callback=cb) as s:
+            # The tool is listed: callable, after approval.
+            assert TOOL in [t.name for t in (await s.list_tools()).tools]
+            with anyio.fail_after(30):
+                r = await s.call_tool(TOOL, FREEZE)
+            assert not r.is_error, H.dump(r)
+            assert len(cb.asked) == 1
+            asked = cb.asked[0]
+            assert asked.message.startswith(f"Allow {TOOL} with {{"), asked.message
+            assert "account_id: ACC-1001" in asked.message and "status: frozen" in asked.message, asked.message
+            schema = asked.requested_schema
+            assert schema["required"] == ["grant"], schema
+            assert schema["properties"]["grant"]["enum"] == ["once", "15m", "1h", "deny"], schema
+            # Within the 15m grant: nothing asked (other arguments too: bind_arguments is off).
+            with anyio.fail_after(30):
+                r = await s.call_tool(TOOL, {**FREEZE, "status": "active"})
+            assert not r.is_error, H.dump(r)
+            assert len(cb.asked) == 1
+            # Other tools are not gated.
+            r = await s.call_tool("ledger__list_accounts", {})
+            assert not r.is_error and len(cb.asked) == 1
+        recs = O.wait_records(tmp_path / "audit.jsonl", lambda r: r["kind"] == "tool" and r["name"] == TOOL,
+                              "the two calls", n=2)
+        first, second = recs
+        assert first["approval"]["state"] == "approved" and first["approval"]["grant"] == "15m", first
+        assert first["approval"]["by"] == first["sub"] and first["outcome"] == "ok", first
+        assert second["approval"]["state"] == "grant_used" and second["outcome"] == "ok", second
+    finally:
+        b.stop()
+
+
+async def test_caller_approval_once_bound_to_arguments(tmp_path):
+    b = await caller_broker(tmp_path, "appr-once", bind_arguments=True)
+    try:
+        cb = Answers("once")
+        async with H.http_session(b.url, elicitation_callback=cb) as s:
+            for _ in range(2):
+                with anyio.fail_after(30):
+                    r = await s.call_tool(TOOL, FREEZE)
+                assert not r.is_error, H.dump(r)
+            # `once` covers only the call that asked.
+            assert len(cb.asked) == 2
+            cb.grant = "1h"
+            await s.call_tool(TOOL, FREEZE)
+            await s.call_tool(TOOL, FREEZE)
+            assert len(cb.asked) == 3
+            # bind_arguments: other arguments ask again.
+            await s.call_tool(TOOL, {**FREEZE, "status": "active"})
+            assert len(cb.asked) == 4
+    finally:
+        b.stop()
+
+
+@pytest.mark.parametrize("answer", ["deny", "decline", "cancel"])
+async def test_caller_approval_declined(tmp_path, answer):
+    b = await caller_broker(tmp_path, f"appr-{answer}")
+    try:
+        cb = Answers("deny") if answer == "deny" else Answers(None, action=answer)
+        async with H.http_session(b.url, elicitation_callback=cb) as s:
+            with anyio.fail_after(30):
+                r = await s.call_tool(TOOL, FREEZE)
+            assert r.is_error and "you declined it" in text_of(r), H.dump(r)
+            # Nothing was granted: the next call asks again.
+            await s.call_tool(TOOL, FREEZE)
+            assert len(cb.asked) == 2
+            # The ledger was not touched.
+            r = await s.call_tool("ledger__get_account", {"account_id": "ACC-1001"})
+            assert "frozen" not in text_of(r), text_of(r)
+        rec = O.wait_records(tmp_path / "audit.jsonl", lambda r: r["kind"] == "tool" and r["name"] == TOOL,
+                             "the refused call")[0]
+        assert rec["approval"]["state"] == "denied" and rec["outcome"] == "denied", rec
+        assert rec["approval"]["by"] == rec["sub"], rec
+    finally:
+        b.stop()
+
+
+async def test_caller_approval_timed_out(tmp_path):
+    b = await caller_broker(tmp_path, "appr-timeout", approval_timeout="5s")
+    try:
+        cb = Answers("15m", delay=8)
+        async with H.http_session(b.url, elicitation_callback=cb) as s:
+            t0 = time.monotonic()
+            with anyio.fail_after(30):
+                r = await s.call_tool(TOOL, FREEZE)
+            assert r.is_error and "none came within 5s" in text_of(r), H.dump(r)
+            assert 4.5 < time.monotonic() - t0 < 8, time.monotonic() - t0
+        rec = O.wait_records(tmp_path / "audit.jsonl", lambda r: r["kind"] == "tool" and r["name"] == TOOL,
+                             "the timed-out call")[0]
+        assert rec["approval"]["state"] == "timeout" and rec["outcome"] == "denied", rec
+    finally:
+        b.stop()
+
+
+async def test_client_without_elicitation_is_told_why(tmp_path):
+    b = await caller_broker(tmp_path, "appr-noelicit")
+    try:
+        async with H.http_session(b.url) as s:
+            with anyio.fail_after(30):
+                r = await s.call_tool(TOOL, FREEZE)
+            assert r.is_error, H.dump(r)
+            t = text_of(r)
+            assert "needs your approval" in t and "cannot ask you" in t, t
+    finally:
+        b.stop()
