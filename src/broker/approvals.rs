@@ -697,6 +697,27 @@ impl Broker {
         rec.finish(Outcome::Ok, None);
     }
 
+    /// A decision refused (self-approval, not an approver): a record of kind `approval`.
+    pub fn audit_refused_decision(&self, who: &Caller, id: u64, reason: &str) {
+        let p = self.approvals.pending.get(&id).map(|p| p.clone());
+        let name = p.as_ref().map_or(String::new(), |p| p.tool.clone());
+        let mut rec = self.audit.begin(who, "approval", &name);
+        if let Some(p) = &p {
+            rec.route(&p.server, "");
+        }
+        rec.decision(
+            false,
+            reason,
+            p.as_ref().map(|p| format!("rule {}", p.rule.rule)),
+        );
+        rec.approval(ApprovalNote {
+            state: "refused",
+            by: Some(who.sub.clone()),
+            grant: None,
+            id: Some(id),
+        });
+    }
+
     /// `[guard] approval_webhook`: tell it about a new pending approval (best effort).
     fn notify_webhook(&self, _p: &Pending) {}
 }

@@ -1,0 +1,173 @@
+//! `/admin/approvals`: calls waiting for an approver (`effect = "approve"`, `approval =
+//! "approver"`), and deciding them (`mcp-broker approvals`).
+//!
+//! `GET /admin/approvals` answers `{"approvals": [pending…]}` (those the token's holder may decide);
+//! `POST /admin/approvals/{id}/approve` (body `{"duration": "15m"}`, optional: the rule's first
+//! grant otherwise) and `POST /admin/approvals/{id}/deny` decide one. Each is authenticated with the
+//! approver's own bearer token, validated like any caller's: no admin scope is needed, being in the
+//! rule's `approvers` is what counts. Nobody decides their own call (403, audited). Only on the main
+//! listener, and only with `[auth]`: without it there is no way to tell an approver.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use super::http::{bearer, plain};
+use crate::audit::ApprovalNote;
+use crate::auth::{Authenticator, Caller};
+use crate::broker::Broker;
+use crate::broker::approvals::DecideError;
+
+pub const PATH: &str = "/admin/approvals";
+
+const NOT_SERVED: &str = "Not Found: /admin/approvals is served only with [auth] (approvers are told apart by their tokens)";
+
+#[derive(Clone)]
+struct Approvers {
+    broker: Arc<Broker>,
+    /// `None` = no `[auth]`: nothing is served.
+    auth: Option<Arc<Authenticator>>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Decision {
+    duration: Option<String>,
+}
+
+pub fn router(broker: Arc<Broker>, auth: Option<Arc<Authenticator>>) -> Router {
+    let s = Approvers { broker, auth };
+    Router::new()
+        .route(PATH, get(list).with_state(s.clone()))
+        .route(
+            &format!("{PATH}/{{id}}/approve"),
+            post(approve).with_state(s.clone()),
+        )
+        .route(&format!("{PATH}/{{id}}/deny"), post(deny).with_state(s))
+}
+
+/// The token holder, or the refusal to answer with.
+async fn admit(a: &Approvers, headers: &HeaderMap) -> Result<Caller, Response> {
+    let Some(auth) = &a.auth else {
+        return Err(plain(StatusCode::NOT_FOUND, NOT_SERVED.into()));
+    };
+    let Some(token) = bearer(headers) else {
+        return Err(plain(
+            StatusCode::UNAUTHORIZED,
+            "the approver's own bearer token is required".into(),
+        ));
+    };
+    auth.authenticate(&token)
+        .await
+        .map_err(|e| plain(StatusCode::UNAUTHORIZED, e.to_string()))
+}
+
+async fn list(State(a): State<Approvers>, headers: HeaderMap) -> Response {
+    let who = match admit(&a, &headers).await {
+        Ok(c) => c,
+        Err(refused) => return refused,
+    };
+    let rules = a.broker.approval_rules();
+    if !a.broker.approvals.is_known_approver(&rules, &who) {
+        return plain(
+            StatusCode::FORBIDDEN,
+            format!("`{}` is not an approver of any policy rule", who.sub),
+        );
+    }
+    axum::Json(serde_json::json!({ "approvals": a.broker.approvals.visible_to(&who) }))
+        .into_response()
+}
+
+async fn approve(
+    State(a): State<Approvers>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let d: Decision = if body.iter().all(u8::is_ascii_whitespace) {
+        Decision::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(d) => d,
+            Err(e) => {
+                return plain(
+                    StatusCode::BAD_REQUEST,
+                    format!("the body is not {{\"duration\": \"…\"}}: {e}"),
+                );
+            }
+        }
+    };
+    decide(a, id, headers, true, d.duration).await
+}
+
+async fn deny(State(a): State<Approvers>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    decide(a, id, headers, false, None).await
+}
+
+async fn decide(
+    a: Approvers,
+    id: String,
+    headers: HeaderMap,
+    approve: bool,
+    duration: Option<String>,
+) -> Response {
+    let who = match admit(&a, &headers).await {
+        Ok(c) => c,
+        Err(refused) => return refused,
+    };
+    let Ok(id) = id.parse::<u64>() else {
+        return plain(StatusCode::NOT_FOUND, format!("no pending approval {id}"));
+    };
+    let verb = if approve { "approved" } else { "denied" };
+    match a
+        .broker
+        .approvals
+        .decide(id, &who, approve, duration.as_deref())
+    {
+        Ok(p) => {
+            let grant = approve
+                .then(|| {
+                    duration
+                        .clone()
+                        .or_else(|| p.rule.grants.first().map(|g| g.label.clone()))
+                })
+                .flatten();
+            a.broker.audit_decision(
+                &who,
+                &p,
+                ApprovalNote {
+                    state: verb,
+                    by: Some(who.sub.clone()),
+                    grant: grant.clone(),
+                    id: Some(id),
+                },
+                &format!("`{}`'s call {verb} by `{}`", p.caller, who.sub),
+            );
+            tracing::info!(id, approver = %who.sub, caller = %p.caller, tool = %p.tool, "approval {verb}");
+            axum::Json(serde_json::json!({
+                "id": id.to_string(),
+                "decision": verb,
+                "grant": grant,
+                "caller": p.caller,
+                "tool": p.tool,
+            }))
+            .into_response()
+        }
+        Err(e) => {
+            let status = match &e {
+                DecideError::NotFound(_) => StatusCode::NOT_FOUND,
+                DecideError::NotApprover(_) | DecideError::OwnCall(_) => StatusCode::FORBIDDEN,
+                DecideError::BadGrant(..) => StatusCode::BAD_REQUEST,
+            };
+            if let DecideError::OwnCall(_) | DecideError::NotApprover(_) = &e {
+                a.broker.audit_refused_decision(&who, id, &e.to_string());
+            }
+            tracing::warn!(id, who = %who.sub, error = %e, "approval decision refused");
+            plain(status, e.to_string())
+        }
+    }
+}
