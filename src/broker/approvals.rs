@@ -575,6 +575,8 @@ impl Broker {
         });
         a.pending.insert(id, pending.clone());
         let _guard = PendingGuard(a, id);
+        // Counted as in flight, so a drain waits for it to be refused (below) before the listener goes.
+        let _active = super::forward::ActiveCall::new(self);
         self.audit_approval(
             caller,
             ask,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -210,8 +211,10 @@ def approver_env(tmp_path):
         rule = {"servers": ["ledger"], "tools": ["update_account_status"], "effect": "approve",
                 "approval": "approver", "approvers": {"groups": ["sec-ops"]}, "approval_timeout": "30s",
                 "grant_durations": ["once", "2s", "15m"]}
+        quick = {"servers": ["ledger"], "tools": ["get_account"], "effect": "approve", "approval": "approver",
+                 "approvers": {"subjects": ["bob"]}, "approval_timeout": "12s"}
         b = H.start_broker(tmp_path, {"ledger": H.example_stdio_spec(H.LEDGER_BIN)}, name="appr-approver",
-                           auth=minter.auth_config(), policies=[rule, {"effect": "allow"}], extra_toml=AUDIT)
+                           auth=minter.auth_config(), policies=[rule, quick, {"effect": "allow"}], extra_toml=AUDIT)
         tokens = {"alice": mint(minter, b, "alice", ["sec-ops", "staff"]), "bob": mint(minter, b, "bob", ["sec-ops"]),
                   "carol": mint(minter, b, "carol", ["staff"])}
         yield b, tokens, tmp_path
@@ -288,10 +291,8 @@ async def test_approver_approves_a_waiting_call(approver_env):
     assert ("carol", "refused") in states, states
 
 
-async def test_approver_timeout_and_list_visibility(approver_env, tmp_path):
+async def test_own_call_cannot_be_approved_and_a_cancelled_call_is_forgotten(approver_env):
     b, tok, work = approver_env
-    # A shorter timeout for this test: a rule of its own via reload is overkill; the 30s rule is used,
-    # so only visibility and the refusal without [auth]-approver rights are checked quickly here.
     async with H.http_session(b.url, headers=H.bearer(tok["bob"])) as s:
         async with anyio.create_task_group() as tg:
             async def call():
@@ -307,3 +308,51 @@ async def test_approver_timeout_and_list_visibility(approver_env, tmp_path):
             tg.cancel_scope.cancel()
     # The client went away: the pending approval is gone.
     await anyio.to_thread.run_sync(H.poll_until, lambda: pending(b, tok["alice"]) == [], 15, "the cancelled call removed")
+
+
+async def test_no_approver_decides_in_time(approver_env):
+    """The call waits (progress notifications every ~10 s keep the client alive) and is refused at the rule's timeout;
+    only the approvers of that rule see it (bob by subject; alice's sec-ops group is not among them)."""
+    b, tok, work = approver_env
+    progress: list[tuple[float, str | None]] = []
+
+    async def on_progress(p: float, total: float | None, message: str | None) -> None:
+        progress.append((p, message))
+
+    async with H.http_session(b.url, headers=H.bearer(tok["carol"])) as s:
+        async with anyio.create_task_group() as tg:
+            result = {}
+
+            async def call():
+                with anyio.fail_after(40):
+                    result["r"] = await s.call_tool("ledger__get_account", {"account_id": "ACC-1001"},
+                                                    progress_callback=on_progress)
+
+            tg.start_soon(call)
+            await wait_pending(b, tok["bob"])
+            assert pending(b, tok["alice"]) == []
+        r = result["r"]
+        assert r.is_error and "no approver decided within 12s" in text_of(r), H.dump(r)
+        assert progress and "waiting for an approver" in (progress[0][1] or ""), progress
+    rec = O.wait_records(work / "audit.jsonl", lambda r: r["kind"] == "tool" and r["name"] == "ledger__get_account",
+                         "the timed-out call")[0]
+    assert rec["approval"]["state"] == "timeout" and rec["outcome"] == "denied", rec
+
+
+async def test_drain_refuses_waiting_calls(approver_env):
+    b, tok, _ = approver_env
+    async with H.http_session(b.url, headers=H.bearer(tok["alice"])) as s:
+        async with anyio.create_task_group() as tg:
+            result = {}
+
+            async def call():
+                with anyio.fail_after(40):
+                    result["r"] = await s.call_tool(TOOL, FREEZE)
+
+            tg.start_soon(call)
+            await wait_pending(b, tok["bob"])
+            t0 = time.monotonic()
+            b.proc.popen.send_signal(signal.SIGTERM)
+        r = result["r"]
+        assert r.is_error and "shutting down" in text_of(r), H.dump(r)
+        assert time.monotonic() - t0 < 5
