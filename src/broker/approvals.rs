@@ -142,6 +142,8 @@ pub enum DecideError {
     OwnCall(String),
     #[error("\"{0}\" is not one of the grants offered ({1})")]
     BadGrant(String, String),
+    #[error("the link is not valid for this approval, or it expired")]
+    BadLink,
 }
 
 /// Grants and pending approvals.
@@ -261,6 +263,10 @@ impl Approvals {
     pub fn sweep(&self) {
         let now = Instant::now();
         self.grants.retain(|_, g| g.expires > now);
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<Pending>> {
+        self.pending.get(&id).map(|p| p.clone())
     }
 
     pub fn pending_count(&self) -> usize {
@@ -720,8 +726,122 @@ impl Broker {
         });
     }
 
-    /// `[guard] approval_webhook`: tell it about a new pending approval (best effort).
-    fn notify_webhook(&self, _p: &Pending) {}
+    /// `[guard] approval_webhook`: tell it about a new pending approval, with signed links that
+    /// decide it (best effort: bounded, a short timeout, failures logged).
+    fn notify_webhook(&self, p: &Pending) {
+        let Some(hook) = self.config().guard.approval_webhook.clone() else {
+            return;
+        };
+        if WEBHOOKS_IN_FLIGHT.fetch_add(1, Ordering::SeqCst) >= MAX_WEBHOOKS_IN_FLIGHT {
+            WEBHOOKS_IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(
+                id = p.id,
+                "approval webhook: too many posts in flight; this one is skipped"
+            );
+            return;
+        }
+        let body = serde_json::json!({
+            "id": p.id.to_string(),
+            "caller": p.caller,
+            "server": &*p.server,
+            "tool": p.tool,
+            "arguments": p.summary,
+            "expires": crate::audit::rfc3339(p.expires),
+            "grants": p.rule.grants.iter().map(|g| &g.label).collect::<Vec<_>>(),
+            "approve_url": self.approval_link(p, "approve"),
+            "deny_url": self.approval_link(p, "deny"),
+        });
+        let id = p.id;
+        tokio::spawn(async move {
+            let sent = async {
+                reqwest::Client::builder()
+                    .timeout(WEBHOOK_TIMEOUT)
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()?
+                    .post(hook.clone())
+                    .json(&body)
+                    .send()
+                    .await?
+                    .error_for_status()
+            }
+            .await;
+            WEBHOOKS_IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+            match sent {
+                Ok(_) => tracing::info!(id, "approval webhook notified"),
+                Err(e) => {
+                    tracing::warn!(id, host = hook.host_str().unwrap_or(""), error = %e, "approval webhook failed")
+                }
+            }
+        });
+    }
+
+    /// A link that decides pending approval `p` (`action`: `approve` or `deny`) when opened and
+    /// confirmed: the broker's public origin, `/approvals/{id}/{action}?sig=…`, where `sig` is sealed
+    /// with the broker's key (per process, or `[cluster] secret_key`) for that id and action and
+    /// expires with the approval.
+    fn approval_link(&self, p: &Pending, action: &str) -> String {
+        let ttl = p
+            .expires
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::from_secs(1));
+        let sig = self.seal_marker_for(&link_binding(p.id, action), "approval-link", ttl);
+        let mut u = self.config().broker.public_url.clone();
+        u.set_path(&format!("{LINK_PATH}/{}/{action}", p.id));
+        u.set_query(None);
+        u.query_pairs_mut().append_pair("sig", &sig);
+        u.to_string()
+    }
+
+    /// A signed link's decision (`crate::front::approvals`): `approve` grants the rule's first
+    /// offered grant (the narrowest; `once` by default).
+    pub fn decide_by_link(
+        &self,
+        id: u64,
+        action: &str,
+        sig: &str,
+    ) -> Result<Arc<Pending>, DecideError> {
+        if self.open_marker(&link_binding(id, action), sig).as_deref() != Some("approval-link") {
+            return Err(DecideError::BadLink);
+        }
+        let p = self
+            .approvals
+            .pending
+            .get(&id)
+            .map(|p| p.clone())
+            .ok_or(DecideError::NotFound(id))?;
+        let approve = action == "approve";
+        let tx = p
+            .decide
+            .lock()
+            .ok()
+            .and_then(|mut t| t.take())
+            .ok_or(DecideError::NotFound(id))?;
+        tx.send(Verdict {
+            approve,
+            by: LINK_APPROVER.into(),
+            grant: if approve {
+                p.rule.grants.first().cloned()
+            } else {
+                None
+            },
+        })
+        .map_err(|_| DecideError::NotFound(id))?;
+        Ok(p)
+    }
+}
+
+/// Where signed links point.
+pub const LINK_PATH: &str = "/approvals";
+
+/// Who decided through a webhook's signed link (the link's holder is not known by name).
+pub const LINK_APPROVER: &str = "webhook-link";
+
+const MAX_WEBHOOKS_IN_FLIGHT: usize = 32;
+const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
+static WEBHOOKS_IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn link_binding(id: u64, action: &str) -> Vec<u8> {
+    format!("mcp-broker approval link\0{id}\0{action}").into_bytes()
 }
 
 enum Asked {

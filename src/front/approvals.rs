@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,7 +20,7 @@ use super::http::{bearer, plain};
 use crate::audit::ApprovalNote;
 use crate::auth::{Authenticator, Caller};
 use crate::broker::Broker;
-use crate::broker::approvals::DecideError;
+use crate::broker::approvals::{DecideError, LINK_APPROVER, LINK_PATH};
 
 pub const PATH: &str = "/admin/approvals";
 
@@ -47,7 +47,119 @@ pub fn router(broker: Arc<Broker>, auth: Option<Arc<Authenticator>>) -> Router {
             &format!("{PATH}/{{id}}/approve"),
             post(approve).with_state(s.clone()),
         )
-        .route(&format!("{PATH}/{{id}}/deny"), post(deny).with_state(s))
+        .route(
+            &format!("{PATH}/{{id}}/deny"),
+            post(deny).with_state(s.clone()),
+        )
+        .route(
+            &format!("{LINK_PATH}/{{id}}/{{action}}"),
+            get(link_page).post(link_decide).with_state(s),
+        )
+}
+
+#[derive(serde::Deserialize)]
+struct Sig {
+    sig: String,
+}
+
+/// A signed link opened (GET): a page that asks to confirm with a POST, so a link previewer or
+/// scanner that fetches it decides nothing.
+async fn link_page(
+    State(a): State<Approvers>,
+    Path((id, action)): Path<(String, String)>,
+    Query(q): Query<Sig>,
+) -> Response {
+    let (Ok(n), true) = (
+        id.parse::<u64>(),
+        matches!(action.as_str(), "approve" | "deny"),
+    ) else {
+        return plain(StatusCode::NOT_FOUND, "no such approval link".into());
+    };
+    let Some(p) = a.broker.approvals.get(n) else {
+        return page(
+            StatusCode::NOT_FOUND,
+            "This approval is no longer pending (decided, timed out, or cancelled).".into(),
+        );
+    };
+    let what = format!(
+        "{} asks to call {} with {}.",
+        esc(&p.caller),
+        esc(&p.tool),
+        esc(&p.summary)
+    );
+    let button = if action == "approve" {
+        "Approve"
+    } else {
+        "Deny"
+    };
+    let form = format!(
+        "<p>{what}</p><form method=\"post\" action=\"?sig={}\"><button type=\"submit\">{button}</button></form>",
+        esc(&url::form_urlencoded::byte_serialize(q.sig.as_bytes()).collect::<String>())
+    );
+    page(StatusCode::OK, form)
+}
+
+/// A signed link confirmed (POST, the page's form, which posts to the same URL and so carries
+/// `sig` in the query): decides.
+async fn link_decide(
+    State(a): State<Approvers>,
+    Path((id, action)): Path<(String, String)>,
+    Query(q): Query<Sig>,
+) -> Response {
+    let Ok(n) = id.parse::<u64>() else {
+        return plain(StatusCode::NOT_FOUND, "no such approval link".into());
+    };
+    match a.broker.decide_by_link(n, &action, &q.sig) {
+        Ok(p) => {
+            let verb = if action == "approve" {
+                "approved"
+            } else {
+                "denied"
+            };
+            let grant = (action == "approve")
+                .then(|| p.rule.grants.first().map(|g| g.label.clone()))
+                .flatten();
+            let mut link = Caller::anonymous();
+            link.sub = LINK_APPROVER.into();
+            a.broker.audit_decision(
+                &link,
+                &p,
+                ApprovalNote {
+                    state: verb,
+                    by: Some(LINK_APPROVER.into()),
+                    grant,
+                    id: Some(n),
+                },
+                &format!(
+                    "`{}`'s call {verb} through the webhook's signed link",
+                    p.caller
+                ),
+            );
+            tracing::info!(id = n, caller = %p.caller, tool = %p.tool, "approval {verb} by signed link");
+            page(StatusCode::OK, format!("<p>{} {verb}.</p>", esc(&p.tool)))
+        }
+        Err(e @ DecideError::BadLink) => page(StatusCode::FORBIDDEN, esc(&e.to_string())),
+        Err(e) => page(StatusCode::NOT_FOUND, esc(&e.to_string())),
+    }
+}
+
+fn page(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (axum::http::header::CACHE_CONTROL, "no-store"),
+        ],
+        format!("<!doctype html><html><head><meta name=\"robots\" content=\"noindex\"><title>mcp-broker approval</title></head><body>{body}</body></html>"),
+    )
+        .into_response()
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// The token holder, or the refusal to answer with.
@@ -162,6 +274,7 @@ async fn decide(
                 DecideError::NotFound(_) => StatusCode::NOT_FOUND,
                 DecideError::NotApprover(_) | DecideError::OwnCall(_) => StatusCode::FORBIDDEN,
                 DecideError::BadGrant(..) => StatusCode::BAD_REQUEST,
+                DecideError::BadLink => StatusCode::FORBIDDEN,
             };
             if let DecideError::OwnCall(_) | DecideError::NotApprover(_) = &e {
                 a.broker.audit_refused_decision(&who, id, &e.to_string());

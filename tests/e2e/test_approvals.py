@@ -356,3 +356,83 @@ async def test_drain_refuses_waiting_calls(approver_env):
         r = result["r"]
         assert r.is_error and "shutting down" in text_of(r), H.dump(r)
         assert time.monotonic() - t0 < 5
+
+
+class Hook:
+    """An HTTP endpoint that records the JSON posted to it."""
+
+    def __init__(self):
+        import http.server
+        import threading
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                n = int(self.headers.get("content-length") or 0)
+                seen.append(json.loads(self.rfile.read(n)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+
+
+async def test_webhook_links_decide(tmp_path):
+    """`[guard] approval_webhook` gets each new pending approval with signed links; opening one shows a confirmation
+    page (GET decides nothing), confirming (POST) decides; a tampered link is refused."""
+    C.require(H.LEDGER_BIN)
+    minter, hook = O.Minter(), Hook()
+    b = None
+    try:
+        rule = {"servers": ["ledger"], "tools": ["update_account_status"], "effect": "approve",
+                "approval": "approver", "approvers": {"groups": ["sec-ops"]}, "approval_timeout": "30s"}
+        b = H.start_broker(tmp_path, {"ledger": H.example_stdio_spec(H.LEDGER_BIN)}, name="appr-hook",
+                           auth=minter.auth_config(), policies=[rule, {"effect": "allow"}],
+                           extra_toml=AUDIT + f'\n[guard]\napproval_webhook = "{hook.url}"\n')
+        alice = mint(minter, b, "alice", ["staff"])
+        async with H.http_session(b.url, headers=H.bearer(alice)) as s:
+            for action in ("deny", "approve"):
+                result = {}
+                hook.seen.clear()
+                async with anyio.create_task_group() as tg:
+                    async def call():
+                        with anyio.fail_after(40):
+                            result["r"] = await s.call_tool(TOOL, FREEZE)
+
+                    tg.start_soon(call)
+                    posted = await anyio.to_thread.run_sync(H.poll_until, lambda: hook.seen[:1], 15, "the webhook")
+                    p = posted[0]
+                    assert p["caller"] == "alice" and p["tool"] == TOOL and "ACC-1001" in p["arguments"], p
+                    assert p["approve_url"].startswith(b.base + "/approvals/" + p["id"] + "/approve?sig="), p
+                    url = p[f"{action}_url"]
+                    async with httpx2.AsyncClient(timeout=10) as hc:
+                        page = await hc.get(url)
+                        assert page.status_code == 200 and "<form" in page.text and "alice" in page.text, page.text
+                        assert "r" not in result
+                        # Another approval's action, or an altered signature: refused.
+                        other = "deny" if action == "approve" else "approve"
+                        forged = url.replace(f"/{action}?", f"/{other}?")
+                        assert (await hc.post(forged)).status_code == 403
+                        done = await hc.post(url)
+                        assert done.status_code == 200, done.text
+                r = result["r"]
+                if action == "deny":
+                    assert r.is_error and "`webhook-link` denied it" in text_of(r), H.dump(r)
+                else:
+                    assert not r.is_error, H.dump(r)
+        recs = O.wait_records(tmp_path / "audit.jsonl", lambda r: r["kind"] == "tool" and r["name"] == TOOL, "calls", n=2)
+        assert [(r["approval"]["state"], r["approval"]["by"]) for r in recs] == \
+            [("denied", "webhook-link"), ("approved", "webhook-link")], recs
+        assert recs[1]["approval"]["grant"] == "once", recs[1]
+    finally:
+        if b:
+            b.stop()
+        minter.stop()
+        hook.stop()
