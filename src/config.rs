@@ -2305,6 +2305,103 @@ mod tests {
     }
 
     #[test]
+    fn approve_rules_are_parsed_strictly() {
+        let c = parse(
+            "[[policy]]\ntools = [\"update_*\"]\neffect = \"approve\"\napproval = \"caller\"\n\n[[policy]]\ntools = [\"delete_*\"]\neffect = \"approve\"\napproval = \"approver\"\napprovers = { groups = [\"sec-ops\"], subjects = [\"bob\"] }\napproval_timeout = \"30s\"\ngrant_durations = [\"once\", \"1s\"]\nbind_arguments = true\n",
+        )
+        .expect("valid");
+        let a = c.policy[0].approval.as_ref().expect("approval");
+        assert_eq!(c.policy[0].effect, Effect::Approve);
+        assert_eq!(a.mode, ApprovalMode::Caller);
+        assert_eq!(a.timeout, Duration::from_secs(300));
+        let labels: Vec<&str> = a.grants.iter().map(|g| g.label.as_str()).collect();
+        assert_eq!(labels, ["once", "15m", "1h"]);
+        assert_eq!(a.grants[0].lasts, None);
+        assert_eq!(a.grants[1].lasts, Some(Duration::from_secs(900)));
+        assert!(!a.bind_arguments);
+        let b = c.policy[1].approval.as_ref().expect("approval");
+        assert_eq!(b.mode, ApprovalMode::Approver);
+        assert_eq!(b.timeout, Duration::from_secs(30));
+        assert!(b.bind_arguments);
+        assert!(b.is_approver("bob", &[]));
+        assert!(b.is_approver("carol", &["sec-ops".into()]));
+        assert!(!b.is_approver("carol", &["staff".into()]));
+        assert_eq!(
+            b.grant("1s").and_then(|g| g.lasts),
+            Some(Duration::from_secs(1))
+        );
+        assert!(c.policy.iter().all(|r| r.number > 0));
+        let rule = |extra: &str| format!("[[policy]]\ntools = [\"t\"]\n{extra}\n");
+        for (extra, key, why) in [
+            ("effect = \"approve\"", "policy.approval", "needs approval"),
+            (
+                "effect = \"approve\"\napproval = \"boss\"",
+                "policy.approval",
+                "not an approval",
+            ),
+            (
+                "effect = \"approve\"\napproval = \"approver\"",
+                "policy.approvers",
+                "needs approvers",
+            ),
+            (
+                "effect = \"approve\"\napproval = \"caller\"\napprovers = { subjects = [\"bob\"] }",
+                "policy.approvers",
+                "only to approval = \"approver\"",
+            ),
+            (
+                "effect = \"approve\"\napproval = \"caller\"\napproval_timeout = \"2s\"",
+                "policy.approval_timeout",
+                "between 5s and 1h",
+            ),
+            (
+                "effect = \"approve\"\napproval = \"caller\"\napproval_timeout = \"2h\"",
+                "policy.approval_timeout",
+                "between 5s and 1h",
+            ),
+            (
+                "effect = \"approve\"\napproval = \"caller\"\ngrant_durations = [\"forever\"]",
+                "policy.grant_durations",
+                "neither \"once\"",
+            ),
+            (
+                "effect = \"approve\"\napproval = \"caller\"\ngrant_durations = []",
+                "policy.grant_durations",
+                "at least one",
+            ),
+            (
+                "effect = \"approve\"\napproval = \"caller\"\ngrant_durations = [\"once\", \"once\"]",
+                "policy.grant_durations",
+                "offered twice",
+            ),
+            ("approval = \"caller\"", "policy.approval", "only to effect"),
+            (
+                "effect = \"deny\"\nbind_arguments = true",
+                "policy.bind_arguments",
+                "only to effect",
+            ),
+            ("effect = \"maybe\"", "policy.effect", "\"approve\""),
+        ] {
+            match parse(&rule(extra)) {
+                Err(ConfigError::Invalid {
+                    key: k, message, ..
+                }) => {
+                    assert_eq!(k, key, "{extra}");
+                    assert!(message.contains(why), "{extra}: {message}");
+                }
+                other => panic!("{extra}: expected an error on {key}, got {other:?}"),
+            }
+        }
+        // Unknown keys inside approvers are refused too.
+        assert!(
+            parse(&rule(
+                "effect = \"approve\"\napproval = \"approver\"\napprovers = { teams = [\"x\"] }"
+            ))
+            .is_err()
+        );
+    }
+
+    #[test]
     fn telemetry_section_is_parsed_strictly() {
         let c = parse(
             "[telemetry]\notlp_endpoint = \"http://collector:4318\"\nheaders = { \"x-api-key\" = \"${TOKEN}\" }\n",

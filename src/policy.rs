@@ -652,4 +652,32 @@ decision := {"allowed": false, "message": "Transfers over 1000 need approval."} 
                 .allow
         );
     }
+
+    #[test]
+    fn an_approve_rule_allows_once_approved_and_still_checks_its_conditions() {
+        let p = policy(
+            "[[policy]]\ntools = [\"update_*\"]\nrequire_scopes = [\"ledger:write\"]\neffect = \"approve\"\napproval = \"caller\"\n[[policy]]\neffect = \"allow\"\n",
+            true,
+        );
+        let d = p.decide(
+            &caller(&["ledger:write"], &[]),
+            "ledger",
+            Kind::Tool,
+            "update_account_status",
+        );
+        assert!(d.allow && d.rule == Some(1), "{d:?}");
+        assert!(d.approval.is_some(), "{d:?}");
+        let d = p.decide(
+            &caller(&[], &[]),
+            "ledger",
+            Kind::Tool,
+            "update_account_status",
+        );
+        assert!(
+            !d.allow && d.reason.contains("requires the scope(s) ledger:write"),
+            "{d:?}"
+        );
+        let d = p.decide(&caller(&[], &[]), "ledger", Kind::Tool, "list_accounts");
+        assert!(d.allow && d.approval.is_none(), "{d:?}");
+    }
 }

@@ -900,11 +900,173 @@ fn rec_set_id(rec: &mut CallRecord, id: u64) {
 /// `5m`, `1h`, `30s`: a timeout as a person reads it.
 fn human(d: Duration) -> String {
     let s = d.as_secs();
-    if s >= 3600 && s % 3600 == 0 {
+    if s >= 3600 && s.is_multiple_of(3600) {
         format!("{}h", s / 3600)
-    } else if s >= 60 && s % 60 == 0 {
+    } else if s >= 60 && s.is_multiple_of(60) {
         format!("{}m", s / 60)
     } else {
         format!("{s}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn rule() -> Arc<ApprovalRule> {
+        let c = Config::parse(
+            Path::new("a.toml"),
+            "[[policy]]\neffect = \"approve\"\napproval = \"approver\"\napprovers = { groups = [\"sec-ops\"] }\ngrant_durations = [\"once\", \"15m\"]\n",
+            &|_| None,
+        )
+        .expect("valid");
+        c.policy[0].approval.clone().expect("approval")
+    }
+
+    fn caller(sub: &str, groups: &[&str]) -> Caller {
+        let mut c = Caller::anonymous();
+        c.sub = sub.into();
+        c.groups = groups.iter().map(|g| g.to_string()).collect();
+        c
+    }
+
+    fn waiting(a: &Approvals, id: u64, who: &str) -> oneshot::Receiver<Verdict> {
+        let (tx, rx) = oneshot::channel();
+        let now = SystemTime::now();
+        a.pending.insert(
+            id,
+            Arc::new(Pending {
+                id,
+                caller: who.into(),
+                server: Arc::from("ledger"),
+                tool: "ledger__update_account_status".into(),
+                summary: "{}".into(),
+                created: now,
+                expires: now + Duration::from_secs(60),
+                rule: rule(),
+                decide: std::sync::Mutex::new(Some(tx)),
+            }),
+        );
+        rx
+    }
+
+    #[test]
+    fn only_other_approvers_decide_once_with_an_offered_grant() {
+        let a = Approvals::default();
+        let mut rx = waiting(&a, 7, "alice");
+        let alice = caller("alice", &["sec-ops"]);
+        let bob = caller("bob", &["sec-ops"]);
+        let carol = caller("carol", &["staff"]);
+        assert!(matches!(
+            a.decide(7, &alice, true, None),
+            Err(DecideError::OwnCall(_))
+        ));
+        assert!(matches!(
+            a.decide(7, &carol, true, None),
+            Err(DecideError::NotApprover(_))
+        ));
+        assert!(matches!(
+            a.decide(7, &bob, true, Some("1d")),
+            Err(DecideError::BadGrant(..))
+        ));
+        assert!(matches!(
+            a.decide(8, &bob, true, None),
+            Err(DecideError::NotFound(8))
+        ));
+        assert_eq!(a.visible_to(&bob).len(), 1);
+        assert!(a.visible_to(&carol).is_empty());
+        a.decide(7, &bob, true, Some("15m")).expect("decided");
+        let v = rx.try_recv().expect("a verdict");
+        assert!(v.approve && v.by == "bob");
+        assert_eq!(v.grant.map(|g| g.label), Some("15m".to_string()));
+        // Decided once only.
+        assert!(matches!(
+            a.decide(7, &bob, false, None),
+            Err(DecideError::NotFound(7))
+        ));
+    }
+
+    #[test]
+    fn grants_cover_their_key_until_they_expire_and_once_is_never_kept() {
+        let a = Approvals::default();
+        let key = |args: Option<&str>| GrantKey {
+            sub: "alice".into(),
+            server: Arc::from("ledger"),
+            tool: "t".into(),
+            args: args.map(str::to_string),
+        };
+        let once = GrantDuration {
+            label: "once".into(),
+            lasts: None,
+        };
+        a.record_grant(key(None), &once, "alice");
+        assert!(matches!(a.grant_for(&key(None)), Ok(None)));
+        let short = GrantDuration {
+            label: "1ms".into(),
+            lasts: Some(Duration::from_millis(1)),
+        };
+        let long = GrantDuration {
+            label: "1h".into(),
+            lasts: Some(Duration::from_secs(3600)),
+        };
+        a.record_grant(key(Some("sha256:a")), &long, "bob");
+        assert!(
+            matches!(a.grant_for(&key(Some("sha256:a"))), Ok(Some((l, by))) if l == "1h" && by == "bob")
+        );
+        assert!(matches!(a.grant_for(&key(Some("sha256:b"))), Ok(None)));
+        a.record_grant(key(None), &short, "alice");
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(matches!(a.grant_for(&key(None)), Err(l) if l == "1ms"));
+        assert!(matches!(a.grant_for(&key(None)), Ok(None)));
+    }
+
+    #[test]
+    fn the_callers_answer_is_a_grant_they_were_offered() {
+        let r = rule();
+        let v = verdict_of(
+            &r,
+            serde_json::json!({"action": "accept", "content": {"grant": "15m"}}),
+            "u".into(),
+        );
+        assert!(v.approve && v.grant.is_some());
+        for answer in [
+            serde_json::json!({"action": "accept", "content": {"grant": "deny"}}),
+            serde_json::json!({"action": "accept", "content": {"grant": "1y"}}),
+            serde_json::json!({"action": "decline"}),
+            serde_json::json!({"action": "cancel"}),
+            serde_json::Value::Null,
+        ] {
+            assert!(
+                !verdict_of(&r, answer.clone(), "u".into()).approve,
+                "{answer}"
+            );
+        }
+        let s = schema(&r);
+        let v = serde_json::to_value(&s).expect("schema");
+        assert_eq!(v["required"], serde_json::json!(["grant"]));
+        assert_eq!(
+            v["properties"]["grant"]["enum"],
+            serde_json::json!(["once", "15m", "deny"])
+        );
+    }
+
+    #[test]
+    fn summaries_read_like_the_call_and_stay_short() {
+        let mut m = Map::new();
+        m.insert("account_id".into(), "ACC-1001".into());
+        m.insert("status".into(), "frozen".into());
+        m.insert("n".into(), 3.into());
+        assert_eq!(
+            summary(Some(&m)),
+            "{account_id: ACC-1001, status: frozen, n: 3}"
+        );
+        assert_eq!(summary(None), "no arguments");
+        m.insert("long".into(), "x".repeat(2000).into());
+        assert!(summary(Some(&m)).chars().count() <= SUMMARY_CAP + 2);
+        assert_eq!(human(Duration::from_secs(300)), "5m");
+        assert_eq!(human(Duration::from_secs(3600)), "1h");
+        assert_eq!(human(Duration::from_secs(12)), "12s");
     }
 }
