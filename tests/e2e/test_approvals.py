@@ -436,3 +436,52 @@ async def test_webhook_links_decide(tmp_path):
             b.stop()
         minter.stop()
         hook.stop()
+
+
+def modern_call(b: H.Broker, rid: int, caps: dict, arguments: dict, **extra) -> dict:
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": caps,
+            "io.modelcontextprotocol/clientInfo": {"name": "e2e-approvals", "version": "0"}}
+    h = {"Content-Type": "application/json", "Accept": H.MCP_ACCEPT, "MCP-Protocol-Version": "2026-07-28",
+         "Mcp-Method": "tools/call", "Mcp-Name": TOOL}
+    r = httpx2.post(b.url, headers=h, timeout=60, json={
+        "jsonrpc": "2.0", "id": rid, "method": "tools/call",
+        "params": {"name": TOOL, "arguments": arguments, "_meta": meta, **extra}})
+    assert r.status_code == 200, f"HTTP {r.status_code} {r.text[:300]}"
+    return H.final_response(r, rid)
+
+
+async def test_2026_clients_are_asked_with_input_required(tmp_path):
+    b = await caller_broker(tmp_path, "appr-next")
+    try:
+        form = {"elicitation": {"form": {}}}
+        r = modern_call(b, 1, form, FREEZE)["result"]
+        assert r["resultType"] == "input_required", r
+        ask = r["inputRequests"]["approval"]
+        assert ask["method"] == "elicitation/create" and ask["params"]["mode"] == "form", ask
+        assert ask["params"]["message"].startswith(f"Allow {TOOL} with "), ask
+        assert ask["params"]["requestedSchema"]["properties"]["grant"]["enum"] == ["once", "15m", "1h", "deny"]
+        state = r["requestState"]
+        # Declined: refused; the state is bound to this request (other arguments: refused as such).
+        r = modern_call(b, 2, form, FREEZE, inputResponses={"approval": {"action": "decline"}},
+                        requestState=state)["result"]
+        assert r["isError"] and "you declined it" in r["content"][0]["text"], r
+        r = modern_call(b, 3, form, {**FREEZE, "status": "closed"},
+                        inputResponses={"approval": {"action": "accept", "content": {"grant": "15m"}}},
+                        requestState=state)
+        assert "error" in r, r
+        r = modern_call(b, 4, form, FREEZE,
+                        inputResponses={"approval": {"action": "accept", "content": {"grant": "15m"}}},
+                        requestState=state)["result"]
+        assert not r.get("isError") and r.get("resultType", "complete") == "complete", r
+        # The grant covers the next call: no question.
+        r = modern_call(b, 5, {}, FREEZE)["result"]
+        assert not r.get("isError") and r.get("resultType", "complete") == "complete", r
+    finally:
+        b.stop()
+    b = await caller_broker(tmp_path, "appr-next-noelicit")
+    try:
+        r = modern_call(b, 1, {}, FREEZE)["result"]
+        assert r["isError"] and "cannot ask you" in r["content"][0]["text"], r
+    finally:
+        b.stop()
