@@ -493,9 +493,17 @@ impl Broker {
             rec.finish(Outcome::Ok, Some("approval requested".into()));
             return Ok(Asked::Later(ir));
         }
+        let _active = super::forward::ActiveCall::new(self);
         let answer = tokio::select! {
             a = self.ask_client(ask.server, down, ServerRequest::ElicitRequest(request), ct) => Some(a),
             _ = tokio::time::sleep(ask.rule.timeout) => None,
+            _ = self.drained() => {
+                rec.approval(ApprovalNote { state: "refused", by: None, grant: None, id: None });
+                return Err(self.approval_refused(
+                    rec,
+                    format!("mcp-broker is shutting down; `{}` was still waiting for your approval and was not called", ask.exposed),
+                ));
+            }
             _ = ct.cancelled() => return Err(Failure::Cancelled("cancelled while waiting for approval".into())),
         };
         match answer {
@@ -657,6 +665,13 @@ impl Broker {
                     }
                 }
             }
+        }
+    }
+
+    /// Resolves once the broker drains (checked every second).
+    async fn drained(&self) {
+        while !self.is_draining() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 

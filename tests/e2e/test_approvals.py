@@ -485,3 +485,23 @@ async def test_2026_clients_are_asked_with_input_required(tmp_path):
         assert r["isError"] and "cannot ask you" in r["content"][0]["text"], r
     finally:
         b.stop()
+
+
+async def test_drain_refuses_a_call_waiting_for_its_caller(tmp_path):
+    b = await caller_broker(tmp_path, "appr-caller-drain")
+    try:
+        cb = Answers("15m", delay=20)
+        async with H.http_session(b.url, elicitation_callback=cb) as s:
+            result = {}
+            async with anyio.create_task_group() as tg:
+                async def call():
+                    with anyio.fail_after(30):
+                        result["r"] = await s.call_tool(TOOL, FREEZE)
+
+                tg.start_soon(call)
+                await anyio.to_thread.run_sync(H.poll_until, lambda: cb.asked, 15, "the question")
+                b.proc.popen.send_signal(signal.SIGTERM)
+            r = result["r"]
+            assert r.is_error and "shutting down" in text_of(r), H.dump(r)
+    finally:
+        b.stop()
