@@ -112,6 +112,10 @@ pub struct Record {
     /// ceiling.
     #[serde(skip)]
     pub arguments_hash: Option<String>,
+    /// A call under an `effect = "approve"` rule (and `approval` records): what happened to the
+    /// approval and who decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalNote>,
     /// For lists: how many items the caller was shown and how many the policy hid.
     pub shown: Option<usize>,
     pub hidden: Option<usize>,
@@ -122,6 +126,19 @@ pub struct Record {
     /// label metrics, so made-up names cannot create series.
     #[serde(skip)]
     pub listed: bool,
+}
+
+/// The approval step of a call: `state` is `requested`, `approved`, `denied`, `timeout`,
+/// `grant_used`, `expired` or `refused` (no way to ask); `by` the subject who decided (the caller
+/// for caller approvals); `grant` what was granted (`once`, `15m`, …).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ApprovalNote {
+    pub state: &'static str,
+    pub by: Option<String>,
+    pub grant: Option<String>,
+    /// The pending approval's id (approver approvals).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
 }
 
 /// What the writer task receives.
@@ -293,6 +310,18 @@ impl CallRecord {
         let r = self.rec();
         r.arguments = v;
         r.arguments_hash = h;
+    }
+
+    /// What happened to the call's approval (see [`ApprovalNote`]); the pending id is kept.
+    pub fn approval(&mut self, mut note: ApprovalNote) {
+        if note.id.is_none() {
+            note.id = self.approval_id();
+        }
+        self.rec().approval = Some(note);
+    }
+
+    pub fn approval_id(&self) -> Option<u64> {
+        self.record.approval.as_ref().and_then(|a| a.id)
     }
 
     /// The policy's verdict; a denial also sets the outcome.
@@ -573,6 +602,11 @@ fn secret_value(s: &str) -> bool {
 }
 
 /// `2026-11-22T04:10:00.123Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    format_rfc3339(d.as_secs() as i64, d.subsec_millis())
+}
+
 pub fn now_rfc3339() -> String {
     let d = SystemTime::now()
         .duration_since(UNIX_EPOCH)

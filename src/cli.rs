@@ -117,6 +117,50 @@ pub enum Command {
     /// (GET/DELETE /admin/tokens, with a token holding one of [auth] admin_scopes).
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// Calls waiting for an approver (`effect = "approve"` rules): list, approve or deny them with
+    /// your own token (GET/POST /admin/approvals).
+    #[command(subcommand)]
+    Approvals(ApprovalsCommand),
+}
+
+/// Where a running broker is, and the approver's own token.
+#[derive(clap::Args, Debug)]
+pub struct ApproverTarget {
+    #[arg(long, short, default_value = "servers.toml")]
+    pub config: PathBuf,
+    /// The broker's /admin/approvals URL (default: from the config's [broker] listen).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Your own bearer token (or env MCP_BROKER_TOKEN); you must be one of the rule's approvers.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Print the JSON the broker answered.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ApprovalsCommand {
+    /// The calls waiting for you to decide (id, caller, tool, arguments, expiry).
+    List {
+        #[command(flatten)]
+        target: ApproverTarget,
+    },
+    /// Let a waiting call go on, and grant the same calls for --duration (one the rule offers;
+    /// default its first).
+    Approve {
+        id: String,
+        #[arg(long)]
+        duration: Option<String>,
+        #[command(flatten)]
+        target: ApproverTarget,
+    },
+    /// Refuse a waiting call.
+    Deny {
+        id: String,
+        #[command(flatten)]
+        target: ApproverTarget,
+    },
 }
 
 /// Where a running broker is, and the admin token to ask it with.
@@ -226,6 +270,7 @@ pub fn main() -> std::process::ExitCode {
                 crate::status_query::run(&config, url.as_deref(), json, token.as_deref()).await
             }
             Command::Tokens(cmd) => tokens(cmd).await,
+            Command::Approvals(cmd) => crate::approvals_query::run(cmd).await,
             Command::Import {
                 file,
                 out,

@@ -394,6 +394,55 @@ pub struct IntrospectionConfig {
 pub enum Effect {
     Allow,
     Deny,
+    /// Allow, once someone approved (`approval` says who).
+    Approve,
+}
+
+/// What an `effect = "approve"` rule asks for before a call goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalRule {
+    /// The rule's 1-based number (audit, and which approvers a pending call names).
+    pub rule: usize,
+    pub mode: ApprovalMode,
+    /// `approvers.groups` (matched against the caller's groups claim).
+    pub groups: Vec<String>,
+    /// `approvers.subjects`.
+    pub subjects: Vec<String>,
+    /// How long a call waits for the decision before it is refused.
+    pub timeout: Duration,
+    /// The choices offered, in the order written.
+    pub grants: Vec<GrantDuration>,
+    /// A grant covers only calls with the same arguments (their canonical SHA-256).
+    pub bind_arguments: bool,
+}
+
+impl ApprovalRule {
+    /// May `caller` decide calls under this rule?
+    pub fn is_approver(&self, sub: &str, groups: &[String]) -> bool {
+        self.subjects.iter().any(|s| s == sub) || groups.iter().any(|g| self.groups.contains(g))
+    }
+
+    /// The offered grant written as `label`.
+    pub fn grant(&self, label: &str) -> Option<&GrantDuration> {
+        self.grants.iter().find(|g| g.label == label)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApprovalMode {
+    /// The calling user answers an elicitation.
+    Caller,
+    /// Someone in `approvers` decides (`mcp-broker approvals`, the webhook's links).
+    Approver,
+}
+
+/// One grant choice: `once` (this call only) or a duration during which the same calls go on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantDuration {
+    /// As written (`once`, `15m`): what clients and approvers choose by.
+    pub label: String,
+    /// `None` = once.
+    pub lasts: Option<Duration>,
 }
 
 /// One `[[policy]]` rule. `None` selectors mean "not restricted by this selector".
@@ -410,6 +459,8 @@ pub struct PolicyRule {
     pub effect: Effect,
     pub message: Option<String>,
     pub step_up: bool,
+    /// With `effect = "approve"`: who approves and what they may grant.
+    pub approval: Option<std::sync::Arc<ApprovalRule>>,
 }
 
 /// A compiled glob set with its source patterns.
@@ -1879,17 +1930,18 @@ impl Ctx<'_> {
         }
     }
 
-    fn policy_rule(&self, number: usize, raw: RawPolicy) -> Result<PolicyRule, ConfigError> {
+    fn policy_rule(&self, number: usize, mut raw: RawPolicy) -> Result<PolicyRule, ConfigError> {
         let t = &["policy"];
         let effect = match raw.effect.as_deref() {
             None | Some("allow") => Effect::Allow,
             Some("deny") => Effect::Deny,
+            Some("approve") => Effect::Approve,
             Some(other) => {
                 return Err(self.invalid(
                     t,
                     "effect",
                     format!(
-                        "rule {number}: \"{other}\" is not an effect; use \"allow\" or \"deny\""
+                        "rule {number}: \"{other}\" is not an effect; use \"allow\", \"deny\" or \"approve\""
                     ),
                 ));
             }
@@ -1930,6 +1982,7 @@ impl Ctx<'_> {
                 ),
             ));
         }
+        let approval = self.approval_rule(number, effect, &mut raw)?;
         Ok(PolicyRule {
             number,
             servers: globs("servers", raw.servers)?,
@@ -1941,7 +1994,145 @@ impl Ctx<'_> {
             effect,
             message: raw.message,
             step_up: raw.step_up,
+            approval,
         })
+    }
+
+    /// The approval keys of rule `number`: required with `effect = "approve"`, refused without.
+    fn approval_rule(
+        &self,
+        number: usize,
+        effect: Effect,
+        raw: &mut RawPolicy,
+    ) -> Result<Option<std::sync::Arc<ApprovalRule>>, ConfigError> {
+        let t = &["policy"];
+        if effect != Effect::Approve {
+            let stray = [
+                ("approval", raw.approval.is_some()),
+                ("approvers", raw.approvers.is_some()),
+                ("approval_timeout", raw.approval_timeout.is_some()),
+                ("grant_durations", raw.grant_durations.is_some()),
+                ("bind_arguments", raw.bind_arguments.is_some()),
+            ];
+            if let Some((key, _)) = stray.iter().find(|(_, set)| *set) {
+                return Err(self.invalid(
+                    t,
+                    key,
+                    format!("rule {number}: `{key}` applies only to effect = \"approve\""),
+                ));
+            }
+            return Ok(None);
+        }
+        let mode = match raw.approval.as_deref() {
+            Some("caller") => ApprovalMode::Caller,
+            Some("approver") => ApprovalMode::Approver,
+            Some(other) => {
+                return Err(self.invalid(
+                    t,
+                    "approval",
+                    format!(
+                        "rule {number}: \"{other}\" is not an approval; use \"caller\" or \"approver\""
+                    ),
+                ));
+            }
+            None => {
+                return Err(self.invalid(
+                    t,
+                    "approval",
+                    format!(
+                        "rule {number}: effect = \"approve\" needs approval = \"caller\" or \"approver\""
+                    ),
+                ));
+            }
+        };
+        let (groups, subjects) = match raw.approvers.take() {
+            Some(a) => (a.groups, a.subjects),
+            None => (Vec::new(), Vec::new()),
+        };
+        match mode {
+            ApprovalMode::Approver if groups.is_empty() && subjects.is_empty() => {
+                return Err(self.invalid(
+                    t,
+                    "approvers",
+                    format!(
+                        "rule {number}: approval = \"approver\" needs approvers = {{ groups = [...] }} or {{ subjects = [...] }}"
+                    ),
+                ));
+            }
+            ApprovalMode::Caller if !groups.is_empty() || !subjects.is_empty() => {
+                return Err(self.invalid(
+                    t,
+                    "approvers",
+                    format!(
+                        "rule {number}: approvers applies only to approval = \"approver\" (the caller approves their own calls)"
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        let timeout = match raw.approval_timeout.as_deref() {
+            None => Duration::from_secs(300),
+            Some(s) => match parse_duration(s) {
+                Some(d) if (Duration::from_secs(5)..=Duration::from_secs(3600)).contains(&d) => d,
+                _ => {
+                    return Err(self.invalid(
+                        t,
+                        "approval_timeout",
+                        format!(
+                            "rule {number}: \"{s}\" is not a duration between 5s and 1h (e.g. \"5m\")"
+                        ),
+                    ));
+                }
+            },
+        };
+        let labels = raw
+            .grant_durations
+            .take()
+            .unwrap_or_else(|| vec!["once".into(), "15m".into(), "1h".into()]);
+        if labels.is_empty() {
+            return Err(self.invalid(
+                t,
+                "grant_durations",
+                format!("rule {number}: offer at least one grant (e.g. [\"once\"])"),
+            ));
+        }
+        let mut grants: Vec<GrantDuration> = Vec::new();
+        for label in labels {
+            let lasts = match label.as_str() {
+                "once" => None,
+                s => match parse_duration(s) {
+                    Some(d) if d > Duration::ZERO && d <= Duration::from_secs(7 * 24 * 3600) => {
+                        Some(d)
+                    }
+                    _ => {
+                        return Err(self.invalid(
+                            t,
+                            "grant_durations",
+                            format!(
+                                "rule {number}: \"{s}\" is neither \"once\" nor a duration up to 7 days (e.g. \"15m\")"
+                            ),
+                        ));
+                    }
+                },
+            };
+            if label == "deny" || grants.iter().any(|g| g.label == label) {
+                return Err(self.invalid(
+                    t,
+                    "grant_durations",
+                    format!("rule {number}: \"{label}\" is offered twice"),
+                ));
+            }
+            grants.push(GrantDuration { label, lasts });
+        }
+        Ok(Some(std::sync::Arc::new(ApprovalRule {
+            rule: number,
+            mode,
+            groups,
+            subjects,
+            timeout,
+            grants,
+            bind_arguments: raw.bind_arguments.unwrap_or(false),
+        })))
     }
 
     fn globs(&self, table: &[&str], patterns: &[String]) -> Result<Option<GlobSet>, ConfigError> {
@@ -2111,6 +2302,103 @@ mod tests {
                 other => panic!("{extra}: expected an error on {key}, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn approve_rules_are_parsed_strictly() {
+        let c = parse(
+            "[[policy]]\ntools = [\"update_*\"]\neffect = \"approve\"\napproval = \"caller\"\n\n[[policy]]\ntools = [\"delete_*\"]\neffect = \"approve\"\napproval = \"approver\"\napprovers = { groups = [\"sec-ops\"], subjects = [\"bob\"] }\napproval_timeout = \"30s\"\ngrant_durations = [\"once\", \"1s\"]\nbind_arguments = true\n",
+        )
+        .expect("valid");
+        let a = c.policy[0].approval.as_ref().expect("approval");
+        assert_eq!(c.policy[0].effect, Effect::Approve);
+        assert_eq!(a.mode, ApprovalMode::Caller);
+        assert_eq!(a.timeout, Duration::from_secs(300));
+        let labels: Vec<&str> = a.grants.iter().map(|g| g.label.as_str()).collect();
+        assert_eq!(labels, ["once", "15m", "1h"]);
+        assert_eq!(a.grants[0].lasts, None);
+        assert_eq!(a.grants[1].lasts, Some(Duration::from_secs(900)));
+        assert!(!a.bind_arguments);
+        let b = c.policy[1].approval.as_ref().expect("approval");
+        assert_eq!(b.mode, ApprovalMode::Approver);
+        assert_eq!(b.timeout, Duration::from_secs(30));
+        assert!(b.bind_arguments);
+        assert!(b.is_approver("bob", &[]));
+        assert!(b.is_approver("carol", &["sec-ops".into()]));
+        assert!(!b.is_approver("carol", &["staff".into()]));
+        assert_eq!(
+            b.grant("1s").and_then(|g| g.lasts),
+            Some(Duration::from_secs(1))
+        );
+        assert!(c.policy.iter().all(|r| r.number > 0));
+        let rule = |extra: &str| format!("[[policy]]\ntools = [\"t\"]\n{extra}\n");
+        for (extra, key, why) in [
+            ("effect = \"approve\"", "policy.approval", "needs approval"),
+            (
+                "effect = \"approve\"\napproval = \"boss\"",
+                "policy.approval",
+                "not an approval",
+            ),
+            (
+                "effect = \"approve\"\napproval = \"approver\"",
+                "policy.approvers",
+                "needs approvers",
+            ),
+            (
+                "effect = \"approve\"\napproval = \"caller\"\napprovers = { subjects = [\"bob\"] }",
+                "policy.approvers",
+                "only to approval = \"approver\"",
+            ),
+            (
+                "effect = \"approve\"\napproval = \"caller\"\napproval_timeout = \"2s\"",
+                "policy.approval_timeout",
+                "between 5s and 1h",
+            ),
+            (
+                "effect = \"approve\"\napproval = \"caller\"\napproval_timeout = \"2h\"",
+                "policy.approval_timeout",
+                "between 5s and 1h",
+            ),
+            (
+                "effect = \"approve\"\napproval = \"caller\"\ngrant_durations = [\"forever\"]",
+                "policy.grant_durations",
+                "neither \"once\"",
+            ),
+            (
+                "effect = \"approve\"\napproval = \"caller\"\ngrant_durations = []",
+                "policy.grant_durations",
+                "at least one",
+            ),
+            (
+                "effect = \"approve\"\napproval = \"caller\"\ngrant_durations = [\"once\", \"once\"]",
+                "policy.grant_durations",
+                "offered twice",
+            ),
+            ("approval = \"caller\"", "policy.approval", "only to effect"),
+            (
+                "effect = \"deny\"\nbind_arguments = true",
+                "policy.bind_arguments",
+                "only to effect",
+            ),
+            ("effect = \"maybe\"", "policy.effect", "\"approve\""),
+        ] {
+            match parse(&rule(extra)) {
+                Err(ConfigError::Invalid {
+                    key: k, message, ..
+                }) => {
+                    assert_eq!(k, key, "{extra}");
+                    assert!(message.contains(why), "{extra}: {message}");
+                }
+                other => panic!("{extra}: expected an error on {key}, got {other:?}"),
+            }
+        }
+        // Unknown keys inside approvers are refused too.
+        assert!(
+            parse(&rule(
+                "effect = \"approve\"\napproval = \"approver\"\napprovers = { teams = [\"x\"] }"
+            ))
+            .is_err()
+        );
     }
 
     #[test]

@@ -24,9 +24,10 @@
 //! | 4 | [`front`] | the rmcp `ServerHandler` adapter, the axum HTTP front |
 //! | 5 | [`pinning`] | `pin` and `check --pins`: connect, hash each upstream's own tool definitions, write or compare `servers.lock` |
 //! | 5 | [`app`] | wiring and shutdown order; [`app::run`] serves on a given listener until a given future resolves |
-//! | 6 | [`cli`] | parses arguments and calls [`app`] (or [`audit_query`], [`status_query`], [`tokens_query`], [`import`]) with plain values |
+//! | 6 | [`cli`] | parses arguments and calls [`app`] (or [`audit_query`], [`status_query`], [`tokens_query`], [`approvals_query`], [`import`]) with plain values |
 
 pub mod app;
+pub mod approvals_query;
 pub mod audit;
 pub mod audit_query;
 pub mod auth;

@@ -20,7 +20,9 @@ use std::sync::Mutex;
 use serde_json::{Map, Value};
 
 use crate::auth::Caller;
-use crate::config::{Effect, PolicyRule, RegoConfig, normalise_uri};
+use std::sync::Arc;
+
+use crate::config::{ApprovalRule, Effect, PolicyRule, RegoConfig, normalise_uri};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -114,6 +116,9 @@ pub struct Decision {
     pub step_up: Option<Vec<String>>,
     /// For audit: `rule N`, `rego`, `default`, or `uri` (a resource URI too ambiguous to decide on).
     pub decided_by: &'static str,
+    /// Allowed by an `effect = "approve"` rule: the call goes on only once approved (lists show
+    /// the item: it is callable, after approval).
+    pub approval: Option<Arc<ApprovalRule>>,
 }
 
 impl Decision {
@@ -181,6 +186,7 @@ impl Policy {
                 ),
                 rule: None,
                 step_up: None,
+                approval: None,
                 decided_by: "uri",
             };
         }
@@ -214,6 +220,7 @@ impl Policy {
                         reason: "allowed by the Rego policy".into(),
                         rule: None,
                         step_up: None,
+                        approval: None,
                         decided_by: "rego",
                     }),
                     Ok((false, message)) => Decision {
@@ -227,6 +234,7 @@ impl Policy {
                         }),
                         rule: None,
                         step_up: None,
+                        approval: None,
                         decided_by: "rego",
                     },
                     Err(e) => {
@@ -236,6 +244,7 @@ impl Policy {
                             reason: "the access policy could not be evaluated".into(),
                             rule: None,
                             step_up: None,
+                            approval: None,
                             decided_by: "rego",
                         }
                     }
@@ -270,10 +279,21 @@ impl Policy {
                         reason: format!("allowed by policy rule {}", r.number),
                         rule: Some(r.number),
                         step_up: None,
+                        approval: None,
                         decided_by: "rule",
                     });
                 }
-                (Effect::Allow, false) | (Effect::Deny, true) => {
+                (Effect::Approve, true) => {
+                    return Some(Decision {
+                        allow: true,
+                        reason: format!("allowed by policy rule {} once approved", r.number),
+                        rule: Some(r.number),
+                        step_up: None,
+                        approval: r.approval.clone(),
+                        decided_by: "rule",
+                    });
+                }
+                (Effect::Allow | Effect::Approve, false) | (Effect::Deny, true) => {
                     return Some(Decision {
                         allow: false,
                         reason: r
@@ -283,6 +303,7 @@ impl Policy {
                         rule: Some(r.number),
                         step_up: (r.step_up && r.effect == Effect::Allow)
                             .then(|| r.require_scopes.clone()),
+                        approval: None,
                         decided_by: "rule",
                     });
                 }
@@ -304,6 +325,7 @@ impl Policy {
                 ),
                 rule: None,
                 step_up: None,
+                approval: None,
                 decided_by: "default",
             }
         } else {
@@ -312,6 +334,7 @@ impl Policy {
                 reason: "allowed: no policy rule applies and inbound auth is off".into(),
                 rule: None,
                 step_up: None,
+                approval: None,
                 decided_by: "default",
             }
         }
@@ -348,7 +371,7 @@ fn refusal(r: &PolicyRule, kind: Kind, name: &str, caller: &Caller) -> String {
         .filter(|s| !caller.has_scope(s))
         .map(String::as_str)
         .collect();
-    if r.effect == Effect::Allow && !missing.is_empty() {
+    if r.effect != Effect::Deny && !missing.is_empty() {
         format!(
             "{} `{name}` requires the scope(s) {} (policy rule {})",
             kind.as_str(),
@@ -628,5 +651,33 @@ decision := {"allowed": false, "message": "Transfers over 1000 need approval."} 
             open.decide(&Caller::anonymous(), "other", Kind::Tool, "x")
                 .allow
         );
+    }
+
+    #[test]
+    fn an_approve_rule_allows_once_approved_and_still_checks_its_conditions() {
+        let p = policy(
+            "[[policy]]\ntools = [\"update_*\"]\nrequire_scopes = [\"ledger:write\"]\neffect = \"approve\"\napproval = \"caller\"\n[[policy]]\neffect = \"allow\"\n",
+            true,
+        );
+        let d = p.decide(
+            &caller(&["ledger:write"], &[]),
+            "ledger",
+            Kind::Tool,
+            "update_account_status",
+        );
+        assert!(d.allow && d.rule == Some(1), "{d:?}");
+        assert!(d.approval.is_some(), "{d:?}");
+        let d = p.decide(
+            &caller(&[], &[]),
+            "ledger",
+            Kind::Tool,
+            "update_account_status",
+        );
+        assert!(
+            !d.allow && d.reason.contains("requires the scope(s) ledger:write"),
+            "{d:?}"
+        );
+        let d = p.decide(&caller(&[], &[]), "ledger", Kind::Tool, "list_accounts");
+        assert!(d.allow && d.approval.is_none(), "{d:?}");
     }
 }

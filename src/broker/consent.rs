@@ -188,15 +188,7 @@ impl Broker {
                     },
                 )),
             );
-            let state = self.seal.seal(
-                bind,
-                &super::mrtr::Sealed {
-                    upstream: Some(CONSENT_STATE.into()),
-                    parked: None,
-                    instance: None,
-                },
-                self.config().broker.request_state_ttl,
-            );
+            let state = self.seal_marker(bind, CONSENT_STATE);
             let ir = InputRequiredResult::new(Some(asks), Some(state));
             crate::upstream::raw::keep(serde_json::to_value(&ir).unwrap_or_default());
             rec.finish(

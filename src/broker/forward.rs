@@ -389,10 +389,10 @@ async fn relay_progress(down: &Downstream, mut p: ProgressNotificationParam) {
 }
 
 /// Counts a call in flight for draining; notifies the drain when the last one ends.
-struct ActiveCall<'a>(&'a Broker);
+pub(super) struct ActiveCall<'a>(&'a Broker);
 
 impl<'a> ActiveCall<'a> {
-    fn new(b: &'a Broker) -> Self {
+    pub(super) fn new(b: &'a Broker) -> Self {
         b.active_calls.fetch_add(1, Ordering::SeqCst);
         Self(b)
     }

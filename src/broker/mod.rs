@@ -15,6 +15,7 @@
 // 2026-07-28 revision, but Claude and most clients speak 2025-11-25, where they are live.
 #![allow(deprecated)]
 
+pub mod approvals;
 mod consent;
 mod errors;
 mod events;
@@ -140,6 +141,8 @@ pub struct Broker {
     /// Upstream OAuth tokens per (caller, server): in Redis under `[cluster]`, else the
     /// `[token_store]` file [`Broker::with_tokens`] was given, else in memory.
     pub tokens: Arc<crate::oauth::store::TokenStore>,
+    /// Approval grants and calls waiting for an approver (`effect = "approve"` rules).
+    pub approvals: approvals::Approvals,
     /// Configuration reloads applied since start.
     generation: AtomicU64,
     /// This broker (for the tasks a parked call runs in).
@@ -212,6 +215,7 @@ impl Broker {
         Ok(Arc::new_cyclic(|me| Self {
             me: me.clone(),
             tokens,
+            approvals: approvals::Approvals::default(),
             parked: DashMap::new(),
             next_park: AtomicU64::new(1),
             cluster,
@@ -303,6 +307,7 @@ impl Broker {
                 }
                 // Parked calls whose state expired: dropped, which cancels them upstream.
                 me.sweep_parked();
+                me.approvals.sweep();
             }
         });
     }

@@ -210,6 +210,30 @@ fn canonical(v: &Value, out: &mut Vec<u8>) {
 }
 
 impl Broker {
+    /// What [`Self::seal_marker`] sealed for `bind`, if `token` is one and has not expired.
+    pub(super) fn open_marker(&self, bind: &[u8], token: &str) -> Option<String> {
+        self.seal.open(bind, token).ok().and_then(|s| s.upstream)
+    }
+
+    /// A `requestState` that only says which of the broker's own steps asked (`marker`: consent,
+    /// approval); the retry carrying it back is recognised by [`take_marker`].
+    pub(super) fn seal_marker(&self, bind: &[u8], marker: &str) -> String {
+        self.seal_marker_for(bind, marker, self.config().broker.request_state_ttl)
+    }
+
+    /// [`Self::seal_marker`], valid for `ttl`.
+    pub(super) fn seal_marker_for(&self, bind: &[u8], marker: &str, ttl: Duration) -> String {
+        self.seal.seal(
+            bind,
+            &Sealed {
+                upstream: Some(marker.into()),
+                parked: None,
+                instance: None,
+            },
+            ttl,
+        )
+    }
+
     /// Ask a 2025-era client, on its own session, what a 2026-07-28 upstream's `input_required`
     /// result asks for; the answers, keyed as the requests were, for the retry's `inputResponses`.
     pub(super) async fn answer_inputs(

@@ -35,12 +35,12 @@ use crate::metrics;
 use crate::policy::Kind;
 use crate::upstream::raw;
 
-use super::consent;
 use super::errors::{Failure, service_error, tool_error_text, unexpected};
 use super::forward::Call;
 use super::sessions::{MAX_INFLIGHT, MAX_SUBSCRIPTIONS, Slot, rank};
 use super::state::State;
 use super::{Broker, Downstream, mrtr};
+use super::{approvals, consent};
 
 /// A client request the broker serves.
 #[derive(Clone)]
@@ -123,6 +123,18 @@ impl Op {
     fn forwards(&self) -> bool {
         !matches!(self, Op::List(_) | Op::SetLevel(_) | Op::Unsubscribe(_))
     }
+}
+
+/// A retry answering one of the broker's own `input_required` results (its opened state is
+/// `marker`): the state is the broker's, not an upstream's, so it is cleared; the client's answers
+/// are handed back (empty when it sent none).
+fn take_marker(op: &mut Op, marker: &str) -> Option<InputResponses> {
+    let (state, responses) = op.mrtr()?;
+    if state.as_deref() != Some(marker) {
+        return None;
+    }
+    *state = None;
+    Some(responses.take().unwrap_or_default())
 }
 
 /// Where a request goes once resolved.
@@ -343,14 +355,7 @@ impl Broker {
         // A per-user OAuth server the caller has not connected: ask them first.
         if consent::consent_auth(&st, &server).is_some() {
             // A retry answering the broker's own consent input_required: its state is the broker's.
-            let mut retry = false;
-            if let Some((state, responses)) = op.mrtr()
-                && state.as_deref() == Some(consent::CONSENT_STATE)
-            {
-                *state = None;
-                *responses = None;
-                retry = true;
-            }
+            let retry = take_marker(&mut op, consent::CONSENT_STATE).is_some();
             let asked = self
                 .ensure_connected(&server, caller, down, ct, rec, retry, &bind)
                 .await?;
@@ -369,6 +374,27 @@ impl Broker {
                         format!("`{server}` is connected for you; its tools are listed now."),
                     )]),
                 )));
+            }
+        }
+        // An `effect = "approve"` rule: a grant covers the call, or someone approves it now.
+        if let Some(rule) = &d.approval
+            && let Op::CallTool(p) = &op
+        {
+            let arguments = p.arguments.clone();
+            let exposed = p.name.to_string();
+            let answers = take_marker(&mut op, approvals::APPROVAL_STATE);
+            let ask = approvals::Ask {
+                server: &server,
+                exposed: &exposed,
+                original: &original,
+                arguments: arguments.as_ref(),
+                rule,
+            };
+            let asked = self
+                .ensure_approved(ask, caller, down, ct, rec, answers, &bind)
+                .await?;
+            if let approvals::Approved::Ask(ir) = asked {
+                return self.map_result(&server, op.kind(), ServerResult::InputRequiredResult(ir));
             }
         }
         let call = Call {

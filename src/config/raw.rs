@@ -335,6 +335,20 @@ pub(super) struct RawPolicy {
     pub(super) message: Option<String>,
     #[serde(default)]
     pub(super) step_up: bool,
+    pub(super) approval: Option<String>,
+    pub(super) approvers: Option<RawApprovers>,
+    pub(super) approval_timeout: Option<String>,
+    pub(super) grant_durations: Option<Vec<String>>,
+    pub(super) bind_arguments: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawApprovers {
+    #[serde(default)]
+    pub(super) groups: Vec<String>,
+    #[serde(default)]
+    pub(super) subjects: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]

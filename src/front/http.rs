@@ -132,6 +132,7 @@ pub fn router(
             }),
         )
         .merge(super::tokens::router(broker.tokens.clone(), auth.clone()))
+        .merge(super::approvals::router(broker.clone(), auth.clone()))
         .route(
             MCP_PATH,
             axum::routing::any(move |req: Request| {
@@ -627,7 +628,7 @@ async fn step_up(State(g): State<Gate>, req: Request, next: Next) -> Response {
 }
 
 /// The token from `Authorization: Bearer <token>` (scheme case-insensitive).
-fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {
+pub(super) fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
     let token = token.trim();
