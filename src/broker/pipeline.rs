@@ -394,7 +394,12 @@ impl Broker {
                 .ensure_approved(ask, caller, down, ct, rec, answers, &bind)
                 .await?;
             if let approvals::Approved::Ask(ir) = asked {
-                return self.map_result(&server, op.kind(), ServerResult::InputRequiredResult(ir));
+                return self.map_result(
+                    &server,
+                    op.kind(),
+                    ServerResult::InputRequiredResult(ir),
+                    rec,
+                );
             }
         }
         let call = Call {
