@@ -364,7 +364,18 @@ impl Broker {
                 });
                 return Ok(Approved::Ready);
             }
-            Ok(None) => {}
+            Ok(None) => {
+                // Under `[cluster]` a grant given on another instance covers this call too.
+                if let Some((label, by)) = self.shared_grant(&key).await {
+                    rec.approval(ApprovalNote {
+                        state: "grant_used",
+                        by: Some(by),
+                        grant: Some(label),
+                        id: None,
+                    });
+                    return Ok(Approved::Ready);
+                }
+            }
             Err(label) => {
                 // The call asks again below; the lapse is a record of its own.
                 self.audit_approval(
@@ -419,6 +430,7 @@ impl Broker {
             ));
         };
         tracing::info!(server = %ask.server, tool = ask.original, sub = %caller.sub, by = %verdict.by, grant = %grant.label, "call approved");
+        self.share_grant(&key, &grant, &verdict.by).await;
         self.approvals.record_grant(key, &grant, &verdict.by);
         let id = rec_id(rec);
         rec.approval(ApprovalNote {
@@ -921,6 +933,80 @@ fn human(d: Duration) -> String {
         format!("{}m", s / 60)
     } else {
         format!("{s}s")
+    }
+}
+
+/// Under `[cluster]`, grants are written to Redis as well, so an approval given on one instance
+/// covers the caller's calls on every instance: under a name keyed with `[cluster] secret_key` (no
+/// subject or tool in it), the value sealed with it and bound to the name, expiring with the grant.
+/// Redis trouble only means the grant stays on this instance.
+impl Broker {
+    fn grant_name(c: &crate::cluster::Cluster, key: &GrantKey) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"mcp-broker grant names\0");
+        h.update(c.config.secret_key.expose().as_bytes());
+        for part in [
+            key.sub.as_str(),
+            &key.server,
+            key.tool.as_str(),
+            key.args.as_deref().unwrap_or(""),
+        ] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        format!("mcpb:grant:{}", crate::hex(&h.finalize()))
+    }
+
+    async fn share_grant(&self, key: &GrantKey, grant: &GrantDuration, by: &str) {
+        let (Some(c), Some(lasts)) = (&self.cluster, grant.lasts) else {
+            return;
+        };
+        let name = Self::grant_name(c, key);
+        let value = serde_json::json!({ "l": grant.label, "b": by }).to_string();
+        let Ok(sealed) = c.sealer.seal(name.as_bytes(), value.as_bytes()) else {
+            return;
+        };
+        let mut conn = c.conn();
+        let mut set = redis::cmd("SET");
+        set.arg(&name)
+            .arg(sealed)
+            .arg("PX")
+            .arg(lasts.as_millis().max(1) as u64);
+        let write = set.query_async::<()>(&mut conn);
+        if let Ok(Err(e)) | Err(e) = tokio::time::timeout(Duration::from_secs(2), write)
+            .await
+            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))
+        {
+            tracing::warn!(error = %e, "an approval grant was not shared through Redis (it covers this instance only)");
+        }
+    }
+
+    async fn shared_grant(&self, key: &GrantKey) -> Option<(String, String)> {
+        let c = self.cluster.as_ref()?;
+        let name = Self::grant_name(c, key);
+        let mut conn = c.conn();
+        let mut pipe = redis::pipe();
+        pipe.get(&name).pttl(&name);
+        let read = pipe.query_async::<(Option<String>, i64)>(&mut conn);
+        let (text, pttl) = tokio::time::timeout(Duration::from_secs(2), read)
+            .await
+            .ok()?
+            .ok()?;
+        let left = Duration::from_millis(u64::try_from(pttl).ok().filter(|&ms| ms > 0)?);
+        let plain = c.sealer.open(name.as_bytes(), &text?).ok()?;
+        let v: Value = serde_json::from_slice(&plain).ok()?;
+        let (label, by) = (v["l"].as_str()?.to_string(), v["b"].as_str()?.to_string());
+        // Kept here too for the rest of its life, so the next call needs no Redis round trip.
+        self.approvals.record_grant(
+            key.clone(),
+            &GrantDuration {
+                label: label.clone(),
+                lasts: Some(left),
+            },
+            &by,
+        );
+        Some((label, by))
     }
 }
 

@@ -508,3 +508,48 @@ async def test_drain_refuses_a_call_waiting_for_its_caller(tmp_path):
             assert r.is_error and "shutting down" in text_of(r), H.dump(r)
     finally:
         b.stop()
+
+
+async def test_caller_grant_covers_every_instance_under_cluster(tmp_path):
+    """Under [cluster] a grant is kept in Redis (sealed, under a keyed name): approved on one instance, the caller's
+    next call on another instance asks nothing."""
+    import clusterlib as CL
+
+    for tool in (CL.REDIS_SERVER, CL.REDIS_CLI):
+        if not Path(tool).exists():
+            pytest.fail(f"{tool} is missing (scripts/test.sh installs Debian's redis-server)")
+    C.require(H.LEDGER_BIN)
+    redis = CL.Redis(tmp_path)
+    redis.start()
+    policy = {"servers": ["ledger"], "tools": ["update_account_status"], "effect": "approve", "approval": "caller"}
+    cluster = f'[cluster]\nredis_url = "{redis.url}"\nsecret_key = "${{MCPB_KEY}}"\n'
+    env = {"MCPB_KEY": "k" * 40}
+    brokers = []
+    try:
+        for name in ("appr-a", "appr-b"):
+            d = tmp_path / name
+            b = H.start_broker(d, {"ledger": H.example_stdio_spec(H.LEDGER_BIN)}, name=name, policies=[policy],
+                               extra_toml=AUDIT + cluster, env=env)
+            brokers.append((d, b))
+            await anyio.to_thread.run_sync(H.wait_for_tools, b.url, [TOOL], 30)
+        (da, a), (db, b) = brokers
+        on_a, on_b = Answers("15m"), Answers("15m")
+        async with H.http_session(a.url, elicitation_callback=on_a) as s:
+            with anyio.fail_after(30):
+                r = await s.call_tool(TOOL, FREEZE)
+            assert not r.is_error and len(on_a.asked) == 1, H.dump(r)
+        async with H.http_session(b.url, elicitation_callback=on_b) as s:
+            with anyio.fail_after(30):
+                r = await s.call_tool(TOOL, FREEZE)
+            assert not r.is_error, H.dump(r)
+        assert on_b.asked == [], "the grant given on instance a must cover the call on instance b"
+        rec = O.wait_records(db / "audit.jsonl", lambda r: r["kind"] == "tool" and r["name"] == TOOL, "b's call")[0]
+        assert rec["approval"]["state"] == "grant_used" and rec["approval"]["grant"] == "15m", rec
+        keys = redis.cli("--scan", "--pattern", "mcpb:grant:*").split()
+        assert len(keys) == 1 and "ledger" not in keys[0] and "anonymous" not in keys[0], keys
+        value = redis.cli("GET", keys[0])
+        assert "15m" not in value and "anonymous" not in value, value
+    finally:
+        for _, b in brokers:
+            b.stop()
+        redis.stop()
