@@ -101,16 +101,7 @@ async fn ask(t: &ApproverTarget, path: &str, body: Option<Value>) -> anyhow::Res
     if let Some(tok) = token {
         req = req.bearer_auth(tok);
     }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
-    let status = resp.status();
-    let text = resp.text().await?;
-    if !status.is_success() {
-        anyhow::bail!("{url} answered HTTP {status}: {}", text.trim());
-    }
-    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{url} did not answer JSON: {e}"))
+    crate::status_query::send_json(req, &url).await
 }
 
 /// The pending approvals for a person, one line each.
@@ -139,20 +130,7 @@ fn table(items: &Value) -> String {
     if rows.len() == 1 {
         return "no calls waiting for approval\n".into();
     }
-    let widths: Vec<usize> = (0..headers.len())
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    crate::status_query::columns(&rows)
 }
 
 #[cfg(test)]

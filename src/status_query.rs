@@ -48,17 +48,7 @@ pub async fn run(
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
-    let status = resp.status();
-    let body = resp.text().await?;
-    if !status.is_success() {
-        anyhow::bail!("{url} answered HTTP {status}: {}", body.trim());
-    }
-    let report: Value = serde_json::from_str(&body)
-        .map_err(|e| anyhow::anyhow!("{url} did not answer JSON: {e}"))?;
+    let report = send_json(req, &url).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -152,6 +142,21 @@ fn table(r: &Value) -> String {
     }
     out.push_str(&columns(&rows));
     out
+}
+
+/// Send an admin request to a running broker and read its JSON answer; any HTTP error status is
+/// an error carrying the broker's message (shared by `status`, `tokens` and `approvals`).
+pub(crate) async fn send_json(req: reqwest::RequestBuilder, url: &str) -> anyhow::Result<Value> {
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
+    let status = resp.status();
+    let body = resp.text().await?;
+    if !status.is_success() {
+        anyhow::bail!("{url} answered HTTP {status}: {}", body.trim());
+    }
+    serde_json::from_str(&body).map_err(|e| anyhow::anyhow!("{url} did not answer JSON: {e}"))
 }
 
 /// `rows` (the first is the header) as aligned columns, two spaces apart, the last one unpadded.

@@ -95,16 +95,7 @@ async fn ask(
     if let Some(tok) = t.token {
         req = req.bearer_auth(tok);
     }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
-    let status = resp.status();
-    let body = resp.text().await?;
-    if !status.is_success() {
-        anyhow::bail!("{url} answered HTTP {status}: {}", body.trim());
-    }
-    serde_json::from_str(&body).map_err(|e| anyhow::anyhow!("{url} did not answer JSON: {e}"))
+    crate::status_query::send_json(req, &url).await
 }
 
 /// Unix seconds as RFC 3339 (UTC, to the second), `-` when absent.

@@ -51,6 +51,9 @@ use store::{TokenEntry, TokenStore};
 /// The key under which a user's IdP sign-in (its refresh token) is kept.
 pub const SIGN_IN: &str = "@sign-in";
 
+/// Access tokens in hand past which expired ones are swept.
+const MAX_CACHED: usize = 10_000;
+
 /// How long discovered metadata is reused.
 const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
 
@@ -355,6 +358,11 @@ impl Engine {
         };
         crate::metrics::global().upstream_oauth(server, auth.kind(), result);
         let (token, exp) = got?;
+        // Bounded by callers × servers; expired entries are dropped once it grows.
+        if self.cache.len() >= MAX_CACHED {
+            let now = now();
+            self.cache.retain(|_, (_, e)| *e > now);
+        }
         self.cache.insert(key, (token.clone(), exp));
         Ok(token)
     }
