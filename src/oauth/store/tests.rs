@@ -142,6 +142,22 @@ async fn the_file_shows_no_token_sub_or_server() {
         .await
         .unwrap();
     let text = std::fs::read_to_string(dir.path().join("tokens.json")).unwrap();
+    assert!(!text.contains(ACCESS) && !text.contains(REFRESH), "{text}");
+    let disk: OnDisk = serde_json::from_str(&text).unwrap();
+    assert_eq!(disk.version, 1);
+    assert_eq!(disk.entries.len(), 1);
+    // A sealed value is base64url of random-looking bytes, where a short word can turn up by chance:
+    // the words are looked for in the file's names and in the values' decoded bytes.
+    use base64::Engine as _;
+    let mut opened = Vec::new();
+    for v in disk.entries.values().chain([&disk.check]) {
+        opened.extend(
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(v)
+                .unwrap(),
+        );
+    }
+    let names: String = disk.entries.keys().cloned().collect();
     for clear in [
         ACCESS,
         REFRESH,
@@ -153,11 +169,13 @@ async fn the_file_shows_no_token_sub_or_server() {
         "repo",
         "oauth",
     ] {
-        assert!(!text.contains(clear), "`{clear}` shows in the file: {text}");
+        assert!(
+            !names.contains(clear),
+            "`{clear}` shows in the file: {text}"
+        );
+        let found = opened.windows(clear.len()).any(|w| w == clear.as_bytes());
+        assert!(!found, "`{clear}` shows in the file: {text}");
     }
-    let disk: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(disk["version"], 1);
-    assert_eq!(disk["entries"].as_object().unwrap().len(), 1);
 }
 
 #[cfg(unix)]
