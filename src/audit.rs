@@ -207,6 +207,7 @@ impl Audit {
             outcome: record.outcome.as_str(),
             latency_ms: record.latency_ms,
             upstream_ms: record.upstream_ms,
+            approval: record.approval.as_ref().map(|a| a.state),
         });
         match self.tx.try_send(Msg::Record(Box::new(record))) {
             Ok(()) => {}

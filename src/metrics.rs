@@ -32,6 +32,9 @@ pub struct Finished<'a> {
     pub outcome: &'a str,
     pub latency_ms: f64,
     pub upstream_ms: Option<f64>,
+    /// The approval step this record notes (`requested`, `approved`, `denied`, `grant_used`, …;
+    /// policy `effect = "approve"`), if any.
+    pub approval: Option<&'a str>,
 }
 
 /// Histogram bucket upper bounds, in seconds.
@@ -200,6 +203,7 @@ pub struct Metrics {
     credential_cache: Family,
     upstream_oauth: Family,
     masked: Family,
+    approvals: Family,
     reloads: Family,
     pin_drifts: Family,
     description_findings: Family,
@@ -246,6 +250,10 @@ impl Metrics {
         if r.outcome == "denied" {
             self.policy_denies
                 .inc(&[("kind", r.kind), ("server", server)], 1);
+        }
+        if let Some(state) = r.approval {
+            self.approvals
+                .inc(&[("server", server), ("state", state)], 1);
         }
     }
 
@@ -348,6 +356,11 @@ impl Metrics {
             "mcp_broker_masked_total",
             "Secrets masked in results ([guard] mask_results), by server and detector kind.",
         );
+        self.approvals.render(
+            &mut out,
+            "mcp_broker_approvals_total",
+            "Approval steps (policy effect = \"approve\"), by server and state (requested, approved, denied, timeout, grant_used, expired, cancelled, refused).",
+        );
         self.reloads.render(
             &mut out,
             "mcp_broker_config_reloads_total",
@@ -424,10 +437,24 @@ mod tests {
             outcome: "ok",
             latency_ms: 3.0,
             upstream_ms: Some(2.0),
+            approval: None,
         };
         m.audit_record(&r);
         m.audit_record(&r);
+        m.audit_record(&Finished {
+            kind: "approval",
+            server: Some("ledger"),
+            outcome: "ok",
+            approval: Some("approved"),
+            ..Finished::default()
+        });
         let text = m.render("");
+        assert!(
+            text.contains("mcp_broker_approvals_total{server=\"ledger\",state=\"approved\"} 1")
+        );
+        assert!(
+            !text.contains("mcp_broker_approvals_total{server=\"ledger\",state=\"requested\"}")
+        );
         assert!(text.contains(
             "mcp_broker_requests_total{kind=\"tool\",server=\"ledger\",name=\"ledger__x\\\"y\",outcome=\"ok\"} 2"
         ));

@@ -96,6 +96,9 @@ async def test_caller_approval_accepted_then_granted(tmp_path):
         assert first["approval"]["state"] == "approved" and first["approval"]["grant"] == "15m", first
         assert first["approval"]["by"] == first["sub"] and first["outcome"] == "ok", first
         assert second["approval"]["state"] == "grant_used" and second["outcome"] == "ok", second
+        text = httpx2.get(f"{b.base}/metrics", timeout=10).text
+        for state in ["approved", "grant_used"]:
+            assert f'mcp_broker_approvals_total{{server="ledger",state="{state}"}} 1\n' in text, text
     finally:
         b.stop()
 
