@@ -25,7 +25,7 @@ mod oauth;
 mod raw;
 mod uri;
 pub use guard::{GuardConfig, MaskPattern, OnDrift, Scan};
-pub use oauth::{OAuthAuth, OAuthClientReg, OAuthFlow, OAuthSettings};
+pub use oauth::{JagSubject, OAuthAuth, OAuthClientReg, OAuthFlow, OAuthSettings};
 use raw::*;
 pub use uri::{NormalUri, normalise_uri, uri_prefix};
 
@@ -847,7 +847,7 @@ impl Config {
             let Some(sign_in) = &oauth.sign_in else {
                 return Err(ctx.invalid(t, "upstream_auth", format!("kind = \"{}\" needs [oauth] sign_in = \"NAME\": the [credentials.NAME] client at [auth] issuer that signs the user in before a consent (the spec's anti-phishing check)", o.kind())));
             };
-            if let OAuthFlow::IdJag { idp } = &o.flow
+            if let OAuthFlow::IdJag { idp, .. } = &o.flow
                 && !idp.is_empty()
                 && idp != sign_in
             {

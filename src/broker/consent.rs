@@ -46,7 +46,7 @@ pub(super) const AUTHORIZE: &str = "authorize";
 /// `server`'s per-user OAuth settings, if it has any.
 pub(super) fn consent_auth<'a>(st: &'a State, server: &str) -> Option<&'a OAuthAuth> {
     match &st.config.server(server)?.upstream_auth {
-        Some(UpstreamAuth::OAuth(o)) if o.per_caller() => Some(o),
+        Some(UpstreamAuth::OAuth(o)) if o.needs_browser() => Some(o),
         _ => None,
     }
 }

@@ -62,9 +62,19 @@ pub enum OAuthFlow {
     Consent,
     /// Per user: Enterprise-Managed Authorization (an ID-JAG from the enterprise IdP, redeemed
     /// with the JWT bearer grant).
-    IdJag { idp: String },
+    IdJag { idp: String, subject: JagSubject },
     /// The broker itself (client credentials grant): one token for everyone.
     ClientCredentials,
+}
+
+/// What the broker exchanges at the enterprise IdP for an ID-JAG (`subject = ...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JagSubject {
+    /// The refresh token of the user's sign-in at `/oauth/start` (the extension's way; default).
+    SignIn,
+    /// The caller's own access token, sent to the IdP that issued it (non-standard: only for an
+    /// IdP configured to accept it; no sign-in is needed).
+    AccessToken,
 }
 
 #[derive(Debug, Clone)]
@@ -90,6 +100,16 @@ impl OAuthAuth {
     /// Whether each caller needs their own token (and so their own connection).
     pub fn per_caller(&self) -> bool {
         self.flow != OAuthFlow::ClientCredentials
+    }
+
+    /// Whether a caller must connect in a browser first (a consent, or the sign-in an ID-JAG is
+    /// exchanged from).
+    pub fn needs_browser(&self) -> bool {
+        match &self.flow {
+            OAuthFlow::Consent => true,
+            OAuthFlow::IdJag { subject, .. } => *subject == JagSubject::SignIn,
+            OAuthFlow::ClientCredentials => false,
+        }
     }
 }
 
@@ -206,9 +226,24 @@ impl Ctx<'_> {
             "oauth" => OAuthFlow::Consent,
             "id_jag" => OAuthFlow::IdJag {
                 idp: raw.idp.clone().unwrap_or_default(),
+                subject: match raw.subject.as_deref() {
+                    None | Some("refresh_token") => JagSubject::SignIn,
+                    Some("access_token") => JagSubject::AccessToken,
+                    Some(other) => {
+                        return Err(bad(format!(
+                            "subject = \"{other}\": use \"refresh_token\" (the user's sign-in, the default) or \"access_token\" (the caller's token; non-standard, for an IdP that accepts it)"
+                        )));
+                    }
+                },
             },
             _ => OAuthFlow::ClientCredentials,
         };
+        if raw.subject.is_some() && !matches!(flow, OAuthFlow::IdJag { .. }) {
+            return Err(bad(format!(
+                "`subject` applies to kind = \"id_jag\", not \"{}\"",
+                raw.kind
+            )));
+        }
         if raw.idp.is_some() && !matches!(flow, OAuthFlow::IdJag { .. }) {
             return Err(bad(format!(
                 "`idp` applies to kind = \"id_jag\", not \"{}\"",
@@ -282,6 +317,26 @@ mod tests {
             panic!("id_jag");
         };
         assert!(o.share_catalog, "id_jag shares the catalog by default");
+        assert!(
+            o.needs_browser(),
+            "the default subject is the user's sign-in"
+        );
+        let c = parse(&format!(
+            "{BASE}[oauth]\nsign_in = \"corp\"\n{}",
+            server("{ kind = \"id_jag\", subject = \"access_token\" }")
+        ))
+        .unwrap();
+        let Some(UpstreamAuth::OAuth(o)) = &c.servers[0].upstream_auth else {
+            panic!("id_jag");
+        };
+        assert!(matches!(
+            o.flow,
+            OAuthFlow::IdJag {
+                subject: super::JagSubject::AccessToken,
+                ..
+            }
+        ));
+        assert!(o.per_caller() && !o.needs_browser());
         let c = parse(&server(
             "{ kind = \"client_credentials\", scopes = [\"r\"] }",
         ))
@@ -318,6 +373,17 @@ mod tests {
             (
                 server("{ kind = \"oauth\", idp = \"corp\" }"),
                 "`idp` applies to kind = \"id_jag\"",
+            ),
+            (
+                server("{ kind = \"oauth\", subject = \"access_token\" }"),
+                "`subject` applies to kind = \"id_jag\"",
+            ),
+            (
+                format!(
+                    "{BASE}[oauth]\nsign_in = \"corp\"\n{}",
+                    server("{ kind = \"id_jag\", subject = \"id_token\" }")
+                ),
+                "use \"refresh_token\"",
             ),
             (
                 server("{ first = [ { kind = \"oauth\" } ] }"),

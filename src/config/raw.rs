@@ -92,6 +92,7 @@ pub(super) struct RawOAuthAuth {
     pub(super) scopes: Option<Vec<String>>,
     pub(super) share_catalog: Option<bool>,
     pub(super) idp: Option<String>,
+    pub(super) subject: Option<String>,
 }
 
 /// `[token_store]`: the file upstream OAuth tokens are kept in, sealed.

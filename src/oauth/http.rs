@@ -135,33 +135,71 @@ impl OAuthHttpClient for Guarded {
 impl Guarded {
     /// GET a JSON document (metadata), through the guard, without following redirects.
     pub async fn get_json(&self, u: &url::Url) -> Result<serde_json::Value, String> {
-        if !allowed(u, self.private_ok) || (!self.private_ok && resolves_private(u).await) {
-            return Err(Refused(redact(u), "not https to a public address").to_string());
-        }
-        let resp = self
+        let req = self
             .clients
             .stop
             .get(u.clone())
+            .header("accept", "application/json");
+        let (status, value) = self.send_json(u, req).await?;
+        if !(200..300).contains(&status) {
+            return Err(format!("GET {}: HTTP {status}", redact(u)));
+        }
+        Ok(value)
+    }
+
+    /// POST a form to a token endpoint, through the guard, without following redirects, with
+    /// `basic` as HTTP Basic client authentication: the status and the JSON answer (an OAuth error
+    /// body too). For the grants rmcp does not make (see `enterprise`).
+    pub async fn post_form(
+        &self,
+        u: &url::Url,
+        form: &[(&str, &str)],
+        basic: Option<(&str, &str)>,
+    ) -> Result<(u16, serde_json::Value), String> {
+        let mut req = self
+            .clients
+            .stop
+            .post(u.clone())
             .header("accept", "application/json")
+            .form(form);
+        if let Some((id, secret)) = basic {
+            // RFC 6749 2.3.1: each part form-urlencoded before Basic encoding.
+            let enc =
+                |v: &str| url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+            req = req.basic_auth(enc(id), Some(enc(secret)));
+        }
+        self.send_json(u, req).await
+    }
+
+    /// Send `req` (to `u`) if the guard allows `u`; the status and the JSON body (≤ 256 KiB).
+    async fn send_json(
+        &self,
+        u: &url::Url,
+        req: reqwest::RequestBuilder,
+    ) -> Result<(u16, serde_json::Value), String> {
+        if !allowed(u, self.private_ok) || (!self.private_ok && resolves_private(u).await) {
+            return Err(Refused(redact(u), "not https to a public address").to_string());
+        }
+        let resp = req
             .send()
             .await
-            .map_err(|e| format!("GET {}: {e}", redact(u)))?;
-        if !resp.status().is_success() {
-            return Err(format!("GET {}: HTTP {}", redact(u), resp.status()));
-        }
+            .map_err(|e| format!("{}: {e}", redact(u)))?;
+        let status = resp.status().as_u16();
         if resp.content_length().is_some_and(|n| n as usize > MAX_BODY) {
-            return Err(format!("GET {}: body larger than 256 KiB", redact(u)));
+            return Err(format!("{}: body larger than 256 KiB", redact(u)));
         }
         let mut body = Vec::new();
         let mut stream = resp.bytes_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| e.to_string())?;
             if body.len() + chunk.len() > MAX_BODY {
-                return Err(format!("GET {}: body larger than 256 KiB", redact(u)));
+                return Err(format!("{}: body larger than 256 KiB", redact(u)));
             }
             body.extend_from_slice(&chunk);
         }
-        serde_json::from_slice(&body).map_err(|e| format!("GET {}: {e}", redact(u)))
+        let value = serde_json::from_slice(&body)
+            .map_err(|e| format!("{}: HTTP {status}, not JSON: {e}", redact(u)))?;
+        Ok((status, value))
     }
 }
 

@@ -19,6 +19,7 @@
 
 mod browser;
 mod discovery;
+mod enterprise;
 pub mod flow;
 pub mod http;
 pub mod store;
@@ -42,8 +43,8 @@ use tokio::sync::Notify;
 use crate::auth::Caller;
 use crate::cluster::sealed::Sealer;
 use crate::config::{
-    Config, CredentialStore as StoreConfig, ExchangeConfig, OAuthAuth, OAuthFlow, OAuthSettings,
-    Secret, UpstreamAuth,
+    Config, CredentialStore as StoreConfig, ExchangeConfig, JagSubject, OAuthAuth, OAuthFlow,
+    OAuthSettings, Secret, UpstreamAuth,
 };
 use flow::{Flows, Ticket};
 use store::{TokenEntry, TokenStore};
@@ -349,6 +350,10 @@ impl Engine {
         let got = match &auth.flow {
             OAuthFlow::ClientCredentials => self.client_credentials(server, auth).await,
             OAuthFlow::Consent => self.consented(server, auth, &sub, fresh).await,
+            OAuthFlow::IdJag {
+                subject: JagSubject::AccessToken,
+                ..
+            } => self.id_jag_from_access_token(server, auth, caller).await,
             OAuthFlow::IdJag { .. } => self.id_jag(server, auth, &sub).await,
         };
         let result = match &got {
@@ -371,9 +376,10 @@ impl Engine {
     pub async fn is_connected(&self, sub: &str, server: &str) -> bool {
         let s = self.settings();
         let slot = match s.servers.get(server) {
+            Some((_, a)) if !a.needs_browser() => return true,
             Some((_, a)) if matches!(a.flow, OAuthFlow::IdJag { .. }) => SIGN_IN,
-            Some((_, a)) if a.flow == OAuthFlow::Consent => server,
-            _ => return true,
+            Some(_) => server,
+            None => return true,
         };
         matches!(self.store().get(sub, slot).await, Ok(Some(_)))
     }
@@ -622,6 +628,54 @@ impl Engine {
                 message: e.to_string(),
             }),
         }
+    }
+
+    /// `id_jag` with `subject = "access_token"` (non-standard; see [`enterprise`]).
+    async fn id_jag_from_access_token(
+        &self,
+        server: &str,
+        auth: &OAuthAuth,
+        caller: &Caller,
+    ) -> Result<(Secret, u64), OAuthError> {
+        let Some(subject) = &caller.token else {
+            return Err(OAuthError::Config(format!(
+                "`{server}` exchanges the caller's access token (subject = \"access_token\"), and this caller presented none"
+            )));
+        };
+        let s = self.settings();
+        let (Some(issuer), Some(idp)) = (&s.issuer, &s.sign_in) else {
+            return Err(OAuthError::Config(
+                "id_jag needs [auth] and [oauth] sign_in".into(),
+            ));
+        };
+        let (url, d) = self.discover(server).await?;
+        let reg = registration(&s, &d, server, "redeeming ID-JAGs (the JWT bearer grant)")?;
+        let idp_url = url::Url::parse(issuer).map_err(|e| OAuthError::Config(e.to_string()))?;
+        let idp_client = enterprise::Client {
+            token_endpoint: idp.token_endpoint.as_str(),
+            client_id: &idp.client_id,
+            client_secret: Some(&idp.client_secret),
+            secret_in_body: idp.secret_in_body,
+        };
+        let as_client = enterprise::Client {
+            token_endpoint: &d.metadata.token_endpoint,
+            client_id: &reg.client_id,
+            client_secret: reg.client_secret.as_ref(),
+            secret_in_body: reg.secret_in_body,
+        };
+        let x = enterprise::Exchange {
+            subject,
+            audience: &d.issuer,
+            resource: url.as_str(),
+            scopes: &auth.scopes,
+        };
+        enterprise::exchange(
+            &x,
+            (&idp_client, &self.http(&idp_url)),
+            (&as_client, &self.http(&url)),
+            now(),
+        )
+        .await
     }
 }
 

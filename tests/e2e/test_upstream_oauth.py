@@ -67,6 +67,8 @@ def env(tmp_path_factory):
         e.idp = H.start_auth_server(d, name="idp", env={
             "AS_CLIENTS_JSON": json.dumps([OL.broker_client("broker", "broker-secret", [e.callback])]),
             "AS_IDJAG_CLIENT_IDS": json.dumps({up_issuer: "broker-up"}),
+            # Non-standard, for `subject = "access_token"`: this IdP also takes its own access tokens as the subject.
+            "AS_IDJAG_FROM_ACCESS_TOKEN": "1",
         })
         procs.append(e.idp)
         trust = json.dumps({"issuer": e.idp.issuer, "jwks_uri": e.idp.issuer + "/jwks"})
@@ -374,6 +376,68 @@ async def test_revoke_then_consent_again_and_store_holds_no_token_text(env):
     async with H.http_session(e.broker.url, headers=H.bearer(hank)) as s:
         r = await s.call_tool("crm__whoami", {})
         assert r.is_error and "/oauth/start" in r.content[0].text, "a revoked caller must consent again"
+
+
+async def test_id_jag_from_the_callers_access_token(env, tmp_path):
+    """`subject = "access_token"` (non-standard): no sign-in; each caller's own token is exchanged at the IdP for an
+    ID-JAG, redeemed at the upstream's AS. A second broker (same public_url, so the callers' tokens fit) with one
+    such server on the upstream AS, and one on an AS that does not take ID-JAGs: that error names the step."""
+    e = env
+    wiki3 = OL.start_protected(tmp_path, e.upas.issuer, e.ca, name="wiki3")
+    up_issuer, short_issuer = e.upas.issuer, e.short.issuer
+    extra = f'''[credentials.corp]
+kind = "token_exchange"
+token_endpoint = "{e.idp.issuer}/token"
+client_id = "broker"
+client_secret = "${{BROKER_SECRET}}"
+
+[oauth]
+sign_in = "corp"
+ca_file = "{e.ca.ca_pem}"
+
+[oauth.clients."{up_issuer}"]
+client_id = "broker-up"
+client_secret = "${{UP_SECRET}}"
+
+[oauth.clients."{short_issuer}"]
+client_id = "broker-up"
+client_secret = "${{UP_SECRET}}"
+'''
+    jag = {"kind": "id_jag", "subject": "access_token", "scopes": ["mcp:tools"]}
+    b = H.start_broker(tmp_path, {
+        "wiki3": {"transport": "http", "url": wiki3.url, "upstream_auth": jag},
+        "nojag": {"transport": "http", "url": e.crm2.url, "upstream_auth": jag},
+    }, name="broker-at", broker={"public_url": e.broker.url}, auth={"issuer": e.idp.issuer},
+        policies=[{"effect": "allow"}], extra_toml=extra, env=SECRETS)
+    try:
+        url = b.url
+        ivy, kim = user_token(e, "ivy"), user_token(e, "kim")
+        before = OL.as_counts(e.idp)["token_exchange"].get(OL.IDJAG_TOKEN_TYPE, 0)
+        got = {}
+        for user, tok in [("ivy", ivy), ("kim", kim)]:
+            async with H.http_session(url, headers=H.bearer(tok)) as s:
+                listed = await names(s)
+                assert "wiki3__whoami" in listed and "wiki3__authorize" not in listed, listed
+                w1 = whoami(await s.call_tool("wiki3__whoami", {}))
+                w2 = whoami(await s.call_tool("wiki3__whoami", {}))
+                assert w1["sub"] == user and w1["client_id"] == "broker-up" and w1["aud"] == wiki3.url, w1
+                assert w1["token_sha256_prefix"] == w2["token_sha256_prefix"], "cached per (caller, upstream)"
+                got[user] = w1["token_sha256_prefix"]
+                # An AS that does not take the JWT bearer grant gives no token: no tools from it (like any
+                # server the broker has no credential for) and no consent link; the log names the failed step.
+                assert not [n for n in listed if n.startswith("nojag__")], listed
+        assert got["ivy"] != got["kim"]
+        log = (tmp_path / "broker-at.stderr.log").read_text()
+        assert "server=nojag sub=kim error=redeeming the ID-JAG at the upstream's authorization server" in log
+        after = OL.as_counts(e.idp)["token_exchange"].get(OL.IDJAG_TOKEN_TYPE, 0)
+        # One exchange per caller for wiki3 (then cached), and the failed nojag attempts asked again.
+        assert after - before >= 4, (before, after)
+        # The callers' own tokens went to the IdP that issued them, never upstream.
+        seen = wiki3.seen()["bearer"]
+        assert H.sha256_prefix(ivy) not in seen and H.sha256_prefix(kim) not in seen
+    finally:
+        b.stop()
+        wiki3.stop()
 
 
 async def test_client_credentials_one_token_for_everyone_cached(env):
