@@ -71,6 +71,7 @@ pub async fn revoke(
         if n > 0 {
             print!("{}", table(removed));
         }
+        print!("{}", told(&answer["upstream"]));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -137,6 +138,26 @@ fn table(tokens: &Value) -> String {
     crate::status_query::columns(&rows)
 }
 
+/// What each authorization server was told of a revoke (RFC 7009), a line each.
+fn told(upstream: &Value) -> String {
+    let mut out = String::new();
+    for t in upstream.as_array().into_iter().flatten() {
+        let s = |k: &str| t[k].as_str().unwrap_or("-").to_string();
+        let result = t["upstream"]["result"].as_str().unwrap_or("-");
+        let detail = match t["upstream"]["detail"].as_str() {
+            Some(d) => format!(" ({d})"),
+            None => String::new(),
+        };
+        out.push_str(&format!(
+            "{} {}: at the authorization server: {}{detail}\n",
+            s("sub"),
+            s("server"),
+            result.replace('_', " ")
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +179,20 @@ mod tests {
         assert!(lines[2].starts_with("bob "), "{t}");
         assert!(lines[2].contains(" - "), "{t}");
         assert_eq!(table(&serde_json::json!([])), "no tokens\n");
+    }
+
+    #[test]
+    fn told_says_what_each_server_was_told() {
+        let t = told(&serde_json::json!([
+            {"sub": "alice", "server": "crm", "upstream": {"result": "revoked"}},
+            {"sub": "bob", "server": "wiki", "upstream": {"result": "not_offered"}},
+            {"sub": "bob", "server": "crm", "upstream": {"result": "failed", "detail": "HTTP 500"}}
+        ]));
+        assert_eq!(
+            t,
+            "alice crm: at the authorization server: revoked\n\
+             bob wiki: at the authorization server: not offered\n\
+             bob crm: at the authorization server: failed (HTTP 500)\n"
+        );
     }
 }

@@ -15,9 +15,14 @@ use axum::routing::get;
 
 use super::http::{plain, require_admin};
 use crate::auth::Authenticator;
-use crate::oauth::store::TokenStore;
+use crate::oauth::revoke;
+use crate::oauth::store::{StoreError, TokenEntry, TokenStore};
 
 pub const PATH: &str = "/admin/tokens";
+
+/// How long a revoke waits for the authorization servers' answers before answering the admin
+/// (the rest go on in the background; the `tokens` CLI waits 10 s).
+const UPSTREAM_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 const NOT_SERVED: &str = "Not Found: /admin/tokens is served only to tokens holding one of [auth] admin_scopes (needs [auth] with admin_scopes set)";
 
@@ -61,7 +66,24 @@ async fn admit(a: &Admin, headers: &HeaderMap) -> Result<String, Response> {
         .map(|c| c.sub)
 }
 
-fn failed(e: crate::oauth::store::StoreError) -> Response {
+/// The readable entries `sub`/`server` select, secrets included.
+async fn held(
+    store: &TokenStore,
+    sub: Option<&str>,
+    server: Option<&str>,
+) -> Result<Vec<TokenEntry>, StoreError> {
+    let mut out = Vec::new();
+    for s in store.list(sub).await? {
+        if server.is_none_or(|want| want == s.server)
+            && let Some(e) = store.get(&s.sub, &s.server).await?
+        {
+            out.push(e);
+        }
+    }
+    Ok(out)
+}
+
+fn failed(e: StoreError) -> Response {
     tracing::error!(error = %e, "token store");
     plain(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -90,18 +112,32 @@ async fn revoke(State(a): State<Admin>, headers: HeaderMap, Query(f): Query<Filt
             "give `sub`, `server`, or both: which tokens to revoke".into(),
         );
     }
+    // The entries with their secrets, read before they go: their servers are told afterwards.
+    let entries = match held(&a.store, f.sub(), f.server()).await {
+        Ok(e) => e,
+        Err(e) => return failed(e),
+    };
     match a.store.remove(f.sub(), f.server()).await {
         Ok(removed) => {
             // Access tokens in hand for what was revoked go too.
-            crate::oauth::engine().forget_cached(f.sub(), f.server());
-            for r in &removed {
-                crate::oauth::engine().audit_event(
+            let engine = crate::oauth::engine();
+            engine.forget_cached(f.sub(), f.server());
+            // Entries removed without being readable (a damaged one) are audited here; the
+            // others as their server answers.
+            for r in removed.iter().filter(|r| {
+                !entries
+                    .iter()
+                    .any(|e| e.sub == r.sub && e.server == r.server)
+            }) {
+                engine.audit_event(
                     &r.sub,
                     &r.server,
                     true,
                     &format!("token revoked by `{admin}`"),
                 );
             }
+            let upstream =
+                revoke::revoked_by(engine.clone(), entries, admin.clone(), UPSTREAM_WAIT).await;
             tracing::info!(
                 admin = %admin,
                 sub = f.sub().unwrap_or("*"),
@@ -110,7 +146,8 @@ async fn revoke(State(a): State<Admin>, headers: HeaderMap, Query(f): Query<Filt
                 store = a.store.describe(),
                 "upstream tokens revoked"
             );
-            axum::Json(serde_json::json!({ "removed": removed })).into_response()
+            axum::Json(serde_json::json!({ "removed": removed, "upstream": upstream }))
+                .into_response()
         }
         Err(e) => failed(e),
     }

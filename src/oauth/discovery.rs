@@ -133,6 +133,19 @@ impl Engine {
     pub(super) async fn sign_in_manager(
         &self,
     ) -> Result<(AuthorizationManager, ExchangeConfig), PageError> {
+        let (url, meta, client) = self.sign_in_metadata().await?;
+        let mut m = AuthorizationManager::new_with_oauth_http_client(url.clone(), self.http(&url))
+            .await
+            .map_err(|e| PageError::new(500, e.to_string()))?;
+        m.set_metadata(meta);
+        m.set_state_store(self.flows.clone());
+        Ok((m, client))
+    }
+
+    /// `[auth] issuer`, its metadata (cached like a server's) and the sign-in client.
+    pub(super) async fn sign_in_metadata(
+        &self,
+    ) -> Result<(url::Url, AuthorizationMetadata, ExchangeConfig), PageError> {
         let s = self.settings();
         let (Some(issuer), Some(client)) = (&s.issuer, &s.sign_in) else {
             return Err(PageError::new(
@@ -170,11 +183,6 @@ impl Engine {
                 r.metadata
             }
         };
-        let mut m = AuthorizationManager::new_with_oauth_http_client(url.clone(), self.http(&url))
-            .await
-            .map_err(|e| PageError::new(500, e.to_string()))?;
-        m.set_metadata(meta);
-        m.set_state_store(self.flows.clone());
-        Ok((m, client.clone()))
+        Ok((url, meta, client.clone()))
     }
 }

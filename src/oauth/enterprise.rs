@@ -9,6 +9,7 @@
 //! upstream.
 
 use super::OAuthError;
+use super::form::{Client, post, step};
 use super::http::Guarded;
 use crate::config::Secret;
 
@@ -16,15 +17,6 @@ const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 const ID_JAG: &str = "urn:ietf:params:oauth:token-type:id-jag";
 const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
-
-/// The broker's client at one token endpoint.
-pub struct Client<'a> {
-    pub token_endpoint: &'a str,
-    pub client_id: &'a str,
-    pub client_secret: Option<&'a Secret>,
-    /// `client_secret_post` rather than HTTP Basic.
-    pub secret_in_body: bool,
-}
 
 /// What to exchange, for what.
 pub struct Exchange<'a> {
@@ -88,56 +80,10 @@ pub async fn exchange(
     Ok((Secret::new(token), now + lifetime))
 }
 
-/// POST `form` to `client`'s token endpoint, authenticated as it; the JSON of a 200 answer.
-async fn post(
-    (client, http): (&Client<'_>, &Guarded),
-    mut form: Vec<(&str, &str)>,
-    what: &'static str,
-) -> Result<serde_json::Value, OAuthError> {
-    let url = url::Url::parse(client.token_endpoint).map_err(|e| step(what, &e.to_string()))?;
-    let secret = client.client_secret.map(Secret::expose);
-    let basic = match secret {
-        Some(s) if !client.secret_in_body => Some((client.client_id, s)),
-        Some(s) => {
-            form.push(("client_id", client.client_id));
-            form.push(("client_secret", s));
-            None
-        }
-        None => {
-            form.push(("client_id", client.client_id));
-            None
-        }
-    };
-    let (status, body) = http
-        .post_form(&url, &form, basic)
-        .await
-        .map_err(|e| step(what, &e))?;
-    if status != 200 {
-        // An OAuth error body (RFC 6749 5.2) names the error; nothing else of it is repeated.
-        let text = |k: &str| body.get(k).and_then(|v| v.as_str()).unwrap_or("");
-        let detail = text("error_description")
-            .chars()
-            .take(200)
-            .collect::<String>();
-        return Err(step(
-            what,
-            &format!("HTTP {status} {} {detail}", text("error")),
-        ));
-    }
-    Ok(body)
-}
-
 fn token_in(body: &serde_json::Value, what: &'static str) -> Result<String, OAuthError> {
     body.get("access_token")
         .and_then(|v| v.as_str())
         .filter(|t| !t.is_empty())
         .map(str::to_string)
         .ok_or_else(|| step(what, "the answer has no access_token"))
-}
-
-fn step(step: &'static str, message: &str) -> OAuthError {
-    OAuthError::Step {
-        step,
-        message: message.trim().to_string(),
-    }
 }

@@ -197,6 +197,9 @@ impl Guarded {
             }
             body.extend_from_slice(&chunk);
         }
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok((status, serde_json::Value::Null));
+        }
         let value = serde_json::from_slice(&body)
             .map_err(|e| format!("{}: HTTP {status}, not JSON: {e}", redact(u)))?;
         Ok((status, value))

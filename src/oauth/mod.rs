@@ -21,7 +21,9 @@ mod browser;
 mod discovery;
 mod enterprise;
 pub mod flow;
+mod form;
 pub mod http;
+pub mod revoke;
 pub mod store;
 
 use std::collections::HashMap;
@@ -651,14 +653,14 @@ impl Engine {
         let (url, d) = self.discover(server).await?;
         let reg = registration(&s, &d, server, "redeeming ID-JAGs (the JWT bearer grant)")?;
         let idp_url = url::Url::parse(issuer).map_err(|e| OAuthError::Config(e.to_string()))?;
-        let idp_client = enterprise::Client {
-            token_endpoint: idp.token_endpoint.as_str(),
+        let idp_client = form::Client {
+            endpoint: idp.token_endpoint.as_str(),
             client_id: &idp.client_id,
             client_secret: Some(&idp.client_secret),
             secret_in_body: idp.secret_in_body,
         };
-        let as_client = enterprise::Client {
-            token_endpoint: &d.metadata.token_endpoint,
+        let as_client = form::Client {
+            endpoint: &d.metadata.token_endpoint,
             client_id: &reg.client_id,
             client_secret: reg.client_secret.as_ref(),
             secret_in_body: reg.secret_in_body,

@@ -77,7 +77,7 @@ def start_tls_as(log_dir: Path, name: str, ca: CA, env: dict[str, str] | None = 
 
 def as_counts(a: H.AuthServer) -> dict:
     """GET /__test/counts of an AS fixture: {"token": {grant_type: n}, "token_exchange": {requested_token_type: n},
-    "cimd_fetches": n, "introspections": n}."""
+    "revocations": {token_type_hint: n}, "cimd_fetches": n, "introspections": n}."""
     with httpx2.Client(timeout=10, verify=a.verify) as c:
         return c.get(a.issuer + "/__test/counts").json()
 

@@ -338,6 +338,10 @@ async def test_revoke_then_consent_again_and_store_holds_no_token_text(env):
         r = await s.call_tool("crm__authorize", {})
         assert consent(e, "hank", link_in(r.content[0].text)).status_code == 200
         whoami(await s.call_tool("crm__whoami", {}))
+        # And the enterprise sign-in (id_jag): a second entry, at the IdP.
+        r = await s.call_tool("wiki__whoami", {})
+        assert consent(e, "hank", link_in(r.content[0].text)).status_code == 200
+        whoami(await s.call_tool("wiki__whoami", {}))
     # The store file: sealed entries only, no token, subject or server name in clear. A sealed value is
     # base64url of random-looking bytes, so a short word can turn up inside its text by chance (CI once
     # found "crm" there): the words are looked for in the file's structure and in the decoded bytes.
@@ -364,11 +368,25 @@ async def test_revoke_then_consent_again_and_store_holds_no_token_text(env):
     assert any(t["sub"] == "hank" and t["server"] == "crm" for t in rows), rows
     for tok in filter(None, e.seen_tokens.read_text().splitlines()):
         assert tok not in listed.stdout
+    revoked_at = lambda a: sum(OL.as_counts(a).get("revocations", {}).values())  # noqa: E731
+    before_up, before_idp = revoked_at(e.upas), revoked_at(e.idp)
     rev = subprocess.run([str(H.BROKER_BIN), "tokens", "revoke", "--config", str(e.broker.config_path),
                           "--sub", "hank", "--server", "crm", "--token", admin],
                          capture_output=True, text=True, timeout=30, env={**os.environ, **SECRETS})
     assert rev.returncode == 0, rev.stderr
-    assert consent_records(e, "hank", lambda r: "revoked by" in r["reason"]), consent_records(e, "hank")
+    # RFC 7009: the upstream's authorization server is told too (it accepted the broker's request).
+    assert "hank crm: at the authorization server: revoked" in rev.stdout, rev.stdout
+    assert revoked_at(e.upas) == before_up + 1
+    assert consent_records(e, "hank", lambda r: "revoked by" in r["reason"]
+                           and "revoked at the authorization server" in r["reason"]), consent_records(e, "hank")
+    # The sign-in's refresh token goes back to the IdP the same way.
+    rev = subprocess.run([str(H.BROKER_BIN), "tokens", "revoke", "--config", str(e.broker.config_path),
+                          "--sub", "hank", "--server", "@sign-in", "--token", admin],
+                         capture_output=True, text=True, timeout=30, env={**os.environ, **SECRETS})
+    assert rev.returncode == 0, rev.stderr
+    assert "hank @sign-in: at the authorization server: revoked" in rev.stdout, rev.stdout
+    assert revoked_at(e.idp) == before_idp + 1
+    assert OL.as_counts(e.idp)["revocations"].get("refresh_token", 0) >= 1
     # No token the upstreams received appears in any log or audit record of the broker.
     logs = "".join(p.read_text(errors="replace") for p in e.dir.glob("broker*.log")) + (e.dir / "audit.jsonl").read_text()
     seen = [t for t in e.seen_tokens.read_text().splitlines() if t]
