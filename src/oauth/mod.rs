@@ -571,14 +571,13 @@ impl Engine {
         let signed: SignedIn = serde_json::from_str(entry.secret.expose()).map_err(|_| {
             OAuthError::Config(format!("the stored sign-in of `{sub}` is unreadable"))
         })?;
-        let s = self.settings();
-        let (Some(issuer), Some(idp)) = (&s.issuer, &s.sign_in) else {
-            return Err(OAuthError::Config(
-                "id_jag needs [auth] and [oauth] sign_in".into(),
-            ));
-        };
-        let (url, d) = self.discover(server).await?;
-        let reg = registration(&s, &d, server, "redeeming ID-JAGs (the JWT bearer grant)")?;
+        let JagParties {
+            issuer,
+            idp,
+            url,
+            d,
+            reg,
+        } = self.jag_parties(server).await?;
         let client_auth = |secret: Option<&Secret>, in_body: bool| match secret {
             None => EmaClientAuthentication::None,
             Some(s) if in_body => EmaClientAuthentication::ClientSecretPost(
@@ -602,7 +601,7 @@ impl Engine {
         .with_client_authentication(client_auth(reg.client_secret.as_ref(), reg.secret_in_body));
         let refresh = oauth2::RefreshToken::new(signed.refresh_token.clone());
         let resource = url.to_string();
-        let idp_url = url::Url::parse(issuer).map_err(|e| OAuthError::Config(e.to_string()))?;
+        let idp_url = url::Url::parse(&issuer).map_err(|e| OAuthError::Config(e.to_string()))?;
         let idp_http = self.http(&idp_url);
         let as_http = self.http(&url);
         let req = EmaExchangeRequest::new(idp_server, resource_as, &resource, &refresh)
@@ -632,6 +631,25 @@ impl Engine {
         }
     }
 
+    /// What both `id_jag` subjects need: the IdP and the upstream's authorization server.
+    async fn jag_parties(&self, server: &str) -> Result<JagParties, OAuthError> {
+        let s = self.settings();
+        let (Some(issuer), Some(idp)) = (&s.issuer, &s.sign_in) else {
+            return Err(OAuthError::Config(
+                "id_jag needs [auth] and [oauth] sign_in".into(),
+            ));
+        };
+        let (url, d) = self.discover(server).await?;
+        let reg = registration(&s, &d, server, "redeeming ID-JAGs (the JWT bearer grant)")?.clone();
+        Ok(JagParties {
+            issuer: issuer.clone(),
+            idp: idp.clone(),
+            url,
+            d,
+            reg,
+        })
+    }
+
     /// `id_jag` with `subject = "access_token"` (non-standard; see [`enterprise`]).
     async fn id_jag_from_access_token(
         &self,
@@ -644,15 +662,14 @@ impl Engine {
                 "`{server}` exchanges the caller's access token (subject = \"access_token\"), and this caller presented none"
             )));
         };
-        let s = self.settings();
-        let (Some(issuer), Some(idp)) = (&s.issuer, &s.sign_in) else {
-            return Err(OAuthError::Config(
-                "id_jag needs [auth] and [oauth] sign_in".into(),
-            ));
-        };
-        let (url, d) = self.discover(server).await?;
-        let reg = registration(&s, &d, server, "redeeming ID-JAGs (the JWT bearer grant)")?;
-        let idp_url = url::Url::parse(issuer).map_err(|e| OAuthError::Config(e.to_string()))?;
+        let JagParties {
+            issuer,
+            idp,
+            url,
+            d,
+            reg,
+        } = self.jag_parties(server).await?;
+        let idp_url = url::Url::parse(&issuer).map_err(|e| OAuthError::Config(e.to_string()))?;
         let idp_client = form::Client {
             endpoint: idp.token_endpoint.as_str(),
             client_id: &idp.client_id,
@@ -679,6 +696,16 @@ impl Engine {
         )
         .await
     }
+}
+
+/// The enterprise IdP (`[auth] issuer` and the sign-in client) and an upstream (its URL, its
+/// authorization server, the broker's registration there), for an ID-JAG.
+struct JagParties {
+    issuer: String,
+    idp: ExchangeConfig,
+    url: url::Url,
+    d: Discovered,
+    reg: crate::config::OAuthClientReg,
 }
 
 /// The broker's configured registration at `d`'s authorization server, needed for `why`.

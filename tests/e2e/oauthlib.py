@@ -254,6 +254,30 @@ def broker_client(client_id: str, client_secret: str, redirect_uris: list[str], 
             "response_types": ["code"], "redirect_uris": redirect_uris, **extra}
 
 
+def broker_oauth_toml(idp_issuer: str, ca_pem: Any, upstream_issuers: list[str], oauth_extra: str = "") -> str:
+    """The broker's upstream-OAuth config as the tests use it: [credentials.corp] (its client `broker` at the IdP,
+    secret from ${BROKER_SECRET}) signing users in, `ca_pem` trusted, `oauth_extra` lines in [oauth], and its client
+    `broker-up` (${UP_SECRET}) at each of `upstream_issuers`."""
+    out = f'''[credentials.corp]
+kind = "token_exchange"
+token_endpoint = "{idp_issuer}/token"
+client_id = "broker"
+client_secret = "${{BROKER_SECRET}}"
+
+[oauth]
+sign_in = "corp"
+ca_file = "{ca_pem}"
+{oauth_extra}
+'''
+    for issuer in upstream_issuers:
+        out += f'''
+[oauth.clients."{issuer}"]
+client_id = "broker-up"
+client_secret = "${{UP_SECRET}}"
+'''
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- HTTPS documents
 
 

@@ -56,21 +56,8 @@ secret_key = "${{MCP_BROKER_CLUSTER_KEY}}"
 [audit]
 file = "{inst.audit}"
 
-[credentials.corp]
-kind = "token_exchange"
-token_endpoint = "{e.idp.issuer}/token"
-client_id = "broker"
-client_secret = "${{BROKER_SECRET}}"
-
-[oauth]
-sign_in = "corp"
-ca_file = "{e.ca.ca_pem}"
-link_ttl = "2m"
-
-[oauth.clients."{e.upas.issuer}"]
-client_id = "broker-up"
-client_secret = "${{UP_SECRET}}"
 '''
+    extra += OL.broker_oauth_toml(e.idp.issuer, e.ca.ca_pem, [e.upas.issuer], 'link_ttl = "2m"')
     b = H.start_broker(inst.dir, {
         "crm": {"transport": "http", "url": e.crm.url, "upstream_auth": {"kind": "oauth", "scopes": ["mcp:tools"]}},
     }, broker={"listen": f"127.0.0.1:{inst.port}", "public_url": e.url}, name=inst.name,

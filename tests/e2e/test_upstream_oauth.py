@@ -106,30 +106,12 @@ def env(tmp_path_factory):
         extra = f'''[audit]
 file = "{d / 'audit.jsonl'}"
 
-[credentials.corp]
-kind = "token_exchange"
-token_endpoint = "{e.idp.issuer}/token"
-client_id = "broker"
-client_secret = "${{BROKER_SECRET}}"
-
-[oauth]
-sign_in = "corp"
-ca_file = "{e.ca.ca_pem}"
-link_ttl = "2m"
-client_metadata_url = "{e.cimd_url}"
-
-[oauth.clients."{up_issuer}"]
-client_id = "broker-up"
-client_secret = "${{UP_SECRET}}"
-
-[oauth.clients."{short_issuer}"]
-client_id = "broker-up"
-client_secret = "${{UP_SECRET}}"
-
 [token_store]
 path = "{e.store}"
 key = "${{TOKEN_STORE_KEY}}"
-'''
+
+''' + OL.broker_oauth_toml(e.idp.issuer, e.ca.ca_pem, [up_issuer, short_issuer],
+                           f'link_ttl = "2m"\nclient_metadata_url = "{e.cimd_url}"')
         mismatched = e.reports.url.replace("127.0.0.1", "localhost")
         e.broker = H.start_broker(d, {
             "wiki": {"transport": "http", "url": e.wiki.url, "upstream_auth": {"kind": "id_jag", "scopes": ["mcp:tools"]}},
@@ -402,25 +384,7 @@ async def test_id_jag_from_the_callers_access_token(env, tmp_path):
     such server on the upstream AS, and one on an AS that does not take ID-JAGs: that error names the step."""
     e = env
     wiki3 = OL.start_protected(tmp_path, e.upas.issuer, e.ca, name="wiki3")
-    up_issuer, short_issuer = e.upas.issuer, e.short.issuer
-    extra = f'''[credentials.corp]
-kind = "token_exchange"
-token_endpoint = "{e.idp.issuer}/token"
-client_id = "broker"
-client_secret = "${{BROKER_SECRET}}"
-
-[oauth]
-sign_in = "corp"
-ca_file = "{e.ca.ca_pem}"
-
-[oauth.clients."{up_issuer}"]
-client_id = "broker-up"
-client_secret = "${{UP_SECRET}}"
-
-[oauth.clients."{short_issuer}"]
-client_id = "broker-up"
-client_secret = "${{UP_SECRET}}"
-'''
+    extra = OL.broker_oauth_toml(e.idp.issuer, e.ca.ca_pem, [e.upas.issuer, e.short.issuer])
     jag = {"kind": "id_jag", "subject": "access_token", "scopes": ["mcp:tools"]}
     b = H.start_broker(tmp_path, {
         "wiki3": {"transport": "http", "url": wiki3.url, "upstream_auth": jag},
