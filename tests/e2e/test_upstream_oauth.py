@@ -313,6 +313,15 @@ async def test_access_token_refreshed_on_expiry(env):
         assert OL.as_counts(e.short)["token"].get("refresh_token", 0) > refreshes
 
 
+def revoke(e: Env, admin: str, sub: str, server: str) -> subprocess.CompletedProcess:
+    """`mcp-broker tokens revoke --sub SUB --server SERVER` with `admin`'s token; it must succeed."""
+    rev = subprocess.run([str(H.BROKER_BIN), "tokens", "revoke", "--config", str(e.broker.config_path),
+                          "--sub", sub, "--server", server, "--token", admin],
+                         capture_output=True, text=True, timeout=30, env={**os.environ, **SECRETS})
+    assert rev.returncode == 0, rev.stderr
+    return rev
+
+
 async def test_revoke_then_consent_again_and_store_holds_no_token_text(env):
     e = env
     hank = user_token(e, "hank")
@@ -352,20 +361,14 @@ async def test_revoke_then_consent_again_and_store_holds_no_token_text(env):
         assert tok not in listed.stdout
     revoked_at = lambda a: sum(OL.as_counts(a).get("revocations", {}).values())  # noqa: E731
     before_up, before_idp = revoked_at(e.upas), revoked_at(e.idp)
-    rev = subprocess.run([str(H.BROKER_BIN), "tokens", "revoke", "--config", str(e.broker.config_path),
-                          "--sub", "hank", "--server", "crm", "--token", admin],
-                         capture_output=True, text=True, timeout=30, env={**os.environ, **SECRETS})
-    assert rev.returncode == 0, rev.stderr
+    rev = revoke(e, admin, "hank", "crm")
     # RFC 7009: the upstream's authorization server is told too (it accepted the broker's request).
     assert "hank crm: at the authorization server: revoked" in rev.stdout, rev.stdout
     assert revoked_at(e.upas) == before_up + 1
     assert consent_records(e, "hank", lambda r: "revoked by" in r["reason"]
                            and "revoked at the authorization server" in r["reason"]), consent_records(e, "hank")
     # The sign-in's refresh token goes back to the IdP the same way.
-    rev = subprocess.run([str(H.BROKER_BIN), "tokens", "revoke", "--config", str(e.broker.config_path),
-                          "--sub", "hank", "--server", "@sign-in", "--token", admin],
-                         capture_output=True, text=True, timeout=30, env={**os.environ, **SECRETS})
-    assert rev.returncode == 0, rev.stderr
+    rev = revoke(e, admin, "hank", "@sign-in")
     assert "hank @sign-in: at the authorization server: revoked" in rev.stdout, rev.stdout
     assert revoked_at(e.idp) == before_idp + 1
     assert OL.as_counts(e.idp)["revocations"].get("refresh_token", 0) >= 1
