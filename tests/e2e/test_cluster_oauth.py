@@ -239,8 +239,11 @@ async def test_consent_and_tokens_span_instances(cluster):
         firsts = [whoami(await s.call_tool("crm__whoami", {})) for _ in range(2 * N)]
     assert {g["sub"] for g in firsts} == {"alice"}, firsts
     assert all(g["aud"] == e.crm.url and g["client_id"] == "broker-up" for g in firsts), firsts
-    posts = {srv for srv, meth, path in haproxy_lines(e)[before:] if meth == "POST" and path == "/mcp"}
-    assert posts == {i.name for i in e.instances}, f"round robin left an instance out: {posts}"
+    def posted_on():
+        got = {srv for srv, meth, path in haproxy_lines(e)[before:] if meth == "POST" and path == "/mcp"}
+        return got if got == {i.name for i in e.instances} else None
+
+    H.poll_until(posted_on, 10, "HAProxy to log POST /mcp on every instance (round robin)", interval=0.1)
     # ... and each instance, called directly.
     for inst in e.instances:
         async with H.http_session(inst.url, headers=H.bearer(alice)) as s:
@@ -273,7 +276,12 @@ async def test_consent_and_tokens_span_instances(cluster):
         page, hops = br.follow(signin_cb)
     assert page.status_code == 200 and "Connected `crm` for bob" in page.text, (page.status_code, page.text[:500])
     # /oauth/start was b2's (directly); both callbacks came through HAProxy.
-    lines = [(srv, path) for srv, _m, path in haproxy_lines(e)[before:] if path.startswith("/oauth/")]
+    # HAProxy writes a request's log line after the response: wait for both (CI once read only the first).
+    def callback_lines():
+        got = [(srv, path) for srv, _m, path in haproxy_lines(e)[before:] if path.startswith("/oauth/")]
+        return got if len(got) >= 2 else None
+
+    lines = H.poll_until(callback_lines, 10, "HAProxy to log the two callbacks", interval=0.1)
     assert [p for _, p in lines] == ["/oauth/callback", "/oauth/callback"], lines
     async with H.http_session(e.url, headers=H.bearer(bob)) as s:
         for _ in range(N):
